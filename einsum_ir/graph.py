@@ -1,0 +1,84 @@
+"""The cascade's dependency graph (networkx): tensors as nodes, reads as edges.
+
+An edge `A -> B` means an Einsum writing B reads A. A read of an iterative tensor at the
+previous step (`RD[m1]` inside the recurrence that writes `RD[m1+1]`) is marked `carried`:
+it is the loop-carried dependency of a recurrence and is not a cycle.
+"""
+from __future__ import annotations
+
+import networkx as nx
+
+from einsum_ir.ir import Access, Cascade, Einsum, Index, accesses, index_vars
+
+
+def recurrence_position(e: Einsum) -> int | None:
+    """Position of the `x+1` index on a recurrence's left side."""
+    var = e.recurrence_var
+    if var is None:
+        return None
+    return next(i for i, idx in enumerate(e.target.indices) if var in _vars(idx))
+
+
+def _vars(expr) -> set[str]:
+    return set(index_vars(expr))
+
+
+def is_carried_read(c: Cascade, access: Access) -> bool:
+    """True when `access` reads an iterative tensor at the step before the one being written."""
+    for writer in c.writers(access.tensor):
+        pos = recurrence_position(writer)
+        if pos is not None and pos < len(access.indices):
+            idx = access.indices[pos]
+            return isinstance(idx, Index) and idx.name == writer.recurrence_var
+    return False
+
+
+def einsum_reads(e: Einsum) -> list[Access]:
+    """Every tensor access of an Einsum: its right side, its predicate."""
+    return accesses(e.expr) + accesses(e.where)
+
+
+def dependency_graph(c: Cascade) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for d in c.inputs:
+        g.add_node(d.name, role="input")
+    for i in c.inits:
+        g.add_node(i.target.tensor, role="intermediate")
+    for e in c.einsums:
+        g.add_node(e.name, role="intermediate")
+    for o in c.outputs:
+        if o.name in g:
+            g.nodes[o.name]["role"] = "output"
+    for e in c.einsums:
+        for a in einsum_reads(e):
+            carried = is_carried_read(c, a)
+            if g.has_edge(a.tensor, e.name):
+                g.edges[a.tensor, e.name]["carried"] &= carried
+            else:
+                g.add_edge(a.tensor, e.name, carried=carried)
+    return g
+
+
+def acyclic_view(g: nx.DiGraph) -> nx.DiGraph:
+    """The graph without carried edges: what must be a DAG."""
+    return nx.subgraph_view(g, filter_edge=lambda a, b: not g.edges[a, b]["carried"])
+
+
+def topological_einsums(c: Cascade) -> list[Einsum]:
+    """Einsums in an order where every tensor is written before it is read (within a step)."""
+    order = {name: i for i, name in enumerate(nx.lexicographical_topological_sort(
+        acyclic_view(dependency_graph(c)), key=lambda n: f"{_first_index(c, n) + 1:06d}"))}
+    return sorted(c.einsums, key=lambda e: order[e.name])
+
+
+def _first_index(c: Cascade, name: str) -> int:
+    for i, e in enumerate(c.einsums):
+        if e.name == name:
+            return i
+    return -1
+
+
+def depends_on(c: Cascade, tensor: str, sources: set[str]) -> bool:
+    """Whether `tensor` reads any of `sources`, directly or transitively."""
+    g = dependency_graph(c)
+    return bool(nx.ancestors(g, tensor) & sources) or tensor in sources

@@ -1,0 +1,472 @@
+"""The reference interpreter: the semantics every lowering is checked against (DESIGN section 2).
+
+Values are *labeled tensors*: a torch tensor whose dimensions are named by index variables,
+plus an optional boolean mask of the points that are present. Maps broadcast by label and
+intersect masks; reductions skip absent points; outputs materialize absent points as their
+fill value. Sum reductions over products run through `torch.einsum`, so a contraction never
+materializes its full iteration space. Recurrences loop over their rank's steps only (one
+vectorized evaluation per step, never per point).
+"""
+from __future__ import annotations
+
+import math
+import string
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+
+from einsum_ir.errors import BindError
+from einsum_ir.functions import FUNCTIONS
+from einsum_ir.graph import dependency_graph, recurrence_position, topological_einsums
+from einsum_ir.ir import (
+    Access, Binary, Call, Cascade, Einsum, Expr, Index, Init, Name, Num, Unary, rank_of,
+)
+
+DEFAULT_TILE = 64  # extent of a split's inner rank (M0) when the caller does not bind it
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                "fp64": torch.float64, "bool": torch.bool, "int8": torch.int8,
+                "int16": torch.int16, "int32": torch.int32, "int64": torch.int64}
+
+
+@dataclass
+class Labeled:
+    """A tensor whose dims are named; `mask` (same labels, broadcastable) marks present points."""
+
+    data: torch.Tensor
+    labels: tuple[str, ...]
+    mask: torch.Tensor | None = None
+
+
+def _align(t: torch.Tensor, labels: tuple[str, ...], target: tuple[str, ...]) -> torch.Tensor:
+    """Permute/unsqueeze `t` (dims `labels`) to broadcast against dims `target`."""
+    if labels == target:
+        return t
+    order = [labels.index(l) for l in target if l in labels]
+    t = t.permute(order) if order != list(range(len(order))) else t
+    shape, it = [], iter(t.shape)
+    for l in target:
+        shape.append(next(it) if l in labels else 1)
+    return t.reshape(shape)
+
+
+def _union(*labelings: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(l for labels in labelings for l in labels))
+
+
+def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a & b
+
+
+def _broadcast(values: list[Labeled]) -> tuple[tuple[str, ...], list[torch.Tensor], torch.Tensor | None]:
+    labels = _union(*(v.labels for v in values))
+    datas = [_align(v.data, v.labels, labels) for v in values]
+    mask = None
+    for v in values:
+        if v.mask is not None:
+            mask = _and(mask, _align(v.mask, v.labels, labels))
+    return labels, datas, mask
+
+
+@dataclass
+class _Stored:
+    data: torch.Tensor
+    mask: torch.Tensor | None
+
+
+class _Run:
+    """One evaluation of a cascade: bound extents, scalars, and the tensors computed so far."""
+
+    def __init__(self, c: Cascade, args: dict):
+        self.c = c
+        self.tensors: dict[str, _Stored] = {}
+        self.fixed: dict[str, int] = {}  # index vars pinned to one step of a recurrence
+        self._bind(dict(args))
+
+    # -- binding ------------------------------------------------------------------------
+
+    def _bind(self, args: dict) -> None:
+        c = self.c
+        given = [d.name for d in c.inputs]
+        missing = [n for n in given if n not in args]
+        if missing:
+            raise BindError(f"missing input tensor(s) {', '.join(missing)}; the cascade takes "
+                            f"{', '.join(given)}")
+        floats = [args[n].dtype for n in given if args[n].is_floating_point()]
+        self.result_dtype = floats[0] if floats else torch.float32
+        self.dtype = torch.float64 if torch.float64 in floats else torch.float32
+        self.device = args[given[0]].device if given else torch.device("cpu")
+        self.extent: dict[str, int] = {}
+        where_bound: dict[str, str] = {}
+        for d in c.inputs:
+            t = args.pop(d.name)
+            if not isinstance(t, torch.Tensor):
+                raise BindError(f"input {d.name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != len(d.indices):
+                raise BindError(f"input {d.name}[{', '.join(d.indices)}] has {len(d.indices)} dims, "
+                                f"but the tensor given has shape {tuple(t.shape)}")
+            for pos, idx in enumerate(d.indices):
+                rank, size = rank_of(idx), t.shape[pos]
+                if rank in self.extent and self.extent[rank] != size:
+                    raise BindError(f"rank {rank} is {self.extent[rank]} in {where_bound[rank]} but "
+                                    f"{size} in {d.name} (dim {pos})")
+                self.extent[rank] = size
+                where_bound[rank] = f"{d.name} (dim {pos})"
+            want = TORCH_DTYPES[d.dtype] if d.dtype else None
+            if want is not None and (want.is_floating_point != t.is_floating_point() or
+                                     (want == torch.bool) != (t.dtype == torch.bool)):
+                raise BindError(f"input {d.name} is declared {d.dtype} but the tensor is {t.dtype}")
+            if t.device != self.device:
+                raise BindError(f"input {d.name} is on {t.device}, others on {self.device}")
+            data = t.to(self.dtype) if t.is_floating_point() else t
+            self.tensors[d.name] = _Stored(data, None)
+        for rank in c.dims:
+            if rank in args:
+                size = int(args.pop(rank))
+                if rank in self.extent and self.extent[rank] != size:
+                    raise BindError(f"rank {rank}={size} given, but {where_bound[rank]} has {self.extent[rank]}")
+                self.extent[rank] = size
+        for s in c.splits:
+            tile = int(args.pop(s.inner, DEFAULT_TILE))
+            if tile < 1:
+                raise BindError(f"tile {s.inner} must be positive, got {tile}")
+            self.extent[s.inner] = tile
+            if s.rank in self.extent:
+                self.extent[s.outer] = -(-self.extent[s.rank] // tile)
+        unbound = [r for r in c.ranks if r not in self.extent]
+        if unbound:
+            raise BindError(f"rank(s) {', '.join(unbound)} not bound by any input; pass them "
+                            f"as keywords, e.g. {unbound[0]}=128")
+        self.scalars: dict[str, float | int] = dict(self.extent)
+        for p in c.params:
+            if p.type is not None:
+                if p.name not in args:
+                    raise BindError(f"missing param {p.name} ({p.type})")
+                value = args.pop(p.name)
+                value = value.item() if isinstance(value, torch.Tensor) else value
+                self.scalars[p.name] = int(value) if p.type == "int" else float(value)
+            else:
+                if p.name in args:
+                    raise BindError(f"param {p.name} is derived in the spec and cannot be passed")
+                self.scalars[p.name] = self._scalar(p.expr)
+        if args:
+            accepted = given + [p.name for p in c.params if p.type] + [s.inner for s in c.splits]
+            raise BindError(f"unexpected argument(s) {', '.join(args)}; the cascade takes "
+                            f"{', '.join(accepted)}")
+
+    def _scalar(self, expr: Expr) -> float | int:
+        value = self.eval(expr)
+        if value.labels:
+            raise BindError("a param must be a scalar")
+        return value.data.item()
+
+    # -- expressions --------------------------------------------------------------------
+
+    def _const(self, value: float | int) -> Labeled:
+        dtype = torch.int64 if isinstance(value, int) else self.dtype
+        return Labeled(torch.tensor(value, dtype=dtype, device=self.device), ())
+
+    def eval(self, expr: Expr) -> Labeled:
+        if isinstance(expr, Num):
+            return self._const(expr.value)
+        if isinstance(expr, Name):
+            return self._const(self.scalars[expr.name])
+        if isinstance(expr, Index):
+            if expr.name in self.fixed:
+                return self._const(self.fixed[expr.name])
+            n = self.extent[rank_of(expr.name)]
+            return Labeled(torch.arange(n, device=self.device), (expr.name,))
+        if isinstance(expr, Access):
+            return self._access(expr)
+        if isinstance(expr, Unary):
+            v = self.eval(expr.operand)
+            if expr.op == "not":
+                return Labeled(~self._truth(v), v.labels)
+            return Labeled(-v.data, v.labels, v.mask)
+        if isinstance(expr, Binary):
+            return self._binary(expr)
+        assert isinstance(expr, Call)
+        return self._call(expr)
+
+    def _truth(self, v: Labeled) -> torch.Tensor:
+        """A predicate value; absent points (e.g. reads out of bounds) count as false."""
+        data = v.data if v.data.dtype == torch.bool else v.data != 0
+        return data if v.mask is None else data & v.mask
+
+    def _binary(self, e: Binary) -> Labeled:
+        a, b = self.eval(e.lhs), self.eval(e.rhs)
+        if e.op in ("and", "or"):
+            labels, (x, y), _ = _broadcast([Labeled(self._truth(a), a.labels), Labeled(self._truth(b), b.labels)])
+            return Labeled(x & y if e.op == "and" else x | y, labels)
+        labels, (x, y), mask = _broadcast([a, b])
+        if e.op in ("+", "-", "*") or e.op in ("<", "<=", ">", ">=", "==", "!="):
+            out = {"+": torch.add, "-": torch.sub, "*": torch.mul, "<": torch.lt, "<=": torch.le,
+                   ">": torch.gt, ">=": torch.ge, "==": torch.eq, "!=": torch.ne}[e.op](x, y)
+        elif e.op == "/":
+            out = torch.div(x.to(self.dtype) if not x.is_floating_point() else x, y)
+        elif e.op == "//":
+            out = torch.div(x, y, rounding_mode="floor")
+        else:
+            out = torch.remainder(x, y)
+        if e.op in ("<", "<=", ">", ">=", "==", "!="):
+            return Labeled(out if mask is None else out & mask, labels)
+        return Labeled(out, labels, mask)
+
+    def _call(self, e: Call) -> Labeled:
+        fn = FUNCTIONS[e.fn]
+        args = [self.eval(a) for a in e.args]
+        if e.fn == "nbhd":
+            q, k = args[0], args[1]
+            ints = [int(a.data.item()) for a in args[2:]]
+            labels, (qd, kd), _ = _broadcast([q, k])
+            return Labeled(fn.torch_fn(qd, kd, *ints), labels)
+        if e.fn == "where":
+            cond = Labeled(self._truth(args[0]), args[0].labels)
+            labels, (cd, ad, bd), mask = _broadcast([cond, args[1], args[2]])
+            return Labeled(torch.where(cd, ad, bd), labels, mask)
+        labels, datas, mask = _broadcast(args)
+        datas = [d.to(self.dtype) if not d.is_floating_point() and e.fn not in ("max", "min") else d
+                 for d in datas]
+        return Labeled(fn.torch_fn(*datas), labels, mask)
+
+    def _access(self, a: Access) -> Labeled:
+        stored = self.tensors[a.tensor]
+        plain = [i.name for i in a.indices if isinstance(i, Index) and i.name not in self.fixed]
+        if len(plain) == len(a.indices) and len(set(plain)) == len(plain):
+            return Labeled(stored.data, tuple(plain), stored.mask)
+        positions = [self.eval(i) for i in a.indices]
+        labels = _union(*(p.labels for p in positions))
+        index_tensors, inside = [], None
+        for pos, p in enumerate(positions):
+            idx = _align(p.data.long(), p.labels, labels)
+            size = stored.data.shape[pos]
+            ok = (idx >= 0) & (idx < size)
+            inside = ok if inside is None else inside & ok
+            index_tensors.append(idx.clamp(0, size - 1))
+        data = stored.data[tuple(index_tensors)]
+        mask = inside
+        if stored.mask is not None:
+            mask = mask & stored.mask.expand_as(stored.data)[tuple(index_tensors)]
+        if not labels:  # every index fixed: a scalar read
+            data, mask = data.reshape(()), mask.reshape(())
+        if bool(mask.all()):
+            mask = None
+        return Labeled(data, labels, mask)
+
+    # -- Einsums ------------------------------------------------------------------------
+
+    def einsum(self, e: Einsum) -> Labeled:
+        """Evaluate one Einsum over its free (non-fixed) iteration space."""
+        lhs = tuple(v for v in e.lhs_vars if v not in self.fixed)
+        reduced = tuple(v for v in e.reduced if v not in self.fixed)
+        pred = None
+        if e.where is not None:
+            p = self.eval(e.where)
+            pred = Labeled(self._truth(p), p.labels)
+        if reduced and e.reduce == "sum":
+            return self._contract(e.expr, pred, lhs, reduced)
+        value = self.eval(e.expr)
+        parts = [value] + ([Labeled(pred.data, pred.labels)] if pred is not None else [])
+        labels, datas, mask = _broadcast(parts)
+        if pred is not None:
+            mask = _and(mask, datas[1])
+        space = lhs + reduced
+        data = _align(datas[0], labels, space) if set(labels) <= set(space) else None
+        if data is None:
+            raise AssertionError(f"labels {labels} outside the space of {e.name}")
+        mask = None if mask is None else _align(mask, labels, space)
+        shape = [self.extent[rank_of(v)] for v in space]
+        if not reduced:
+            return Labeled(data, space, mask)
+        dims = tuple(range(len(lhs), len(space)))
+        full = data.expand(shape)
+        present = torch.ones((), dtype=torch.bool, device=self.device) if mask is None else mask.expand(shape)
+        neutral = {"max": -math.inf, "min": math.inf, "prod": 1.0}[e.reduce]
+        filled = torch.where(present, full, torch.tensor(neutral, dtype=full.dtype, device=self.device))
+        if e.reduce == "max":
+            out = filled.amax(dim=dims)
+        elif e.reduce == "min":
+            out = filled.amin(dim=dims)
+        else:
+            out = filled.prod(dim=dims) if dims else filled
+        out_mask = None if mask is None else mask.any(dim=dims)
+        return Labeled(out, lhs, out_mask)
+
+    def _contract(self, expr: Expr, pred: Labeled | None, lhs: tuple[str, ...],
+                  reduced: tuple[str, ...]) -> Labeled:
+        """Sum over `reduced` of a sum of products, one torch.einsum per term."""
+        terms = [(sign, [self._factor(f) for f in factors]) for sign, factors in _expand(expr)]
+        # A point is absent if any operand of the whole map is absent, across all terms.
+        mask_parts = [Labeled(f.mask, f.labels) for _, fs in terms for f in fs if f.mask is not None]
+        if pred is not None:
+            mask_parts.append(pred)
+        mask = None
+        if mask_parts:
+            mlabels, datas, _ = _broadcast(mask_parts)
+            mask = Labeled(torch.stack(torch.broadcast_tensors(*datas)).all(dim=0), mlabels)
+        space = lhs + reduced
+        total = None
+        for sign, factors in terms:
+            operands = [Labeled(f.data if f.mask is None else
+                                torch.where(f.mask, f.data, torch.zeros((), dtype=f.data.dtype, device=self.device)),
+                                f.labels) for f in factors]
+            if mask is not None:
+                operands = _fold_mask(operands, mask)
+            out = _einsum(operands, lhs, reduced, self.extent, self.dtype)
+            total = out * sign if total is None else total + out * sign
+        out_mask = None
+        if mask is not None:  # present where any reduced point is; the mask's size-1 dims need no expanding
+            out_mask = _align(mask.data, mask.labels, space).any(dim=tuple(range(len(lhs), len(space))))
+        return Labeled(total, lhs, out_mask)
+
+    def _factor(self, factor: tuple[bool, Expr]) -> Labeled:
+        reciprocal, expr = factor
+        v = self.eval(expr)
+        data = v.data if v.data.is_floating_point() else v.data.to(self.dtype)
+        return Labeled(1.0 / data if reciprocal else data, v.labels, v.mask)
+
+    # -- statements ---------------------------------------------------------------------
+
+    def write(self, target: Access, value: Labeled, carry: bool) -> None:
+        """Store `value` at the target; with `carry`, absent points keep the previous step."""
+        name = target.tensor
+        stored = self.tensors.get(name) or self._allocate(name)
+        slot, free = [], []
+        for idx in target.indices:
+            if isinstance(idx, Index) and idx.name not in self.fixed:
+                slot.append(slice(None))
+                free.append(idx.name)
+            else:  # a recurrence step (x or x+1, x pinned) or an init's constant step
+                slot.append(int(self.eval(idx).data.item()))
+        shape = [self.extent[rank_of(v)] for v in free]
+        data = _align(value.data, value.labels, tuple(free)).expand(shape)
+        present = (torch.ones(shape, dtype=torch.bool, device=self.device) if value.mask is None
+                   else _align(value.mask, value.labels, tuple(free)).expand(shape))
+        if carry:
+            pos = self._step_position(name)
+            previous = tuple(s - 1 if k == pos else s for k, s in enumerate(slot))
+            data = torch.where(present, data, stored.data[previous])
+            present = present | stored.mask[previous]
+        stored.data[tuple(slot)] = data
+        stored.mask[tuple(slot)] = present
+
+    def _allocate(self, name: str) -> _Stored:
+        """A buffer for a tensor written step by step; an iterative one holds steps 0..X."""
+        pos = self._step_position(name)
+        shape = [self.extent[r] + (1 if k == pos else 0) for k, r in enumerate(self.c.tensors[name].ranks)]
+        stored = _Stored(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                         torch.zeros(shape, dtype=torch.bool, device=self.device))
+        self.tensors[name] = stored
+        return stored
+
+    def _step_position(self, name: str) -> int | None:
+        return next((p for e in self.c.writers(name) if (p := recurrence_position(e)) is not None), None)
+
+    def run(self) -> tuple[torch.Tensor, ...]:
+        c = self.c
+        order = topological_einsums(c)
+        iterative = {e.name for e in c.einsums if e.recurrence_var}
+        loop_vars = {e.recurrence_var for e in c.einsums if e.recurrence_var}
+        if len(loop_vars) > 1:
+            raise BindError(f"the interpreter runs one recurrence rank per cascade, found {sorted(loop_vars)}")
+        g = dependency_graph(c)
+        tainted = set(iterative)
+        for name in iterative:
+            tainted |= nx.descendants(g, name)
+        var = next(iter(loop_vars), None)
+        body = [e for e in order if e.name in tainted and var in e.lhs_vars]
+        before = [e for e in order if e.name not in tainted]
+        after = [e for e in order if e.name in tainted and var not in e.lhs_vars]
+        for e in before:
+            self.tensors[e.name] = self._materialize(self.einsum(e), e)
+        if body:
+            for init in c.inits:
+                self.write(init.target, self.eval(init.expr), carry=False)
+            for step in range(self.extent[rank_of(var)]):
+                self.fixed = {var: step}
+                for e in body:
+                    self.write(e.target, self.einsum(e), carry=e.recurrence_var is not None)
+            self.fixed = {}
+        for e in after:
+            self.tensors[e.name] = self._materialize(self.einsum(e), e)
+        return tuple(self._output(o.name, o.fill) for o in c.outputs)
+
+    def _materialize(self, value: Labeled, e: Einsum) -> _Stored:
+        lhs = tuple(i.name for i in e.target.indices)
+        shape = [self.extent[rank_of(v)] for v in lhs]
+        data = _align(value.data, value.labels, lhs).expand(shape).to(self.dtype)
+        mask = None if value.mask is None else _align(value.mask, value.labels, lhs).expand(shape)
+        return _Stored(data, mask)
+
+    def _output(self, name: str, fill: float) -> torch.Tensor:
+        stored = self.tensors[name]
+        data = stored.data
+        if stored.mask is not None:
+            data = torch.where(stored.mask, data, torch.tensor(fill, dtype=data.dtype, device=data.device))
+        return data.contiguous().to(self.result_dtype)
+
+
+def _expand(expr: Expr) -> list[tuple[float, list[tuple[bool, Expr]]]]:
+    """`expr` as signed terms of factors `(reciprocal?, expr)`: the top level of + - * /."""
+    if isinstance(expr, Binary) and expr.op in ("+", "-"):
+        rhs = _expand(expr.rhs)
+        if expr.op == "-":
+            rhs = [(-s, f) for s, f in rhs]
+        return _expand(expr.lhs) + rhs
+    if isinstance(expr, Unary) and expr.op == "-":
+        return [(-s, f) for s, f in _expand(expr.operand)]
+    if isinstance(expr, Binary) and expr.op == "*":
+        lhs, rhs = _expand(expr.lhs), _expand(expr.rhs)
+        if len(lhs) == 1 and len(rhs) == 1:
+            return [(lhs[0][0] * rhs[0][0], lhs[0][1] + rhs[0][1])]
+    if isinstance(expr, Binary) and expr.op == "/":
+        lhs = _expand(expr.lhs)
+        if len(lhs) == 1:
+            return [(lhs[0][0], lhs[0][1] + [(True, expr.rhs)])]
+    return [(1.0, [(False, expr)])]
+
+
+def _fold_mask(operands: list[Labeled], mask: Labeled) -> list[Labeled]:
+    """Multiply the mask into the first operand that spans its labels (keeps einsum paths small)."""
+    for k, op in enumerate(operands):
+        if set(mask.labels) <= set(op.labels):
+            labels = op.labels
+            m = _align(mask.data, mask.labels, labels)
+            folded = torch.where(m, op.data, torch.zeros((), dtype=op.data.dtype, device=op.data.device))
+            return operands[:k] + [Labeled(folded, labels)] + operands[k + 1:]
+    return operands + [Labeled(mask.data.to(operands[0].data.dtype), mask.labels)]
+
+
+def _einsum(operands: list[Labeled], out: tuple[str, ...], reduced: tuple[str, ...],
+            extent: dict[str, int], dtype: torch.dtype) -> torch.Tensor:
+    """torch.einsum over labeled operands; the result broadcasts against `out`."""
+    letters: dict[str, str] = {}
+    for label in [l for op in operands for l in op.labels] + list(out):
+        letters.setdefault(label, string.ascii_letters[len(letters)])
+    # Size-1 (broadcast) dims are squeezed: einsum does not broadcast a label across operands.
+    tensors, specs = [], []
+    for op in operands:
+        keep = [k for k, l in enumerate(op.labels) if op.data.shape[k] != 1 or extent[rank_of(l)] == 1]
+        tensors.append(op.data.reshape([op.data.shape[k] for k in keep]).to(dtype))
+        specs.append("".join(letters[op.labels[k]] for k in keep))
+    present = {ch for spec in specs for ch in spec}
+    kept_out = tuple(l for l in out if letters[l] in present)
+    result = torch.einsum(",".join(specs) + "->" + "".join(letters[l] for l in kept_out), *tensors)
+    # A reduced index that no operand depends on sums identical terms: scale by its extent.
+    for label in reduced:
+        if label not in letters or letters[label] not in present:
+            result = result * extent[rank_of(label)]
+    return _align(result, kept_out, out)
+
+
+def interpret(cascade: Cascade, **args) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Run `cascade` on torch tensors: inputs and runtime params by name, tile sizes optional.
+
+    Returns one tensor when the cascade has one output, else a tuple in `output` order.
+    """
+    outs = _Run(cascade, args).run()
+    return outs[0] if len(outs) == 1 else outs

@@ -1,0 +1,323 @@
+"""The IR: expressions, Einsums and cascades as plain frozen dataclasses (DESIGN section 2).
+
+One expression family serves values, index expressions and predicates; validation decides
+which node kinds are legal where. Every node carries an optional source location that takes
+no part in equality, so `parse(str(c)) == c` holds for the structure alone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Iterator
+
+import sympy
+
+REDUCE_OPS = ("sum", "max", "min", "prod")
+FLOAT_DTYPES = ("fp32", "fp16", "bf16", "fp64")
+INT_DTYPES = ("bool", "int8", "int16", "int32", "int64")
+DTYPES = FLOAT_DTYPES + INT_DTYPES
+DEFAULT_DTYPE = "fp32"
+
+
+@dataclass(frozen=True)
+class Loc:
+    """Where a node came from in a spec file (1-based line and column)."""
+
+    file: str
+    line: int
+    col: int
+    length: int = 1
+
+
+def _loc() -> Loc | None:
+    return field(default=None, compare=False, repr=False)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------- expressions
+
+
+@dataclass(frozen=True)
+class Num:
+    value: float | int
+    loc: Loc | None = _loc()
+
+
+@dataclass(frozen=True)
+class Name:
+    """A dim (as a value: its extent) or a param."""
+
+    name: str
+    loc: Loc | None = _loc()
+
+
+@dataclass(frozen=True)
+class Index:
+    """An index variable used as a value or inside an index expression."""
+
+    name: str
+    loc: Loc | None = _loc()
+
+
+@dataclass(frozen=True)
+class Access:
+    tensor: str
+    indices: tuple["Expr", ...]
+    loc: Loc | None = _loc()
+
+
+@dataclass(frozen=True)
+class Unary:
+    op: str  # "-" or "not"
+    operand: "Expr"
+    loc: Loc | None = _loc()
+
+
+@dataclass(frozen=True)
+class Binary:
+    op: str  # + - * / // % < <= > >= == != and or
+    lhs: "Expr"
+    rhs: "Expr"
+    loc: Loc | None = _loc()
+
+
+@dataclass(frozen=True)
+class Call:
+    fn: str
+    args: tuple["Expr", ...]
+    loc: Loc | None = _loc()
+
+
+Expr = Num | Name | Index | Access | Unary | Binary | Call
+
+ARITHMETIC_OPS = ("+", "-", "*", "/", "//", "%")
+COMPARISON_OPS = ("<", "<=", ">", ">=", "==", "!=")
+LOGICAL_OPS = ("and", "or")
+
+
+def children(expr: Expr) -> tuple[Expr, ...]:
+    if isinstance(expr, Access):
+        return expr.indices
+    if isinstance(expr, Unary):
+        return (expr.operand,)
+    if isinstance(expr, Binary):
+        return (expr.lhs, expr.rhs)
+    if isinstance(expr, Call):
+        return expr.args
+    return ()
+
+
+def walk(expr: Expr) -> Iterator[Expr]:
+    """Every node of an expression tree, parents before children."""
+    yield expr
+    for child in children(expr):
+        yield from walk(child)
+
+
+def accesses(expr: Expr | None) -> list[Access]:
+    return [] if expr is None else [n for n in walk(expr) if isinstance(n, Access)]
+
+
+def index_vars(expr: Expr | None) -> list[str]:
+    """Index variables used anywhere in the expression, in first-use order."""
+    seen: dict[str, None] = {}
+    if expr is not None:
+        for node in walk(expr):
+            if isinstance(node, Index):
+                seen[node.name] = None
+    return list(seen)
+
+
+# ---------------------------------------------------------------------------- statements
+
+
+@dataclass(frozen=True)
+class Split:
+    """`split M -> M1 x M0`: m = m1*M0 + m0."""
+
+    rank: str
+    outer: str
+    inner: str
+    loc: Loc | None = _loc()
+
+
+@dataclass(frozen=True)
+class Param:
+    """A derived scalar (`expr` set) or a runtime scalar (`type` set)."""
+
+    name: str
+    expr: Expr | None = None
+    type: str | None = None  # "int" | "float" for runtime params
+    loc: Loc | None = _loc()
+
+
+@dataclass(frozen=True)
+class InputDecl:
+    name: str
+    indices: tuple[str, ...]  # index variable names; each names its rank
+    dtype: str | None = None
+    loc: Loc | None = _loc()
+
+
+@dataclass(frozen=True)
+class Init:
+    """`init RM[b,h,0,p] = -inf`: the value of an iterative tensor at step 0."""
+
+    target: Access
+    expr: Expr
+    loc: Loc | None = _loc()
+
+
+@dataclass(frozen=True)
+class Einsum:
+    """`target = reduce over (right-side indices absent on the left) of expr where predicate`."""
+
+    target: Access
+    expr: Expr
+    reduce: str = "sum"
+    where: Expr | None = None
+    loc: Loc | None = _loc()
+
+    @property
+    def name(self) -> str:
+        return self.target.tensor
+
+    @property
+    def lhs_vars(self) -> list[str]:
+        return index_vars(Access(self.target.tensor, self.target.indices))
+
+    @property
+    def reduced(self) -> list[str]:
+        """Index variables reduced away: on the right (or in the predicate), not on the left."""
+        left = set(self.lhs_vars)
+        return [v for v in index_vars(self.expr) + index_vars(self.where) if v not in left]
+
+    @property
+    def space(self) -> list[str]:
+        """The iteration space: left indices first, then the reduced ones."""
+        return list(dict.fromkeys(self.lhs_vars + self.reduced))
+
+    @property
+    def recurrence_var(self) -> str | None:
+        """The index `x` when the left side is indexed `x+1` (a recurrence step), else None."""
+        for idx in self.target.indices:
+            if isinstance(idx, Binary) and idx.op == "+" and isinstance(idx.lhs, Index) and idx.rhs == Num(1):
+                return idx.lhs.name
+        return None
+
+
+@dataclass(frozen=True)
+class Output:
+    name: str
+    fill: float = 0.0
+    loc: Loc | None = _loc()
+
+
+# ---------------------------------------------------------------------------- ranks, tensors
+
+
+@dataclass(frozen=True)
+class Rank:
+    """An upper-case rank name; its index variable is the lower-case name."""
+
+    name: str
+    extent: sympy.Expr
+
+    @property
+    def index(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    ranks: tuple[str, ...]
+    dtype: str
+    role: str  # "input" | "intermediate" | "output"
+    iterative: bool = False
+
+
+def rank_of(index: str) -> str:
+    return index.upper()
+
+
+# ---------------------------------------------------------------------------- cascade
+
+
+@dataclass(frozen=True)
+class Cascade:
+    dims: tuple[str, ...]
+    einsums: tuple[Einsum, ...]
+    outputs: tuple[Output, ...]
+    inputs: tuple[InputDecl, ...] = ()
+    params: tuple[Param, ...] = ()
+    splits: tuple[Split, ...] = ()
+    inits: tuple[Init, ...] = ()
+    doc: str = ""
+    file: str = field(default="<spec>", compare=False, repr=False)
+
+    def __str__(self) -> str:
+        from einsum_ir.printer import print_cascade
+
+        return print_cascade(self)
+
+    # -- derived views (cheap, cached; the dataclass itself stays plain data)
+
+    @cached_property
+    def ranks(self) -> dict[str, Rank]:
+        """Every rank with its symbolic extent; split ranks get M1 = ceil(M/M0)."""
+        ranks = {d: Rank(d, sympy.Symbol(d, positive=True, integer=True)) for d in self.dims}
+        for s in self.splits:
+            inner = sympy.Symbol(s.inner, positive=True, integer=True)
+            ranks[s.inner] = Rank(s.inner, inner)
+            ranks[s.outer] = Rank(s.outer, sympy.ceiling(ranks[s.rank].extent / inner))
+        return ranks
+
+    @cached_property
+    def tensors(self) -> dict[str, TensorInfo]:
+        outputs = {o.name for o in self.outputs}
+        infos = {d.name: TensorInfo(d.name, tuple(rank_of(i) for i in d.indices),
+                                    d.dtype or DEFAULT_DTYPE, "input") for d in self.inputs}
+        iterative = {e.name for e in self.einsums if e.recurrence_var}
+        for e in self.einsums:
+            if e.name in infos:
+                continue
+            ranks = []
+            for idx in e.target.indices:
+                names = index_vars(idx)
+                ranks.append(rank_of(names[0]) if names else "?")
+            role = "output" if e.name in outputs else "intermediate"
+            infos[e.name] = TensorInfo(e.name, tuple(ranks), DEFAULT_DTYPE, role, e.name in iterative)
+        return infos
+
+    @property
+    def input_names(self) -> list[str]:
+        return [d.name for d in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.outputs]
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def einsum(self, name: str) -> Einsum:
+        """The (last) Einsum that writes `name`."""
+        found = [e for e in self.einsums if e.name == name]
+        if not found:
+            raise KeyError(f"no Einsum writes {name!r}")
+        return found[-1]
+
+    def writers(self, name: str) -> list[Einsum]:
+        return [e for e in self.einsums if e.name == name]
+
+    def replace(self, **changes) -> "Cascade":
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+
+def format_number(value: float | int) -> str:
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return repr(value)

@@ -1,0 +1,400 @@
+"""Spec text -> Cascade (DESIGN section 3). One statement per line; `#` starts a comment.
+
+A hand-written tokenizer and recursive-descent parser, so every error can point at a token.
+Names are resolved while parsing: an identifier is a dim or param (`Name`), the lower-case
+name of a rank (`Index`), a tensor (followed by `[`), or a function (followed by `(`).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from einsum_ir.errors import SpecError
+from einsum_ir.ir import (
+    COMPARISON_OPS, DTYPES, REDUCE_OPS, Access, Binary, Call, Cascade, Einsum, Expr, Index,
+    Init, InputDecl, Loc, Name, Num, Output, Param, Split, Unary,
+)
+from einsum_ir.validate import validate
+
+TOKEN = re.compile(r"""
+    (?P<num>\d+\.\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\d+)
+  | (?P<name>[A-Za-z_][A-Za-z_0-9]*)
+  | (?P<op>->|//|<=|>=|==|!=|[-+*/%<>=()\[\],:])
+  | (?P<space>\s+)
+""", re.VERBOSE)
+
+RANK_NAME = re.compile(r"[A-Z][A-Z0-9]*$")
+KEYWORDS = {"dims", "split", "param", "input", "init", "output", "where", "fill",
+            "and", "or", "not", "inf"}
+
+
+@dataclass
+class Token:
+    kind: str  # num | name | op | end
+    text: str
+    col: int
+
+
+def tokenize(line: str, lineno: int, file: str) -> list[Token]:
+    tokens, pos = [], 0
+    while pos < len(line):
+        m = TOKEN.match(line, pos)
+        if not m:
+            raise SpecError(f"unexpected character {line[pos]!r}", Loc(file, lineno, pos + 1))
+        if m.lastgroup != "space":
+            tokens.append(Token(m.lastgroup, m.group(), pos + 1))
+        pos = m.end()
+    tokens.append(Token("end", "", len(line) + 1))
+    return tokens
+
+
+def _strip_comment(line: str) -> str:
+    return line.split("#", 1)[0].rstrip()
+
+
+class _Scope:
+    """Names declared so far, used to resolve identifiers while parsing."""
+
+    def __init__(self) -> None:
+        self.dims: list[str] = []
+        self.params: dict[str, Param] = {}
+        self.ranks: list[str] = []  # dims plus split ranks
+
+    def kind(self, name: str) -> str | None:
+        if name in self.dims or name in self.params or name in self.ranks:
+            return "name"
+        if name in {r.lower() for r in self.ranks}:
+            return "index"
+        return None
+
+
+class _LineParser:
+    def __init__(self, tokens: list[Token], lineno: int, file: str, scope: _Scope):
+        self.tokens, self.pos = tokens, 0
+        self.lineno, self.file, self.scope = lineno, file, scope
+
+    # -- token helpers
+
+    @property
+    def tok(self) -> Token:
+        return self.tokens[self.pos]
+
+    def peek(self, offset: int = 1) -> Token:
+        return self.tokens[min(self.pos + offset, len(self.tokens) - 1)]
+
+    def loc(self, tok: Token | None = None) -> Loc:
+        tok = tok or self.tok
+        return Loc(self.file, self.lineno, tok.col, max(1, len(tok.text)))
+
+    def error(self, message: str, tok: Token | None = None) -> SpecError:
+        return SpecError(message, self.loc(tok))
+
+    def describe(self, tok: Token) -> str:
+        return "end of line" if tok.kind == "end" else repr(tok.text)
+
+    def advance(self) -> Token:
+        tok = self.tok
+        self.pos += 1
+        return tok
+
+    def accept(self, text: str) -> Token | None:
+        if self.tok.kind in ("op", "name") and self.tok.text == text:
+            return self.advance()
+        return None
+
+    def expect(self, text: str, what: str | None = None) -> Token:
+        if self.tok.text == text and self.tok.kind != "end":
+            return self.advance()
+        raise self.error(f"expected {what or repr(text)}, found {self.describe(self.tok)}")
+
+    def expect_name(self, what: str) -> Token:
+        if self.tok.kind != "name":
+            raise self.error(f"expected {what}, found {self.describe(self.tok)}")
+        return self.advance()
+
+    def expect_end(self) -> None:
+        if self.tok.kind != "end":
+            raise self.error(f"unexpected {self.describe(self.tok)} at end of statement")
+
+    # -- expressions: or > and > not > comparison > + - > * / // % > unary minus > atom
+
+    def expr(self) -> Expr:
+        lhs = self.and_expr()
+        while (tok := self.accept("or")):
+            lhs = Binary("or", lhs, self.and_expr(), self.loc(tok))
+        return lhs
+
+    def and_expr(self) -> Expr:
+        lhs = self.not_expr()
+        while (tok := self.accept("and")):
+            lhs = Binary("and", lhs, self.not_expr(), self.loc(tok))
+        return lhs
+
+    def not_expr(self) -> Expr:
+        if (tok := self.accept("not")):
+            return Unary("not", self.not_expr(), self.loc(tok))
+        return self.comparison()
+
+    def comparison(self) -> Expr:
+        lhs = self.arith()
+        if self.tok.kind == "op" and self.tok.text in COMPARISON_OPS:
+            tok = self.advance()
+            lhs = Binary(tok.text, lhs, self.arith(), self.loc(tok))
+            if self.tok.kind == "op" and self.tok.text in COMPARISON_OPS:
+                raise self.error("comparisons do not chain; join them with 'and'")
+        return lhs
+
+    def arith(self) -> Expr:
+        lhs = self.term()
+        while self.tok.kind == "op" and self.tok.text in ("+", "-"):
+            tok = self.advance()
+            lhs = Binary(tok.text, lhs, self.term(), self.loc(tok))
+        return lhs
+
+    def term(self) -> Expr:
+        lhs = self.unary()
+        while self.tok.kind == "op" and self.tok.text in ("*", "/", "//", "%"):
+            tok = self.advance()
+            lhs = Binary(tok.text, lhs, self.unary(), self.loc(tok))
+        return lhs
+
+    def unary(self) -> Expr:
+        if (tok := self.accept("-")):
+            return negate(self.unary(), self.loc(tok))
+        return self.atom()
+
+    def atom(self) -> Expr:
+        tok = self.tok
+        if tok.kind == "num":
+            self.advance()
+            value = float(tok.text) if any(c in tok.text for c in ".eE") else int(tok.text)
+            return Num(value, self.loc(tok))
+        if self.accept("("):
+            inner = self.expr()
+            self.expect(")", "')' to close '('")
+            return inner
+        if tok.kind != "name" or tok.text in KEYWORDS - {"inf"}:
+            raise self.error(f"expected a number, name, tensor access or '(', found {self.describe(tok)}")
+        self.advance()
+        if tok.text == "inf":
+            return Num(math.inf, self.loc(tok))
+        if self.tok.text == "(":
+            return self.call(tok)
+        if self.tok.text == "[":
+            return self.access(tok)
+        kind = self.scope.kind(tok.text)
+        if kind == "name":
+            return Name(tok.text, self.loc(tok))
+        if kind == "index":
+            return Index(tok.text, self.loc(tok))
+        raise self.error(f"unknown name {tok.text!r}: not a declared dim, param or index variable", tok)
+
+    def call(self, name: Token) -> Call:
+        self.expect("(")
+        args: list[Expr] = []
+        if not self.accept(")"):
+            args.append(self.expr())
+            while self.accept(","):
+                args.append(self.expr())
+            self.expect(")", f"',' or ')' in the arguments of {name.text}(...)")
+        return Call(name.text, tuple(args), self.loc(name))
+
+    def access(self, name: Token) -> Access:
+        self.expect("[")
+        indices = [self.expr()]
+        while self.accept(","):
+            indices.append(self.expr())
+        self.expect("]", f"',' or ']' in the indices of {name.text}[...]")
+        return Access(name.text, tuple(indices), self.loc(name))
+
+
+def negate(expr: Expr, loc: Loc | None = None) -> Expr:
+    """Unary minus; folds into number literals so `-1` is one Num everywhere."""
+    if isinstance(expr, Num):
+        return Num(-expr.value, loc or expr.loc)
+    return Unary("-", expr, loc)
+
+
+def parse(text: str, file: str = "<spec>") -> Cascade:
+    """Parse and validate one cascade. Raises SpecError with file:line:col on any problem."""
+    try:
+        cascade = _parse(text, file)
+        validate(cascade)
+    except SpecError as err:
+        raise err.with_source(text) from None
+    return cascade
+
+
+def _parse(text: str, file: str) -> Cascade:
+    scope = _Scope()
+    doc_lines: list[str] = []
+    in_doc = True
+    inputs: list[InputDecl] = []
+    splits: list[Split] = []
+    inits: list[Init] = []
+    einsums: list[Einsum] = []
+    outputs: list[Output] = []
+    saw_dims = False
+
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        stripped = raw.strip()
+        if in_doc and stripped.startswith("#"):
+            doc_lines.append(stripped[1:].strip() if stripped != "#" else "")
+            continue
+        in_doc = in_doc and not stripped
+        line = _strip_comment(raw)
+        if not line.strip():
+            continue
+        in_doc = False
+        p = _LineParser(tokenize(line, lineno, file), lineno, file, scope)
+        head = p.tok
+        if head.kind == "name" and head.text == "dims" and p.peek().kind in ("name", "end"):
+            p.advance()
+            if saw_dims:
+                raise p.error("dims declared twice; list every rank on one 'dims' line", head)
+            saw_dims = True
+            while p.tok.kind != "end":
+                tok = p.expect_name("a rank name")
+                _declare_rank(p, tok, scope)
+            if not scope.dims:
+                raise p.error("expected at least one rank name after 'dims'")
+            continue
+        if not saw_dims:
+            raise p.error("a spec starts with a 'dims' line naming its ranks", head)
+        if head.text == "split" and p.peek().kind == "name":
+            p.advance()
+            rank = p.expect_name("the rank to split")
+            if rank.text not in scope.ranks:
+                raise p.error(f"cannot split {rank.text!r}: not a declared rank", rank)
+            p.expect("->")
+            outer = p.expect_name("the outer rank name (e.g. M1)")
+            p.expect("x", "'x' between the outer and inner rank")
+            inner = p.expect_name("the inner rank name (e.g. M0)")
+            p.expect_end()
+            for tok in (outer, inner):
+                _declare_rank(p, tok, scope, split=True)
+            splits.append(Split(rank.text, outer.text, inner.text, p.loc(head)))
+        elif head.text == "param" and p.peek().kind == "name":
+            p.advance()
+            name = p.expect_name("a param name")
+            if scope.kind(name.text) or name.text in KEYWORDS:
+                raise p.error(f"param {name.text!r} clashes with a declared name", name)
+            if p.accept(":"):
+                typ = p.expect_name("a param type: int or float")
+                if typ.text not in ("int", "float"):
+                    raise p.error(f"param type must be int or float, not {typ.text!r}", typ)
+                param = Param(name.text, type=typ.text, loc=p.loc(name))
+            else:
+                p.expect("=", "'=' and an expression, or ': int' / ': float'")
+                param = Param(name.text, expr=p.expr(), loc=p.loc(name))
+            p.expect_end()
+            scope.params[name.text] = param
+        elif head.text == "input" and p.peek().kind == "name":
+            p.advance()
+            while True:
+                inputs.append(_input_decl(p, scope))
+                if not p.accept(","):
+                    break
+            p.expect_end()
+        elif head.text == "init" and p.peek().kind == "name":
+            p.advance()
+            target = p.access(p.expect_name("the iterative tensor"))
+            p.expect("=")
+            inits.append(Init(target, p.expr(), p.loc(head)))
+            p.expect_end()
+        elif head.text == "output" and p.peek().kind == "name":
+            p.advance()
+            while True:
+                name = p.expect_name("an output tensor name")
+                fill = 0.0
+                if p.accept("fill"):
+                    fill_expr = p.unary()
+                    if not isinstance(fill_expr, Num):
+                        raise p.error("fill takes a number, inf or -inf")
+                    fill = float(fill_expr.value)
+                outputs.append(Output(name.text, fill, p.loc(name)))
+                if not p.accept(","):
+                    break
+            p.expect_end()
+        else:
+            einsums.append(_einsum(p))
+
+    if not saw_dims:
+        raise SpecError("empty spec: expected a 'dims' line", Loc(file, 1, 1))
+    if not outputs:
+        last = len(text.splitlines()) or 1
+        raise SpecError("no 'output' line: name the tensors the cascade returns", Loc(file, last, 1))
+    return Cascade(
+        dims=tuple(scope.dims), einsums=tuple(einsums), outputs=tuple(outputs),
+        inputs=tuple(inputs), params=tuple(scope.params.values()), splits=tuple(splits),
+        inits=tuple(inits), doc="\n".join(doc_lines).strip("\n"), file=file,
+    )
+
+
+def _declare_rank(p: _LineParser, tok: Token, scope: _Scope, split: bool = False) -> None:
+    if not RANK_NAME.match(tok.text):
+        raise p.error(f"rank names are upper-case (like M or M1), not {tok.text!r}", tok)
+    if tok.text in scope.ranks or tok.text in scope.params:
+        raise p.error(f"rank {tok.text!r} declared twice", tok)
+    scope.ranks.append(tok.text)
+    if not split:
+        scope.dims.append(tok.text)
+
+
+def _input_decl(p: _LineParser, scope: _Scope) -> InputDecl:
+    name = p.expect_name("an input tensor name")
+    p.expect("[", f"'[' and the indices of {name.text}")
+    indices = []
+    while True:
+        idx = p.expect_name("an index variable")
+        if scope.kind(idx.text) != "index":
+            raise p.error(f"{idx.text!r} is not the index variable of a declared rank", idx)
+        indices.append(idx.text)
+        if not p.accept(","):
+            break
+    p.expect("]", "',' or ']'")
+    dtype = None
+    if p.accept(":"):
+        tok = p.expect_name("a dtype")
+        if tok.text not in DTYPES:
+            raise p.error(f"unknown dtype {tok.text!r}; expected one of {', '.join(DTYPES)}", tok)
+        dtype = tok.text
+    return InputDecl(name.text, tuple(indices), dtype, p.loc(name))
+
+
+def _einsum(p: _LineParser) -> Einsum:
+    name = p.tok
+    if name.kind != "name":
+        raise p.error("expected a statement: dims, split, param, input, init, output, or T[...] = ...")
+    p.advance()
+    if p.tok.text != "[":
+        raise p.error(f"expected '[' after {name.text!r}: an Einsum assigns T[indices] = expression")
+    target = p.access(name)
+    p.expect("=", "'=' after the left side")
+    reduce, listed = "sum", None
+    if p.tok.kind == "name" and p.tok.text in REDUCE_OPS and p.peek().text == "[":
+        reduce_tok = p.advance()
+        reduce = reduce_tok.text
+        p.expect("[")
+        listed = [p.expect_name("a reduced index variable")]
+        while p.accept(","):
+            listed.append(p.expect_name("a reduced index variable"))
+        p.expect("]")
+    expr = p.expr()
+    where = p.expr() if p.accept("where") else None
+    p.expect_end()
+    einsum = Einsum(target, expr, reduce, where, p.loc(name))
+    if listed is not None:
+        named, derived = [t.text for t in listed], einsum.reduced
+        if sorted(named) != sorted(derived):
+            raise SpecError(
+                f"{reduce}[{', '.join(named)}] lists the reduced indices, but the indices on the "
+                f"right that are absent on the left are [{', '.join(derived)}]", p.loc(listed[0]))
+    return einsum
+
+
+def load(path: str) -> Cascade:
+    """Read and parse a `.ein` file."""
+    with open(path) as f:
+        return parse(f.read(), file=str(path))

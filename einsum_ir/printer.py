@@ -1,0 +1,92 @@
+"""Cascade -> spec text. The output parses back to an equal cascade."""
+from __future__ import annotations
+
+from einsum_ir.ir import (
+    Access, Binary, Call, Cascade, Einsum, Expr, Index, Init, Name, Num, Unary, format_number,
+)
+
+# Binding strength; a child binds at least as tightly as its parent or gets parentheses.
+PRECEDENCE = {
+    "or": 1, "and": 2, "not": 3,
+    "<": 4, "<=": 4, ">": 4, ">=": 4, "==": 4, "!=": 4,
+    "+": 5, "-": 5,
+    "*": 6, "/": 6, "//": 6, "%": 6,
+    "neg": 7,
+}
+ATOM = 8
+
+
+def precedence(expr: Expr) -> int:
+    if isinstance(expr, Binary):
+        return PRECEDENCE[expr.op]
+    if isinstance(expr, Unary):
+        return PRECEDENCE["not" if expr.op == "not" else "neg"]
+    if isinstance(expr, Num) and (expr.value < 0):
+        return PRECEDENCE["neg"]
+    return ATOM
+
+
+def print_expr(expr: Expr) -> str:
+    if isinstance(expr, Num):
+        return format_number(expr.value)
+    if isinstance(expr, (Name, Index)):
+        return expr.name
+    if isinstance(expr, Access):
+        return f"{expr.tensor}[{', '.join(print_expr(i) for i in expr.indices)}]"
+    if isinstance(expr, Call):
+        return f"{expr.fn}({', '.join(print_expr(a) for a in expr.args)})"
+    if isinstance(expr, Unary):
+        inner = _wrap(expr.operand, precedence(expr), right=True)
+        return f"not {inner}" if expr.op == "not" else f"-{inner}"
+    assert isinstance(expr, Binary)
+    mine = PRECEDENCE[expr.op]
+    lhs = _wrap(expr.lhs, mine, right=False)
+    rhs = _wrap(expr.rhs, mine, right=True)
+    return f"{lhs} {expr.op} {rhs}"
+
+
+def _wrap(child: Expr, parent: int, right: bool) -> str:
+    text = print_expr(child)
+    mine = precedence(child)
+    # Left-associative operators: a right child of equal strength needs parentheses;
+    # comparisons do not chain, so either side of equal strength does.
+    needs = mine < parent or (mine == parent and (right or parent == PRECEDENCE["<"]))
+    if isinstance(child, Unary) and child.op == "-" and parent < PRECEDENCE["neg"]:
+        needs = mine < parent
+    return f"({text})" if needs else text
+
+
+def print_einsum(e: Einsum) -> str:
+    rhs = print_expr(e.expr)
+    if e.reduce != "sum":
+        rhs = f"{e.reduce}[{', '.join(e.reduced)}] {rhs}"
+    text = f"{print_expr(e.target)} = {rhs}"
+    if e.where is not None:
+        text += f" where {print_expr(e.where)}"
+    return text
+
+
+def print_init(i: Init) -> str:
+    return f"init {print_expr(i.target)} = {print_expr(i.expr)}"
+
+
+def print_cascade(c: Cascade) -> str:
+    lines = [f"# {line}".rstrip() for line in c.doc.splitlines()]
+    lines.append("dims " + " ".join(c.dims))
+    lines += [f"split {s.rank} -> {s.outer} x {s.inner}" for s in c.splits]
+    for p in c.params:
+        lines.append(f"param {p.name} = {print_expr(p.expr)}" if p.expr is not None
+                     else f"param {p.name}: {p.type}")
+    if c.inputs:
+        decls = []
+        for d in c.inputs:
+            text = f"{d.name}[{', '.join(d.indices)}]"
+            decls.append(text + (f": {d.dtype}" if d.dtype else ""))
+        lines.append("input " + ", ".join(decls))
+    lines += [print_init(i) for i in c.inits]
+    lines += [print_einsum(e) for e in c.einsums]
+    outs = []
+    for o in c.outputs:
+        outs.append(o.name if o.fill == 0 else f"{o.name} fill {format_number(o.fill)}")
+    lines.append("output " + ", ".join(outs))
+    return "\n".join(lines) + "\n"

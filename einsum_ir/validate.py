@@ -1,0 +1,241 @@
+"""Semantic checks on a parsed or built cascade. Each failure is a located SpecError."""
+from __future__ import annotations
+
+import networkx as nx
+
+from einsum_ir.errors import SpecError
+from einsum_ir.functions import FUNCTIONS, INDEX_FUNCTIONS
+from einsum_ir.graph import acyclic_view, dependency_graph, einsum_reads
+from einsum_ir.ir import (
+    INT_DTYPES, REDUCE_OPS, Access, Binary, Call, Cascade, Einsum, Expr, Index, Loc, Name, Num,
+    Unary, accesses, index_vars, rank_of, walk,
+)
+from einsum_ir.printer import print_expr
+
+
+def validate(c: Cascade) -> None:
+    """Raise SpecError on the first problem found; return None for a well-formed cascade."""
+    _check_names(c)
+    arity = _tensor_ranks(c)
+    for e in c.einsums:
+        _check_einsum(c, e, arity)
+    for i in c.inits:
+        _check_init(c, i, arity)
+    _check_cycles(c)
+    for o in c.outputs:
+        if o.name not in arity:
+            raise SpecError(f"output {o.name!r} is never assigned", o.loc)
+
+
+def _fail(message: str, loc: Loc | None, context: str | None = None) -> SpecError:
+    return SpecError(message if loc or not context else f"{context}: {message}", loc)
+
+
+def _check_names(c: Cascade) -> None:
+    ranks = set(c.ranks)
+    names = ranks | {p.name for p in c.params}
+    indices = {r.lower() for r in ranks}
+    for s in c.splits:
+        if s.rank not in c.dims:
+            raise SpecError(f"cannot split {s.rank!r}: not a declared rank", s.loc)
+    exprs: list[Expr] = [p.expr for p in c.params if p.expr is not None]
+    exprs += [x for e in c.einsums for x in (e.target, e.expr, e.where) if x is not None]
+    exprs += [x for i in c.inits for x in (i.target, i.expr)]
+    for expr in exprs:
+        for node in walk(expr):
+            if isinstance(node, Name) and node.name not in names:
+                raise SpecError(f"unknown name {node.name!r}: not a declared dim or param", node.loc)
+            if isinstance(node, Index) and node.name not in indices:
+                raise SpecError(f"unknown index variable {node.name!r}: no rank {rank_of(node.name)!r}",
+                                node.loc)
+            if isinstance(node, Call) and node.fn not in FUNCTIONS:
+                known = ", ".join(sorted(FUNCTIONS))
+                raise SpecError(f"unknown function {node.fn}(...); known functions: {known}", node.loc)
+            if isinstance(node, Call):
+                f = FUNCTIONS[node.fn]
+                if not f.min_args <= len(node.args) <= f.max_args:
+                    want = f.min_args if f.min_args == f.max_args else f"{f.min_args} to {f.max_args}"
+                    raise SpecError(f"{node.fn}(...) takes {want} arguments, got {len(node.args)}", node.loc)
+    for p in c.params:
+        if p.expr is not None:
+            for node in walk(p.expr):
+                if isinstance(node, (Access, Index)):
+                    raise SpecError(f"param {p.name} must be a scalar expression over dims, params "
+                                    f"and numbers, but uses {print_expr(node)}", node.loc)
+
+
+def _tensor_ranks(c: Cascade) -> dict[str, tuple[str, ...]]:
+    """Ranks per tensor; checks single assignment, inputs not written, left sides well-formed."""
+    ranks: dict[str, tuple[str, ...]] = {}
+    for d in c.inputs:
+        if d.name in ranks:
+            raise SpecError(f"input {d.name!r} declared twice", d.loc)
+        ranks[d.name] = tuple(rank_of(i) for i in d.indices)
+    inputs = set(ranks)
+    iterative = {e.name for e in c.einsums if e.recurrence_var}
+    for e in c.einsums:
+        if e.name in inputs:
+            raise SpecError(f"{e.name!r} is an input and cannot be assigned", e.loc)
+        target = tuple(_lhs_rank(e.target.indices[i], e) for i in range(len(e.target.indices)))
+        if e.name in ranks and e.name not in iterative:
+            raise SpecError(f"{e.name!r} is assigned twice; only iterative tensors (left side "
+                            f"indexed x+1) may be, so give the second one a new name", e.target.loc)
+        if e.name in ranks and ranks[e.name] != target:
+            raise SpecError(f"{e.name!r} is assigned with ranks {list(target)} here but "
+                            f"{list(ranks[e.name])} before", e.target.loc)
+        ranks[e.name] = target
+        if e.reduce not in REDUCE_OPS:
+            raise _fail(f"unknown reduction {e.reduce!r}; expected one of {', '.join(REDUCE_OPS)}",
+                        e.loc, e.name)
+    for i in c.inits:
+        if i.target.tensor not in iterative:
+            raise SpecError(f"init for {i.target.tensor!r}, which has no recurrence (a left side "
+                            f"indexed x+1)", i.target.loc)
+    for e in c.einsums:
+        if e.recurrence_var and not any(i.target.tensor == e.name for i in c.inits):
+            raise SpecError(f"recurrence {e.name} has no init: add a line "
+                            f"'init {_init_hint(e)} = ...' for its value at step 0", e.target.loc)
+    return ranks
+
+
+def _lhs_rank(idx: Expr, e: Einsum) -> str:
+    if isinstance(idx, Index):
+        return rank_of(idx.name)
+    var = e.recurrence_var
+    if var is not None and index_vars(idx) == [var]:
+        return rank_of(var)
+    raise SpecError(f"the left side of {e.name} must use plain index variables (or x+1 for a "
+                    f"recurrence), not {print_expr(idx)}", idx.loc or e.target.loc)
+
+
+def _init_hint(e: Einsum) -> str:
+    idx = ["0" if e.recurrence_var in index_vars(i) else print_expr(i) for i in e.target.indices]
+    return f"{e.name}[{', '.join(idx)}]"
+
+
+def _check_access(c: Cascade, a: Access, ranks: dict[str, tuple[str, ...]], context: str) -> None:
+    if a.tensor not in ranks:
+        raise SpecError(f"undefined tensor {a.tensor!r}: it is neither an input nor assigned", a.loc)
+    want = ranks[a.tensor]
+    if len(a.indices) != len(want):
+        raise SpecError(f"{a.tensor} has {len(want)} indices [{', '.join(r.lower() for r in want)}], "
+                        f"but {len(a.indices)} are given here", a.loc)
+    for pos, idx in enumerate(a.indices):
+        if isinstance(idx, Index) and rank_of(idx.name) != want[pos]:
+            raise SpecError(
+                f"index {idx.name} is bound to rank {rank_of(idx.name)}, but position {pos + 1} of "
+                f"{a.tensor} has rank {want[pos]}; use {want[pos].lower()} or an index expression",
+                idx.loc or a.loc)
+        _check_index_expr(idx, a)
+
+
+def _check_index_expr(idx: Expr, a: Access) -> None:
+    for node in walk(idx):
+        bad = None
+        if isinstance(node, Access):
+            bad = "a tensor read"
+        elif isinstance(node, Binary) and node.op not in ("+", "-", "*", "//", "%"):
+            bad = f"'{node.op}' (index expressions use + - * // % min max)"
+        elif isinstance(node, Call) and node.fn not in INDEX_FUNCTIONS:
+            bad = f"{node.fn}(...) (index expressions use + - * // % min max)"
+        elif isinstance(node, Num) and not isinstance(node.value, int):
+            bad = f"the non-integer {node.value}"
+        if bad:
+            raise SpecError(f"index of {a.tensor} uses {bad}", node.loc or a.loc)
+
+
+def _check_einsum(c: Cascade, e: Einsum, ranks: dict[str, tuple[str, ...]]) -> None:
+    lhs = [i.name for i in e.target.indices if isinstance(i, Index)]
+    dup = {v for v in lhs if lhs.count(v) > 1}
+    if dup:
+        raise SpecError(f"index {dup.pop()} appears twice on the left side of {e.name}", e.target.loc)
+    for a in einsum_reads(e):
+        _check_access(c, a, ranks, e.name)
+    if e.where is not None:
+        for a in accesses(e.where):
+            dtype = next((d.dtype for d in c.inputs if d.name == a.tensor), None)
+            if dtype not in INT_DTYPES:
+                raise SpecError(
+                    f"the where-predicate reads {a.tensor}, which is {dtype or 'a float tensor'}; "
+                    f"predicates read integer or boolean inputs only (declare it ': bool' or ': int32')",
+                    a.loc)
+        _check_predicate(e.where)
+    _check_values(e.expr)
+    _check_contraction_in_nonlinear(e)
+
+
+def _check_init(c: Cascade, i, ranks) -> None:
+    for a in accesses(i.expr):
+        _check_access(c, a, ranks, i.target.tensor)
+
+
+PREDICATE_NODES = ("<", "<=", ">", ">=", "==", "!=", "and", "or")
+
+
+def _check_predicate(expr: Expr) -> None:
+    if isinstance(expr, Binary) and expr.op in ("and", "or"):
+        _check_predicate(expr.lhs)
+        _check_predicate(expr.rhs)
+    elif isinstance(expr, Unary) and expr.op == "not":
+        _check_predicate(expr.operand)
+    elif isinstance(expr, Binary) and expr.op in PREDICATE_NODES:
+        return
+    elif isinstance(expr, Call) and expr.fn == "nbhd":
+        return
+    elif isinstance(expr, Access):
+        return
+    else:
+        raise SpecError(f"a where-predicate must be a comparison, nbhd(...), a boolean tensor, or "
+                        f"those joined by and/or/not; got {print_expr(expr)}", expr.loc)
+
+
+def _check_values(expr: Expr) -> None:
+    """Value expressions: predicates only as where(...)'s first argument, nbhd only in predicates."""
+    if isinstance(expr, Call) and expr.fn == "where":
+        _check_predicate(expr.args[0])
+        for arg in expr.args[1:]:
+            _check_values(arg)
+        return
+    if isinstance(expr, Call) and expr.fn == "nbhd":
+        raise SpecError("nbhd(...) is a predicate; use it after 'where' or as where(nbhd(...), a, b)",
+                        expr.loc)
+    if isinstance(expr, Binary) and expr.op in PREDICATE_NODES or isinstance(expr, Unary) and expr.op == "not":
+        raise SpecError(f"'{expr.op}' makes a predicate; a value uses it only inside where(cond, a, b)",
+                        expr.loc)
+    if isinstance(expr, Access):
+        return
+    for child in (expr.args if isinstance(expr, Call) else
+                  (expr.lhs, expr.rhs) if isinstance(expr, Binary) else
+                  (expr.operand,) if isinstance(expr, Unary) else ()):
+        _check_values(child)
+
+
+def _check_contraction_in_nonlinear(e: Einsum) -> None:
+    """A reduced index shared by two reads inside exp/tanh/... is almost always a mistake:
+    the map applies per point, so `S[p,m] = tanh(Q[p,e]*K[m,e])` sums tanh over e."""
+    reduced = set(e.reduced)
+    for node in walk(e.expr):
+        if not (isinstance(node, Call) and FUNCTIONS[node.fn].nonlinear and node.fn != "where"):
+            continue
+        reads = accesses(Call(node.fn, node.args))
+        for var in sorted(reduced):
+            users = [a for a in reads if var in index_vars(a)]
+            if len(users) >= 2:
+                raise SpecError(
+                    f"index {var} is summed over the whole right side but appears inside "
+                    f"{node.fn}(...), where it joins {users[0].tensor} and {users[1].tensor}: this "
+                    f"computes {e.reduce} over {var} of {node.fn}(...), not {node.fn} of the "
+                    f"contraction. Compute the contraction in a separate Einsum first",
+                    node.loc or e.loc)
+
+
+def _check_cycles(c: Cascade) -> None:
+    g = acyclic_view(dependency_graph(c))
+    try:
+        cycle = nx.find_cycle(g)
+    except nx.NetworkXNoCycle:
+        return
+    names = [a for a, _ in cycle] + [cycle[0][0]]
+    first = c.writers(cycle[0][1])[0]
+    raise SpecError(f"cycle: {' -> '.join(names)}; a tensor cannot depend on itself (a recurrence "
+                    f"reads the previous step, x, and writes x+1)", first.target.loc)
