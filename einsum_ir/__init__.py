@@ -5,10 +5,54 @@ The IR layer: ranks, tensors, Einsums and cascades; the spec language (`parse`, 
 interpreter; and the variant catalog. Upper layers (cost model, lowering, codegen) are
 reached through the facade functions below, which import them lazily.
 """
+from __future__ import annotations
+
 from einsum_ir import variants
-from einsum_ir.errors import BindError, SpecError
+from einsum_ir.errors import BindError, LoweringError, SpecError
 from einsum_ir.interpreter import interpret
 from einsum_ir.ir import Cascade, Einsum
 from einsum_ir.parser import load, parse
 
-__all__ = ["BindError", "Cascade", "Einsum", "SpecError", "interpret", "load", "parse", "variants"]
+__all__ = [
+    "BindError", "Cascade", "Einsum", "LoweringError", "SpecError",
+    "compile", "counts", "interpret", "load", "parse", "passes", "roofline", "simulate", "variants",
+]
+
+
+# The facade: one call per job. Upper layers are imported on first use, so `import einsum_ir`
+# stays light and the layering (einsum_ir <- cost_model <- lowering <- codegen) holds.
+
+def passes(cascade: Cascade, rank: str = "M"):
+    """FuseMax pass analysis over `rank`: `.count`, `.boundaries`, `.explanation`."""
+    from cost_model.api import passes as run
+
+    return run(cascade, rank=rank)
+
+
+def counts(cascade: Cascade, shapes: dict, dtype: str = "bf16"):
+    """Work and traffic per Einsum and in total: MACs, vector and SFU ops, bytes."""
+    from cost_model.api import counts as run
+
+    return run(cascade, shapes, dtype=dtype)
+
+
+def roofline(cascade: Cascade, shapes: dict, device: str = "h100", dtype: str = "bf16"):
+    """Lower-bound time on `device` and the binding unit."""
+    from cost_model.api import roofline as run
+
+    return run(cascade, shapes, device=device, dtype=dtype)
+
+
+def simulate(cascade: Cascade, shapes: dict, device: str = "h100", q_tile: dict | None = None,
+             kv_tile: dict | None = None, dtype: str = "bf16"):
+    """Tile-level sparsity simulation: `.tile_speedup`, `.flop_speedup`, `.estimated_speedup`."""
+    from cost_model.api import simulate as run
+
+    return run(cascade, shapes, device=device, q_tile=q_tile, kv_tile=kv_tile, dtype=dtype)
+
+
+def compile(cascade: Cascade, backend: str = "auto"):  # noqa: A001 - the API's chosen name
+    """A callable kernel for `cascade`: backend "auto", "triton", "cpu" or "reference"."""
+    from codegen.api import compile as run
+
+    return run(cascade, backend=backend)

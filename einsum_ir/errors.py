@@ -37,3 +37,7 @@ class SpecError(ValueError):
 
 class BindError(ValueError):
     """Call-time arguments that do not fit the cascade (shapes, missing tensors or params)."""
+
+
+class LoweringError(Exception):
+    """A cascade has no fused lowering for the requested backend; the message says why."""

@@ -270,30 +270,22 @@ class _Run:
         if reduced and e.reduce == "sum":
             return self._contract(e.expr, pred, lhs, reduced)
         value = self.eval(e.expr)
-        parts = [value] + ([Labeled(pred.data, pred.labels)] if pred is not None else [])
+        parts = [value] + ([pred] if pred is not None else [])
         labels, datas, mask = _broadcast(parts)
         if pred is not None:
             mask = _and(mask, datas[1])
         space = lhs + reduced
-        data = _align(datas[0], labels, space) if set(labels) <= set(space) else None
-        if data is None:
-            raise AssertionError(f"labels {labels} outside the space of {e.name}")
+        data = _align(datas[0], labels, space)
         mask = None if mask is None else _align(mask, labels, space)
-        shape = [self.extent[rank_of(v)] for v in space]
         if not reduced:
             return Labeled(data, space, mask)
-        dims = tuple(range(len(lhs), len(space)))
-        full = data.expand(shape)
-        present = torch.ones((), dtype=torch.bool, device=self.device) if mask is None else mask.expand(shape)
+        shape = [self.extent[rank_of(v)] for v in space]
         neutral = {"max": -math.inf, "min": math.inf, "prod": 1.0}[e.reduce]
-        filled = torch.where(present, full, torch.tensor(neutral, dtype=full.dtype, device=self.device))
-        if e.reduce == "max":
-            out = filled.amax(dim=dims)
-        elif e.reduce == "min":
-            out = filled.amin(dim=dims)
-        else:
-            out = filled.prod(dim=dims) if dims else filled
-        out_mask = None if mask is None else mask.any(dim=dims)
+        if mask is not None:
+            data = torch.where(mask, data, torch.tensor(neutral, dtype=data.dtype, device=self.device))
+        flat = data.expand(shape).reshape(shape[:len(lhs)] + [-1])  # reduced dims as one
+        out = {"max": torch.amax, "min": torch.amin, "prod": torch.prod}[e.reduce](flat, -1)
+        out_mask = None if mask is None else mask.any(dim=tuple(range(len(lhs), len(space))))
         return Labeled(out, lhs, out_mask)
 
     def _contract(self, expr: Expr, pred: Labeled | None, lhs: tuple[str, ...],

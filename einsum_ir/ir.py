@@ -190,7 +190,8 @@ class Einsum:
     def reduced(self) -> list[str]:
         """Index variables reduced away: on the right (or in the predicate), not on the left."""
         left = set(self.lhs_vars)
-        return [v for v in index_vars(self.expr) + index_vars(self.where) if v not in left]
+        both = index_vars(self.expr) + index_vars(self.where)
+        return [v for v in dict.fromkeys(both) if v not in left]
 
     @property
     def space(self) -> list[str]:

@@ -235,7 +235,9 @@ def _check_cycles(c: Cascade) -> None:
         cycle = nx.find_cycle(g)
     except nx.NetworkXNoCycle:
         return
-    names = [a for a, _ in cycle] + [cycle[0][0]]
-    first = c.writers(cycle[0][1])[0]
+    members = {a for a, _ in cycle}
+    first = next(e for e in c.einsums if e.name in members)  # report where the cycle starts in the file
+    start = [a for a, _ in cycle].index(first.name)
+    names = [a for a, _ in cycle[start:] + cycle[:start]] + [first.name]
     raise SpecError(f"cycle: {' -> '.join(names)}; a tensor cannot depend on itself (a recurrence "
                     f"reads the previous step, x, and writes x+1)", first.target.loc)
