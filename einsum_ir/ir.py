@@ -270,8 +270,8 @@ class Cascade:
         ranks = {d: Rank(d, sympy.Symbol(d, positive=True, integer=True)) for d in self.dims}
         for s in self.splits:
             inner = sympy.Symbol(s.inner, positive=True, integer=True)
-            ranks[s.inner] = Rank(s.inner, inner)
             ranks[s.outer] = Rank(s.outer, sympy.ceiling(ranks[s.rank].extent / inner))
+            ranks[s.inner] = Rank(s.inner, inner)
         return ranks
 
     @cached_property

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from einsum_ir.ir import (
-    Access, Binary, Call, Cascade, Einsum, Expr, Index, Init, Name, Num, Unary, format_number,
+    ARITHMETIC_OPS, Access, Binary, Call, Cascade, Einsum, Expr, Index, Init, Name, Num, Unary, format_number,
 )
 
 # Binding strength; a child binds at least as tightly as its parent or gets parentheses.
@@ -26,27 +26,32 @@ def precedence(expr: Expr) -> int:
     return ATOM
 
 
-def print_expr(expr: Expr) -> str:
+def print_expr(expr: Expr, compact: bool = False) -> str:
+    """Spec text for an expression; `compact` drops the spaces around operators, as inside
+    index brackets (`K[b,h,m1*M0+m0,e]`)."""
     if isinstance(expr, Num):
         return format_number(expr.value)
     if isinstance(expr, (Name, Index)):
         return expr.name
     if isinstance(expr, Access):
-        return f"{expr.tensor}[{', '.join(print_expr(i) for i in expr.indices)}]"
+        return f"{expr.tensor}[{','.join(print_expr(i, compact=True) for i in expr.indices)}]"
     if isinstance(expr, Call):
-        return f"{expr.fn}({', '.join(print_expr(a) for a in expr.args)})"
+        sep = "," if compact else ", "
+        return f"{expr.fn}({sep.join(print_expr(a, compact) for a in expr.args)})"
     if isinstance(expr, Unary):
-        inner = _wrap(expr.operand, precedence(expr), right=True)
+        inner = _wrap(expr.operand, precedence(expr), True, compact)
         return f"not {inner}" if expr.op == "not" else f"-{inner}"
     assert isinstance(expr, Binary)
     mine = PRECEDENCE[expr.op]
-    lhs = _wrap(expr.lhs, mine, right=False)
-    rhs = _wrap(expr.rhs, mine, right=True)
+    lhs = _wrap(expr.lhs, mine, False, compact)
+    rhs = _wrap(expr.rhs, mine, True, compact)
+    if compact and expr.op in ARITHMETIC_OPS:
+        return f"{lhs}{expr.op}{rhs}"
     return f"{lhs} {expr.op} {rhs}"
 
 
-def _wrap(child: Expr, parent: int, right: bool) -> str:
-    text = print_expr(child)
+def _wrap(child: Expr, parent: int, right: bool, compact: bool) -> str:
+    text = print_expr(child, compact)
     mine = precedence(child)
     # Left-associative operators: a right child of equal strength needs parentheses;
     # comparisons do not chain, so either side of equal strength does.
@@ -56,11 +61,12 @@ def _wrap(child: Expr, parent: int, right: bool) -> str:
     return f"({text})" if needs else text
 
 
-def print_einsum(e: Einsum) -> str:
+def print_einsum(e: Einsum, width: int = 0) -> str:
+    """One Einsum line; `width` pads the left side so a cascade's `=` signs line up."""
     rhs = print_expr(e.expr)
     if e.reduce != "sum":
-        rhs = f"{e.reduce}[{', '.join(e.reduced)}] {rhs}"
-    text = f"{print_expr(e.target)} = {rhs}"
+        rhs = f"{e.reduce}[{','.join(e.reduced)}] {rhs}"
+    text = f"{print_expr(e.target).ljust(width)} = {rhs}"
     if e.where is not None:
         text += f" where {print_expr(e.where)}"
     return text
@@ -80,11 +86,12 @@ def print_cascade(c: Cascade) -> str:
     if c.inputs:
         decls = []
         for d in c.inputs:
-            text = f"{d.name}[{', '.join(d.indices)}]"
+            text = f"{d.name}[{','.join(d.indices)}]"
             decls.append(text + (f": {d.dtype}" if d.dtype else ""))
         lines.append("input " + ", ".join(decls))
     lines += [print_init(i) for i in c.inits]
-    lines += [print_einsum(e) for e in c.einsums]
+    width = max((len(print_expr(e.target)) for e in c.einsums), default=0)
+    lines += [print_einsum(e, width) for e in c.einsums]
     outs = []
     for o in c.outputs:
         outs.append(o.name if o.fill == 0 else f"{o.name} fill {format_number(o.fill)}")

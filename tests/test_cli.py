@@ -1,0 +1,69 @@
+"""The command line: located errors and non-zero exits, never a traceback for a bad spec."""
+import subprocess
+import sys
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import einsum_ir as ei
+from einsum_ir.cli import main
+
+BROKEN = """dims B H P M E F
+input Q[b,h,p,e], K[b,h,m,e]
+S[b,h,p,m] = Q[b,h,p,e] * K[b,h,m]
+output S
+"""
+
+
+def test_check_reports_a_located_error_and_exits_nonzero(tmp_path, capsys):
+    path = tmp_path / "bad.ein"
+    path.write_text(BROKEN)
+    assert main(["check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}:3:27: error: K has 4 indices [b, h, m, e], but 3 are given" in err
+    assert err.splitlines()[2].strip() == "^"
+
+
+def test_check_accepts_catalog_names_and_files(tmp_path, capsys):
+    path = tmp_path / "ok.ein"
+    path.write_text(ei.variants.source("softmax"))
+    assert main(["check", "softmax_causal", str(path)]) == 0
+    assert "softmax_causal: ok" in capsys.readouterr().out
+
+
+def test_unknown_spec_is_a_clean_error(capsys):
+    assert main(["check", "no_such.ein"]) == 2
+    assert "no such spec file: no_such.ein" in capsys.readouterr().err
+    assert main(["print", "not_a_variant"]) == 2
+    assert "neither a spec file nor a catalog variant" in capsys.readouterr().err
+
+
+def test_console_script_runs_without_traceback(tmp_path):
+    path = tmp_path / "bad.ein"
+    path.write_text(BROKEN)
+    proc = subprocess.run([sys.executable, "-m", "einsum_ir.cli", "check", str(path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "error:" in proc.stderr
+
+
+def _mutations():
+    names = ei.variants.names()
+    return st.tuples(st.sampled_from(names), st.lists(st.tuples(
+        st.integers(0, 10_000), st.integers(0, 4),
+        st.sampled_from(["", "[", "]", "(", ")", ",", "=", "*", "x", "m", "M", "1", "where ", "max[m] ",
+                         "exp(", " and ", "#", "\n", "-", "m1+1", "Q", "init ", "output ", "//", "nbhd("])),
+        min_size=1, max_size=3))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_mutations())
+def test_mutated_specs_raise_only_spec_errors(case):
+    """Random edits of catalog specs either parse or raise SpecError; nothing else escapes."""
+    name, edits = case
+    text = ei.variants.source(name)
+    for pos, cut, insert in edits:
+        pos %= len(text) + 1
+        text = text[:pos] + insert + text[pos + cut:]
+    try:
+        ei.parse(text, file="mutated.ein")
+    except ei.SpecError as err:
+        assert str(err).startswith("mutated.ein:") or str(err).startswith("error:")
