@@ -85,6 +85,7 @@ class _Run:
         self.c = c
         self.tensors: dict[str, _Stored] = {}
         self.fixed: dict[str, int] = {}  # index vars pinned to one step of a recurrence
+        self.touched: dict[str, torch.Tensor] = {}  # per iterative tensor: some update was present
         self._bind(dict(args))
 
     # -- binding ------------------------------------------------------------------------
@@ -342,6 +343,8 @@ class _Run:
             pos = self._step_position(name)
             previous = tuple(s - 1 if k == pos else s for k, s in enumerate(slot))
             data = torch.where(present, data, stored.data[previous])
+            touched = self.touched.setdefault(name, torch.zeros_like(stored.mask))
+            touched[tuple(slot)] = touched[previous] | present
             present = present | stored.mask[previous]
         stored.data[tuple(slot)] = data
         stored.mask[tuple(slot)] = present
@@ -383,6 +386,10 @@ class _Run:
                 for e in body:
                     self.write(e.target, self.einsum(e), carry=e.recurrence_var is not None)
             self.fixed = {}
+            # Like a reduction over no present point, a recurrence whose every update was
+            # absent has an absent value: past the loop, presence is "some step contributed".
+            for name, touched in self.touched.items():
+                self.tensors[name].mask = touched
         for e in after:
             self.tensors[e.name] = self._materialize(self.einsum(e), e)
         return tuple(self._output(o.name, o.fill) for o in c.outputs)
