@@ -1,0 +1,32 @@
+"""The cost model's public entry points; `einsum_ir`'s facade delegates to exactly these."""
+from __future__ import annotations
+
+from einsum_ir.ir import Cascade
+
+from cost_model import counts as _counts
+from cost_model import passes as _passes
+from cost_model import roofline as _roofline
+from cost_model import simulate as _simulate
+from cost_model.devices import Device
+
+
+def passes(cascade: Cascade, rank: str = "M") -> _passes.PassReport:
+    """FuseMax pass analysis over `rank`: `.count`, `.boundaries`, `.explanation`."""
+    return _passes.analyze(cascade, rank)
+
+
+def counts(cascade: Cascade, shapes: dict | None = None, dtype: str = "bf16") -> _counts.Counts:
+    """Work and traffic per Einsum and in total; dims missing from `shapes` stay symbolic."""
+    return _counts.count(cascade, shapes, dtype)
+
+
+def roofline(cascade: Cascade, shapes: dict, device: str | dict | Device = "h100",
+             dtype: str = "bf16") -> _roofline.Roofline:
+    """Lower-bound time on `device`, the binding unit, and what each extra pass costs."""
+    return _roofline.roofline(cascade, shapes, device, dtype)
+
+
+def simulate(cascade: Cascade, shapes: dict, device: str | dict | Device = "h100", q_tile: dict | None = None,
+             kv_tile: dict | None = None, dtype: str = "bf16") -> _simulate.SimResult:
+    """Tile-level sparsity: `.tile_speedup`, `.flop_speedup`, `.estimated_speedup`, `.classes`."""
+    return _simulate.simulate(cascade, shapes, device, q_tile, kv_tile, dtype)

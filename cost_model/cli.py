@@ -1,0 +1,93 @@
+"""`einsum-ir analyze` and `einsum-ir simulate`: the cost model from the command line.
+
+The lead's entry point (einsum_ir/cli.py) calls `add_commands(subparsers)`.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from einsum_ir import variants
+from einsum_ir.ir import Cascade
+from einsum_ir.parser import load
+
+from cost_model import api
+from cost_model.counts import fmt
+
+ASSIGN_HELP = ("comma-separated NAME=INT bindings of dims and runtime params, e.g. "
+               "B=1,H=16,P=8192,M=8192,E=128,F=128,W=512 (params may also go in --params)")
+
+
+def add_commands(subparsers) -> None:
+    a = subparsers.add_parser("analyze", help="passes, op/byte counts and the roofline bound of a cascade",
+                              description="Print the FuseMax pass analysis, per-Einsum counts and the "
+                                          "roofline lower bound with its binding unit.")
+    _common(a)
+    a.add_argument("--rank", default="M", help="rank whose passes are counted (default M; 'MX,MY' for several)")
+    a.set_defaults(func=run_analyze)
+    s = subparsers.add_parser("simulate", help="tile-level sparsity simulation of a cascade's predicates",
+                              description="Classify every (Q tile, KV tile) pair as full, partial or skipped "
+                                          "and report tile, FLOP and estimated speedups.")
+    _common(s)
+    s.add_argument("--q-tile", required=True, help="Q tile per token rank, e.g. P=128 or PX=16,PY=16")
+    s.add_argument("--kv-tile", required=True, help="KV tile per token rank, e.g. M=64 or MX=16,MY=8")
+    s.add_argument("--plot", help="save a tile-map heatmap (PNG) to this path")
+    s.set_defaults(func=run_simulate)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="a .ein file or a catalog variant name (einsum_ir.variants.names())")
+    p.add_argument("--shapes", required=True, help=ASSIGN_HELP)
+    p.add_argument("--params", default="", help="more NAME=VALUE bindings for runtime params, e.g. W=512")
+    p.add_argument("--device", default="h100", help="device key (a100, h100, h200, b200, l4, rtx4090, cpu) "
+                                                    "or a YAML file of device entries")
+    p.add_argument("--dtype", default="bf16", help="element type of inputs and outputs (default bf16)")
+
+
+def parse_assignments(text: str) -> dict[str, int | float]:
+    out: dict[str, int | float] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: expected NAME=VALUE, got {item!r}")
+        number = float(value)
+        out[name.strip()] = int(number) if number.is_integer() else number
+    return out
+
+
+def load_spec(spec: str) -> Cascade:
+    return load(spec) if Path(spec).exists() else variants.load(spec)
+
+
+def _shapes(args) -> dict:
+    return {**parse_assignments(args.shapes), **parse_assignments(args.params)}
+
+
+def run_analyze(args) -> int:
+    c = load_spec(args.spec)
+    shapes = _shapes(args)
+    print(api.passes(c, rank=args.rank))
+    print()
+    counts = api.counts(c, shapes, dtype=args.dtype)
+    print(counts)
+    print(f"tensor-core FLOPs {fmt(counts.flops)}, vector ops {fmt(counts.vector_ops)}, "
+          f"SFU ops {fmt(counts.sfu_ops)}, compulsory bytes {fmt(counts.compulsory_bytes)}")
+    print()
+    print(api.roofline(c, shapes, device=args.device, dtype=args.dtype))
+    return 0
+
+
+def run_simulate(args) -> int:
+    c = load_spec(args.spec)
+    start = time.perf_counter()
+    result = api.simulate(c, _shapes(args), device=args.device, q_tile=parse_assignments(args.q_tile),
+                          kv_tile=parse_assignments(args.kv_tile), dtype=args.dtype)
+    print(result)
+    print(f"  simulated in {time.perf_counter() - start:.2f} s")
+    if args.plot:
+        from cost_model.simulate import plot_tile_map
+
+        plot_tile_map(result, args.plot)
+        print(f"  tile map written to {args.plot}")
+    return 0
