@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev,triton,hf]' $(TORCH)
+	$(BIN)/pip install -q -e '.[dev,triton,hf,mlir]' $(TORCH)
 	@touch $(STAMP)
 
 setup: $(STAMP)

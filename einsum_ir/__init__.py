@@ -15,7 +15,7 @@ from einsum_ir.parser import load, parse
 
 __all__ = [
     "BindError", "Cascade", "Einsum", "LoweringError", "SpecError",
-    "compile", "counts", "interpret", "load", "parse", "passes", "roofline", "simulate", "variants",
+    "compile", "counts", "from_torch", "interpret", "load", "parse", "passes", "roofline", "simulate", "variants",
 ]
 
 
@@ -56,3 +56,10 @@ def compile(cascade: Cascade, backend: str = "auto"):  # noqa: A001 - the API's 
     from codegen.api import compile as run
 
     return run(cascade, backend=backend)
+
+
+def from_torch(module_or_fn, *example_inputs, **options) -> Cascade:
+    """Raise plain-PyTorch attention into a cascade via torch-mlir (the `mlir` extra)."""
+    from einsum_ir.frontends.torch_mlir import from_torch as run
+
+    return run(module_or_fn, *example_inputs, **options)

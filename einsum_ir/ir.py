@@ -312,6 +312,12 @@ class Cascade:
     def writers(self, name: str) -> list[Einsum]:
         return [e for e in self.einsums if e.name == name]
 
+    def to_mlir(self, shapes: dict[str, int], params: dict | None = None) -> str:
+        """`linalg.generic` text for this cascade at static `shapes` (torch-mlir parses it)."""
+        from einsum_ir.frontends.torch_mlir import to_mlir
+
+        return to_mlir(self, shapes, params)
+
     def replace(self, **changes) -> "Cascade":
         from dataclasses import replace
 

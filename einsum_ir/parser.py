@@ -174,7 +174,9 @@ class _LineParser:
             inner = self.expr()
             self.expect(")", "')' to close '('")
             return inner
-        if tok.kind != "name" or tok.text in KEYWORDS - {"inf"}:
+        # In operand position `where(` can only be the function, never the predicate keyword.
+        is_function = tok.text == "where" and self.peek().text == "("
+        if tok.kind != "name" or tok.text in KEYWORDS - {"inf"} and not is_function:
             raise self.error(f"expected a number, name, tensor access or '(', found {self.describe(tok)}")
         self.advance()
         if tok.text == "inf":

@@ -145,6 +145,10 @@ def _check_index_expr(idx: Expr, a: Access) -> None:
 
 
 def _check_einsum(c: Cascade, e: Einsum, ranks: dict[str, tuple[str, ...]]) -> None:
+    if e.reduce != "sum" and not e.reduced:
+        raise SpecError(f"{e.reduce} reduces nothing: every index on the right of {e.name} is also "
+                        f"on its left; drop the {e.reduce}[...] or remove an index from the left",
+                        e.loc)
     lhs = [i.name for i in e.target.indices if isinstance(i, Index)]
     dup = {v for v in lhs if lhs.count(v) > 1}
     if dup:

@@ -1,0 +1,245 @@
+"""Cascades as PyTorch custom ops, so compiled kernels drop into models and training loops.
+
+`torch.ops.einsum_ir.cascade(spec, tensors, scalars)` runs a single-output cascade given as
+spec text: `tensors` in the order of its `input` line, `scalars` in the order of its runtime
+`param` lines. It is a `torch.library` custom op with a fake (meta) implementation, so
+torch.compile traces it as one opaque node with no graph break.
+
+Forward runs the compiled kernel (`ei.compile(cascade)`, backend "auto").
+Backward recomputes the forward through the reference interpreter under autograd and
+differentiates that (`einsum_ir::cascade_backward`, itself an opaque op so AOTAutograd can
+trace it). That is exact but not fused: it materializes the score matrix. docs/integration.md
+says so.
+
+`attention(q, k, v, ...)` is the SDPA-shaped entry point the torch.compile backend and the
+Hugging Face hook call: it builds the cascade from an `AttentionPattern`, reshapes grouped
+query heads into (G, R) ranks and mask tensors into the ranks they carry.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack
+from functools import lru_cache
+from typing import Callable, Sequence
+
+import torch
+
+from einsum_ir.errors import BindError
+from einsum_ir.frontends.attention import AttentionPattern, is_default_scale
+from einsum_ir.interpreter import interpret
+from einsum_ir.ir import Cascade
+from einsum_ir.parser import parse
+
+
+@lru_cache(maxsize=None)
+def cascade_of(spec: str) -> Cascade:
+    """The parsed cascade of `spec` (parsed once per distinct text)."""
+    return parse(spec, file="<custom op>")
+
+
+@lru_cache(maxsize=None)
+def _kernel(spec: str) -> Callable[..., torch.Tensor]:
+    """The compiled forward for `spec` (backend "auto"), built once per distinct text."""
+    from codegen.api import compile as compile_cascade
+
+    return compile_cascade(cascade_of(spec), backend="auto")
+
+
+def _arguments(c: Cascade, tensors: Sequence[torch.Tensor], scalars: Sequence[float]) -> dict:
+    """Keyword arguments for a kernel or the interpreter from the op's positional lists."""
+    runtime = [p for p in c.params if p.type is not None]
+    if len(tensors) != len(c.inputs) or len(scalars) != len(runtime):
+        raise BindError(f"the cascade takes tensors ({', '.join(c.input_names)}) and scalars "
+                        f"({', '.join(p.name for p in runtime)}); got {len(tensors)} tensor(s) and "
+                        f"{len(scalars)} scalar(s)")
+    args = dict(zip(c.input_names, tensors))
+    args.update({p.name: int(s) if p.type == "int" else float(s) for p, s in zip(runtime, scalars)})
+    return args
+
+
+def _output_shape(c: Cascade, tensors: Sequence[torch.Tensor]) -> list:
+    """The output's shape from the inputs' (possibly symbolic) sizes, without running."""
+    extent = {}
+    for decl, t in zip(c.inputs, tensors):
+        for idx, size in zip(decl.indices, t.shape):
+            extent[idx.upper()] = size
+    ranks = c.tensors[c.outputs[0].name].ranks
+    missing = [r for r in ranks if r not in extent]
+    if missing:
+        raise BindError(f"output {c.outputs[0].name} has rank(s) {', '.join(missing)} that no input binds")
+    return [extent[r] for r in ranks]
+
+
+def _result_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """The interpreter's rule: the output takes the dtype of the first floating input."""
+    return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+
+
+@torch.library.custom_op("einsum_ir::cascade", mutates_args=())
+def cascade_op(spec: str, tensors: list[torch.Tensor], scalars: list[float]) -> torch.Tensor:
+    c = cascade_of(spec)
+    if len(c.outputs) != 1:
+        raise BindError(f"the custom op runs single-output cascades; this one has {c.output_names}")
+    return _kernel(spec)(**_arguments(c, tensors, scalars))
+
+
+@cascade_op.register_fake
+def _(spec: str, tensors: list[torch.Tensor], scalars: list[float]) -> torch.Tensor:
+    c = cascade_of(spec)
+    return tensors[0].new_empty(_output_shape(c, tensors), dtype=_result_dtype(tensors))
+
+
+@torch.library.custom_op("einsum_ir::cascade_backward", mutates_args=())
+def cascade_backward_op(spec: str, tensors: list[torch.Tensor], scalars: list[float],
+                        grad: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients for every input (zeros for integer and boolean ones) by recomputation."""
+    c = cascade_of(spec)
+    with _autograd_recording():
+        leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in tensors]
+        out = interpret(c, **_arguments(c, leaves, scalars))
+        wanted = [leaf for leaf in leaves if leaf.requires_grad]
+        found = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+    grads = []
+    for leaf in leaves:
+        g = next(found) if leaf.requires_grad else None
+        # A custom op's outputs may not alias its inputs (a gradient can be `grad` itself).
+        grads.append(torch.zeros_like(leaf) if g is None else g.clone())
+    return grads
+
+
+def _autograd_recording() -> ExitStack:
+    """Let autograd record inside a custom op's implementation.
+
+    torch.library runs an implementation below the Autograd dispatch keys (they are in the
+    thread-local exclude set), so a recomputation there builds no graph. This lifts the
+    exclusion of the Autograd keys only (autocast stays excluded) and turns grad mode on.
+    """
+    keys = torch._C.DispatchKey
+    autograd = (torch._C.DispatchKeySet(keys.AutogradFunctionality) |
+                torch._C.DispatchKeySet(keys.AutogradOther) |
+                torch._C.DispatchKeySet(keys.AutogradNestedTensor))
+    stack = ExitStack()
+    stack.enter_context(torch._C._ForceDispatchKeyGuard(
+        torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set() - autograd))
+    stack.enter_context(torch.enable_grad())
+    return stack
+
+
+@cascade_backward_op.register_fake
+def _(spec: str, tensors: list[torch.Tensor], scalars: list[float],
+      grad: torch.Tensor) -> list[torch.Tensor]:
+    return [torch.empty_like(t) for t in tensors]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    spec, tensors, scalars = inputs
+    ctx.spec, ctx.scalars = spec, scalars
+    ctx.save_for_backward(*tensors)
+
+
+def _backward(ctx, grad: torch.Tensor):
+    tensors = ctx.saved_tensors
+    grads = cascade_backward_op(ctx.spec, list(tensors), ctx.scalars, grad.contiguous())
+    # torch.library matches this against the inputs' pytree, in which a list of floats is
+    # one leaf but an empty list (vacuously a list of tensors) is a node.
+    no_grad_scalars = None if ctx.scalars else []
+    return None, [g if t.is_floating_point() else None for g, t in zip(grads, tensors)], no_grad_scalars
+
+
+cascade_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def run(cascade: Cascade | str, **args) -> torch.Tensor:
+    """Run a single-output cascade through the custom op, with arguments by name.
+
+    `ei.interpret`'s calling convention (tensors and runtime params by name), but traceable by
+    torch.compile and differentiable by the op's backward.
+    """
+    spec = cascade if isinstance(cascade, str) else str(cascade)
+    c = cascade_of(spec)
+    missing = [n for n in c.input_names if n not in args]
+    if missing:
+        raise BindError(f"missing input tensor(s) {', '.join(missing)}")
+    tensors = [args.pop(n) for n in c.input_names]
+    scalars = [float(args.pop(p.name)) for p in c.params if p.type is not None and p.name in args]
+    if args:
+        raise BindError(f"unexpected argument(s) {', '.join(args)}; tiles and derived params "
+                        "cannot be passed through the custom op")
+    return cascade_op(spec, tensors, scalars)
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+              attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+              scale: float | None = None, window: int | None = None,
+              softcap: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """Softmax attention through the custom op, with SDPA's layout and meaning.
+
+    query (B, H, P, E), key (B, Hkv, M, E), value (B, Hkv, M, F) -> (B, H, P, F).
+    `is_causal` is top-left aligned (m <= p), as in SDPA. `window` keeps p - m < window
+    (a sliding window, as in Mistral and Hugging Face). `softcap` applies
+    cap * tanh(s / cap) to the scaled scores before the mask. A boolean `attn_mask` marks
+    the points that take part; a float one is added to the scores. GQA with
+    `enable_gqa=True` when H is a multiple of Hkv.
+    """
+    b, h, p, e = query.shape
+    h_kv = key.shape[1]
+    gqa = h != h_kv
+    if gqa and not (enable_gqa and h % h_kv == 0):
+        raise ValueError(f"{h} query heads and {h_kv} key/value heads need enable_gqa=True and "
+                         "a whole number of query heads per key/value head")
+    pattern = dict(causal=is_causal, window=window is not None, softcap=softcap is not None,
+                   gqa=gqa, default_scale=is_default_scale(scale, e))
+    q = query.reshape(b, h_kv, h // h_kv, p, e) if gqa else query
+    tensors = [q, key, value]
+    if attn_mask is not None:
+        mask, ranks = _mask_operand(attn_mask, h_kv if gqa else None)
+        pattern.update(mask="bool" if mask.dtype == torch.bool else "float", mask_ranks=ranks)
+        tensors.append(mask)
+    pat = AttentionPattern(**pattern)
+    scalars = {"scale": scale, "W": window, "cap": softcap}
+    out = cascade_op(pat.spec(), tensors, [float(scalars[n]) for n in pat.runtime_params])
+    return out.reshape(b, h, p, value.shape[-1]) if gqa else out
+
+
+def _mask_operand(mask: torch.Tensor, groups: int | None) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """The mask with its broadcast dims squeezed away, and the ranks it keeps.
+
+    Broadcasting to (B, H, P, M) follows SDPA. Under GQA (`groups` key/value heads) a head
+    dim is split into (G, R) so the cascade can read it as Msk[b, g, r, p, m].
+    """
+    if mask.dim() > 4:
+        raise ValueError(f"attn_mask has {mask.dim()} dims; at most 4 (B, H, P, M) broadcast")
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    keep = [k for k in range(4) if mask.shape[k] != 1]
+    ranks = tuple("BHPM"[k] for k in keep)
+    shape = []
+    for k in keep:
+        if k == 1 and groups is not None:
+            shape += [groups, mask.shape[1] // groups]
+        else:
+            shape.append(mask.shape[k])
+    return mask.reshape(shape), ranks
+
+
+def reference_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                        attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                        scale: float | None = None, window: int | None = None,
+                        softcap: float | None = None) -> torch.Tensor:
+    """The same attention in plain PyTorch ops (tests and examples compare against it)."""
+    reps = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(reps, dim=1), value.repeat_interleave(reps, dim=1)
+    s = query @ key.transpose(-1, -2) * (scale if scale is not None else 1 / math.sqrt(query.shape[-1]))
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    p, m = torch.arange(s.shape[-2]), torch.arange(s.shape[-1])
+    keep = torch.ones(s.shape[-2:], dtype=torch.bool)
+    if is_causal:
+        keep &= m[None, :] <= p[:, None]
+    if window is not None:
+        keep &= p[:, None] - m[None, :] < window
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        keep = keep & attn_mask
+    elif attn_mask is not None:
+        s = s + attn_mask
+    s = s.masked_fill(~keep, -math.inf)
+    return torch.softmax(s, dim=-1).nan_to_num() @ value

@@ -1,0 +1,8 @@
+"""Frontends: attention found in other people's code, turned into cascades.
+
+- `attention`: captured softmax attention as an `AttentionPattern` (scale, causal/window
+  predicates, softcap, mask, GQA) and the cascade written from it;
+- `fx`: finds attention in a torch.fx graph (for the torch.compile backend in codegen);
+- `torch_mlir`: raises torch-mlir's linalg-on-tensors into a cascade and emits cascades as
+  linalg.generic text (torch-mlir is an optional extra, imported lazily).
+"""

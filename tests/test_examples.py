@@ -1,0 +1,35 @@
+"""The examples a newcomer runs first must keep running (CPU, well under a minute each) and
+must keep agreeing with the plain-PyTorch results they print beside their own."""
+from __future__ import annotations
+
+import re
+import runpy
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+EXPECTED = {
+    "quickstart": "passes over M: 2",
+    "custom_variant": "passes over M: softplus 1, softmax 3",
+    "sparse_video": "3-D run",
+}
+
+
+def _run(name: str, capsys) -> str:
+    runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    errors = [float(x) for x in re.findall(r"max \|[^|]*\| = ([-+0-9.e]+)", out)]
+    assert errors and max(errors) < 1e-4, out
+    return out
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_example_runs(name, capsys):
+    assert EXPECTED[name] in _run(name, capsys)
+
+
+@pytest.mark.slow
+def test_hf_example_runs(capsys):
+    pytest.importorskip("transformers", reason="transformers is not installed (extra 'hf')")
+    assert "2 attention sites replaced" in _run("hf_llama", capsys)
