@@ -1,0 +1,259 @@
+"""Ahead-of-time compilation for a GPU target with no GPU present (DESIGN section 7).
+
+`triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32))`
+gives PTX and a cubin; `cuobjdump --dump-resource-usage` (shipped in the Triton wheel) reads
+registers, spills (LOCAL) and shared memory from the cubin. The specialization mirrors what the
+JIT does at run time: 16-byte aligned pointers and strides, unit last strides.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+from codegen.kernel import choose_tiles
+
+DTYPE_SIG = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+INT_SIG = {"bool": "i8", "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64"}
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_module(source: str):
+    """The generated module imported with real `@triton.jit` functions (interpret mode off)."""
+    key = hashlib.sha1(source.encode()).hexdigest()[:16]
+    folder = os.path.join(tempfile.gettempdir(), "einsum_ir_triton")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"aot_{key}.py")
+    if not os.path.exists(path):
+        with open(path + f".{os.getpid()}", "w") as fh:
+            fh.write(source)
+        os.replace(path + f".{os.getpid()}", path)
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        spec = importlib.util.spec_from_file_location(f"einsum_ir_aot_{key}", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    return mod
+
+
+def specialization(kern, stage_index: int, shapes: dict, dtype: str = "bf16") -> dict:
+    """What the JIT would specialize one stage's kernel on, as plain data: the kernel name, its
+    signature, constexpr values, divisibility attributes (by argument position) and options.
+    Plain data, so another Triton version can compile the same source (see NOTES)."""
+    em = kern.emitters[stage_index]
+    stage = kern.plan.stages[stage_index]
+    c = kern.plan.cascade
+    ext = kern._extents_from_shapes(shapes)
+    tiles = choose_tiles(stage, ext, "gpu")
+    sig, constexprs, attrs = {}, {}, {}
+    for pos, (n, k) in enumerate(em.arg_names()):
+        if k == "ptr":
+            t = n[:-4]
+            decl = c.tensors[t].dtype if t in c.input_names else None
+            if t in c.input_names:
+                ty = INT_SIG.get(decl) or DTYPE_SIG[dtype if decl in (None, "fp32", "fp16", "bf16") else decl]
+            elif t in c.output_names and t not in stage.grid_reduce:
+                ty = DTYPE_SIG[dtype]
+            else:
+                ty = "fp32"
+            sig[n] = "*" + ty
+            attrs[(pos,)] = [["tt.divisibility", 16]]
+        elif k == "stride":
+            t, dim = n[len("stride_"):].rsplit("_", 1)
+            if int(dim) == len(c.tensors[t].ranks) - 1:
+                sig[n] = "constexpr"
+                constexprs[n] = 1
+            else:
+                sig[n] = "i32"
+                attrs[(pos,)] = [["tt.divisibility", 16]]
+        elif k == "blist_ptr":
+            sig[n] = "*i32"
+            attrs[(pos,)] = [["tt.divisibility", 16]]
+        elif k in ("dim", "param_int", "blist_dim"):
+            sig[n] = "i32"
+        elif k == "param":
+            sig[n] = "fp32"
+        else:
+            sig[n] = "constexpr"
+            constexprs[n] = ext[n] if n in ext else tiles[n]
+    return {"name": em.name, "signature": sig, "constexprs": constexprs,
+            "divisible": [pos for (pos,) in attrs],
+            "options": {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}}
+
+
+def compile_stage(kern, stage_index: int, shapes: dict, dtype: str = "bf16", target: str = "sm_90",
+                  kernel_name: str | None = None):
+    """Compile one stage's kernel for `target`; returns the triton CompiledKernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    spec = specialization(kern, stage_index, shapes, dtype)
+    if kernel_name:
+        spec["name"] = kernel_name
+    fn = getattr(_compiled_module(kern._source), spec["name"])
+    attrs = {(pos,): [["tt.divisibility", 16]] for pos in spec["divisible"]}
+    cap = int(target.replace("sm_", ""))
+    src = ASTSource(fn, spec["signature"], spec["constexprs"], attrs)
+    return triton.compile(src, target=GPUTarget("cuda", cap, 32), options=spec["options"])
+
+
+def _usage(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
+        fh.write(cubin)
+        path = fh.name
+    try:
+        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True,
+                             text=True, check=True).stdout
+    finally:
+        os.unlink(path)
+    regs = int(re.search(r"REG:(\d+)", out).group(1))
+    local = int(re.search(r"LOCAL:(\d+)", out).group(1))
+    shared = int(re.search(r"SHARED:(\d+)", out).group(1))
+    return {"registers": regs, "spills": local, "shared_bytes": shared}
+
+
+def _cache_path() -> str:
+    folder = os.environ.get("EINSUM_IR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "einsum_ir")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, "aot_usage.json")
+
+
+def _key(kern, shapes: dict, dtype: str, target: str) -> str:
+    import json
+
+    import triton
+
+    return hashlib.sha1(json.dumps([kern._source, sorted(shapes.items()), dtype, target,
+                                    triton.__version__]).encode()).hexdigest()
+
+
+def _load_cache() -> dict:
+    import json
+
+    try:
+        with open(_cache_path()) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_cache(new: dict) -> None:
+    import json
+
+    cache = _load_cache()
+    cache.update(new)
+    path = _cache_path()
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(cache, fh)
+    os.replace(tmp, path)
+
+
+def resource_usage(kern, shapes: dict, dtype: str = "bf16", target: str = "sm_90") -> dict:
+    """{"registers", "spills", "shared_bytes"} (worst over stages) plus "wgmma" and per-stage data.
+
+    Results are cached on disk by (source, shapes, dtype, target, triton version)."""
+    return resource_usage_batch([(kern, shapes, dtype, target)])[0]
+
+
+def resource_usage_batch(items: list) -> list[dict]:
+    """Resource usage of many (kernel, shapes, dtype, target) at once: cached ones from disk,
+    the rest compiled here, or in one clean subprocess when this process runs Triton's
+    interpreter (TRITON_INTERPRET=1 at import makes in-process compiles impossible)."""
+    cache = _load_cache()
+    keys = [_key(*it) for it in items]
+    todo = [(k, it) for k, it in zip(keys, items) if k not in cache]
+    if todo:
+        if _interpreting():
+            results = _in_subprocess([it for _, it in todo])
+        else:
+            results = [_resource_usage(*it) for _, it in todo]
+        new = {k: r for (k, _), r in zip(todo, results)}
+        _save_cache(new)
+        cache.update(new)
+    return [cache[k] for k in keys]
+
+
+def _interpreting() -> bool:
+    """True when this process imported Triton under TRITON_INTERPRET=1: its library functions
+    (tl.max, tl.cdiv, ...) are then interpreter objects and cannot be compiled here."""
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    return not isinstance(tl.standard.cdiv, JITFunction)
+
+
+_CHILD = """
+import json, sys
+import einsum_ir as ei
+from codegen.kernel import TritonKernel
+from codegen.aot import _resource_usage
+out = []
+kernels = {}
+for req in json.loads(sys.stdin.read()):
+    if req["cascade"] not in kernels:
+        kernels[req["cascade"]] = TritonKernel(ei.parse(req["cascade"]))
+    try:
+        out.append(_resource_usage(kernels[req["cascade"]], req["shapes"], req["dtype"], req["target"]))
+    except Exception as err:
+        out.append({"error": f"{type(err).__name__}: {str(err)[-300:]}"})
+print(json.dumps(out))
+"""
+
+
+def _in_subprocess(items: list) -> list[dict]:
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    req = json.dumps([{"cascade": str(k.cascade), "shapes": sh, "dtype": dt, "target": tg}
+                      for k, sh, dt, tg in items])
+    out = subprocess.run([sys.executable, "-c", _CHILD], input=req, capture_output=True, text=True,
+                         env=env, cwd=root)
+    if out.returncode != 0:
+        raise RuntimeError(f"AOT compile failed: {out.stderr.strip().splitlines()[-1:]}")
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    for r in results:
+        if "error" in r:
+            raise RuntimeError(f"AOT compile failed: {r['error']}")
+    return results
+
+
+def _resource_usage(kern, shapes: dict, dtype: str, target: str) -> dict:
+    stages = []
+    for i, em in enumerate(kern.emitters):
+        ck = compile_stage(kern, i, shapes, dtype, target)
+        u = _usage(ck.asm["cubin"])
+        u["shared_bytes"] = max(u["shared_bytes"], int(getattr(ck.metadata, "shared", 0) or 0))
+        u["wgmma"] = "wgmma" in ck.asm["ptx"]
+        u["mma"] = "mma" in ck.asm["ptx"]
+        if getattr(em, "list_emitter", None) is not None:  # the block-list kernel must build too
+            lk = compile_stage(kern, i, shapes, dtype, target, em.list_emitter.name)
+            lu = _usage(lk.asm["cubin"])
+            u["block_list"] = lu
+            u["registers"] = max(u["registers"], lu["registers"])
+            u["spills"] = max(u["spills"], lu["spills"])
+        stages.append(u)
+    return {"registers": max(s["registers"] for s in stages), "spills": max(s["spills"] for s in stages),
+            "shared_bytes": max(s["shared_bytes"] for s in stages),
+            "wgmma": all(s["wgmma"] for s in stages), "stages": stages}

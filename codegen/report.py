@@ -1,0 +1,43 @@
+"""Columns the catalog report shows for each variant: fused or not (and why), and the sm_90
+registers / spills of the generated kernel at head dims 64 and 128 (AOT, cached on disk)."""
+from __future__ import annotations
+
+from einsum_ir.errors import LoweringError
+from einsum_ir.ir import Cascade
+
+DEFAULT_SHAPES = {"B": 1, "H": 8, "G": 2, "R": 4, "N": 64, "P": 4096, "M": 4096,
+                  "PX": 64, "PY": 64, "MX": 64, "MY": 64, "PB": 64, "MB": 64}
+
+
+def default_shapes(cascade: Cascade, head_dim: int) -> dict:
+    shapes = {}
+    for d in cascade.dims:
+        if d in ("E", "F"):
+            shapes[d] = head_dim
+        else:
+            shapes[d] = DEFAULT_SHAPES.get(d, 16)
+    return shapes
+
+
+def report_columns(name: str, cascade: Cascade, aot: bool = True) -> dict[str, str]:
+    """{"fused": "yes" | "no: <reason>", "sm90_d64": "regs/spills", "sm90_d128": ...}."""
+    try:
+        from codegen.kernel import TritonKernel
+
+        kern = TritonKernel(cascade)
+    except LoweringError as err:
+        return {"fused": f"no: {err}", "sm90_d64": "-", "sm90_d128": "-"}
+    cols = {"fused": "yes"}
+    for d in (64, 128):
+        key = f"sm90_d{d}"
+        if not aot:
+            cols[key] = "n/a"
+            continue
+        try:
+            u = kern.resource_usage(default_shapes(cascade, d), dtype="bf16", target="sm_90")
+            cols[key] = f"{u['registers']}/{u['spills']}"
+        except ImportError:
+            cols[key] = "n/a"
+        except Exception as err:  # a compile failure is worth showing, not hiding
+            cols[key] = f"error: {type(err).__name__}"
+    return cols

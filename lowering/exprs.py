@@ -1,0 +1,133 @@
+"""Small expression utilities shared by the rewrites and the plans: substitution, products,
+sum-of-products expansion, and a bridge to sympy for algebraic checks."""
+from __future__ import annotations
+
+import math
+
+import sympy
+
+from einsum_ir.ir import Access, Binary, Call, Expr, Index, Name, Num, Unary, walk
+
+
+def substitute(expr: Expr, mapping: dict[str, Expr]) -> Expr:
+    """Replace index variables by expressions (used to inline a map at an access site)."""
+    if isinstance(expr, Index):
+        return mapping.get(expr.name, expr)
+    if isinstance(expr, Access):
+        return Access(expr.tensor, tuple(substitute(i, mapping) for i in expr.indices))
+    if isinstance(expr, Unary):
+        return Unary(expr.op, substitute(expr.operand, mapping))
+    if isinstance(expr, Binary):
+        return Binary(expr.op, substitute(expr.lhs, mapping), substitute(expr.rhs, mapping))
+    if isinstance(expr, Call):
+        return Call(expr.fn, tuple(substitute(a, mapping) for a in expr.args))
+    return expr
+
+
+def replace_accesses(expr: Expr, fn) -> Expr:
+    """Rebuild `expr`, replacing each Access `a` by `fn(a)` (return `a` to keep it)."""
+    if isinstance(expr, Access):
+        new = fn(expr)
+        return new
+    if isinstance(expr, Unary):
+        return Unary(expr.op, replace_accesses(expr.operand, fn))
+    if isinstance(expr, Binary):
+        return Binary(expr.op, replace_accesses(expr.lhs, fn), replace_accesses(expr.rhs, fn))
+    if isinstance(expr, Call):
+        return Call(expr.fn, tuple(replace_accesses(a, fn) for a in expr.args))
+    return expr
+
+
+def expand(expr: Expr) -> list[tuple[float, list[tuple[bool, Expr]]]]:
+    """`expr` as signed terms of factors `(reciprocal?, expr)`: the top level of + - * /.
+
+    Unlike the interpreter's helper this also distributes products over sums, so
+    `(a + b) * c` gives two terms."""
+    if isinstance(expr, Binary) and expr.op in ("+", "-"):
+        rhs = expand(expr.rhs)
+        if expr.op == "-":
+            rhs = [(-s, f) for s, f in rhs]
+        return expand(expr.lhs) + rhs
+    if isinstance(expr, Unary) and expr.op == "-":
+        return [(-s, f) for s, f in expand(expr.operand)]
+    if isinstance(expr, Binary) and expr.op == "*":
+        lhs, rhs = expand(expr.lhs), expand(expr.rhs)
+        return [(sa * sb, fa + fb) for sa, fa in lhs for sb, fb in rhs]
+    if isinstance(expr, Binary) and expr.op == "/":
+        lhs = expand(expr.lhs)
+        return [(s, f + [(True, expr.rhs)]) for s, f in lhs]
+    return [(1.0, [(False, expr)])]
+
+
+def product(factors: list[tuple[bool, Expr]], sign: float = 1.0) -> Expr:
+    """Rebuild a term from `(reciprocal?, expr)` factors."""
+    num = [f for r, f in factors if not r]
+    den = [f for r, f in factors if r]
+    out: Expr | None = None
+    for f in num:
+        out = f if out is None else Binary("*", out, f)
+    if out is None:
+        out = Num(1)
+    for f in den:
+        out = Binary("/", out, f)
+    if sign == -1:
+        out = Unary("-", out)
+    elif sign != 1:
+        out = Binary("*", Num(sign), out)
+    return out
+
+
+def summation(terms: list[Expr]) -> Expr:
+    out = terms[0]
+    for t in terms[1:]:
+        if isinstance(t, Unary) and t.op == "-":
+            out = Binary("-", out, t.operand)
+        else:
+            out = Binary("+", out, t)
+    return out
+
+
+def tensors_read(expr: Expr | None) -> list[str]:
+    if expr is None:
+        return []
+    return list(dict.fromkeys(n.tensor for n in walk(expr) if isinstance(n, Access)))
+
+
+_SYMPY_FUNCS = {"exp": sympy.exp, "log": sympy.log, "sqrt": sympy.sqrt}
+
+
+def to_sympy(expr: Expr, leaf) -> sympy.Expr:
+    """A sympy view of a value expression. `leaf(access)` gives the symbol or expression for a
+    tensor access; index variables and names become symbols."""
+    if isinstance(expr, Num):
+        v = expr.value
+        if isinstance(v, float) and math.isinf(v):
+            return sympy.oo if v > 0 else -sympy.oo
+        return sympy.Integer(v) if isinstance(v, int) else sympy.Float(v)
+    if isinstance(expr, Name):
+        return sympy.Symbol(expr.name)
+    if isinstance(expr, Index):
+        return sympy.Symbol("_i_" + expr.name)
+    if isinstance(expr, Access):
+        return leaf(expr)
+    if isinstance(expr, Unary):
+        v = to_sympy(expr.operand, leaf)
+        return -v if expr.op == "-" else sympy.Function("NOT")(v)
+    if isinstance(expr, Binary):
+        a, b = to_sympy(expr.lhs, leaf), to_sympy(expr.rhs, leaf)
+        if expr.op == "+":
+            return a + b
+        if expr.op == "-":
+            return a - b
+        if expr.op == "*":
+            return a * b
+        if expr.op == "/":
+            return a / b
+        return sympy.Function("OP_" + {"//": "fdiv", "%": "mod", "<": "lt", "<=": "le", ">": "gt",
+                                       ">=": "ge", "==": "eq", "!=": "ne", "and": "and",
+                                       "or": "or"}[expr.op])(a, b)
+    assert isinstance(expr, Call)
+    args = [to_sympy(a, leaf) for a in expr.args]
+    if expr.fn in _SYMPY_FUNCS:
+        return _SYMPY_FUNCS[expr.fn](*args)
+    return sympy.Function("F_" + expr.fn)(*args)

@@ -1,0 +1,42 @@
+"""Small random inputs for catalog variants (shared by the Triton tests and scripts)."""
+from __future__ import annotations
+
+
+import torch
+
+
+# runtime params per variant; extents P, M are set by the caller
+PARAMS = {
+    "softmax_window": {"W": 7},
+    "sinks_window": {"NS": 3, "W": 9},
+    "nbhd_1d": {"W": 9, "ST": 2},
+    "nbhd_2d": {"WX": 3, "WY": 5, "SX": 1, "SY": 2},
+    "softcap": {"cap": 5.0},
+    "moba": {"BS": 8},
+}
+
+
+def make_inputs(name: str, c, P: int = 33, M: int = 40, E: int = 24, F: int = 20, B: int = 1, H: int = 2,
+                dtype=torch.float32, device="cpu", seed: int = 0, extra: dict | None = None) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    params = dict(PARAMS.get(name, {}))
+    ext = {"B": B, "H": H, "P": P, "M": M, "E": E, "F": F, "N": 12, "R": 3, "G": 2,
+           "PX": 5, "PY": 7, "MX": 5, "MY": 7}
+    if "BS" in params:
+        ext["PB"] = -(-P // params["BS"])
+        ext["MB"] = -(-M // params["BS"])
+    if extra:
+        ext.update({k: v for k, v in extra.items() if k.isupper() and len(k) <= 2 and k in c.dims})
+        params.update({k: v for k, v in extra.items() if k not in c.dims})
+    args = {}
+    for d in c.inputs:
+        shape = [ext[i.upper()] for i in d.indices]
+        if d.dtype == "bool":
+            t = torch.rand(shape, generator=g) < 0.6
+        elif d.name in ("Slope", "Lam"):
+            t = torch.rand(shape, generator=g) * 0.5 + 0.25
+        else:
+            t = torch.randn(shape, generator=g).to(dtype)
+        args[d.name] = t.to(device)
+    args.update(params)
+    return args
