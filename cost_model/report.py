@@ -5,9 +5,12 @@ from einsum_ir.ir import Cascade
 
 from cost_model import api
 
-# The report's default shape: one batch, 16 heads, 8K queries and keys, head dims 128.
-DEFAULT_DIMS = {"B": 1, "H": 16, "P": 8192, "M": 8192, "E": 128, "F": 128}
-OTHER_DIM = 128  # any other dim (token grids, groups, features, blocks)
+# The report's default shape: one batch, 16 heads, 8K queries and keys, head dims 128. GQA
+# splits the 16 query heads into 4 groups of 4 (R doubles as a low-rank bias's rank), 2-D
+# layouts are 90x90 (8100 tokens), agent attention has 64 agents.
+DEFAULT_DIMS = {"B": 1, "H": 16, "P": 8192, "M": 8192, "E": 128, "F": 128, "G": 4, "R": 4,
+                "N": 64, "PX": 90, "PY": 90, "MX": 90, "MY": 90}
+OTHER_DIM = 128  # any other dim (e.g. selection blocks PB, MB)
 INT_PARAM = 64  # runtime int params: windows, strides, block sizes, sink counts
 FLOAT_PARAM = 1.0
 

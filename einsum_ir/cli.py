@@ -90,12 +90,28 @@ def report_rows(names: list[str], fast: bool = False,
     return rows
 
 
+MAX_CELL = 40  # longer cells (reasons, errors) move to numbered notes under the table
+
+
 def format_table(rows: list[dict[str, str]]) -> str:
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    widths = {c: max(len(c), *(len(row.get(c, "")) for row in rows)) for c in columns}
+    notes: dict[str, int] = {}
+    cells = []
+    for row in rows:
+        shown = {}
+        for c in columns:
+            text = row.get(c, "")
+            if len(text) > MAX_CELL:
+                number = notes.setdefault(text, len(notes) + 1)
+                head = text.split(":")[0] if ":" in text[:MAX_CELL] else text[:MAX_CELL - 8] + "..."
+                text = f"{head} [{number}]"
+            shown[c] = text
+        cells.append(shown)
+    widths = {c: max(len(c), *(len(row[c]) for row in cells)) for c in columns}
     lines = ["  ".join(c.ljust(widths[c]) for c in columns),
              "  ".join("-" * widths[c] for c in columns)]
-    lines += ["  ".join(row.get(c, "").ljust(widths[c]) for c in columns) for row in rows]
+    lines += ["  ".join(row[c].ljust(widths[c]) for c in columns) for row in cells]
+    lines += [""] * bool(notes) + [f"[{n}] {text}" for text, n in notes.items()]
     return "\n".join(line.rstrip() for line in lines)
 
 
