@@ -74,4 +74,3 @@ FUNCTIONS: dict[str, Function] = {f.name: f for f in [
 
 # Functions allowed inside index expressions (integer arithmetic only).
 INDEX_FUNCTIONS = ("min", "max")
-PREDICATE_FUNCTIONS = ("nbhd",)

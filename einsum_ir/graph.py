@@ -76,9 +76,3 @@ def _first_index(c: Cascade, name: str) -> int:
         if e.name == name:
             return i
     return -1
-
-
-def depends_on(c: Cascade, tensor: str, sources: set[str]) -> bool:
-    """Whether `tensor` reads any of `sources`, directly or transitively."""
-    g = dependency_graph(c)
-    return bool(nx.ancestors(g, tensor) & sources) or tensor in sources

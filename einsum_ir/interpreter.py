@@ -22,6 +22,7 @@ from einsum_ir.graph import dependency_graph, recurrence_position, topological_e
 from einsum_ir.ir import (
     Access, Binary, Call, Cascade, Einsum, Expr, Index, Init, Name, Num, Unary, rank_of,
 )
+from einsum_ir.params import evaluate_params
 
 DEFAULT_TILE = 64  # extent of a split's inner rank (M0) when the caller does not bind it
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -143,27 +144,12 @@ class _Run:
             raise BindError(f"rank(s) {', '.join(unbound)} not bound by any input; pass them "
                             f"as keywords, e.g. {unbound[0]}=128")
         self.scalars: dict[str, float | int] = dict(self.extent)
-        for p in c.params:
-            if p.type is not None:
-                if p.name not in args:
-                    raise BindError(f"missing param {p.name} ({p.type})")
-                value = args.pop(p.name)
-                value = value.item() if isinstance(value, torch.Tensor) else value
-                self.scalars[p.name] = int(value) if p.type == "int" else float(value)
-            else:
-                if p.name in args:
-                    raise BindError(f"param {p.name} is derived in the spec and cannot be passed")
-                self.scalars[p.name] = self._scalar(p.expr)
+        runtime = {p.name: args.pop(p.name) for p in c.params if p.name in args}
+        self.scalars.update(evaluate_params(c, self.extent, runtime))
         if args:
             accepted = given + [p.name for p in c.params if p.type] + [s.inner for s in c.splits]
             raise BindError(f"unexpected argument(s) {', '.join(args)}; the cascade takes "
                             f"{', '.join(accepted)}")
-
-    def _scalar(self, expr: Expr) -> float | int:
-        value = self.eval(expr)
-        if value.labels:
-            raise BindError("a param must be a scalar")
-        return value.data.item()
 
     # -- expressions --------------------------------------------------------------------
 

@@ -92,7 +92,6 @@ Expr = Num | Name | Index | Access | Unary | Binary | Call
 
 ARITHMETIC_OPS = ("+", "-", "*", "/", "//", "%")
 COMPARISON_OPS = ("<", "<=", ">", ">=", "==", "!=")
-LOGICAL_OPS = ("and", "or")
 
 
 def children(expr: Expr) -> tuple[Expr, ...]:

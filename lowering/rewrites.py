@@ -155,9 +155,6 @@ def online(c: Cascade, rank: str = "M", tile: str = "M0") -> Cascade:
     # which Einsums run per tile (read m1) vs after the loop
     per_tile = {e.name for e in c.einsums if m1 in e.lhs_vars}
 
-    def lhs_with(e: Einsum, step: Expr) -> tuple:
-        return tuple(e.target.indices) + (step,)
-
     step_now, step_next = Index(m1), Binary("+", Index(m1), Num(1))
     final = Name(outer)
 
