@@ -1,0 +1,321 @@
+"""CPU benchmark: einsum-ir's tiled CPU path next to FlexAttention, SDPA and eager PyTorch.
+
+    python bench/cpu.py                # the full table (a few minutes on 2 cores)
+    python bench/cpu.py --quick        # N=2048 only
+    python bench/cpu.py --n 2048 --cases causal
+
+Cases: causal, sliding window (W=512) and softplus-L1 attention at N in {2048, 8192}, B=1,
+H=8, D=64, fp32. Each (case, N) runs in its own fresh subprocess, which builds every
+implementation and then:
+
+* peak memory: for each implementation in turn (ours first), one warm-up call (it compiles
+  FlexAttention and initializes thread pools and libraries), then one measured call: the
+  process's peak resident set during it (VmHWM, reset through /proc/self/clear_refs after a
+  malloc_trim) minus the resident set just before it, plus the bytes of anything built for it
+  beforehand (SDPA's and eager's N x N boolean masks, FlexAttention's block mask). The Q, K, V
+  inputs are not counted. This is RSS, so it sees torch's CPU allocations (which tracemalloc
+  does not).
+* time: the measured call above, then R rounds (R=3 at N<=2048, 2 above); each round calls
+  every implementation once, in turn, so that load from other processes on a shared machine
+  hits all of them alike; the table shows each one's best time.
+* error: max |output - einsum-ir's output|.
+
+Workers run with OMP_WAIT_POLICY=PASSIVE (unless set): FlexAttention's Inductor-compiled code
+brings a second OpenMP runtime into the process, and busy-waiting threads of one runtime slow
+down whatever runs next on the other (seen as 5-7x swings on 2 cores).
+
+The implementations:
+  ours   `codegen.cpu_emit.compile_cpu(variant)`: generated tiled PyTorch (O(N) memory).
+  flex   `torch.compile(flex_attention)` with a block mask from
+         `create_block_mask(..., device="cpu")`; softplus-L1 as softmax of
+         `log(softplus(s * lscale))` (= L1-normalized softplus), scale=1.
+  sdpa   `F.scaled_dot_product_attention`: `is_causal=True` for causal, a boolean N x N mask
+         for the window; softplus-L1 is not a softmax, so SDPA cannot express it.
+  eager  what a PyTorch user writes: scores = Q K^T * scale, masked_fill(-inf), softmax, @ V
+         (softplus-L1: softplus(Q K^T * lscale), normalize(p=1), @ V). Materializes N x N.
+Timings on a shared machine are noisy; the ratios measured side by side in one run are the
+result, never an absolute number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+B, H, D = 1, 8, 64
+WINDOW = 512
+CASES = {"causal": "softmax_causal", "window": "softmax_window", "softplus_l1": "softplus_l1"}
+IMPLS = ["ours", "flex", "sdpa", "eager"]
+
+
+# ----------------------------------------------------------------------------- the worker
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _hwm_kb() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _tensor_bytes(obj) -> int:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    total = 0
+    for v in getattr(obj, "__dict__", {}).values():
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+        elif isinstance(v, (tuple, list)):
+            total += sum(x.numel() * x.element_size() for x in v if isinstance(x, torch.Tensor))
+    return total
+
+
+def build(impl: str, case: str, n: int, q, k, v):
+    """(callable, bytes built beforehand) for one implementation, or raise with the reason."""
+    import torch
+    import torch.nn.functional as F
+
+    scale = 1.0 / math.sqrt(D)
+    lscale = math.log(D) * math.log(n) / math.sqrt(D)
+    if impl == "ours":
+        import einsum_ir as ei
+        from codegen.cpu_emit import compile_cpu
+
+        kern = compile_cpu(ei.variants.load(CASES[case]))
+        extra = {"W": WINDOW} if case == "window" else {}
+        return (lambda: kern(Q=q, K=k, V=v, **extra)), 0
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    if impl == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        fa = torch.compile(flex_attention)
+        if case == "causal":
+            bm = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, n, n, device="cpu")
+            return (lambda: fa(q, k, v, block_mask=bm)), _tensor_bytes(bm)
+        if case == "window":
+            bm = create_block_mask(lambda b, h, qi, ki: (qi >= ki) & (qi - ki < WINDOW), None, None, n, n,
+                                   device="cpu")
+            return (lambda: fa(q, k, v, block_mask=bm)), _tensor_bytes(bm)
+
+        def score_mod(s, b, h, qi, ki):
+            return torch.log(F.softplus(s * lscale))
+
+        return (lambda: fa(q, k, v, score_mod=score_mod, scale=1.0)), 0
+    if impl == "sdpa":
+        if case == "causal":
+            return (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)), 0
+        if case == "window":
+            mask = (j <= i) & (i - j < WINDOW)
+            return (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), _tensor_bytes(mask)
+        raise NotImplementedError("not a softmax")
+    if impl == "eager":
+        if case == "softplus_l1":
+            def run():
+                a = F.softplus((q @ k.transpose(-1, -2)) * lscale)
+                return F.normalize(a, p=1.0, dim=-1) @ v
+            return run, 0
+        mask = (j <= i) if case == "causal" else (j <= i) & (i - j < WINDOW)
+
+        def run():
+            s = (q @ k.transpose(-1, -2)) * scale
+            s = s.masked_fill(~mask, float("-inf"))
+            return torch.softmax(s, dim=-1) @ v
+        return run, _tensor_bytes(mask)
+    raise ValueError(impl)
+
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def worker(case: str, n: int, impls: list[str], rounds: int) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, n, D, generator=g) for _ in range(3))
+    res: dict = {}
+    fns = {}
+    outs = {}
+    for impl in impls:
+        try:
+            fn, setup_bytes = build(impl, case, n, q, k, v)
+        except NotImplementedError as err:
+            res[impl] = {"status": f"n/a ({err})"}
+            continue
+        try:
+            outs[impl] = fn()  # warm-up: compiles flex, initializes thread pools and libraries
+            _malloc_trim()
+            have_hwm = _reset_hwm()
+            base = _rss_kb()
+            t0 = time.perf_counter()
+            fn()
+            first = time.perf_counter() - t0
+            peak = _hwm_kb() - base if have_hwm else None
+        except Exception as err:  # noqa: BLE001 - report, don't crash the table
+            res[impl] = {"status": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}"}
+            continue
+        fns[impl] = fn
+        res[impl] = {"status": "ok", "times": [first],
+                     "peak_mb": None if peak is None else (peak * 1024 + setup_bytes) / 2**20}
+        print(f"    {impl}: built; measured call {first * 1e3:.0f} ms, peak {res[impl]['peak_mb']:.0f} MiB",
+              file=sys.stderr, flush=True)
+    ref = outs.get("ours")
+    for impl, out in outs.items():
+        if ref is not None:
+            res[impl]["err"] = float((out.float() - ref.float()).abs().max())
+    del outs, ref
+    for r in range(rounds):
+        for impl, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            res[impl]["times"].append(time.perf_counter() - t0)
+        print(f"    round {r + 1}/{rounds}: " + ", ".join(f"{i} {res[i]['times'][-1] * 1e3:.0f} ms" for i in fns),
+              file=sys.stderr, flush=True)
+    for impl in fns:
+        res[impl]["time"] = min(res[impl]["times"])
+    return res
+
+
+# ----------------------------------------------------------------------------- the parent
+
+def run_case(case, n, impls, rounds) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", case, str(n), ",".join(impls), str(rounds)]
+    t0 = time.time()
+    print(f"  {case} N={n}:", file=sys.stderr, flush=True)
+    try:
+        env = dict(os.environ)
+        # torch's OpenMP pool and the one in Inductor's compiled FlexAttention code are two
+        # runtimes in one process; spinning idle threads of one steal the cores of the other
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=1800, env=env,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        return {i: {"status": "timed out (1800 s)"} for i in impls}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
+        return {i: {"status": f"failed: {why}"} for i in impls}
+    res = json.loads(lines[-1][len("RESULT "):])
+    print(f"  {case} N={n} done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    return res
+
+
+def fmt_time(r) -> str:
+    return f"{r['time'] * 1e3:.0f}" if r.get("status") == "ok" else "-"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, nargs="+", default=[2048, 8192])
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
+    ap.add_argument("--quick", action="store_true", help="N=2048 only")
+    ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 3 at N<=2048, else 2)")
+    ap.add_argument("--worker", nargs=4, metavar=("CASE", "N", "IMPLS", "ROUNDS"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        case, n, impls, rounds = args.worker
+        res = worker(case, int(n), impls.split(","), int(rounds))
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+    import torch
+
+    ns = [2048] if args.quick else args.n
+    impls = ["ours"] + [i for i in args.impls if i != "ours"]
+    results = {}
+    load0 = os.getloadavg()[0]
+    t0 = time.time()
+    print(f"einsum-ir CPU benchmark: B={B} H={H} D={D} fp32, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, load average {load0:.1f}", file=sys.stderr)
+    for n in ns:
+        rounds = args.rounds or (3 if n <= 2048 else 2)
+        for case in args.cases:
+            res = run_case(case, n, impls, rounds)
+            for impl in impls:
+                results[impl, case, n] = res.get(impl, {"status": "-"})
+    print(f"einsum-ir CPU benchmark: B={B} H={H} D={D} fp32, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; load average {load0:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after; {time.time() - t0:.0f} s")
+    print()
+    print_table(results, ns, args.cases, impls)
+
+
+def print_table(results, ns, cases, impls) -> None:
+    head = ["case", "N"] + [f"{i} ms" for i in impls] + [f"{i}/ours" for i in impls if i != "ours"] + \
+           [f"{i} MiB" for i in impls]
+    rows = []
+    notes = []
+    for case in cases:
+        for n in ns:
+            rs = [results.get((i, case, n), {"status": "-"}) for i in impls]
+            ours = rs[0]
+            row = [case, str(n)] + [fmt_time(r) for r in rs]
+            for i, r in zip(impls[1:], rs[1:]):
+                if r.get("status") == "ok" and ours.get("status") == "ok":
+                    row.append(f"{r['time'] / ours['time']:.2f}x")
+                else:
+                    row.append("-")
+            row += [f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else "-" for r in rs]
+            rows.append(row)
+            for i, r in zip(impls, rs):
+                if r.get("status") != "ok":
+                    notes.append(f"{i} on {case} N={n}: {r.get('status')}")
+                elif r.get("err") is not None and r["err"] > 1e-3:
+                    notes.append(f"{i} on {case} N={n}: max |diff| vs ours {r['err']:.2e}")
+    widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(head)]
+    line = "  ".join(h.rjust(w) for h, w in zip(head, widths))
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    print()
+    print("ms: best of the measured call and the rounds (3 at N<=2048, 2 at N=8192; implementations")
+    print("    called in turn within a round), after a warm-up call (FlexAttention's compile excluded).")
+    print("    One fresh subprocess per (case, N).")
+    print("x/ours: that implementation's time divided by ours (>1: ours is faster).")
+    print("MiB: peak RSS during one call (after a warm-up call) above the RSS before it, plus")
+    print("     masks/block masks built beforehand; Q, K, V are not counted.")
+    errs = [(i, c, n, results[i, c, n].get("err")) for i in impls for c in cases for n in ns
+            if results.get((i, c, n), {}).get("err") is not None and i != "ours"]
+    if errs:
+        worst = max(errs, key=lambda x: x[3])
+        print(f"Outputs agree with ours: worst max |diff| {worst[3]:.1e} ({worst[0]}, {worst[1]}, N={worst[2]}).")
+    for note in notes:
+        print("note: " + note)
+
+
+if __name__ == "__main__":
+    main()
