@@ -166,7 +166,7 @@ def build_plan(c: Cascade) -> Plan:
             continue
         # no stream rank: epilogue of the latest stage whose values it reads
         reads = nx.ancestors(g, e.name)
-        ups = [owner[t] for t in reads if t in owner and owner[t].kind.get(t) != "prologue"]
+        ups = [owner[t] for t in reads if owner.get(t) is not None]  # pending prologues are None
         if ups:
             owner[e.name] = max(ups, key=lambda s: s.index)
         else:

@@ -301,3 +301,25 @@ def test_grouped_query_heads_pack_into_the_query_tile(spec):
     for d in c.inputs:
         args[d.name] = torch.randn([ext[i.upper()] for i in d.indices], generator=g)
     _close(kern(**args), ei.interpret(c, **args))
+
+
+PROLOGUE_AND_EPILOGUE = """dims B H P M E F
+input Q[b,h,p,e], K[b,h,m,e], V[b,h,m,f]
+QN[b,h,p,e] = Q[b,h,p,e] * 0.5
+S[b,h,p,m]  = QN[b,h,p,e] * K[b,h,m,e] where m <= p
+GM[b,h,p]   = max[m] S[b,h,p,m]
+SN[b,h,p,m] = exp(S[b,h,p,m] - GM[b,h,p])
+SD[b,h,p]   = SN[b,h,p,m]
+O[b,h,p,f]  = SN[b,h,p,m] * V[b,h,m,f] / SD[b,h,p]
+output O
+"""
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_query_prologue_with_an_epilogue(backend):
+    # A query-side map (no key rank) before the stream and a division after it.
+    c = ei.parse(PROLOGUE_AND_EPILOGUE)
+    g = torch.Generator().manual_seed(5)
+    args = dict(Q=torch.randn(1, 2, 21, 8, generator=g), K=torch.randn(1, 2, 17, 8, generator=g),
+                V=torch.randn(1, 2, 17, 4, generator=g))
+    _close(ei.compile(c, backend=backend)(**args), ei.interpret(c, **args))
