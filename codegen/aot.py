@@ -3,20 +3,24 @@
 `triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32))`
 gives PTX and a cubin; `cuobjdump --dump-resource-usage` (shipped in the Triton wheel) reads
 registers, spills (LOCAL) and shared memory from the cubin. The specialization mirrors what the
-JIT does at run time: 16-byte aligned pointers and strides, unit last strides.
+JIT does at run time: 16-byte aligned pointers and strides, unit last strides, extents and int
+params unspecialized. Results are cached in codegen.cache as kind "aot".
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
 
-from codegen.kernel import choose_tiles
+from codegen import cache, dispatch
+from codegen.dispatch import Config
+from codegen.kernel import default_config, stage_tiles
 
 DTYPE_SIG = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 INT_SIG = {"bool": "i8", "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64"}
@@ -54,15 +58,18 @@ def _compiled_module(source: str):
     return mod
 
 
-def specialization(kern, stage_index: int, shapes: dict, dtype: str = "bf16") -> dict:
+def specialization(kern, stage_index: int, shapes: dict, dtype: str = "bf16",
+                   config: Config | None = None) -> dict:
     """What the JIT would specialize one stage's kernel on, as plain data: the kernel name, its
     signature, constexpr values, divisibility attributes (by argument position) and options.
-    Plain data, so another Triton version can compile the same source (see NOTES)."""
+    Plain data, so another Triton version can compile the same source (see NOTES). Tiles come
+    from the shapes' bucket, as at run time; `config` defaults to the untuned one."""
     em = kern.emitters[stage_index]
     stage = kern.plan.stages[stage_index]
     c = kern.plan.cascade
     ext = kern._extents_from_shapes(shapes)
-    tiles = choose_tiles(stage, ext, "gpu")
+    bucket = dict(dispatch.bucket_of(ext, kern.token_ranks))
+    tiles = stage_tiles(stage, bucket, config or default_config(kern.plan.stages, ext, "gpu"))
     sig, constexprs, attrs = {}, {}, {}
     for pos, (n, k) in enumerate(em.arg_names()):
         if k == "ptr":
@@ -100,13 +107,13 @@ def specialization(kern, stage_index: int, shapes: dict, dtype: str = "bf16") ->
 
 
 def compile_stage(kern, stage_index: int, shapes: dict, dtype: str = "bf16", target: str = "sm_90",
-                  kernel_name: str | None = None):
+                  kernel_name: str | None = None, config: Config | None = None):
     """Compile one stage's kernel for `target`; returns the triton CompiledKernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    spec = specialization(kern, stage_index, shapes, dtype)
+    spec = specialization(kern, stage_index, shapes, dtype, config)
     if kernel_name:
         spec["name"] = kernel_name
     fn = getattr(_compiled_module(kern._source), spec["name"])
@@ -131,66 +138,47 @@ def _usage(cubin: bytes) -> dict:
     return {"registers": regs, "spills": local, "shared_bytes": shared}
 
 
-def _cache_path() -> str:
-    folder = os.environ.get("EINSUM_IR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "einsum_ir")
-    os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, "aot_usage.json")
+AOT_FORMAT = 1  # bump when what is measured (or how) changes
 
 
-def _key(kern, shapes: dict, dtype: str, target: str) -> str:
-    import json
-
-    import triton
-
-    return hashlib.sha1(json.dumps([kern._source, sorted(shapes.items()), dtype, target,
-                                    triton.__version__]).encode()).hexdigest()
-
-
-def _load_cache() -> dict:
-    import json
-
-    try:
-        with open(_cache_path()) as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return {}
+def usage_key(kern, shapes: dict, dtype: str, target: str, config: Config | None = None) -> str:
+    """The cache key of one AOT measurement: exactly what is compiled (the source and every
+    stage's specialization), the target and Triton's version. Not `cache.key`, whose hash of
+    einsum-ir's own code would throw away ~100 s of compiles after any unrelated edit; the
+    source text and the specialization already carry everything the result depends on."""
+    specs = [specialization(kern, i, shapes, dtype, config) for i in range(len(kern.emitters))]
+    for spec in specs:  # JSON needs str keys; positions are already in "divisible"
+        spec["constexprs"] = sorted(spec["constexprs"].items())
+    text = json.dumps([AOT_FORMAT, kern._source, specs, target, cache.versions()["triton"]],
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _save_cache(new: dict) -> None:
-    import json
-
-    cache = _load_cache()
-    cache.update(new)
-    path = _cache_path()
-    tmp = f"{path}.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(cache, fh)
-    os.replace(tmp, path)
-
-
-def resource_usage(kern, shapes: dict, dtype: str = "bf16", target: str = "sm_90") -> dict:
+def resource_usage(kern, shapes: dict, dtype: str = "bf16", target: str = "sm_90",
+                   config: Config | None = None) -> dict:
     """{"registers", "spills", "shared_bytes"} (worst over stages) plus "wgmma" and per-stage data.
 
-    Results are cached on disk by (source, shapes, dtype, target, triton version)."""
-    return resource_usage_batch([(kern, shapes, dtype, target)])[0]
+    Results are cached on disk (kind "aot" of codegen.cache)."""
+    return resource_usage_batch([(kern, shapes, dtype, target, config)])[0]
 
 
 def resource_usage_batch(items: list) -> list[dict]:
-    """Resource usage of many (kernel, shapes, dtype, target) at once: cached ones from disk,
-    the rest compiled here, or in one clean subprocess when this process runs Triton's
-    interpreter (TRITON_INTERPRET=1 at import makes in-process compiles impossible)."""
-    cache = _load_cache()
-    keys = [_key(*it) for it in items]
-    todo = [(k, it) for k, it in zip(keys, items) if k not in cache]
+    """Resource usage of many (kernel, shapes, dtype, target[, config]) at once: cached ones
+    from disk, the rest compiled here, or in one clean subprocess when this process runs
+    Triton's interpreter (TRITON_INTERPRET=1 at import makes in-process compiles impossible)."""
+    items = [tuple(it) + (None,) * (5 - len(it)) for it in items]
+    keys = [usage_key(*it) for it in items]
+    found = {k: cache.load("aot", k) for k in dict.fromkeys(keys)}
+    todo = {k: it for k, it in zip(keys, items) if found[k] is None}
     if todo:
         if _interpreting():
-            results = _in_subprocess([it for _, it in todo])
+            results = _in_subprocess(list(todo.values()))
         else:
-            results = [_resource_usage(*it) for _, it in todo]
-        new = {k: r for (k, _), r in zip(todo, results)}
-        _save_cache(new)
-        cache.update(new)
-    return [cache[k] for k in keys]
+            results = [_resource_usage(*it) for it in todo.values()]
+        for k, r in zip(todo, results):
+            cache.store("aot", k, r)
+            found[k] = r
+    return [found[k] for k in keys]
 
 
 def _interpreting() -> bool:
@@ -207,13 +195,16 @@ import json, sys
 import einsum_ir as ei
 from codegen.kernel import TritonKernel
 from codegen.aot import _resource_usage
+from codegen.dispatch import Config
 out = []
 kernels = {}
 for req in json.loads(sys.stdin.read()):
     if req["cascade"] not in kernels:
         kernels[req["cascade"]] = TritonKernel(ei.parse(req["cascade"]))
+    config = Config(**req["config"]) if req["config"] else None
     try:
-        out.append(_resource_usage(kernels[req["cascade"]], req["shapes"], req["dtype"], req["target"]))
+        out.append(_resource_usage(kernels[req["cascade"]], req["shapes"], req["dtype"], req["target"],
+                                   config))
     except Exception as err:
         out.append({"error": f"{type(err).__name__}: {str(err)[-300:]}"})
 print(json.dumps(out))
@@ -221,13 +212,11 @@ print(json.dumps(out))
 
 
 def _in_subprocess(items: list) -> list[dict]:
-    import json
-
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    req = json.dumps([{"cascade": str(k.cascade), "shapes": sh, "dtype": dt, "target": tg}
-                      for k, sh, dt, tg in items])
+    req = json.dumps([{"cascade": str(k.cascade), "shapes": sh, "dtype": dt, "target": tg,
+                       "config": cfg.as_dict() if cfg else None} for k, sh, dt, tg, cfg in items])
     out = subprocess.run([sys.executable, "-c", _CHILD], input=req, capture_output=True, text=True,
                          env=env, cwd=root)
     if out.returncode != 0:
@@ -239,16 +228,16 @@ def _in_subprocess(items: list) -> list[dict]:
     return results
 
 
-def _resource_usage(kern, shapes: dict, dtype: str, target: str) -> dict:
+def _resource_usage(kern, shapes: dict, dtype: str, target: str, config: Config | None = None) -> dict:
     stages = []
     for i, em in enumerate(kern.emitters):
-        ck = compile_stage(kern, i, shapes, dtype, target)
+        ck = compile_stage(kern, i, shapes, dtype, target, config=config)
         u = _usage(ck.asm["cubin"])
         u["shared_bytes"] = max(u["shared_bytes"], int(getattr(ck.metadata, "shared", 0) or 0))
         u["wgmma"] = "wgmma" in ck.asm["ptx"]
         u["mma"] = "mma" in ck.asm["ptx"]
         if getattr(em, "list_emitter", None) is not None:  # the block-list kernel must build too
-            lk = compile_stage(kern, i, shapes, dtype, target, em.list_emitter.name)
+            lk = compile_stage(kern, i, shapes, dtype, target, em.list_emitter.name, config)
             lu = _usage(lk.asm["cubin"])
             u["block_list"] = lu
             u["registers"] = max(u["registers"], lu["registers"])

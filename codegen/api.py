@@ -1,15 +1,31 @@
-"""`ei.compile(cascade, backend=...)`: the entry point of code generation."""
+"""`ei.compile(cascade, backend=...)`: the entry point of code generation.
+
+backend="auto" dispatches every call: CUDA tensors run the generated Triton kernel (its launch
+config tuned per (device, dtype, shape bucket)), CPU tensors the generated tiled PyTorch of
+codegen/cpu_emit.py, and a cascade with no fused lowering the reference interpreter, with the
+reason logged once on the "einsum_ir" logger and kept in `why_not_fused`.
+"""
 from __future__ import annotations
+
+import logging
 
 from einsum_ir.errors import LoweringError
 from einsum_ir.ir import Cascade
 
 BACKENDS = ("auto", "triton", "reference", "cpu")
 
+log = logging.getLogger("einsum_ir")
+
+
+def _cpu_kernel(cascade: Cascade):
+    from codegen.cpu_emit import compile_cpu
+
+    return compile_cpu(cascade)
+
 
 class AutoKernel:
-    """backend="auto": the Triton kernel when the inputs are CUDA tensors and a fused lowering
-    exists, else the reference interpreter (`why_not_fused` says why)."""
+    """backend="auto": per call, Triton on CUDA tensors, the CPU path on CPU tensors, the
+    reference interpreter where the matching fused kernel does not exist."""
 
     backend = "auto"
 
@@ -18,27 +34,71 @@ class AutoKernel:
 
         self.cascade = cascade
         self.reference = ReferenceKernel(cascade)
-        try:
-            from codegen.kernel import TritonKernel
+        self._why: str | None = None
+        self._triton = self._cpu = None
+        self._built: set[str] = set()
+        self._logged = False
 
-            self.triton = TritonKernel(cascade)
-            self.why_not_fused = None
-        except (LoweringError, ImportError) as err:
-            self.triton = None
-            self.why_not_fused = str(err)
+    # Each fused kernel is built on first need: a CPU-only user never imports Triton, and a
+    # GPU user never generates the CPU path.
+    def _fused(self, kind: str):
+        if kind not in self._built:
+            self._built.add(kind)
+            try:
+                if kind == "triton":
+                    from codegen.kernel import TritonKernel
 
-    def __call__(self, **args):
+                    self._triton = TritonKernel(self.cascade)
+                else:
+                    self._cpu = _cpu_kernel(self.cascade)
+            except (LoweringError, ImportError) as err:
+                self._why = self._why or str(err)
+        return self._triton if kind == "triton" else self._cpu
+
+    @property
+    def why_not_fused(self) -> str | None:
+        """Why a call may run on the reference interpreter: the plan's LoweringError (both fused
+        backends read the same plan), else the error of a fused kernel that failed to build."""
+        if self._why is None and "plan" not in self._built:
+            self._built.add("plan")
+            from lowering.plan import build_plan
+
+            try:
+                build_plan(self.cascade)
+            except LoweringError as err:
+                self._why = str(err)
+        return self._why
+
+    @property
+    def triton(self):
+        return self._fused("triton")
+
+    @property
+    def cpu(self):
+        return self._fused("cpu")
+
+    def kernel_for(self, args: dict):
+        """The kernel a call with these arguments runs on."""
         import torch
 
         cuda = any(isinstance(v, torch.Tensor) and v.is_cuda for v in args.values())
-        if self.triton is not None and cuda:
-            return self.triton(**args)
-        return self.reference(**args)
+        kern = self._fused("triton" if cuda else "cpu")
+        if kern is not None:
+            return kern
+        if not self._logged:
+            self._logged = True
+            log.info("running the cascade on the reference interpreter: %s", self.why_not_fused)
+        return self.reference
+
+    def __call__(self, **args):
+        return self.kernel_for(args)(**args)
 
     def source(self, shapes=None, device="h100") -> str:
-        if self.triton is None:
+        """The generated Triton source (the CPU path's Python with device="cpu")."""
+        kern = self.cpu if device == "cpu" else self.triton
+        if kern is None:
             raise LoweringError(self.why_not_fused)
-        return self.triton.source(shapes, device)
+        return kern.source(shapes) if device == "cpu" else kern.source(shapes, device)
 
     def resource_usage(self, shapes, dtype="bf16", target="sm_90"):
         if self.triton is None:
@@ -47,6 +107,9 @@ class AutoKernel:
 
 
 def compile(cascade: Cascade, backend: str = "auto"):  # noqa: A001
+    """A kernel for `cascade`: "auto" (dispatch per call), or one backend that raises
+    ei.LoweringError when it has no lowering for the cascade ("triton", "cpu"), or
+    "reference" (the interpreter)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "reference":
@@ -58,7 +121,5 @@ def compile(cascade: Cascade, backend: str = "auto"):  # noqa: A001
 
         return TritonKernel(cascade)
     if backend == "cpu":
-        from codegen.kernel import ReferenceKernel
-
-        return ReferenceKernel(cascade)  # the tiled CPU emitter is a later issue
+        return _cpu_kernel(cascade)
     return AutoKernel(cascade)

@@ -7,34 +7,18 @@ import math
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 
 import torch
 
+from codegen import cache, dispatch
+from codegen.dispatch import INTERPRETER_CONFIG, Config, DispatchKey
 from einsum_ir.errors import BindError, LoweringError
-from einsum_ir.ir import Binary, Call, Cascade, Name, Num, Unary, rank_of
-from lowering.plan import Plan, build_plan
+from einsum_ir.ir import Cascade, index_vars, rank_of
+from einsum_ir.params import evaluate_params
+from lowering.plan import Plan, Stage, build_plan
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
-_MATH = {"exp": math.exp, "log": math.log, "log1p": math.log1p, "sqrt": math.sqrt,
-         "rsqrt": lambda x: 1 / math.sqrt(x), "tanh": math.tanh, "abs": abs, "max": max, "min": min,
-         "pow": math.pow, "sigmoid": lambda x: 1 / (1 + math.exp(-x))}
-
-
-def scalar(expr, env: dict) -> float:
-    """Evaluate a derived param's expression over dims and earlier params."""
-    if isinstance(expr, Num):
-        return expr.value
-    if isinstance(expr, Name):
-        return env[expr.name]
-    if isinstance(expr, Unary):
-        return -scalar(expr.operand, env)
-    if isinstance(expr, Binary):
-        a, b = scalar(expr.lhs, env), scalar(expr.rhs, env)
-        return {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else math.inf,
-                "//": a // b if b else 0, "%": a % b if b else 0}[expr.op]
-    if isinstance(expr, Call):
-        return _MATH[expr.fn](*[scalar(a, env) for a in expr.args])
-    raise BindError(f"cannot evaluate param expression {expr}")
 
 
 def next_pow2(n: int) -> int:
@@ -51,7 +35,7 @@ def _box(total: int, ranks, extents: dict, prefix: str, square: set) -> dict:
     cap = {v: max(0, next_pow2(extents[rank_of(v)]).bit_length() - 1) for v in ranks}
     out, left = {}, bits
     free = [v for v in ranks if v not in square]
-    boxed = [v for v in ranks if v in square] or [ranks[-1]]
+    boxed = dispatch.boxed_ranks(ranks, square)
     for v in free:
         if v in boxed:
             continue
@@ -68,24 +52,33 @@ def _box(total: int, ranks, extents: dict, prefix: str, square: set) -> dict:
     return {f"{prefix}_{v}": 1 << out[v] for v in ranks}
 
 
-def choose_tiles(stage, extents: dict, device: str = "cpu") -> dict:
-    """Tile sizes and launch options for one stage (the plan's choice; autotuning comes later)."""
-    feats = {f: max(16, next_pow2(extents[rank_of(f)])) for f in stage.features}
-    widest = max(feats.values(), default=16)
+def default_config(stages: list[Stage], extents: dict, device: str = "cpu") -> Config:
+    """The launch config without tuning: the interpreter's small tiles on "cpu", else 128x64
+    tiles, 8 warps and 2 stages (64x32, 4 warps past head dim 128)."""
     if device == "cpu":
-        bq, bs, warps, stages = 16, 16, 4, 1
-    else:
-        bq = 128 if widest <= 128 else 64
-        bs = 64 if widest <= 128 else 32
-        warps, stages = (8 if bq == 128 else 4), 2
-    tiles = {"BLOCK_Q": bq, "BLOCK_S": bs, **{f"BLOCK_{f.upper()}": b for f, b in feats.items()},
-             "num_warps": warps, "num_stages": stages}
-    from einsum_ir.ir import index_vars
+        return INTERPRETER_CONFIG
+    widest = max((max(16, next_pow2(extents[rank_of(f)])) for s in stages for f in s.features),
+                 default=16)
+    if widest <= 128:
+        return Config(128, 64, 8, 2)
+    return Config(64, 32, 4, 2)
 
+
+def stage_tiles(stage: Stage, extents: dict, config: Config) -> dict:
+    """Every constexpr and launch option of one stage: the config's tiles, feature blocks
+    (whole head dims, padded to a power of two) and per-rank boxes for multi-rank tile axes.
+    Pass bucket extents: then the result, and so the binary, is the same for the whole bucket."""
+    feats = {f: max(16, next_pow2(extents[rank_of(f)])) for f in stage.features}
+    tiles = {**config.as_dict(), **{f"BLOCK_{f.upper()}": b for f, b in feats.items()}}
     in_pred = set(index_vars(stage.predicate)) if stage.predicate is not None else set()
-    tiles.update(_box(bq, stage.query, extents, "BLOCK_Q", in_pred))
-    tiles.update(_box(bs, stage.stream, extents, "BLOCK_S", in_pred))
+    tiles.update(_box(config.BLOCK_Q, stage.query, extents, "BLOCK_Q", in_pred))
+    tiles.update(_box(config.BLOCK_S, stage.stream, extents, "BLOCK_S", in_pred))
     return tiles
+
+
+def choose_tiles(stage: Stage, extents: dict, device: str = "cpu") -> dict:
+    """`stage_tiles` under the untuned default config."""
+    return stage_tiles(stage, extents, default_config([stage], extents, device))
 
 
 def query_tiles(stage, extents: dict, tiles: dict) -> int:
@@ -127,37 +120,74 @@ def load_module(source: str, interpret: bool = False):
         else:
             os.environ["TRITON_INTERPRET"] = old
     _MODULES[mkey] = mod
+    dispatch.STATS["module_load"] += 1
     return mod
 
 
+_SOURCES: dict[str, str] = {}  # cascade text -> generated source, for this process
+
+
+def kernel_source(plan: Plan, cascade: Cascade) -> str:
+    """The generated Triton module of `cascade`: from memory, else the on-disk cache (kind
+    "source"), else the emitter. The source takes every extent at run time, so one text
+    serves every shape, device and dtype."""
+    text = str(cascade)
+    if text not in _SOURCES:
+        from codegen.triton_emit import emit_plan
+
+        def build() -> str:
+            dispatch.STATS["emit"] += 1
+            return emit_plan(plan, text)[0]
+
+        _SOURCES[text] = cache.get_or_build("source", cache.key(text, "triton"), build)
+    return _SOURCES[text]
+
+
 class TritonKernel:
-    """`kern(**tensors_and_params)` -> one tensor or a tuple in output order."""
+    """`kern(**tensors_and_params)` -> one tensor or a tuple in output order.
+
+    Each call is dispatched on (device kind, dtype, shape bucket): the launch config comes from
+    the autotuner on CUDA (cached on disk as a "choice") and is the interpreter's on CPU
+    tensors; it is resolved once per key and kept in `configs`."""
 
     backend = "triton"
 
     def __init__(self, cascade: Cascade):
-        from codegen.triton_emit import emit_plan
+        from codegen.triton_emit import stage_emitters
 
         self.cascade = cascade
         self.plan: Plan = build_plan(cascade)
-        self._source, self.emitters = emit_plan(self.plan, str(cascade))
+        self._source = kernel_source(self.plan, cascade)
+        self.emitters = stage_emitters(self.plan)
+        self.token_ranks = dispatch.token_ranks(self.plan)
+        self.configs: dict[DispatchKey, Config] = {}
+        self.last_key: DispatchKey | None = None
 
     # -- introspection
     def source(self, shapes: dict | None = None, device: str = "h100") -> str:
-        """The generated Triton source; with shapes, the tile sizes chosen for them in a comment."""
+        """The generated Triton source; with shapes, the config the pruning picks for them on
+        `device` (no timing, no compile) and each stage's tiles in a comment."""
         text = self._source
         if shapes:
-            ext = self._extents_from_shapes(shapes)
-            notes = [f"# tiles for {shapes} on {device}:"]
+            bucket = dict(dispatch.bucket_of(self._extents_from_shapes(shapes), self.token_ranks))
+            if device == "cpu":
+                config = INTERPRETER_CONFIG
+            else:
+                from codegen.autotune import pruned_best
+
+                config = pruned_best(self, bucket, device, "bf16", aot=False)
+            notes = [f"# config for {shapes} on {device}: {config}"]
             for s in self.plan.stages:
-                notes.append(f"#   stage {s.index}: {choose_tiles(s, ext, 'gpu' if device != 'cpu' else 'cpu')}")
+                notes.append(f"#   stage {s.index}: {stage_tiles(s, bucket, config)}")
             text = "\n".join(notes) + "\n" + text
         return text
 
-    def resource_usage(self, shapes: dict, dtype: str = "bf16", target: str = "sm_90") -> dict:
+    def resource_usage(self, shapes: dict, dtype: str = "bf16", target: str = "sm_90",
+                       config: Config | None = None) -> dict:
+        """AOT-compiled registers, spills and shared memory (the default config unless given)."""
         from codegen.aot import resource_usage
 
-        return resource_usage(self, shapes, dtype=dtype, target=target)
+        return resource_usage(self, shapes, dtype=dtype, target=target, config=config)
 
     def _extents_from_shapes(self, shapes: dict) -> dict:
         ext = {r: int(v) for r, v in shapes.items()}
@@ -190,36 +220,54 @@ class TritonKernel:
         unbound = [d for d in c.dims if d not in extents]
         if unbound:
             raise BindError(f"rank(s) {', '.join(unbound)} not bound by any input; pass e.g. {unbound[0]}=128")
-        env: dict = dict(extents)
-        params = {}
-        for p in c.params:
-            if p.type is not None:
-                if p.name not in args:
-                    raise BindError(f"missing param {p.name} ({p.type})")
-                v = args.pop(p.name)
-                v = v.item() if isinstance(v, torch.Tensor) else v
-                params[p.name] = int(v) if p.type == "int" else float(v)
-            else:
-                params[p.name] = float(scalar(p.expr, env))
-            env[p.name] = params[p.name]
         for s in c.splits:
             args.pop(s.inner, None)
+        runtime = {p.name: args.pop(p.name) for p in c.params if p.name in args}
+        params = evaluate_params(c, extents, runtime)
         if args:
             raise BindError(f"unexpected argument(s) {', '.join(args)}")
         return tensors, extents, params
 
     def __call__(self, **args):
+        return self.run(args)
+
+    def run(self, args: dict, config: Config | None = None):
+        """One call; `config` forces a launch config (the autotuner times candidates this way)."""
         tensors, extents, params = self.bind(dict(args))
-        c = self.plan.cascade
         first = next(iter(tensors.values()))
-        device = first.device
-        if device.type == "cpu":
+        floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
+        out_dtype = floats[0] if floats else torch.float32
+        key = dispatch.dispatch_key(first.device, out_dtype, extents, self.token_ranks)
+        self.last_key = key
+        if config is None:
+            config = self.config_for(key, lambda cfg: self.run(args, cfg), first.device)
+        return self._launch(tensors, extents, params, out_dtype, key, config)
+
+    def config_for(self, key: DispatchKey, run: Callable[[Config], object],
+                   device: torch.device) -> Config:
+        """The launch config of a dispatch key, resolved once per key: the interpreter's on
+        CPU; on CUDA the autotuner's choice (from the on-disk cache, or pruned and timed with
+        `run`, which launches this call's tensors under a given config)."""
+        if key not in self.configs:
+            dispatch.STATS["config"] += 1
+            if key.device == "cpu":
+                self.configs[key] = INTERPRETER_CONFIG
+            else:
+                from codegen.autotune import choose
+
+                self.configs[key] = choose(self, key, run, dispatch.table_device(device))
+        return self.configs[key]
+
+    def _launch(self, tensors: dict, extents: dict, params: dict, out_dtype: torch.dtype,
+                key: DispatchKey, config: Config):
+        c = self.plan.cascade
+        device = next(iter(tensors.values())).device
+        interpret = device.type == "cpu"
+        if interpret:
             _check_interpreter()
         else:
             _check_compiler()
-        module = load_module(self._source, interpret=device.type == "cpu")
-        floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
-        out_dtype = floats[0] if floats else torch.float32
+        module = load_module(self._source, interpret=interpret)
         buffers = dict(tensors)
         atomic = {t for s in self.plan.stages for t in s.grid_reduce}
         for name in c.output_names + self.plan.intermediates:
@@ -230,18 +278,20 @@ class TritonKernel:
                 buffers[name] = torch.empty(shape, dtype=out_dtype, device=device)
             else:
                 buffers[name] = torch.empty(shape, dtype=torch.float32, device=device)
-        kind = "cpu" if device.type == "cpu" else "gpu"
+        bucket = key.extents()
         for s, em in zip(self.plan.stages, self.emitters):
-            tiles = choose_tiles(s, extents, kind)
+            # tiles from the bucket, grid from the true extents: one binary per bucket
+            tiles = stage_tiles(s, bucket, config)
             ng = math.prod(extents[rank_of(v)] for v in s.grid)
             nqt = query_tiles(s, extents, tiles)
             grid = (nqt, max(ng, 1))
+            dims = extents
             if s.skip.block_list:
                 kt = math.prod(-(-extents[rank_of(v)] // tiles["BLOCK_S"]) for v in s.stream)
                 buffers["BL"] = torch.empty(max(ng, 1) * nqt * kt, dtype=torch.int32, device=device)
                 buffers["BC"] = torch.empty(max(ng, 1) * nqt, dtype=torch.int32, device=device)
                 self.last_block_counts = buffers["BC"]  # live key tiles per (grid, query tile)
-                extents = dict(extents, KT=kt, NQT=nqt)
+                dims = dict(extents, KT=kt, NQT=nqt)
             kargs, kw = [], {}
             for n, k in em.arg_names():
                 if k in ("ptr", "blist_ptr"):
@@ -250,17 +300,17 @@ class TritonKernel:
                     t, pos = n[len("stride_"):].rsplit("_", 1)
                     kargs.append(buffers[t].stride(int(pos)))
                 elif k in ("dim", "blist_dim"):
-                    kargs.append(extents[n])
+                    kargs.append(dims[n])
                 elif k in ("param", "param_int"):
                     kargs.append(params[n])
-                else:
-                    kw[n] = extents[n] if n in extents else tiles[n]
-            opts = {} if kind == "cpu" else {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}
+                else:  # constexprs: feature extents (exact in the bucket) and tiles
+                    kw[n] = dims[n] if n in dims else tiles[n]
+            opts = {} if interpret else {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}
             fns = [getattr(module, em.name)]
             if s.skip.block_list:  # the block list first: the live key tiles per query tile
                 fns.insert(0, getattr(module, em.list_emitter.name))
             for fn in fns:
-                if kind == "cpu":
+                if interpret:
                     with _interpret_env():
                         fn[grid](*kargs, **kw, **opts)
                 else:
@@ -309,10 +359,6 @@ class _interpret_env:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = self.old
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class ReferenceKernel:

@@ -1,5 +1,7 @@
-"""Columns the catalog report shows for each variant: fused or not (and why), and the sm_90
-registers / spills of the generated kernel at head dims 64 and 128 (AOT, cached on disk)."""
+"""Columns the catalog report shows for each variant: fused or not (and why), the sm_90
+registers / spills of the generated kernel at head dims 64 and 128 (AOT, cached on disk), and
+the launch config the autotuner's pruning picks for H100 at head dim 64 ("pruned-best": the
+best estimate that compiles without spills; no GPU timing)."""
 from __future__ import annotations
 
 from einsum_ir.errors import LoweringError
@@ -19,14 +21,18 @@ def default_shapes(cascade: Cascade, head_dim: int) -> dict:
     return shapes
 
 
+CONFIG_COLUMN = "config (h100, pruned-best)"
+
+
 def report_columns(name: str, cascade: Cascade, aot: bool = True) -> dict[str, str]:
-    """{"fused": "yes" | "no: <reason>", "sm90_d64": "regs/spills", "sm90_d128": ...}."""
+    """{"fused": "yes" | "no: <reason>", "sm90_d64": "regs/spills", "sm90_d128": ...,
+    CONFIG_COLUMN: "128x64 w8 s2"}."""
     try:
         from codegen.kernel import TritonKernel
 
         kern = TritonKernel(cascade)
     except LoweringError as err:
-        return {"fused": f"no: {err}", "sm90_d64": "-", "sm90_d128": "-"}
+        return {"fused": f"no: {err}", "sm90_d64": "-", "sm90_d128": "-", CONFIG_COLUMN: "-"}
     cols = {"fused": "yes"}
     for d in (64, 128):
         key = f"sm90_d{d}"
@@ -40,4 +46,16 @@ def report_columns(name: str, cascade: Cascade, aot: bool = True) -> dict[str, s
             cols[key] = "n/a"
         except Exception as err:  # a compile failure is worth showing, not hiding
             cols[key] = f"error: {type(err).__name__}"
+    cols[CONFIG_COLUMN] = _config_cell(kern, default_shapes(cascade, 64), aot)
     return cols
+
+
+def _config_cell(kern, shapes: dict, aot: bool) -> str:
+    from codegen.autotune import pruned_best
+
+    try:
+        return str(pruned_best(kern, shapes, "h100", "bf16", aot=aot))
+    except ImportError:
+        return "n/a"
+    except Exception as err:  # noqa: BLE001 - as above: a failure is worth showing
+        return f"error: {type(err).__name__}"

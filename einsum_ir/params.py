@@ -1,0 +1,66 @@
+"""Param binding shared by the interpreter and the generated kernels: one definition of what a
+derived param (`param scale = 1/sqrt(E)`) evaluates to, so every backend sees the same scalars.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from einsum_ir.errors import BindError
+from einsum_ir.functions import FUNCTIONS
+from einsum_ir.ir import Binary, Call, Cascade, Expr, Name, Num, Unary
+
+
+def evaluate_params(cascade: Cascade, extents: Mapping[str, int],
+                    runtime: Mapping[str, object]) -> dict[str, float | int]:
+    """Every param of `cascade`: runtime ones (`param W: int`) converted from `runtime` (ints,
+    floats or 0-dim tensors), derived ones evaluated in spec order over the extents and earlier
+    params. `runtime` must hold exactly the runtime params; raises BindError otherwise."""
+    env: dict[str, float | int] = dict(extents)
+    out: dict[str, float | int] = {}
+    for p in cascade.params:
+        if p.type is not None:
+            if p.name not in runtime:
+                raise BindError(f"missing param {p.name} ({p.type})")
+            value = runtime[p.name]
+            value = value.item() if isinstance(value, torch.Tensor) else value
+            out[p.name] = int(value) if p.type == "int" else float(value)
+        else:
+            if p.name in runtime:
+                raise BindError(f"param {p.name} is derived in the spec and cannot be passed")
+            out[p.name] = _scalar(p.expr, env).item()
+        env[p.name] = out[p.name]
+    return out
+
+
+_BINARY = {
+    "+": torch.add, "-": torch.sub, "*": torch.mul, "%": torch.remainder,
+    "/": lambda a, b: a.double() / b, "//": lambda a, b: torch.div(a, b, rounding_mode="floor"),
+    "<": torch.lt, "<=": torch.le, ">": torch.gt, ">=": torch.ge, "==": torch.eq, "!=": torch.ne,
+    "and": torch.logical_and, "or": torch.logical_or,
+}
+
+
+def _const(value: float) -> torch.Tensor:
+    # fp64 so a derived scale is rounded once, when a backend casts it to its compute dtype
+    return torch.tensor(value, dtype=torch.int64 if isinstance(value, int) else torch.float64)
+
+
+def _scalar(expr: Expr, env: Mapping[str, float | int]) -> torch.Tensor:
+    """A 0-dim tensor; torch ops (the functions table's own) keep ints as ints like the spec."""
+    if isinstance(expr, Num):
+        return _const(expr.value)
+    if isinstance(expr, Name):
+        return _const(env[expr.name])
+    if isinstance(expr, Unary) and expr.op == "-":
+        return -_scalar(expr.operand, env)
+    if isinstance(expr, Binary) and expr.op in _BINARY:
+        a, b = _scalar(expr.lhs, env), _scalar(expr.rhs, env)
+        return _BINARY[expr.op](a, b)
+    if isinstance(expr, Call) and expr.fn in FUNCTIONS and expr.fn != "nbhd":
+        args = [_scalar(a, env) for a in expr.args]
+        if expr.fn not in ("max", "min"):
+            args = [a.double() for a in args]
+        return FUNCTIONS[expr.fn].torch_fn(*args)
+    raise BindError("a param must be a scalar")
