@@ -1,4 +1,5 @@
-"""Columns the catalog report shows for each variant: fused or not (and why), the sm_90
+"""Columns the catalog report shows for each variant: the tiled CPU path's max error against
+the interpreter at a small shape (or why it does not apply), fused or not (and why), the sm_90
 registers / spills of the generated kernel at head dims 64 and 128 (AOT, cached on disk), and
 the launch config the autotuner's pruning picks for H100 at head dim 64 ("pruned-best": the
 best estimate that compiles without spills; no GPU timing)."""
@@ -24,9 +25,28 @@ def default_shapes(cascade: Cascade, head_dim: int) -> dict:
 CONFIG_COLUMN = "config (h100, pruned-best)"
 
 
+def cpu_path_cell(name: str, cascade: Cascade) -> str:
+    """Max |CPU path - interpreter| on the catalog's small example inputs."""
+    import einsum_ir as ei
+    from codegen.cpu_emit import compile_cpu
+    from einsum_ir.variants.formulas import example_args, max_error
+
+    try:
+        kern = compile_cpu(cascade)
+    except LoweringError as err:
+        return f"no: {err}"
+    args = example_args(name, size="rect")
+    return f"{max_error(kern(**args), ei.interpret(cascade, **args)):.1e}"
+
+
 def report_columns(name: str, cascade: Cascade, aot: bool = True) -> dict[str, str]:
-    """{"fused": "yes" | "no: <reason>", "sm90_d64": "regs/spills", "sm90_d128": ...,
-    CONFIG_COLUMN: "128x64 w8 s2"}."""
+    """{"cpu path": "<max error>" | "no: <reason>", "fused": "yes" | "no: <reason>",
+    "sm90_d64": "regs/spills", "sm90_d128": ..., CONFIG_COLUMN: "128x64 w8 s2"}."""
+    cpu = {"cpu path": cpu_path_cell(name, cascade)}
+    return cpu | _triton_columns(cascade, aot)
+
+
+def _triton_columns(cascade: Cascade, aot: bool) -> dict[str, str]:
     try:
         from codegen.kernel import TritonKernel
 
