@@ -2,8 +2,8 @@
 real sizes, then run it at a small size.
 
 Generalized Neighborhood Attention (Hassani et al., 2025) keeps, per axis, the keys in a window
-around each query (with a stride). The specs (examples/specs/nbhd_2d.ein, nbhd_3d.ein) state the
-window as `nbhd(...)` predicates, so the simulator reads the sparsity straight from them.
+around each query (with a stride). The specs (the catalog's nbhd_2d, examples/specs/nbhd_3d.ein)
+state the window as `nbhd(...)` predicates, so the simulator reads the sparsity straight from them.
 
     python examples/sparse_video.py
 """
@@ -17,7 +17,7 @@ from einsum_ir.functions import nbhd
 SPECS = Path(__file__).parent / "specs"
 
 # Simulate: a 128 x 128 image with 32 x 32 windows; a 16 x 32 x 32 video with 8 x 16 x 16.
-image = ei.load(SPECS / "nbhd_2d.ein")
+image = ei.variants.load("nbhd_2d")
 shapes = {"B": 1, "H": 16, "PX": 128, "PY": 128, "MX": 128, "MY": 128, "E": 128, "F": 128,
           "WX": 32, "WY": 32, "SX": 8, "SY": 8}
 r = ei.simulate(image, shapes, device="h100", q_tile={"PX": 16, "PY": 8}, kv_tile={"MX": 16, "MY": 4})
