@@ -188,3 +188,11 @@ def test_find_attention_only_reads_the_graph():
     gm = torch.fx.symbolic_trace(lambda q, k, v: F.scaled_dot_product_attention(q, k, v))
     sites = find_attention(gm.graph)  # no shape metadata under symbolic_trace
     assert len(sites) == 1 and not sites[0].replaced and "metadata" in sites[0].reason
+
+
+def test_installed_entry_point_names_the_backend():
+    # After `pip install`, torch finds the backend through this entry point with no import.
+    from importlib.metadata import entry_points
+
+    (point,) = [p for p in entry_points(group="torch_dynamo_backends") if p.name == "einsum_ir"]
+    assert point.load() is einsum_ir_backend
