@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -20,7 +19,7 @@ import tempfile
 
 from codegen import cache, dispatch
 from codegen.dispatch import Config
-from codegen.kernel import default_config, stage_tiles
+from codegen.kernel import default_config, import_source, stage_tiles
 
 DTYPE_SIG = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 INT_SIG = {"bool": "i8", "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64"}
@@ -35,27 +34,7 @@ def _cuobjdump() -> str:
 @functools.lru_cache(maxsize=64)
 def _compiled_module(source: str):
     """The generated module imported with real `@triton.jit` functions (interpret mode off)."""
-    key = hashlib.sha1(source.encode()).hexdigest()[:16]
-    folder = os.path.join(tempfile.gettempdir(), "einsum_ir_triton")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"aot_{key}.py")
-    if not os.path.exists(path):
-        with open(path + f".{os.getpid()}", "w") as fh:
-            fh.write(source)
-        os.replace(path + f".{os.getpid()}", path)
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        spec = importlib.util.spec_from_file_location(f"einsum_ir_aot_{key}", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    return mod
+    return import_source(source, "aot", interpret=False)
 
 
 def specialization(kern, stage_index: int, shapes: dict, dtype: str = "bf16",

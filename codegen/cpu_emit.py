@@ -26,29 +26,31 @@ from __future__ import annotations
 
 import itertools
 import linecache
-import math
 import re
 import string
-from dataclasses import dataclass, field
 
-import sympy
 import torch
 
-from einsum_ir.errors import BindError, LoweringError
+from codegen.block_emit import (
+    BlockEmitter,
+    Section,
+    Val,
+    accesses,
+    is_simple,
+    module_header,
+    paren,
+)
+from codegen.kernel import collect_outputs
+from einsum_ir.errors import LoweringError
 from einsum_ir.ir import (
     Access,
     Binary,
-    Call,
     Cascade,
     Einsum,
-    Expr,
     Index,
-    Name,
-    Num,
-    Unary,
     rank_of,
 )
-from lowering.exprs import expand
+from einsum_ir.params import bind_arguments
 from lowering.plan import Plan, Stage, build_plan
 
 DEFAULT_BLOCK_Q = 256
@@ -146,12 +148,6 @@ MATH_UNARY = {
 }
 
 
-def _fmt_num(v) -> str:
-    if isinstance(v, float) and math.isinf(v):
-        return "math.inf" if v > 0 else "-math.inf"
-    return repr(v)
-
-
 def _skip_code(code: str) -> str:
     """A skipping-plan code string (written for Triton) as plain Python on ints."""
     code = code.replace("tl.minimum(", "min(").replace("tl.maximum(", "max(")
@@ -161,66 +157,16 @@ def _skip_code(code: str) -> str:
     return code
 
 
-@dataclass
-class Val:
-    code: str
-    axes: tuple[str, ...]
-    kind: str = "f"  # f (float tensor or scalar) | int | bool
-    pres: str | None = None  # presence mask code over pres_axes
-    pres_axes: tuple[str, ...] = ()
-
-    @property
-    def scalar(self) -> bool:
-        return not self.axes
-
-
-@dataclass
-class _Sec:
-    lines: list[str] = field(default_factory=list)
-    indent: int = 1
-
-    def add(self, line: str) -> None:
-        self.lines.append("    " * self.indent + line)
-
-
-def _simple(code: str) -> bool:
-    return re.fullmatch(r"[A-Za-z_][A-Za-z_0-9]*(\[[^\[\]]*\])?|-?[0-9.e+-]+|math\.inf", code) is not None
-
-
-def _paren(code: str) -> str:
-    if _simple(code):
-        return code
-    if code.startswith("(") and code.endswith(")"):
-        depth = 0
-        for i, ch in enumerate(code):
-            depth += ch == "("
-            depth -= ch == ")"
-            if depth == 0 and i < len(code) - 1:
-                break
-        else:
-            return code
-    return f"({code})"
-
-
-class StageEmitter:
+class StageEmitter(BlockEmitter):
     """One stage of a plan -> one Python function over torch tensors."""
 
     def __init__(self, plan: Plan, stage: Stage, name: str):
-        self.plan = plan
-        self.c: Cascade = plan.cascade
-        self.s = stage
-        self.name = name
+        super().__init__(plan, stage, name)
         self.order = list(stage.grid) + list(stage.query) + list(stage.stream) + list(stage.features)
         self.qset, self.kset = set(stage.query), set(stage.stream)
-        self.local = {e.name: e for e in stage.einsums}
-        self.axes_of: dict[str, tuple[str, ...]] = {}
-        self.counter = 0
         self.letters = self._letters()
-        self.track_any = any(e.where is not None for e in stage.einsums)
         self.used_index_values: set[str] = set()
         self.views: dict[str, tuple[str, ...]] = {}  # full tensor -> stage-view axes
-        self.in_loop = False
-        self.masked = False
 
     # ------------------------------------------------------------------ axes
     def _letters(self) -> dict[str, str]:
@@ -233,9 +179,6 @@ class StageEmitter:
             used.add(want)
             out[a] = want
         return out
-
-    def var_axes(self, v: str) -> tuple[str, ...]:
-        return (v,)
 
     def canon(self, axes) -> tuple[str, ...]:
         axes = set(axes)
@@ -256,7 +199,7 @@ class StageEmitter:
             idx.pop()
         if not idx:
             return code
-        return f"{_paren(code)}[{', '.join(idx)}]"
+        return f"{paren(code)}[{', '.join(idx)}]"
 
     def shape(self, axes) -> str:
         dims = []
@@ -267,147 +210,85 @@ class StageEmitter:
                 dims.append(rank_of(a))
         return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
 
-    def fresh(self, base: str) -> str:
-        self.counter += 1
-        return f"{base}_{self.counter}"
-
     # ------------------------------------------------------------------ expressions
     def num(self, v: Val) -> str:
-        """A float-able code for v."""
         if v.kind == "bool":
-            return f"{_paren(v.code)}.to(DT)" if v.axes else f"float({v.code})"
+            return f"{paren(v.code)}.to(DT)" if v.axes else f"float({v.code})"
         return v.code
 
-    def truth(self, v: Val) -> str:
-        if v.kind == "bool":
-            return v.code
-        return f"({v.code} != 0)"
+    def index(self, name: str) -> Val:
+        self.used_index_values.add(name)  # the stage function defines only the index tiles it reads
+        return super().index(name)
 
-    def combine_pres(self, vals: list[Val]) -> tuple[str | None, tuple]:
-        parts, seen = [], set()
-        for v in vals:
-            if v.pres and v.pres not in seen:
-                seen.add(v.pres)
-                parts.append((v.pres, v.pres_axes))
-        if not parts:
-            return None, ()
-        if len(parts) == 1:
-            return parts[0]
-        pax = self.canon([a for _, ax in parts for a in ax])
-        return " & ".join(self.align(p, ax, pax) for p, ax in parts), pax
+    def logical_not(self, v: Val) -> Val:
+        if v.scalar:
+            return Val(f"(not {self.truth(v)})", (), "bool")
+        return Val(f"(~{paren(self.truth(v))})", v.axes, "bool")
 
-    def emit(self, expr: Expr, sec: _Sec) -> Val:
-        if isinstance(expr, Num):
-            v = expr.value
-            return Val(_fmt_num(v), (), "f" if isinstance(v, float) else "int")
-        if isinstance(expr, Name):
-            p = self.c.param(expr.name)
-            kind = "int" if p is None or p.type == "int" else "f"
-            return Val(expr.name, (), kind)
-        if isinstance(expr, Index):
-            self.used_index_values.add(expr.name)
-            return Val(expr.name, self.var_axes(expr.name), "int")
-        if isinstance(expr, Access):
-            return self.access(expr, sec)
-        if isinstance(expr, Unary):
-            v = self.emit(expr.operand, sec)
-            if expr.op == "not":
-                if v.scalar:
-                    return Val(f"(not {self.truth(v)})", (), "bool")
-                return Val(f"(~{_paren(self.truth(v))})", v.axes, "bool")
-            return Val(f"(-{_paren(self.num(v))})", v.axes, "int" if v.kind == "int" else "f",
-                       v.pres, v.pres_axes)
-        if isinstance(expr, Binary):
-            a, b = self.emit(expr.lhs, sec), self.emit(expr.rhs, sec)
-            axes = self.canon(a.axes + b.axes)
-            pres, pax = self.combine_pres([a, b])
-            if expr.op in ("and", "or"):
-                ac, bc = self.align(self.truth(a), a.axes, axes), self.align(self.truth(b), b.axes, axes)
-                if not axes:
-                    return Val(f"({ac} {expr.op} {bc})", (), "bool")
-                return Val(f"({_paren(ac)} {'&' if expr.op == 'and' else '|'} {_paren(bc)})", axes, "bool")
-            ac, bc = self.align(self.num(a), a.axes, axes), self.align(self.num(b), b.axes, axes)
-            if expr.op in ("<", "<=", ">", ">=", "==", "!="):
-                return Val(f"({ac} {expr.op} {bc})", axes, "bool", pres, pax)
-            kind = "int" if a.kind == b.kind == "int" and expr.op != "/" else "f"
-            return Val(f"({ac} {expr.op} {bc})", axes, kind, pres, pax)
-        assert isinstance(expr, Call)
-        args = [self.emit(a, sec) for a in expr.args]
+    def logical(self, op: str, a: Val, b: Val, axes: tuple[str, ...]) -> Val:
+        ac, bc = self.align(self.truth(a), a.axes, axes), self.align(self.truth(b), b.axes, axes)
+        if not axes:
+            return Val(f"({ac} {op} {bc})", (), "bool")
+        return Val(f"({paren(ac)} {'&' if op == 'and' else '|'} {paren(bc)})", axes, "bool")
+
+    def nbhd(self, args: list[Val]) -> Val:
         axes = self.canon([x for a in args for x in a.axes])
-        if expr.fn == "nbhd":
-            codes = [self.align(a.code, a.axes, axes) for a in args]
-            return Val(f"_nbhd({', '.join(codes)})", axes, "bool")
-        pres, pax = self.combine_pres(args)
-        if expr.fn == "where":
-            c = self.align(self.truth(args[0]), args[0].axes, axes)
-            x = self.align(self.num(args[1]), args[1].axes, axes)
-            y = self.align(self.num(args[2]), args[2].axes, axes)
-            if not axes:
-                return Val(f"({x} if {c} else {y})", (), "f", pres, pax)
-            if args[1].scalar and args[2].scalar and args[0].axes != axes:
-                c = f"{c}.expand({self.shape(axes)[1:-1]})"
-            return Val(f"torch.where({c}, {x}, {y})", axes, "f", pres, pax)
+        codes = [self.align(a.code, a.axes, axes) for a in args]
+        return Val(f"_nbhd({', '.join(codes)})", axes, "bool")
+
+    def where(self, args: list[Val], axes: tuple[str, ...], pres: str | None, pax: tuple) -> Val:
+        c = self.align(self.truth(args[0]), args[0].axes, axes)
+        x = self.align(self.num(args[1]), args[1].axes, axes)
+        y = self.align(self.num(args[2]), args[2].axes, axes)
+        if not axes:
+            return Val(f"({x} if {c} else {y})", (), "float", pres, pax)
+        if args[1].scalar and args[2].scalar and args[0].axes != axes:
+            c = f"{c}.expand({self.shape(axes)[1:-1]})"
+        return Val(self.select(c, x, y), axes, "float", pres, pax)
+
+    def call(self, fn: str, args: list[Val], axes: tuple[str, ...], pres: str | None, pax: tuple,
+             sec: Section) -> Val:
         codes = [self.align(self.num(a), a.axes, axes) for a in args]
         if not axes:  # scalar math (params, dims)
-            if expr.fn in MATH_UNARY:
-                return Val(MATH_UNARY[expr.fn].format(codes[0]), (), "f", pres, pax)
-            if expr.fn in ("max", "min"):
-                return Val(f"{expr.fn}({codes[0]}, {codes[1]})", (), "f", pres, pax)
-            if expr.fn == "pow":
-                return Val(f"({codes[0]} ** {codes[1]})", (), "f", pres, pax)
-            if expr.fn in ("softplus", "elu"):
-                return Val(f"{TORCH_UNARY[expr.fn].format(f'torch.tensor(float({codes[0]}))')}.item()", (),
-                           "f", pres, pax)
-            raise LoweringError(f"function {expr.fn}() has no CPU lowering")
-        if expr.fn in TORCH_UNARY:
+            if fn in MATH_UNARY:
+                return Val(MATH_UNARY[fn].format(codes[0]), (), "float", pres, pax)
+            if fn in ("max", "min"):
+                return Val(f"{fn}({codes[0]}, {codes[1]})", (), "float", pres, pax)
+            if fn == "pow":
+                return Val(f"({codes[0]} ** {codes[1]})", (), "float", pres, pax)
+            if fn in ("softplus", "elu"):
+                return Val(f"{TORCH_UNARY[fn].format(f'torch.tensor(float({codes[0]}))')}.item()", (),
+                           "float", pres, pax)
+            raise LoweringError(f"function {fn}() has no CPU lowering")
+        if fn in TORCH_UNARY:
             x = codes[0]
             if args[0].kind == "int":
-                x = f"{_paren(x)}.to(DT)"
-            elif expr.fn in INPLACE and not _simple(x) and set(args[0].axes) == set(axes):
+                x = f"{paren(x)}.to(DT)"
+            elif fn in INPLACE and not is_simple(x) and set(args[0].axes) == set(axes):
                 # the argument is a fresh temporary of the full tile: compute in place
-                return Val(f"{_paren(x)}.{expr.fn}_()", axes, "f", pres, pax)
-            return Val(TORCH_UNARY[expr.fn].format(x), axes, "f", pres, pax)
-        if expr.fn == "pow":
+                return Val(f"{paren(x)}.{fn}_()", axes, "float", pres, pax)
+            return Val(TORCH_UNARY[fn].format(x), axes, "float", pres, pax)
+        if fn == "pow":
             a, b = codes
             if args[0].scalar:
-                return Val(f"torch.pow(float({a}), {b})", axes, "f", pres, pax)
-            return Val(f"torch.pow({a}, {b})", axes, "f", pres, pax)
-        if expr.fn in ("max", "min"):
+                return Val(f"torch.pow(float({a}), {b})", axes, "float", pres, pax)
+            return Val(f"torch.pow({a}, {b})", axes, "float", pres, pax)
+        if fn in ("max", "min"):
             a, b = codes
-            clamp = "min" if expr.fn == "max" else "max"
+            clamp = "min" if fn == "max" else "max"
             if args[1].scalar:
-                return Val(f"torch.clamp({a}, {clamp}={b})", axes, "f", pres, pax)
+                return Val(f"torch.clamp({a}, {clamp}={b})", axes, "float", pres, pax)
             if args[0].scalar:
-                return Val(f"torch.clamp({b}, {clamp}={a})", axes, "f", pres, pax)
-            return Val(f"torch.{'maximum' if expr.fn == 'max' else 'minimum'}({a}, {b})", axes, "f", pres, pax)
-        raise LoweringError(f"function {expr.fn}() has no CPU lowering")
+                return Val(f"torch.clamp({b}, {clamp}={a})", axes, "float", pres, pax)
+            return Val(f"torch.{'maximum' if fn == 'max' else 'minimum'}({a}, {b})", axes, "float", pres, pax)
+        raise LoweringError(f"function {fn}() has no CPU lowering")
 
-    # ------------------------------------------------------------------ accesses and loads
-    def access(self, a: Access, sec: _Sec) -> Val:
-        t = a.tensor
-        if t in self.local and t not in self.s.loads:
-            e = self.local[t]
-            lhs = [i.name for i in e.target.indices]
-            if [i.name if isinstance(i, Index) else None for i in a.indices] != lhs:
-                raise LoweringError(f"{t} is read as {t}[{', '.join(map(str, a.indices))}]; only reads "
-                                    f"with its own index variables are emitted")
-            kind = self.s.kind[t]
-            code = t
-            if t in self.s.online and self.in_loop:
-                code = f"{t}_use"
-            pres, pax = None, ()
-            if kind in ("stream", "key_side") and self.masked and t in self.mask_of:
-                pres, pax = self.mask_of[t]
-            if kind in ("carried", "epilogue", "prologue") and not self.in_loop:
-                pres, pax = self.pres_after.get(t, (None, ()))
-            return Val(code, self.axes_of[t], "f", pres, pax)
-        return self.load(a, sec)
-
-    def load(self, a: Access, sec: _Sec) -> Val:
+    # ------------------------------------------------------------------ loads
+    def load(self, a: Access, sec: Section) -> Val:
         """A tile of a tensor that lives outside the stage (input or earlier stage's result)."""
         t = a.tensor
         info = self.c.tensors[t]
-        kind = "f"
+        kind = "float"
         if t in self.c.input_names and info.dtype in ("bool",):
             kind = "bool"
         elif t in self.c.input_names and info.dtype.startswith("int"):
@@ -465,77 +346,55 @@ class StageEmitter:
         return name, vaxes
 
     # ------------------------------------------------------------------ reductions
-    def reduce_sum(self, e: Einsum, sec: _Sec, red: set[str], out_axes: tuple[str, ...],
-                   mask: tuple | None) -> str:
-        """Code for the sum over tile axes `red` of e.expr; `mask` (code, axes) removes points."""
-        total = []
-        for sign, factors in expand(e.expr):
-            vals = []
-            for rec, f in factors:
-                v = self.emit(f, sec)
-                if rec:
-                    v = Val(f"(1.0 / {_paren(self.num(v))})", v.axes, "f", v.pres, v.pres_axes)
-                vals.append(v)
-            inner = [v for v in vals if set(v.axes) & red]
-            outer = [v for v in vals if not set(v.axes) & red]
-            ops = [(self.num(v), v.axes) for v in inner]
-            scalars = [v for v in outer if v.scalar and v.kind != "bool"]
-            if len(ops) >= 2 and scalars:
-                # fold scalar factors (scale) into the smallest operand, not the score tile
-                k = min(range(len(ops)), key=lambda i: (bool(self.kset & set(ops[i][1])),
-                                                        bool(self.qset & set(ops[i][1])), len(ops[i][1])))
-                c, ax = ops[k]
-                factor = " * ".join(v.code for v in scalars)
-                if self.in_loop and not self.kset & set(ax) and c in self.hoistable:
-                    key = (c, factor)
-                    if key not in self.hoisted:
-                        name = f"{c}_x_{scalars[0].code}" if len(scalars) == 1 and scalars[0].code.isidentifier() \
-                            else self.fresh(f"{c}_x")
-                        self.query_loads.add(f"{name} = {c} * {factor}")
-                        self.hoisted[key] = name
-                    ops[k] = (self.hoisted[key], ax)
-                else:
-                    ops[k] = (f"{_paren(c)} * {factor}", ax)
-                outer = [v for v in outer if v not in scalars]
-            if mask is not None:
-                m, max_ = mask
-                cover = next((k for k, (_, ax) in enumerate(ops) if set(max_) <= set(ax)), None)
-                if cover is None:  # no factor spans the mask: form the product (rare)
-                    axes = self.canon([x for _, ax in ops for x in ax] + list(max_))
-                    prod = " * ".join(self.align(c, ax, axes) for c, ax in ops) or "1.0"
-                    ops = [(f"torch.where({self.align(m, max_, axes)}, {prod}, 0.0)", axes)]
-                else:
-                    c, ax = ops[cover]
-                    key = (c, m)
-                    if key not in self.masked_cse:
-                        name = self.fresh((c if c.isidentifier() else "x") + "_m")
-                        sec.add(f"{name} = torch.where({self.align(m, max_, ax)}, {c}, 0.0)")
-                        self.masked_cse[key] = name
-                    ops[cover] = (self.masked_cse[key], ax)
-            term_axes = self.canon([x for _, ax in ops for x in ax if x not in red])
-            if len(ops) == 1:
-                c, ax = ops[0]
-                dims = [ax.index(x) for x in ax if x in red]
-                term = f"{_paren(c)}.sum({dims[0] if len(dims) == 1 else tuple(dims)})"
+    def sum_term(self, inner: list[Val], outer: list[Val], red: set[str], out_axes: tuple[str, ...],
+                 mask: tuple | None, sec: Section) -> tuple[str, tuple[str, ...], list[Val]]:
+        ops = [(self.num(v), v.axes) for v in inner]
+        scalars = [v for v in outer if v.scalar and v.kind != "bool"]
+        if len(ops) >= 2 and scalars:
+            # fold scalar factors (scale) into the smallest operand, not the score tile
+            k = min(range(len(ops)), key=lambda i: (bool(self.kset & set(ops[i][1])),
+                                                    bool(self.qset & set(ops[i][1])), len(ops[i][1])))
+            c, ax = ops[k]
+            factor = " * ".join(v.code for v in scalars)
+            if self.in_loop and not self.kset & set(ax) and c in self.hoistable:
+                key = (c, factor)
+                if key not in self.hoisted:
+                    name = f"{c}_x_{scalars[0].code}" if len(scalars) == 1 and scalars[0].code.isidentifier() \
+                        else self.fresh(f"{c}_x")
+                    self.query_loads.add(f"{name} = {c} * {factor}")
+                    self.hoisted[key] = name
+                ops[k] = (self.hoisted[key], ax)
             else:
-                subs = ",".join("".join(self.letters[x] for x in ax) for _, ax in ops)
-                out = "".join(self.letters[x] for x in term_axes)
-                term = f"torch.einsum(\"{subs}->{out}\", {', '.join(c for c, _ in ops)})"
-            parts = [self.align(term, term_axes, out_axes)]
-            for v in outer:
-                parts.append(self.align(self.num(v), v.axes, out_axes))
-            code = " * ".join(parts)
-            if sign == 1.0:
-                total.append("+ " + code)
-            elif sign == -1.0:
-                total.append("- " + code)
+                ops[k] = (f"{paren(c)} * {factor}", ax)
+            outer = [v for v in outer if v not in scalars]
+        if mask is not None:
+            m, max_ = mask
+            cover = next((k for k, (_, ax) in enumerate(ops) if set(max_) <= set(ax)), None)
+            if cover is None:  # no factor spans the mask: form the product (rare)
+                axes = self.canon([x for _, ax in ops for x in ax] + list(max_))
+                prod = " * ".join(self.align(c, ax, axes) for c, ax in ops) or "1.0"
+                ops = [(self.select(self.align(m, max_, axes), prod, "0.0"), axes)]
             else:
-                total.append(f"+ {sign!r} * {code}")
-        text = " ".join(total)
-        return text[2:] if text.startswith("+ ") else "-" + text[2:]
+                c, ax = ops[cover]
+                key = (c, m)
+                if key not in self.masked_cse:
+                    name = self.fresh((c if c.isidentifier() else "x") + "_m")
+                    sec.add(f"{name} = {self.select(self.align(m, max_, ax), c, '0.0')}")
+                    self.masked_cse[key] = name
+                ops[cover] = (self.masked_cse[key], ax)
+        term_axes = self.canon([x for _, ax in ops for x in ax if x not in red])
+        if len(ops) == 1:
+            c, ax = ops[0]
+            dims = [ax.index(x) for x in ax if x in red]
+            term = f"{paren(c)}.sum({dims[0] if len(dims) == 1 else tuple(dims)})"
+        else:
+            subs = ",".join("".join(self.letters[x] for x in ax) for _, ax in ops)
+            out = "".join(self.letters[x] for x in term_axes)
+            term = f"torch.einsum(\"{subs}->{out}\", {', '.join(c for c, _ in ops)})"
+        return term, term_axes, outer
 
     # ------------------------------------------------------------------ Einsums by class
-    def map_or_reduce(self, e: Einsum, sec: _Sec, where_mask: tuple | None) -> tuple:
+    def map_or_reduce(self, e: Einsum, sec: Section, where_mask: tuple | None) -> tuple:
         """Emit `e` (no key reduction) and return its presence (code, axes) or (None, ())."""
         axes = self.axes_of[e.name]
         red = {x for v in e.reduced for x in self.var_axes(v)}
@@ -549,17 +408,13 @@ class StageEmitter:
             if where_mask and set(where_mask[1]) & red:
                 parts.append(where_mask)
             if parts:
-                pax = self.canon([a for _, ax in parts for a in ax])
-                mask = (" & ".join(self.align(p, ax, pax) for p, ax in parts), pax)
-            code = self.reduce_sum(e, sec, red, axes, mask)
+                mask = self.conjunction(parts)
+            code = self.reduce_sum(e, sec, red, mask)
             pres = (None, ())
             if mask is not None:
-                m, max_ = mask
-                dims = [max_.index(x) for x in max_ if x in red]
-                rest = tuple(x for x in max_ if x not in red)
-                pres = (f"{_paren(m)}.any({dims[0] if len(dims) == 1 else tuple(dims)})" if dims else m, rest)
+                pres = self.reduce("any", *mask, red)
             if where_mask and not set(where_mask[1]) & red:
-                pres = self._and(pres, where_mask)
+                pres = self.conjunction([p for p in (pres, where_mask) if p[0]])
         else:
             v = self.emit(e.expr, sec)
             code = self.align(self.num(v), v.axes, axes)
@@ -570,37 +425,25 @@ class StageEmitter:
                     code = f"{code}.expand({self.shape(axes)[1:-1]})"
             pres = (v.pres, v.pres_axes)
             if where_mask:
-                pres = self._and(pres, where_mask)
+                pres = self.conjunction([p for p in (pres, where_mask) if p[0]])
         sec.add(f"{e.name} = {code}")
-        if pres[0] and not _simple(pres[0]):
+        if pres[0] and not is_simple(pres[0]):
             name = f"{e.name}_pres"
             sec.add(f"{name} = {pres[0]}")
             pres = (name, pres[1])
         return pres
 
-    def _and(self, a: tuple, b: tuple) -> tuple:
-        if not a[0]:
-            return b
-        if not b[0]:
-            return a
-        pax = self.canon(a[1] + b[1])
-        return (f"{self.align(a[0], a[1], pax)} & {self.align(b[0], b[1], pax)}", pax)
-
-    def _operand_pres(self, e: Einsum, sec: _Sec) -> tuple:
+    def _operand_pres(self, e: Einsum, sec: Section) -> tuple:
         parts = []
-        for f in _accesses(e.expr):
+        for f in accesses(e.expr):
             if f.tensor in self.local and f.tensor not in self.s.loads:
                 if self.in_loop and self.masked and f.tensor in self.mask_of:
                     parts.append(self.mask_of[f.tensor])
                 elif not self.in_loop and f.tensor in self.pres_after and self.pres_after[f.tensor][0]:
                     parts.append(self.pres_after[f.tensor])
-        parts = list(dict.fromkeys(parts))
-        if not parts:
-            return (None, ())
-        pax = self.canon([a for _, ax in parts for a in ax])
-        return (" & ".join(self.align(p, ax, pax) for p, ax in parts), pax)
+        return self.conjunction(list(dict.fromkeys(parts)))
 
-    def where_mask(self, e: Einsum, sec: _Sec) -> tuple | None:
+    def where_mask(self, e: Einsum, sec: Section) -> tuple | None:
         if e.where is None:
             return None
         key = repr(e.where)
@@ -610,20 +453,20 @@ class StageEmitter:
         code = self.truth(w)
         if not w.axes:
             raise LoweringError(f"{e.name}: a predicate with no tile axis is not emitted on the CPU")
-        if not _simple(code):
+        if not is_simple(code):
             name = f"{e.name}_where"
             sec.add(f"{name} = {code}")
             code = name
         self.pred_cse[key] = (code, w.axes)
         return (code, w.axes)
 
-    def stream_einsum(self, e: Einsum, sec: _Sec) -> None:
+    def stream_einsum(self, e: Einsum, sec: Section) -> None:
         wm = self.where_mask(e, sec) if self.masked else None
         pres = self.map_or_reduce(e, sec, wm)
         if self.masked and pres[0]:
             self.mask_of[e.name] = pres
 
-    def carried_einsum(self, e: Einsum, sec: _Sec) -> None:
+    def carried_einsum(self, e: Einsum, sec: Section) -> None:
         axes = self.axes_of[e.name]
         red = {x for v in e.reduced for x in self.var_axes(v)}
         mask = None
@@ -636,99 +479,42 @@ class StageEmitter:
             if wm:
                 parts.append(wm)
             if parts:
-                pax = self.canon([a for _, ax in parts for a in ax])
-                code = " & ".join(self.align(p, ax, pax) for p, ax in parts)
-                if not _simple(code):
+                code, pax = self.conjunction(parts)
+                if not is_simple(code):
                     name = f"{e.name}_mask"
                     sec.add(f"{name} = {code}")
                     code = name
                 mask = (code, pax)
         if e.reduce == "max":
-            v = self.emit(e.expr, sec)
-            cur = v.axes
-            x = self.num(v)
-            if mask is not None:
-                cur = self.canon(cur + mask[1])
-                x = f"torch.where({self.align(mask[0], mask[1], cur)}, {self.align(x, v.axes, cur)}, -math.inf)"
-            dims = [cur.index(a) for a in cur if a in red]
-            if dims:
-                x = f"{_paren(x)}.amax({dims[0] if len(dims) == 1 else tuple(dims)})"
-            cur = tuple(a for a in cur if a not in red)
-            x = self.align(x, cur, axes)
-            if e.name in self.s.online:
-                sec.add(f"{e.name}_new = torch.maximum({e.name}, {x})")
-                sec.add(f"{e.name}_use = torch.where({e.name}_new == -math.inf, 0.0, {e.name}_new)")
-                self.finalize.append(f"{e.name} = {e.name}_new")
-            else:
-                sec.add(f"{e.name} = torch.maximum({e.name}, {x})")
+            self.carried_max(e, red, mask, sec)
         elif e.reduce == "sum":
-            contrib = self.reduce_sum(e, sec, red, axes, mask)
-            ratio = self.s.rescale.get(e.name, sympy.Integer(1))
-            if ratio != 1:
-                key = str(ratio)
-                if key not in self.alpha:
-                    name = "alpha" if not self.alpha else f"alpha_{len(self.alpha)}"
-                    code, aaxes = self._sympy_code(ratio)
-                    sec.add(f"{name} = {code}")
-                    self.alpha[key] = (name, aaxes)
-                name, aaxes = self.alpha[key]
-                sec.add(f"{e.name} = {e.name} * {self.align(name, aaxes, axes)} + {contrib}")
-            else:
-                sec.add(f"{e.name} = {e.name} + {contrib}")
+            self.carried_sum(e, self.reduce_sum(e, sec, red, mask), sec)
         else:
             raise LoweringError(f"{e.name}: a {e.reduce} over the key rank is not emitted")
         if self.track_any:
             if mask is None:
                 sec.add(f"{e.name}_any.fill_(True)")
             else:
-                m, max_ = mask
-                dims = [max_.index(a) for a in max_ if a in red]
-                rest = tuple(a for a in max_ if a not in red)
-                x = f"{_paren(m)}.any({dims[0] if len(dims) == 1 else tuple(dims)})" if dims else m
+                x, rest = self.reduce("any", *mask, red)
                 sec.add(f"{e.name}_any |= {self.align(x, rest, axes)}")
 
-    def _sympy_code(self, e: sympy.Expr) -> tuple[str, tuple[str, ...]]:
-        """A rescale factor (sympy, over G_<max> and G_<max>_new) as torch code and its axes."""
-        if isinstance(e, sympy.Symbol):
-            n = e.name
-            if n.startswith("G_") and n.endswith("_new"):
-                t = n[2:-4]
-                return f"{t}_use", self.axes_of[t]
-            if n.startswith("G_"):
-                return n[2:], self.axes_of[n[2:]]
-            return n, ()
-        if e.is_Number:
-            return repr(float(e)), ()
-        if isinstance(e, sympy.exp):
-            c, ax = self._sympy_code(e.args[0])
-            return (f"torch.exp({c})" if ax else f"math.exp({c})"), ax
-        if isinstance(e, sympy.Add):
-            parts = []
-            for a in e.args:
-                neg = isinstance(a, sympy.Mul) and a.args[0] == -1
-                parts.append((neg,) + self._sympy_code(-a if neg else a))
-            axes = self.canon([x for _, _, ax in parts for x in ax])
-            text = ""
-            for k, (neg, c, ax) in enumerate(parts):
-                code = self.align(c, ax, axes)
-                text += (" - " if neg else " + " if k else "") + code
-            return f"({text[3:] if text.startswith(' - ') and False else text})", axes
-        if isinstance(e, sympy.Mul):
-            parts = [self._sympy_code(a) for a in e.args]
-            axes = self.canon([x for _, ax in parts for x in ax])
-            op = " + " if isinstance(e, sympy.Add) else " * "
-            return "(" + op.join(self.align(c, ax, axes) for c, ax in parts) + ")", axes
-        if isinstance(e, sympy.Pow):
-            b, x = e.args
-            bc, bax = self._sympy_code(b)
-            xc, xax = self._sympy_code(x)
-            axes = self.canon(bax + xax)
-            if x == -1:
-                return f"(1.0 / {_paren(bc)})", bax
-            return f"torch.pow({self.align(bc, bax, axes)}, {self.align(xc, xax, axes)})", axes
-        raise LoweringError(f"cannot emit rescale factor {e} on the CPU")
+    def select(self, cond: str, a: str, b: str) -> str:
+        return f"torch.where({cond}, {a}, {b})"
 
-    def after_loop_einsum(self, e: Einsum, sec: _Sec) -> None:
+    def maximum(self, a: str, b: str) -> str:
+        return f"torch.maximum({a}, {b})"
+
+    def reduce(self, op: str, code: str, axes: tuple[str, ...], red) -> tuple[str, tuple[str, ...]]:
+        dims = [axes.index(a) for a in axes if a in red]
+        if dims:
+            code = f"{paren(code)}.{'amax' if op == 'max' else op}({dims[0] if len(dims) == 1 else tuple(dims)})"
+        return code, tuple(a for a in axes if a not in red)
+
+    def exp(self, v: Val, sec: Section) -> Val:
+        # a rescale factor is one small tile per key tile: plain torch.exp (readable), not in place
+        return Val(f"torch.exp({paren(v.code)})" if v.axes else f"math.exp({v.code})", v.axes)
+
+    def after_loop_einsum(self, e: Einsum, sec: Section) -> None:
         pres = self.map_or_reduce(e, sec, None)
         self.pres_after[e.name] = pres
 
@@ -745,7 +531,7 @@ class StageEmitter:
         self.hoisted: dict = {}
         self.full_inputs: set[str] = set()
         self.gathers: dict = {}
-        self.stage_loads, self.query_loads, self.key_loads = _Sec(indent=1), _Sec(indent=2), _Sec(indent=3)
+        self.stage_loads, self.query_loads, self.key_loads = Section(indent=1), Section(indent=2), Section(indent=3)
         self.pres_after: dict[str, tuple] = {}
         self.mask_of: dict[str, tuple] = {}
         self.pred_cse: dict = {}
@@ -754,7 +540,7 @@ class StageEmitter:
         self.alpha: dict = {}
 
         # -- per query tile: prologue and accumulators
-        qsec = _Sec(indent=2)
+        qsec = Section(indent=2)
         self.in_loop = False
         for e in s.einsums:
             if s.kind[e.name] == "prologue":
@@ -775,7 +561,7 @@ class StageEmitter:
             self.masked = masked
             self.mask_of, self.finalize, self.alpha = {}, [], {}
             self.pred_cse, self.masked_cse, self.gathers = {}, {}, {}
-            sec = _Sec(indent=indent)
+            sec = Section(indent=indent)
             if masked and s.predicate is not None:
                 # the stage predicate guards every carried reduction: an empty tile is skipped
                 w = self.emit(s.predicate, sec)
@@ -815,7 +601,7 @@ class StageEmitter:
         self.masked = False
 
         # -- epilogue and stores
-        post = _Sec(indent=2)
+        post = Section(indent=2)
         for e in carried:
             self.pres_after[e.name] = (f"{e.name}_any", self.axes_of[e.name]) if self.track_any else (None, ())
         for e in s.einsums:
@@ -888,7 +674,7 @@ class StageEmitter:
         lines += post.lines
         return "\n".join(lines) + "\n"
 
-    def store(self, t: str, sec: _Sec) -> None:
+    def store(self, t: str, sec: Section) -> None:
         axes = self.axes_of[t]
         e = self.local[t]
         vars_ = [i.name for i in e.target.indices]
@@ -901,7 +687,7 @@ class StageEmitter:
         pres, pax = self.pres_after.get(t, (None, ()))
         fill = next((o.fill for o in self.c.outputs if o.name == t), 0.0)
         if pres:
-            val = f"torch.where({self.align(pres, pax, axes)}, {t}, {_fmt_num(float(fill))})"
+            val = f"torch.where({self.align(pres, pax, axes)}, {t}, {self.number(float(fill))})"
         target = f"{view}[{', '.join(idx)}]" if idx else view
         if not self.qset & set(axes):
             raise LoweringError(f"{t} has no query rank; the CPU emitter stores per query tile")
@@ -964,21 +750,12 @@ def _conjuncts(pred) -> list:
     return [pred]
 
 
-def _accesses(expr) -> list[Access]:
-    from einsum_ir.ir import walk
-
-    return [n for n in walk(expr) if isinstance(n, Access)]
-
-
 def emit_plan(plan: Plan, cascade_text: str) -> tuple[str, list[StageEmitter]]:
     """The whole module: header comment with the cascade and plan, helpers, one function per stage."""
-    head = ["# Generated by einsum-ir (codegen/cpu_emit.py): tiled PyTorch for the cascade", "#"]
-    head += ["#   " + line if line else "#" for line in cascade_text.rstrip().splitlines()]
-    head += ["#", "# Lowered cascade (after division deferral):", "#"]
-    head += ["#   " + line for line in str(plan.cascade).rstrip().splitlines() if not line.startswith("#")]
-    head += ["#", "# Plan:"] + ["#   " + line for line in plan.summary().splitlines()]
-    head += ["", "import itertools", "import math", "", "import torch", ""]
-    parts = ["\n".join(head), HELPERS]
+    head = module_header(plan, cascade_text,
+                         "Generated by einsum-ir (codegen/cpu_emit.py): tiled PyTorch for the cascade",
+                         ["import itertools", "import math", "", "import torch", ""])
+    parts = [head, HELPERS]
     emitters = []
     for s in plan.stages:
         em = StageEmitter(plan, s, f"stage{s.index}")
@@ -1021,56 +798,8 @@ class CpuKernel:
     def resource_usage(self, shapes, dtype="bf16", target="sm_90"):
         raise LoweringError("the CPU backend generates PyTorch code; it has no compiled GPU kernel")
 
-    # -- binding
-    def bind(self, args: dict):
-        c = self.cascade
-        tensors, extents, where = {}, {}, {}
-        for d in c.inputs:
-            if d.name not in args:
-                raise BindError(f"missing input tensor {d.name}; the cascade takes {', '.join(c.input_names)}")
-            t = args.pop(d.name)
-            if not isinstance(t, torch.Tensor):
-                raise BindError(f"input {d.name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dim() != len(d.indices):
-                raise BindError(f"input {d.name}[{', '.join(d.indices)}] has {len(d.indices)} dims, but the "
-                                f"tensor given has shape {tuple(t.shape)}")
-            for k, idx in enumerate(d.indices):
-                r = rank_of(idx)
-                if r in extents and extents[r] != t.shape[k]:
-                    raise BindError(f"rank {r} is {extents[r]} in {where[r]} but {t.shape[k]} in {d.name} (dim {k})")
-                extents[r], where[r] = int(t.shape[k]), f"{d.name} (dim {k})"
-            tensors[d.name] = t
-        for d in c.dims:
-            if d in args:
-                size = int(args.pop(d))
-                if d in extents and extents[d] != size:
-                    raise BindError(f"rank {d}={size} given, but {where[d]} has {extents[d]}")
-                extents[d] = size
-        unbound = [d for d in c.dims if d not in extents]
-        if unbound:
-            raise BindError(f"rank(s) {', '.join(unbound)} not bound by any input; pass e.g. {unbound[0]}=128")
-        env: dict = dict(extents)
-        params = {}
-        for p in c.params:
-            if p.type is not None:
-                if p.name not in args:
-                    raise BindError(f"missing param {p.name} ({p.type})")
-                v = args.pop(p.name)
-                v = v.item() if isinstance(v, torch.Tensor) else v
-                params[p.name] = int(v) if p.type == "int" else float(v)
-            else:
-                if p.name in args:
-                    raise BindError(f"param {p.name} is derived in the spec and cannot be passed")
-                params[p.name] = _scalar(p.expr, env)
-            env[p.name] = params[p.name]
-        for s in c.splits:
-            args.pop(s.inner, None)
-        if args:
-            raise BindError(f"unexpected argument(s) {', '.join(args)}")
-        return tensors, extents, params
-
     def __call__(self, **args):
-        tensors, extents, params = self.bind(dict(args))
+        tensors, extents, params = bind_arguments(self.cascade, dict(args))
         c = self.plan.cascade
         floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
         out_dtype = floats[0] if floats else torch.float32
@@ -1092,32 +821,7 @@ class CpuKernel:
             kw = {n: scal[n] for n in names["scalars"]}
             fn(*targs, **kw, BLOCK_Q=self.block_q, BLOCK_S=self.block_s, DT=dt, _stats=stats)
         self.last_stats = stats
-        outs = []
-        for name in c.output_names:
-            t = buffers[name]
-            outs.append(t.to(out_dtype) if t.dtype != out_dtype else t)
-        return outs[0] if len(outs) == 1 else tuple(outs)
-
-
-_MATH = {"exp": math.exp, "log": math.log, "log1p": math.log1p, "sqrt": math.sqrt,
-         "rsqrt": lambda x: 1 / math.sqrt(x), "tanh": math.tanh, "abs": abs, "max": max, "min": min,
-         "pow": math.pow, "sigmoid": lambda x: 1 / (1 + math.exp(-x))}
-
-
-def _scalar(expr, env: dict):
-    if isinstance(expr, Num):
-        return expr.value
-    if isinstance(expr, Name):
-        return env[expr.name]
-    if isinstance(expr, Unary):
-        return -_scalar(expr.operand, env)
-    if isinstance(expr, Binary):
-        a, b = _scalar(expr.lhs, env), _scalar(expr.rhs, env)
-        return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b,
-                "/": lambda: a / b if b else math.inf, "//": lambda: a // b, "%": lambda: a % b}[expr.op]()
-    if isinstance(expr, Call) and expr.fn in _MATH:
-        return _MATH[expr.fn](*[_scalar(a, env) for a in expr.args])
-    raise BindError(f"cannot evaluate param expression {expr}")
+        return collect_outputs(c, buffers, out_dtype)
 
 
 def compile_cpu(cascade: Cascade, block_q: int = DEFAULT_BLOCK_Q, block_s: int = DEFAULT_BLOCK_S) -> CpuKernel:

@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 
@@ -15,7 +16,7 @@ from codegen import cache, dispatch
 from codegen.dispatch import INTERPRETER_CONFIG, Config, DispatchKey
 from einsum_ir.errors import BindError, LoweringError
 from einsum_ir.ir import Cascade, index_vars, rank_of
-from einsum_ir.params import evaluate_params
+from einsum_ir.params import bind_arguments
 from lowering.plan import Plan, Stage, build_plan
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
@@ -90,27 +91,24 @@ def query_tiles(stage, extents: dict, tiles: dict) -> int:
 _MODULES: dict[str, object] = {}
 
 
-def load_module(source: str, interpret: bool = False):
-    """Import generated source from a file (Triton's JIT reads the function source back).
-
-    With `interpret`, the module is imported under TRITON_INTERPRET=1 so its kernels run on CPU
-    tensors in Triton's interpreter; otherwise it is compiled for the GPU."""
+def import_source(source: str, prefix: str, interpret: bool) -> ModuleType:
+    """Import generated source from a file (Triton's JIT reads the function source back), named
+    `<prefix>_<hash>`. With `interpret`, the module is imported under TRITON_INTERPRET=1 so its
+    kernels run on CPU tensors in Triton's interpreter; otherwise they compile for the GPU."""
     key = hashlib.sha1(source.encode()).hexdigest()[:16]
-    mkey = key + ("_interp" if interpret else "")
-    if mkey in _MODULES:
-        return _MODULES[mkey]
     folder = os.path.join(tempfile.gettempdir(), "einsum_ir_triton")
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"k_{key}.py")
+    path = os.path.join(folder, f"{prefix}_{key}.py")
     if not os.path.exists(path):
-        tmp = path + f".{os.getpid()}"
+        tmp = path + f".{os.getpid()}"  # written whole, then renamed: other processes read it
         with open(tmp, "w") as fh:
             fh.write(source)
         os.replace(tmp, path)
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
     try:
-        spec = importlib.util.spec_from_file_location(f"einsum_ir_k_{mkey}", path)
+        name = f"einsum_ir_{prefix}_{key}" + ("_interp" if interpret else "")
+        spec = importlib.util.spec_from_file_location(name, path)
         mod = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = mod
         spec.loader.exec_module(mod)
@@ -119,6 +117,15 @@ def load_module(source: str, interpret: bool = False):
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = old
+    return mod
+
+
+def load_module(source: str, interpret: bool = False) -> ModuleType:
+    """The generated module, imported once per process (see `import_source`)."""
+    mkey = hashlib.sha1(source.encode()).hexdigest()[:16] + ("_interp" if interpret else "")
+    if mkey in _MODULES:
+        return _MODULES[mkey]
+    mod = import_source(source, "k", interpret)
     _MODULES[mkey] = mod
     dispatch.STATS["module_load"] += 1
     return mod
@@ -198,34 +205,10 @@ class TritonKernel:
 
     # -- launch
     def bind(self, args: dict):
-        c = self.cascade
-        tensors, extents, where = {}, {}, {}
-        for d in c.inputs:
-            if d.name not in args:
-                raise BindError(f"missing input tensor {d.name}; the cascade takes {', '.join(c.input_names)}")
-            t = args.pop(d.name)
-            if not isinstance(t, torch.Tensor) or t.dim() != len(d.indices):
-                raise BindError(f"input {d.name}[{', '.join(d.indices)}] needs a {len(d.indices)}-dim tensor")
-            for k, idx in enumerate(d.indices):
-                r = rank_of(idx)
-                if r in extents and extents[r] != t.shape[k]:
-                    raise BindError(f"rank {r} is {extents[r]} in {where[r]} but {t.shape[k]} in {d.name}")
-                extents[r], where[r] = t.shape[k], d.name
-            if t.dtype == torch.bool:
-                t = t.to(torch.int8)
-            tensors[d.name] = t
-        for d in c.dims:
-            if d in args:
-                extents[d] = int(args.pop(d))
-        unbound = [d for d in c.dims if d not in extents]
-        if unbound:
-            raise BindError(f"rank(s) {', '.join(unbound)} not bound by any input; pass e.g. {unbound[0]}=128")
-        for s in c.splits:
-            args.pop(s.inner, None)
-        runtime = {p.name: args.pop(p.name) for p in c.params if p.name in args}
-        params = evaluate_params(c, extents, runtime)
-        if args:
-            raise BindError(f"unexpected argument(s) {', '.join(args)}")
+        tensors, extents, params = bind_arguments(self.cascade, args)
+        for name, t in tensors.items():
+            if t.dtype == torch.bool:  # Triton loads a bool mask as int8
+                tensors[name] = t.to(torch.int8)
         return tensors, extents, params
 
     def __call__(self, **args):
@@ -315,11 +298,17 @@ class TritonKernel:
                         fn[grid](*kargs, **kw, **opts)
                 else:
                     fn[grid](*kargs, **kw, **opts)
-        outs = []
-        for name in c.output_names:
-            t = buffers[name]
-            outs.append(t.to(out_dtype) if t.dtype != out_dtype else t)
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        return collect_outputs(c, buffers, out_dtype)
+
+
+def collect_outputs(cascade: Cascade, buffers: dict, out_dtype: torch.dtype):
+    """The cascade's outputs from the stage buffers, in `out_dtype`: one tensor or a tuple in
+    output order, like `ei.interpret`."""
+    outs = []
+    for name in cascade.output_names:
+        t = buffers[name]
+        outs.append(t.to(out_dtype) if t.dtype != out_dtype else t)
+    return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 def _check_interpreter() -> None:

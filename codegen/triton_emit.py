@@ -17,14 +17,17 @@ from the expression tree.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
-import sympy
-
+from codegen.block_emit import (
+    BlockEmitter,
+    Section,
+    Val,
+    accesses,
+    is_simple,
+    module_header,
+    paren,
+)
 from einsum_ir.errors import LoweringError
-from einsum_ir.ir import Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, Num, Unary, rank_of
-from lowering.exprs import expand
+from einsum_ir.ir import Access, Einsum, Index, rank_of
 from lowering.plan import Plan, Stage
 
 HELPERS = '''
@@ -58,38 +61,17 @@ UNARY = {
 BINARY_FN = {"pow": "tl.exp({1} * tl.log({0}))", "max": "tl.maximum({0}, {1})", "min": "tl.minimum({0}, {1})"}
 
 
-@dataclass
-class Val:
-    code: str
-    axes: tuple[str, ...]
-    kind: str = "f32"  # f32 | native (a loaded float tile) | int | bool
-    pres: str | None = None  # presence mask (code) over `pres_axes`
-    pres_axes: tuple[str, ...] = ()
-    dtype_ref: str | None = None  # for native tiles: code of the tile whose dtype it has
+class StageEmitter(BlockEmitter):
+    """One stage of a plan -> one `@triton.jit` kernel (or, in list mode, its block-list kernel)."""
 
+    # prologue values are read after the loop without presence
+    after_loop_kinds = ("carried", "epilogue")
+    pos_inf, neg_inf = 'float("inf")', 'float("-inf")'
 
-@dataclass
-class _Section:
-    lines: list[str] = field(default_factory=list)
-    indent: int = 1
-
-    def add(self, line: str) -> None:
-        self.lines.append("    " * self.indent + line)
-
-
-class StageEmitter:
     def __init__(self, plan: Plan, stage: Stage, name: str):
-        self.c: Cascade = plan.cascade
-        self.s = stage
-        self.name = name
+        super().__init__(plan, stage, name)
         self.order = ["Q", "S"] + list(stage.features)
-        self.local = {e.name: e for e in stage.einsums}
-        self.axes_of: dict[str, tuple[str, ...]] = {}
-        self.counter = 0
         self.cache: dict = {}
-        self.masked = False
-        self.track_any = any(e.where is not None for e in stage.einsums)
-        self.alpha: dict[str, str] = {}
         self.prerun = False
         self.list_mode = False
         self.body_id = 0
@@ -121,17 +103,12 @@ class StageEmitter:
     def align(self, code: str, frm: tuple[str, ...], to: tuple[str, ...]) -> str:
         if frm == to or not frm:
             return code
-        if not _simple(code) and not (code.startswith("(") and code.endswith(")") and _balanced(code[1:-1])):
-            code = f"({code})"
+        code = paren(code)
         if len(frm) == 1 and len(to) == 2:
             return f"{code}[:, None]" if frm[0] == to[0] else f"{code}[None, :]"
         if len(frm) == 2 and frm == (to[1], to[0]):
             return f"tl.trans({code})"
         raise LoweringError(f"cannot broadcast a {frm} tile to {to}")
-
-    def fresh(self, base: str) -> str:
-        self.counter += 1
-        return f"{base}_{self.counter}"
 
     def block(self, a: str) -> str:
         return {"Q": "BLOCK_Q", "S": "BLOCK_S"}.get(a, f"BLOCK_{a.upper()}")
@@ -140,118 +117,61 @@ class StageEmitter:
         return "[" + ", ".join(self.block(a) for a in axes) + "]"
 
     # ------------------------------------------------------------------ expressions
-    def f32(self, v: Val) -> str:
-        if v.kind == "native":
-            return f"{v.code}.to(tl.float32)"
-        if v.kind == "bool":
-            return f"{v.code}.to(tl.float32)"
-        return v.code
+    def num(self, v: Val) -> str:
+        return f"{v.code}.to(tl.float32)" if v.kind in ("native", "bool") else v.code
 
-    def truth(self, v: Val) -> str:
-        return v.code if v.kind == "bool" else f"({v.code} != 0)"
+    def logical_not(self, v: Val) -> Val:
+        return Val(f"({self.truth(v)} == 0)", v.axes, "bool")
 
-    def combine_pres(self, vals: list[Val], axes) -> tuple[str | None, tuple]:
-        parts, seen = [], set()
-        for v in vals:
-            if v.pres and v.pres not in seen:
-                seen.add(v.pres)
-                parts.append((v.pres, v.pres_axes))
-        if not parts:
-            return None, ()
-        if len(parts) == 1:
-            return parts[0]
-        pax = self.canon([a for _, ax in parts for a in ax])
-        return " & ".join(self.align(p, ax, pax) for p, ax in parts), pax
+    def logical(self, op: str, a: Val, b: Val, axes: tuple[str, ...]) -> Val:
+        ac, bc = self.align(self.truth(a), a.axes, axes), self.align(self.truth(b), b.axes, axes)
+        return Val(f"({ac} {'&' if op == 'and' else '|'} {bc})", axes, "bool")
 
-    def emit(self, expr: Expr, sec: _Section) -> Val:
-        if isinstance(expr, Num):
-            v = expr.value
-            if isinstance(v, float) and math.isinf(v):
-                return Val('float("inf")' if v > 0 else 'float("-inf")', ())
-            return Val(repr(float(v)) if isinstance(v, float) else repr(v), (), "f32" if isinstance(v, float) else "int")
-        if isinstance(expr, Name):
-            p = self.c.param(expr.name)
-            kind = "int" if p is None or p.type == "int" else "f32"
-            return Val(expr.name, (), kind)
-        if isinstance(expr, Index):
-            return Val(expr.name, self.var_axes(expr.name), "int")
-        if isinstance(expr, Access):
-            return self.access(expr, sec)
-        if isinstance(expr, Unary):
-            v = self.emit(expr.operand, sec)
-            if expr.op == "not":
-                return Val(f"({self.truth(v)} == 0)", v.axes, "bool")
-            return Val(f"(-{self.f32(v) if v.kind != 'int' else v.code})", v.axes, v.kind if v.kind == "int" else "f32",
-                       v.pres, v.pres_axes)
-        if isinstance(expr, Binary):
-            a, b = self.emit(expr.lhs, sec), self.emit(expr.rhs, sec)
-            axes = self.canon(a.axes + b.axes)
-            ac, bc = self.align(self._num(a), a.axes, axes), self.align(self._num(b), b.axes, axes)
-            pres, pax = self.combine_pres([a, b], axes)
-            if expr.op in ("and", "or"):
-                ac, bc = self.align(self.truth(a), a.axes, axes), self.align(self.truth(b), b.axes, axes)
-                return Val(f"({ac} {'&' if expr.op == 'and' else '|'} {bc})", axes, "bool")
-            if expr.op in ("<", "<=", ">", ">=", "==", "!="):
-                return Val(f"({ac} {expr.op} {bc})", axes, "bool", pres, pax)
-            kind = "int" if a.kind == b.kind == "int" and expr.op != "/" else "f32"
-            if expr.op == "/" and kind == "f32" and a.kind == "int" and b.kind == "int":
-                ac = f"({ac}).to(tl.float32)"
-            return Val(f"({ac} {expr.op} {bc})", axes, kind, pres, pax)
-        assert isinstance(expr, Call)
-        if expr.fn == "nbhd":
-            args = [self.emit(a, sec) for a in expr.args]
-            while len(args) < 6:
-                args.append(Val("1", (), "int"))
-            axes = self.canon(args[0].axes + args[1].axes)
-            q = self.align(args[0].code, args[0].axes, axes)
-            k = self.align(args[1].code, args[1].axes, axes)
-            return Val(f"_nbhd({q}, {k}, {', '.join(a.code for a in args[2:])})", axes, "bool")
-        args = [self.emit(a, sec) for a in expr.args]
-        axes = self.canon([x for a in args for x in a.axes])
-        pres, pax = self.combine_pres(args, axes)
-        if expr.fn == "where":
-            c = self.align(self.truth(args[0]), args[0].axes, axes)
-            a = self.align(self._num(args[1]), args[1].axes, axes)
-            b = self.align(self._num(args[2]), args[2].axes, axes)
-            return Val(f"tl.where({c}, {a}, {b})", axes, "f32", pres, pax)
-        codes = [self.align(self.f32(a) if a.kind != "int" else f"({a.code}).to(tl.float32)", a.axes, axes)
+    def select(self, cond: str, a: str, b: str) -> str:
+        return f"tl.where({cond}, {a}, {b})"
+
+    def maximum(self, a: str, b: str) -> str:
+        return f"tl.maximum({a}, {b})"
+
+    def reduce(self, op: str, code: str, axes: tuple[str, ...], red) -> tuple[str, tuple[str, ...]]:
+        for ax in sorted((a for a in red if a in axes), key=axes.index, reverse=True):
+            code = f"tl.{op}({code}, axis={axes.index(ax)})"
+            axes = tuple(a for a in axes if a != ax)
+        return code, axes
+
+    def float_quotient(self, code: str) -> str:
+        return f"({code}).to(tl.float32)"
+
+    def nbhd(self, args: list[Val]) -> Val:
+        args = args + [Val("1", (), "int")] * (6 - len(args))
+        axes = self.canon(args[0].axes + args[1].axes)
+        q = self.align(args[0].code, args[0].axes, axes)
+        k = self.align(args[1].code, args[1].axes, axes)
+        return Val(f"_nbhd({q}, {k}, {', '.join(a.code for a in args[2:])})", axes, "bool")
+
+    def where(self, args: list[Val], axes: tuple[str, ...], pres: str | None, pax: tuple) -> Val:
+        c = self.align(self.truth(args[0]), args[0].axes, axes)
+        a = self.align(self.num(args[1]), args[1].axes, axes)
+        b = self.align(self.num(args[2]), args[2].axes, axes)
+        return Val(self.select(c, a, b), axes, "float", pres, pax)
+
+    def call(self, fn: str, args: list[Val], axes: tuple[str, ...], pres: str | None, pax: tuple,
+             sec: Section) -> Val:
+        codes = [self.align(self.float_quotient(a.code) if a.kind == "int" else self.num(a), a.axes, axes)
                  for a in args]
-        if expr.fn in UNARY:
+        if fn in UNARY:
             x = codes[0]
-            if UNARY[expr.fn].count("{0}") > 1 and not _simple(x):
+            if UNARY[fn].count("{0}") > 1 and not is_simple(x):
                 name = self.fresh("t")
                 sec.add(f"{name} = {x}")
                 x = name
-            return Val(UNARY[expr.fn].format(x), axes, "f32", pres, pax)
-        if expr.fn in BINARY_FN:
-            return Val(BINARY_FN[expr.fn].format(*codes), axes, "f32", pres, pax)
-        raise LoweringError(f"function {expr.fn}() has no Triton lowering")
+            return Val(UNARY[fn].format(x), axes, "float", pres, pax)
+        if fn in BINARY_FN:
+            return Val(BINARY_FN[fn].format(*codes), axes, "float", pres, pax)
+        raise LoweringError(f"function {fn}() has no Triton lowering")
 
-    def _num(self, v: Val) -> str:
-        return self.f32(v) if v.kind in ("native", "bool") else v.code
-
-    # ------------------------------------------------------------------ accesses and loads
-    def access(self, a: Access, sec: _Section) -> Val:
-        t = a.tensor
-        if t in self.local and t not in self.loads_here:
-            e = self.local[t]
-            lhs = [i.name for i in e.target.indices]
-            if [i.name if isinstance(i, Index) else None for i in a.indices] != lhs:
-                raise LoweringError(f"{t} is read as {t}[{', '.join(map(str, a.indices))}]; only reads "
-                                    f"with its own index variables are emitted")
-            kind = self.s.kind[t]
-            code = t
-            if t in self.s.online and self.in_loop:
-                code = f"{t}_use"
-            pres, pax = None, ()
-            if kind in ("stream", "key_side") and self.masked and t in self.mask_of:
-                pres, pax = self.mask_of[t]
-            if kind in ("carried", "epilogue") and not self.in_loop:
-                pres, pax = self.pres_after.get(t, (None, ()))
-            return Val(code, self.axes_of[t], "f32", pres, pax)
-        return self.load(a, sec)
-
-    def load(self, a: Access, sec: _Section) -> Val:
+    # ------------------------------------------------------------------ loads
+    def load(self, a: Access, sec: Section) -> Val:
         t = a.tensor
         idx_vals = [self.emit(i, sec) for i in a.indices]
         axes = self.canon([x for v in idx_vals for x in v.axes])
@@ -288,58 +208,36 @@ class StageEmitter:
             kind = "int"
         else:
             kind = "native"
-        val = Val(name, axes, kind, dtype_ref=name)
+        val = Val(name, axes, kind)
         self.cache[key] = val
         return val
 
     # ------------------------------------------------------------------ reductions
-    def reduce_sum(self, e: Einsum, sec: _Section, red_axes: set[str], mask: tuple | None) -> str:
-        """Code for the sum over in-tile axes `red_axes` of e.expr (mask applied to the summand)."""
-        out_axes = self.axes_of[e.name] if e.name in self.axes_of else ()
-        total = []
-        for sign, factors in expand(e.expr):
-            vals = []
-            for rec, f in factors:
-                v = self.emit(f, sec)
-                if rec:
-                    v = Val(f"(1.0 / {self._num(v)})", v.axes, "f32", v.pres, v.pres_axes)
-                vals.append(v)
-            inner = [v for v in vals if set(v.axes) & red_axes]
-            outer = [v for v in vals if not set(v.axes) & red_axes]
-            term = self._dot(inner, red_axes, out_axes, mask, sec)
-            if term is None:
-                have = [x for v in inner for x in v.axes]
-                # a reduced index the term does not depend on sums identical values: over a
-                # feature rank that is a factor of its extent; over the key tile the term is
-                # broadcast so the mask counts the present keys
-                extent_factors = [rank_of(v) for v in red_axes if v not in have and v not in ("Q", "S")]
-                if "S" in red_axes and "S" not in have:
-                    have.append("S")
-                    if mask is not None:
-                        have += list(mask[1])
-                axes = self.canon(have)
-                prod = " * ".join(self.align(self._num(v), v.axes, axes) for v in inner) or "1.0"
-                if "S" in axes and not any("S" in v.axes for v in inner):
-                    ones = f"tl.full({self.shape(axes)}, 1.0, tl.float32)"
-                    prod = ones if prod == "1.0" else f"{ones} * ({prod})"
-                prod = " * ".join([prod] + extent_factors)
-                if mask is not None:
-                    m, max_ = mask
-                    prod = f"tl.where({self.align(m, max_, axes)}, {prod}, 0.0)"
-                cur = axes
-                for ax in sorted((x for x in red_axes if x in cur), key=cur.index, reverse=True):
-                    prod = f"tl.sum({prod}, axis={cur.index(ax)})"
-                    cur = tuple(x for x in cur if x != ax)
-                term, term_axes = prod, cur
-            else:
-                term_axes = out_axes
-            parts = [self.align(term, term_axes, out_axes)]
-            for v in outer:
-                parts.append(self.align(self._num(v), v.axes, out_axes))
-            code = " * ".join(parts)
-            total.append(("- " if sign < 0 else "+ ") + code if sign in (1.0, -1.0) else f"+ {sign!r} * {code}")
-        text = " ".join(total)
-        return text[2:] if text.startswith("+ ") else "0.0 " + text
+    def sum_term(self, inner: list[Val], outer: list[Val], red_axes: set[str], out_axes: tuple[str, ...],
+                 mask: tuple | None, sec: Section) -> tuple[str, tuple[str, ...], list[Val]]:
+        term = self._dot(inner, red_axes, out_axes, mask, sec)
+        if term is not None:
+            return term, out_axes, outer
+        have = [x for v in inner for x in v.axes]
+        # a reduced index the term does not depend on sums identical values: over a
+        # feature rank that is a factor of its extent; over the key tile the term is
+        # broadcast so the mask counts the present keys
+        extent_factors = [rank_of(v) for v in red_axes if v not in have and v not in ("Q", "S")]
+        if "S" in red_axes and "S" not in have:
+            have.append("S")
+            if mask is not None:
+                have += list(mask[1])
+        axes = self.canon(have)
+        prod = " * ".join(self.align(self.num(v), v.axes, axes) for v in inner) or "1.0"
+        if "S" in axes and not any("S" in v.axes for v in inner):
+            ones = f"tl.full({self.shape(axes)}, 1.0, tl.float32)"
+            prod = ones if prod == "1.0" else f"{ones} * ({prod})"
+        prod = " * ".join([prod] + extent_factors)
+        if mask is not None:
+            m, max_ = mask
+            prod = self.select(self.align(m, max_, axes), prod, "0.0")
+        term, term_axes = self.reduce("sum", prod, axes, red_axes)
+        return term, term_axes, outer
 
     def _dot(self, inner: list[Val], red_axes: set[str], out_axes, mask, sec) -> str | None:
         if len(red_axes) != 1 or len(out_axes) != 2:
@@ -359,7 +257,7 @@ class StageEmitter:
             if len(vs) == 1 and vs[0].kind == "native":
                 code, native = vs[0].code, vs[0]
             else:
-                code = " * ".join(self.align(self._num(v), v.axes, axes) for v in vs)
+                code = " * ".join(self.align(self.num(v), v.axes, axes) for v in vs)
                 native = None
             return code, native
 
@@ -386,11 +284,11 @@ class StageEmitter:
         return name
 
     # ------------------------------------------------------------------ Einsums by class
-    def stream_einsum(self, e: Einsum, sec: _Section) -> None:
+    def stream_einsum(self, e: Einsum, sec: Section) -> None:
         axes = self.axes_of[e.name]
         if self.masked:  # the presence mask first, so a tile test can skip the work after it
             parts = []
-            for f in _accesses(e.expr):
+            for f in accesses(e.expr):
                 if f.tensor in self.mask_of:
                     parts.append(self.mask_of[f.tensor])
             if e.where is not None:
@@ -405,8 +303,8 @@ class StageEmitter:
                 if len(parts) == 1 and parts[0][0].isidentifier():
                     self.mask_of[e.name] = parts[0]
                 else:
-                    pax = self.canon([a for _, ax in parts for a in ax])
-                    sec.add(f"{e.name}_mask = " + " & ".join(self.align(p, ax, pax) for p, ax in parts))
+                    mcode, pax = self.conjunction(parts)
+                    sec.add(f"{e.name}_mask = {mcode}")
                     self.mask_of[e.name] = (f"{e.name}_mask", pax)
         in_tile_red = {x for v in e.reduced for x in self.var_axes(v)}
         if e.reduced:
@@ -415,18 +313,17 @@ class StageEmitter:
             code = self.reduce_sum(e, sec, in_tile_red, None)
         else:
             v = self.emit(e.expr, sec)
-            code = self.align(self._num(v), v.axes, axes) if v.axes else v.code
+            code = self.align(self.num(v), v.axes, axes) if v.axes else v.code
             if not v.axes and axes:
                 code = f"tl.full({self.shape(axes)}, {code}, tl.float32)"
         sec.add(f"{e.name} = {code}")
 
-    def carried_einsum(self, e: Einsum, sec: _Section) -> None:
-        axes = self.axes_of[e.name]
+    def carried_einsum(self, e: Einsum, sec: Section) -> None:
         red = {x for v in e.reduced for x in self.var_axes(v)}
         mask = None
         if self.masked:
             vals = []
-            for f in _accesses(e.expr):
+            for f in accesses(e.expr):
                 if f.tensor in self.mask_of:
                     vals.append(Val("", (), pres=self.mask_of[f.tensor][0], pres_axes=self.mask_of[f.tensor][1]))
             parts = [(v.pres, v.pres_axes) for v in vals]
@@ -439,47 +336,20 @@ class StageEmitter:
                 # stream masks already include k_valid unless the summand reads loads only
                 if vals:
                     uniq.remove(("k_valid", ("S",)))
-            pax = self.canon([a for _, ax in uniq for a in ax])
-            mcode = " & ".join(self.align(p, ax, pax) for p, ax in uniq)
+            mcode, pax = self.conjunction(uniq)
             if len(uniq) > 1:
                 mname = f"{e.name}_mask"
                 sec.add(f"{mname} = {mcode}")
                 mcode = mname
             mask = (mcode, pax)
         if e.reduce == "max":
-            v = self.emit(e.expr, sec)
-            cur = v.axes
-            x = self._num(v)
-            if mask is not None:
-                cur = self.canon(cur + mask[1])
-                x = f"tl.where({self.align(mask[0], mask[1], cur)}, {self.align(x, v.axes, cur)}, float(\"-inf\"))"
-            for ax in sorted((a for a in red if a in cur), key=cur.index, reverse=True):
-                x = f"tl.max({x}, axis={cur.index(ax)})"
-                cur = tuple(a for a in cur if a != ax)
-            x = self.align(x, cur, axes)
-            if e.name in self.s.online:
-                sec.add(f"{e.name}_new = tl.maximum({e.name}, {x})")
-                sec.add(f'{e.name}_use = tl.where({e.name}_new == float("-inf"), 0.0, {e.name}_new)')
-                self.finalize.append(f"{e.name} = {e.name}_new")
-            else:
-                sec.add(f"{e.name} = tl.maximum({e.name}, {x})")
+            self.carried_max(e, red, mask, sec)
         else:
-            contrib = self.reduce_sum(e, sec, red, mask)
-            ratio = self.s.rescale.get(e.name, sympy.Integer(1))
-            if ratio != 1:
-                key = str(ratio)
-                if key not in self.alpha:
-                    name = f"alpha_{len(self.alpha)}" if self.alpha else "alpha"
-                    sec.add(f"{name} = {_sympy_code(ratio)}")
-                    self.alpha[key] = name
-                alpha_axes = ("Q",)  # the running maxima are per query row
-                sec.add(f"{e.name} = {e.name} * {self.align(self.alpha[key], alpha_axes, axes)} + {contrib}")
-            else:
-                sec.add(f"{e.name} = {e.name} + {contrib}")
+            self.carried_sum(e, self.reduce_sum(e, sec, red, mask), sec)
         if self.track_any:
             self.presence_update(e, mask, sec)
 
-    def presence_update(self, e: Einsum, mask, sec: _Section) -> None:
+    def presence_update(self, e: Einsum, mask, sec: Section) -> None:
         """Carried reductions sharing a mask share presence: a max in the group answers it
         (present iff > -inf), else one counter per group records whether any point was seen."""
         if self.prerun:
@@ -496,17 +366,14 @@ class StageEmitter:
             sec.add(f"{tracker} = tl.maximum({tracker}, 1)")
             return
         m, max_ = mask
-        x, cur = f"{m}.to(tl.int32)", max_
-        for ax in sorted((a for a in cur if a not in group["axes"]), key=cur.index, reverse=True):
-            x = f"tl.max({x}, axis={cur.index(ax)})"
-            cur = tuple(a for a in cur if a != ax)
+        x, _ = self.reduce("max", f"{m}.to(tl.int32)", max_, [a for a in max_ if a not in group["axes"]])
         sec.add(f"{tracker} = tl.maximum({tracker}, {x})")
 
-    def epilogue_einsum(self, e: Einsum, sec: _Section) -> None:
+    def epilogue_einsum(self, e: Einsum, sec: Section) -> None:
         axes = self.axes_of[e.name]
         if e.name in self.s.grid_reduce:
             v = self.emit(e.expr, sec)
-            code = self.align(self._num(v), v.axes, axes)
+            code = self.align(self.num(v), v.axes, axes)
             sec.add(f"{e.name} = {code}")
             self.pres_after[e.name] = (None, ())
             return
@@ -518,7 +385,7 @@ class StageEmitter:
             pres = (None, ())
         else:
             v = self.emit(e.expr, sec)
-            code = self.align(self._num(v), v.axes, axes)
+            code = self.align(self.num(v), v.axes, axes)
             if not v.axes and axes:
                 code = f"tl.full({self.shape(axes)}, {code}, tl.float32)"
             pres = (v.pres, v.pres_axes)
@@ -531,7 +398,7 @@ class StageEmitter:
         for e in s.einsums:
             self.axes_of[e.name] = self.canon([x for v in e.lhs_vars for x in self.var_axes(v)])
         self.loads_here = set(s.loads)
-        self.pre, self.post = _Section(), _Section()
+        self.pre, self.post = Section(), Section()
         self.mask_of: dict[str, tuple] = {}
         self.pres_after: dict[str, tuple] = {}
         self.finalize: list[str] = []
@@ -568,7 +435,7 @@ class StageEmitter:
             else:
                 pre.add(f"{e.name} = {init}")
         # loop bounds and key tile
-        loop = _Section(indent=2)
+        loop = Section(indent=2)
         blist = s.skip.block_list and not self.list_mode
         loop_head = self.key_loop(pre, loop, from_list=blist)
         body_einsums = [e for e in s.einsums if s.kind[e.name] in ("stream", "key_side", "carried")]
@@ -584,7 +451,7 @@ class StageEmitter:
             self.alpha = {}
             self.updated = set()
             self.body_id += 1
-            sec = _Section(indent=indent)
+            sec = Section(indent=indent)
             if masked:
                 sec.add("k_valid = " + " & ".join(f"({k} < KEYS_{k})" for k in s.stream))
             for e in body_einsums:
@@ -652,7 +519,16 @@ class StageEmitter:
         ranks = self.s.query if axis == "Q" else self.s.stream
         return ("BLOCK_Q" if axis == "Q" else "BLOCK_S") + ("" if len(ranks) == 1 else f"_{v}")
 
-    def query_tile(self, pre: _Section) -> None:
+    def box_position(self, axis: str, v: str, r: str) -> str:
+        """The offset along rank v of each position `r` of a box tile (per-rank blocks flattened
+        into one tile axis, the last rank fastest)."""
+        ranks = self.s.query if axis == "Q" else self.s.stream
+        i = ranks.index(v)
+        later = [self.sub_block(axis, w) for w in ranks[i + 1:]]
+        pos = r if not later else f"({r} // ({' * '.join(later)}))"
+        return f"({pos} % {self.sub_block(axis, v)})" if i > 0 else pos
+
+    def query_tile(self, pre: Section) -> None:
         """The query tile: a box over the query ranks (one rank: a run of BLOCK_Q queries)."""
         qs = self.s.query
         pre.add("r_q = tl.arange(0, BLOCK_Q)")
@@ -666,20 +542,16 @@ class StageEmitter:
                 pre.add(f"nt_{v} = ({R} + {blk} - 1) // {blk}")
                 tiles[v] = f"{rest} % nt_{v}"
                 rest = f"({rest} // nt_{v})"
-        for i, v in enumerate(qs):
+        for v in qs:
             R, blk = rank_of(v), self.sub_block("Q", v)
-            later = [self.sub_block("Q", w) for w in qs[i + 1:]]
-            pos = "r_q" if not later else f"(r_q // ({' * '.join(later)}))"
-            if i > 0:
-                pos = f"({pos} % {blk})"
             pre.add(f"q_lo_{v} = ({tiles[v]}) * {blk}")
             pre.add(f"q_hi_{v} = tl.minimum(q_lo_{v} + {blk}, {R}) - 1")
-            pre.add(f"{v} = q_lo_{v} + {pos}")
+            pre.add(f"{v} = q_lo_{v} + {self.box_position('Q', v, 'r_q')}")
         pre.add("q_valid = " + " & ".join(f"({v} < {rank_of(v)})" for v in qs))
         for k in self.s.stream:
             pre.add(f"KEYS_{k} = {rank_of(k)}")
 
-    def key_loop(self, pre: _Section, loop: _Section, from_list: bool = False) -> str:
+    def key_loop(self, pre: Section, loop: Section, from_list: bool = False) -> str:
         """Loop header over the key tiles the skipping plan allows; sets k_lo_/k_hi_ and the
         key index variables inside the loop."""
         ks = self.s.stream
@@ -735,18 +607,14 @@ class StageEmitter:
                         loop.add(f"j_{k} = j_start_{k} + {rest} % n_{k}")
                         rest = f"({rest} // n_{k})"
         pre.add("r_k = tl.arange(0, BLOCK_S)")
-        for i, k in enumerate(ks):
+        for k in ks:
             blk = self.sub_block("S", k)
-            later = [self.sub_block("S", w) for w in ks[i + 1:]]
-            pos = "r_k" if not later else f"(r_k // ({' * '.join(later)}))"
-            if i > 0:
-                pos = f"({pos} % {blk})"
             loop.add(f"k_lo_{k} = j_{k} * {blk}")
             loop.add(f"k_hi_{k} = k_lo_{k} + {blk} - 1")
-            loop.add(f"{k} = k_lo_{k} + {pos}")
+            loop.add(f"{k} = k_lo_{k} + {self.box_position('S', k, 'r_k')}")
         return head
 
-    def store(self, t: str, sec: _Section) -> None:
+    def store(self, t: str, sec: Section) -> None:
         e = self.local[t]
         axes = self.axes_of[t]
         ptr, masks = [f"{t}_ptr"], []
@@ -764,8 +632,7 @@ class StageEmitter:
         pres, pax = self.pres_after.get(t, (None, ()))
         fill = next(o.fill for o in self.c.outputs if o.name == t) if t in self.c.output_names else 0.0
         if pres:
-            fill_code = 'float("-inf")' if fill == -math.inf else ('float("inf")' if fill == math.inf else repr(float(fill)))
-            val = f"tl.where({self.align(pres, pax, axes)}, {t}, {fill_code})"
+            val = f'tl.where({self.align(pres, pax, axes)}, {t}, {self.number(float(fill))})'
         mask = " & ".join(masks)
         if t in self.s.grid_reduce:
             sec.add(f"tl.atomic_add({' + '.join(ptr)}, {val}" + (f", mask={mask})" if mask else ")"))
@@ -803,7 +670,7 @@ class StageEmitter:
             args.append((self.block(f), "constexpr"))
         return args
 
-    def render_list(self, loop_head: str, loop: _Section, masked: list[str]) -> str:
+    def render_list(self, loop_head: str, loop: Section, masked: list[str]) -> str:
         """The block-list kernel: per query tile, the key tiles with a present point."""
         cut = []
         for line in masked:
@@ -822,12 +689,12 @@ class StageEmitter:
         self.pre.lines = [line for line in self.pre.lines if "tl.full(" not in line]
         self.pre.add("blk_row = pid_g * NQT + pid_q")
         self.pre.add("n_blk = 0")
-        self.post = _Section()
+        self.post = Section()
         self.post.add("tl.store(BC_ptr + blk_row, n_blk)")
-        return self.render(loop_head, _Section(lines=body), doc="Block list for stage "
+        return self.render(loop_head, Section(lines=body), doc="Block list for stage "
                            f"{self.s.index}: the key tiles where the mask has a present point.")
 
-    def render(self, loop_head: str, loop: _Section, doc: str | None = None) -> str:
+    def render(self, loop_head: str, loop: Section, doc: str | None = None) -> str:
         args = self.arg_names()
         sig = []
         for n, k in args:
@@ -854,26 +721,6 @@ class StageEmitter:
         return "\n".join(lines) + "\n"
 
 
-def _simple(code: str) -> bool:
-    return code.replace("_", "").replace(".", "").isalnum()
-
-
-def _balanced(code: str) -> bool:
-    depth = 0
-    for ch in code:
-        depth += ch == "("
-        depth -= ch == ")"
-        if depth < 0:
-            return False
-    return depth == 0
-
-
-def _accesses(expr) -> list[Access]:
-    from einsum_ir.ir import walk
-
-    return [n for n in walk(expr) if isinstance(n, Access)]
-
-
 def _tensor_test(lines: list[str], em: StageEmitter, indent: int) -> list[str]:
     """Guard a masked body by an any-present test of the tile (mask tensors: in-kernel block list)."""
     # the mask of the first guarded Einsum decides; compute it first, then the rest of the body
@@ -889,38 +736,6 @@ def _tensor_test(lines: list[str], em: StageEmitter, indent: int) -> list[str]:
             out += ["    " + r for r in rest]
             return out
     return lines
-
-
-def _sympy_code(e: sympy.Expr) -> str:
-    if isinstance(e, sympy.Symbol):
-        n = e.name
-        if n.startswith("G_") and n.endswith("_new"):
-            return n[2:-4] + "_use"
-        if n.startswith("G_"):
-            return n[2:]
-        return n
-    if isinstance(e, sympy.exp):
-        return f"tl.exp({_sympy_code(e.args[0])})"
-    if isinstance(e, sympy.Mul) and e.args[0] == -1:
-        return f"(-{_sympy_code(sympy.Mul(*e.args[1:]))})"
-    if isinstance(e, sympy.Add):
-        out = ""
-        for a in e.args:
-            if a.could_extract_minus_sign():
-                out += f" - {_sympy_code(-a)}" if out else f"-{_sympy_code(-a)}"
-            else:
-                out += f" + {_sympy_code(a)}" if out else _sympy_code(a)
-        return out
-    if isinstance(e, sympy.Mul):
-        return "(" + " * ".join(_sympy_code(a) for a in e.args) + ")"
-    if isinstance(e, sympy.Pow):
-        b, x = e.args
-        if x == -1:
-            return f"(1.0 / {_sympy_code(b)})"
-        return f"tl.exp({_sympy_code(x)} * tl.log({_sympy_code(b)}))"
-    if e.is_Number:
-        return repr(float(e))
-    raise LoweringError(f"cannot emit rescale factor {e}")
 
 
 def stage_emitters(plan: Plan) -> list[StageEmitter]:
@@ -939,13 +754,9 @@ def stage_emitters(plan: Plan) -> list[StageEmitter]:
 
 def emit_plan(plan: Plan, cascade_text: str) -> tuple[str, list[StageEmitter]]:
     """The whole module: header comment with the cascade, helpers, one kernel per stage."""
-    head = ["# Generated by einsum-ir (codegen/triton_emit.py) from the cascade:", "#"]
-    head += ["#   " + line if line else "#" for line in cascade_text.rstrip().splitlines()]
-    head += ["#", "# Lowered cascade (after division deferral):", "#"]
-    head += ["#   " + line for line in str(plan.cascade).rstrip().splitlines() if not line.startswith("#")]
-    head += ["#", "# Plan:"] + ["#   " + line for line in plan.summary().splitlines()]
-    head += ["", "import triton", "import triton.language as tl", ""]
-    parts = ["\n".join(head), HELPERS]
+    head = module_header(plan, cascade_text, "Generated by einsum-ir (codegen/triton_emit.py) from the cascade:",
+                         ["import triton", "import triton.language as tl", ""])
+    parts = [head, HELPERS]
     emitters = stage_emitters(plan)
     for em in emitters:
         parts.append("\n" + em.generate())

@@ -22,7 +22,7 @@ from einsum_ir.graph import dependency_graph, recurrence_position, topological_e
 from einsum_ir.ir import (
     Access, Binary, Call, Cascade, Einsum, Expr, Index, Init, Name, Num, Unary, rank_of,
 )
-from einsum_ir.params import evaluate_params
+from einsum_ir.params import bind_shapes, evaluate_params
 
 DEFAULT_TILE = 64  # extent of a split's inner rank (M0) when the caller does not bind it
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -102,22 +102,9 @@ class _Run:
         self.result_dtype = floats[0] if floats else torch.float32
         self.dtype = torch.float64 if torch.float64 in floats else torch.float32
         self.device = args[given[0]].device if given else torch.device("cpu")
-        self.extent: dict[str, int] = {}
-        where_bound: dict[str, str] = {}
+        inputs, self.extent = bind_shapes(c, args)
         for d in c.inputs:
-            t = args.pop(d.name)
-            if not isinstance(t, torch.Tensor):
-                raise BindError(f"input {d.name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dim() != len(d.indices):
-                raise BindError(f"input {d.name}[{', '.join(d.indices)}] has {len(d.indices)} dims, "
-                                f"but the tensor given has shape {tuple(t.shape)}")
-            for pos, idx in enumerate(d.indices):
-                rank, size = rank_of(idx), t.shape[pos]
-                if rank in self.extent and self.extent[rank] != size:
-                    raise BindError(f"rank {rank} is {self.extent[rank]} in {where_bound[rank]} but "
-                                    f"{size} in {d.name} (dim {pos})")
-                self.extent[rank] = size
-                where_bound[rank] = f"{d.name} (dim {pos})"
+            t = inputs[d.name]
             want = TORCH_DTYPES[d.dtype] if d.dtype else None
             if want is not None and (want.is_floating_point != t.is_floating_point() or
                                      (want == torch.bool) != (t.dtype == torch.bool)):
@@ -126,12 +113,6 @@ class _Run:
                 raise BindError(f"input {d.name} is on {t.device}, others on {self.device}")
             data = t.to(self.dtype) if t.is_floating_point() else t
             self.tensors[d.name] = _Stored(data, None)
-        for rank in c.dims:
-            if rank in args:
-                size = int(args.pop(rank))
-                if rank in self.extent and self.extent[rank] != size:
-                    raise BindError(f"rank {rank}={size} given, but {where_bound[rank]} has {self.extent[rank]}")
-                self.extent[rank] = size
         for s in c.splits:
             tile = int(args.pop(s.inner, DEFAULT_TILE))
             if tile < 1:

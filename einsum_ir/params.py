@@ -1,5 +1,6 @@
-"""Param binding shared by the interpreter and the generated kernels: one definition of what a
-derived param (`param scale = 1/sqrt(E)`) evaluates to, so every backend sees the same scalars.
+"""Argument binding shared by the interpreter and the generated kernels: one check of the
+inputs' shapes and one definition of what a derived param (`param scale = 1/sqrt(E)`) evaluates
+to, so every backend sees the same extents and scalars.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from einsum_ir.errors import BindError
 from einsum_ir.functions import FUNCTIONS
-from einsum_ir.ir import Binary, Call, Cascade, Expr, Name, Num, Unary
+from einsum_ir.ir import Binary, Call, Cascade, Expr, Name, Num, Unary, rank_of
 
 
 def evaluate_params(cascade: Cascade, extents: Mapping[str, int],
@@ -32,6 +33,51 @@ def evaluate_params(cascade: Cascade, extents: Mapping[str, int],
             out[p.name] = _scalar(p.expr, env).item()
         env[p.name] = out[p.name]
     return out
+
+
+def bind_shapes(cascade: Cascade, args: dict) -> tuple[dict, dict[str, int]]:
+    """The input tensors and dims popped from `args` -> (tensors, rank extents). Raises
+    BindError on a missing input, a non-tensor, a wrong number of dims or two different extents
+    of one rank."""
+    tensors, extents, where = {}, {}, {}
+    for d in cascade.inputs:
+        if d.name not in args:
+            raise BindError(f"missing input tensor {d.name}; the cascade takes {', '.join(cascade.input_names)}")
+        t = args.pop(d.name)
+        if not isinstance(t, torch.Tensor):
+            raise BindError(f"input {d.name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != len(d.indices):
+            raise BindError(f"input {d.name}[{', '.join(d.indices)}] has {len(d.indices)} dims, but the "
+                            f"tensor given has shape {tuple(t.shape)}")
+        for k, idx in enumerate(d.indices):
+            r = rank_of(idx)
+            if r in extents and extents[r] != t.shape[k]:
+                raise BindError(f"rank {r} is {extents[r]} in {where[r]} but {t.shape[k]} in {d.name} (dim {k})")
+            extents[r], where[r] = int(t.shape[k]), f"{d.name} (dim {k})"
+        tensors[d.name] = t
+    for d in cascade.dims:
+        if d in args:
+            size = int(args.pop(d))
+            if d in extents and extents[d] != size:
+                raise BindError(f"rank {d}={size} given, but {where[d]} has {extents[d]}")
+            extents[d] = size
+    return tensors, extents
+
+
+def bind_arguments(cascade: Cascade, args: dict) -> tuple[dict, dict[str, int], dict[str, float | int]]:
+    """A generated kernel's call arguments -> (input tensors, rank extents, params); `args` is
+    consumed. Raises BindError on a missing, mis-shaped or unexpected argument."""
+    tensors, extents = bind_shapes(cascade, args)
+    unbound = [d for d in cascade.dims if d not in extents]
+    if unbound:
+        raise BindError(f"rank(s) {', '.join(unbound)} not bound by any input; pass e.g. {unbound[0]}=128")
+    for s in cascade.splits:
+        args.pop(s.inner, None)
+    runtime = {p.name: args.pop(p.name) for p in cascade.params if p.name in args}
+    params = evaluate_params(cascade, extents, runtime)
+    if args:
+        raise BindError(f"unexpected argument(s) {', '.join(args)}")
+    return tensors, extents, params
 
 
 _BINARY = {
