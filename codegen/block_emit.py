@@ -24,19 +24,8 @@ import sympy
 
 from einsum_ir.errors import LoweringError
 from einsum_ir.ir import (
-    Access,
-    Binary,
-    Call,
-    Cascade,
-    Einsum,
-    Expr,
-    Index,
-    Name,
-    Num,
-    Unary,
-    walk,
+    Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, Num, Unary, product_terms, walk,
 )
-from lowering.exprs import expand
 from lowering.plan import Plan, Stage
 
 
@@ -269,7 +258,7 @@ class BlockEmitter:
         leaves sums of products); `mask` (code, axes) removes points."""
         out_axes = self.axes_of[e.name]
         total = []
-        for sign, factors in expand(e.expr):
+        for sign, factors in product_terms(e.expr, distribute=True):
             vals = []
             for rec, f in factors:
                 v = self.emit(f, sec)

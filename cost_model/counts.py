@@ -24,12 +24,13 @@ import torch
 
 from einsum_ir.functions import FUNCTIONS
 from einsum_ir.interpreter import DEFAULT_TILE
-from einsum_ir.ir import Access, Binary, Call, Cascade, Einsum, Name, Unary, index_vars, rank_of, walk
+from einsum_ir.ir import (
+    Access, Binary, Call, Cascade, Einsum, Name, Unary, index_vars, product_terms, rank_of, walk,
+)
 
 from cost_model import predicates as pr
 from einsum_ir.printer import print_expr
 
-from cost_model.passes import terms
 
 DTYPE_BYTES = {"fp64": 8, "fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int64": 8,
                "int32": 4, "int16": 2, "int8": 1, "bool": 1}
@@ -268,7 +269,7 @@ def einsum_ops(e: Einsum, points: sympy.Expr, out_points: sympy.Expr) -> tuple[s
     reduced = set(e.reduced)
     macs, vector, sfu = sympy.Integer(0), sympy.Integer(0), sympy.Integer(0)
     if e.reduce == "sum" and reduced:
-        for term in terms(e.expr):
+        for term in ([f for _, f in factors] for _, factors in product_terms(e.expr)):
             operands = [f for f in term if isinstance(f, Access) and set(index_vars(f)) & reduced]
             if _contraction(operands, reduced):
                 macs += points

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from einsum_ir.graph import einsum_reads, is_carried_read, topological_einsums
-from einsum_ir.ir import Access, Binary, Cascade, Einsum, Expr, Unary, index_vars, walk
+from einsum_ir.ir import Access, Cascade, Einsum, Expr, index_vars, product_terms, walk
 from einsum_ir.printer import print_expr
 
 
@@ -156,22 +156,9 @@ def _deferrable(e: Einsum, a: Access, rvars: set[str]) -> bool:
     if e.where is not None and a in _accesses(e.where):
         return False
     occurrences = sum(1 for x in _accesses(e.expr) if x == a)
-    as_factor = sum(1 for term in terms(e.expr) for f in term if f == a)
+    as_factor = sum(1 for _, term in product_terms(e.expr) for _, f in term if f == a)
     return occurrences == as_factor
 
 
 def _accesses(expr: Expr) -> list[Access]:
     return [n for n in walk(expr) if isinstance(n, Access)]
-
-
-def terms(expr: Expr) -> list[list[Expr]]:
-    """`expr` as a sum of terms, each a list of its multiplied or divided factors."""
-    if isinstance(expr, Binary) and expr.op in ("+", "-"):
-        return terms(expr.lhs) + terms(expr.rhs)
-    if isinstance(expr, Unary) and expr.op == "-":
-        return terms(expr.operand)
-    if isinstance(expr, Binary) and expr.op in ("*", "/"):
-        lhs, rhs = terms(expr.lhs), terms(expr.rhs) if expr.op == "*" else [[expr.rhs]]
-        if len(lhs) == 1 and len(rhs) == 1:
-            return [lhs[0] + rhs[0]]
-    return [[expr]]

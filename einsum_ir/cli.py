@@ -15,7 +15,7 @@ from typing import Callable
 from einsum_ir import variants
 from einsum_ir.errors import BindError, LoweringError, SpecError
 from einsum_ir.ir import Cascade
-from einsum_ir.parser import load, parse
+from einsum_ir.parser import load
 
 # Modules that may add subcommands (`add_commands(subparsers)`) and report columns
 # (`report_columns(name, cascade) -> dict[str, str]`), in layer order.

@@ -20,7 +20,7 @@ from einsum_ir.errors import BindError
 from einsum_ir.functions import FUNCTIONS
 from einsum_ir.graph import dependency_graph, recurrence_position, topological_einsums
 from einsum_ir.ir import (
-    Access, Binary, Call, Cascade, Einsum, Expr, Index, Init, Name, Num, Unary, rank_of,
+    Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, Num, Unary, product_terms, rank_of,
 )
 from einsum_ir.params import bind_shapes, evaluate_params
 
@@ -259,7 +259,7 @@ class _Run:
     def _contract(self, expr: Expr, pred: Labeled | None, lhs: tuple[str, ...],
                   reduced: tuple[str, ...]) -> Labeled:
         """Sum over `reduced` of a sum of products, one torch.einsum per term."""
-        terms = [(sign, [self._factor(f) for f in factors]) for sign, factors in _expand(expr)]
+        terms = [(sign, [self._factor(f) for f in factors]) for sign, factors in product_terms(expr)]
         # A point is absent if any operand of the whole map is absent, across all terms.
         mask_parts = [Labeled(f.mask, f.labels) for _, fs in terms for f in fs if f.mask is not None]
         if pred is not None:
@@ -374,26 +374,6 @@ class _Run:
         if stored.mask is not None:
             data = torch.where(stored.mask, data, torch.tensor(fill, dtype=data.dtype, device=data.device))
         return data.contiguous().to(self.result_dtype)
-
-
-def _expand(expr: Expr) -> list[tuple[float, list[tuple[bool, Expr]]]]:
-    """`expr` as signed terms of factors `(reciprocal?, expr)`: the top level of + - * /."""
-    if isinstance(expr, Binary) and expr.op in ("+", "-"):
-        rhs = _expand(expr.rhs)
-        if expr.op == "-":
-            rhs = [(-s, f) for s, f in rhs]
-        return _expand(expr.lhs) + rhs
-    if isinstance(expr, Unary) and expr.op == "-":
-        return [(-s, f) for s, f in _expand(expr.operand)]
-    if isinstance(expr, Binary) and expr.op == "*":
-        lhs, rhs = _expand(expr.lhs), _expand(expr.rhs)
-        if len(lhs) == 1 and len(rhs) == 1:
-            return [(lhs[0][0] * rhs[0][0], lhs[0][1] + rhs[0][1])]
-    if isinstance(expr, Binary) and expr.op == "/":
-        lhs = _expand(expr.lhs)
-        if len(lhs) == 1:
-            return [(lhs[0][0], lhs[0][1] + [(True, expr.rhs)])]
-    return [(1.0, [(False, expr)])]
 
 
 def _fold_mask(operands: list[Labeled], mask: Labeled) -> list[Labeled]:

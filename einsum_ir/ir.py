@@ -127,6 +127,31 @@ def index_vars(expr: Expr | None) -> list[str]:
     return list(seen)
 
 
+def product_terms(expr: Expr, distribute: bool = False) -> list[tuple[float, list[tuple[bool, Expr]]]]:
+    """`expr` as signed terms of factors `(reciprocal?, factor)`: the top level of + - * /.
+
+    `-a*b/c + d` is `[(-1, [(False, a), (False, b), (True, c)]), (1, [(False, d)])]`. With
+    `distribute`, products also distribute over sums (`(a+b)*c` gives two terms); without, a
+    sum inside a product stays one factor.
+    """
+    if isinstance(expr, Binary) and expr.op in ("+", "-"):
+        rhs = product_terms(expr.rhs, distribute)
+        if expr.op == "-":
+            rhs = [(-sign, factors) for sign, factors in rhs]
+        return product_terms(expr.lhs, distribute) + rhs
+    if isinstance(expr, Unary) and expr.op == "-":
+        return [(-sign, factors) for sign, factors in product_terms(expr.operand, distribute)]
+    if isinstance(expr, Binary) and expr.op == "*":
+        lhs, rhs = product_terms(expr.lhs, distribute), product_terms(expr.rhs, distribute)
+        if distribute or len(lhs) == len(rhs) == 1:
+            return [(sa * sb, fa + fb) for sa, fa in lhs for sb, fb in rhs]
+    if isinstance(expr, Binary) and expr.op == "/":
+        lhs = product_terms(expr.lhs, distribute)
+        if distribute or len(lhs) == 1:
+            return [(sign, factors + [(True, expr.rhs)]) for sign, factors in lhs]
+    return [(1.0, [(False, expr)])]
+
+
 # ---------------------------------------------------------------------------- statements
 
 

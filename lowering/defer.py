@@ -18,8 +18,8 @@ original sum is, and so is D.
 from __future__ import annotations
 
 from einsum_ir.graph import dependency_graph
-from einsum_ir.ir import Access, Cascade, Einsum, Index, index_vars
-from lowering.exprs import expand, product, replace_accesses, substitute, summation, tensors_read
+from einsum_ir.ir import Access, Cascade, Einsum, Index, index_vars, product_terms
+from lowering.exprs import product, replace_accesses, substitute, summation, tensors_read
 
 import networkx as nx
 
@@ -67,7 +67,7 @@ def _inline(c: Cascade, expr, barrier: set[str], ranks: set[str]):
 
 def _has_outer(expr, barrier: set[str], ranks: set[str]) -> bool:
     return any(not (set(index_vars(f)) & ranks) and set(tensors_read(f)) & barrier
-               for _, factors in expand(expr) for _, f in factors)
+               for _, factors in product_terms(expr, distribute=True) for _, f in factors)
 
 
 def _fresh(c: Cascade, base: str, taken: set[str]) -> str:
@@ -92,7 +92,7 @@ def defer_division(c: Cascade) -> Cascade:
             continue
         barrier = _reduction_over(c, ranks)
         expr = _inline(c, e.expr, barrier, ranks)
-        terms = expand(expr)
+        terms = product_terms(expr, distribute=True)
         split = []
         for sign, factors in terms:
             outer = [f for f in factors if not (set(index_vars(f[1])) & ranks)

@@ -1,5 +1,5 @@
 """Small expression utilities shared by the rewrites and the plans: substitution, products,
-sum-of-products expansion, and a bridge to sympy for algebraic checks."""
+and a bridge to sympy for algebraic checks."""
 from __future__ import annotations
 
 import math
@@ -36,27 +36,6 @@ def replace_accesses(expr: Expr, fn) -> Expr:
     if isinstance(expr, Call):
         return Call(expr.fn, tuple(replace_accesses(a, fn) for a in expr.args))
     return expr
-
-
-def expand(expr: Expr) -> list[tuple[float, list[tuple[bool, Expr]]]]:
-    """`expr` as signed terms of factors `(reciprocal?, expr)`: the top level of + - * /.
-
-    Unlike the interpreter's helper this also distributes products over sums, so
-    `(a + b) * c` gives two terms."""
-    if isinstance(expr, Binary) and expr.op in ("+", "-"):
-        rhs = expand(expr.rhs)
-        if expr.op == "-":
-            rhs = [(-s, f) for s, f in rhs]
-        return expand(expr.lhs) + rhs
-    if isinstance(expr, Unary) and expr.op == "-":
-        return [(-s, f) for s, f in expand(expr.operand)]
-    if isinstance(expr, Binary) and expr.op == "*":
-        lhs, rhs = expand(expr.lhs), expand(expr.rhs)
-        return [(sa * sb, fa + fb) for sa, fa in lhs for sb, fb in rhs]
-    if isinstance(expr, Binary) and expr.op == "/":
-        lhs = expand(expr.lhs)
-        return [(s, f + [(True, expr.rhs)]) for s, f in lhs]
-    return [(1.0, [(False, expr)])]
 
 
 def product(factors: list[tuple[bool, Expr]], sign: float = 1.0) -> Expr:

@@ -30,9 +30,9 @@ import sympy
 
 from einsum_ir.errors import LoweringError
 from einsum_ir.graph import dependency_graph, topological_einsums
-from einsum_ir.ir import Access, Cascade, Einsum, Index, index_vars
+from einsum_ir.ir import Access, Cascade, Einsum, Index, index_vars, product_terms
 from lowering.defer import defer_division
-from lowering.exprs import expand, tensors_read, to_sympy
+from lowering.exprs import tensors_read, to_sympy
 from lowering.masks import SkipPlan, skip_plan
 
 
@@ -83,7 +83,7 @@ def _score_split(e: Einsum):
     if e.reduce != "sum" or not e.reduced or e.where is not None and False:
         return None
     lhs = e.lhs_vars
-    for _, factors in expand(e.expr):
+    for _, factors in product_terms(e.expr, distribute=True):
         accs = [f for r, f in factors if isinstance(f, Access)]
         if len(accs) < 2:
             continue

@@ -22,10 +22,10 @@ from einsum_ir.errors import LoweringError
 from einsum_ir.graph import topological_einsums
 from einsum_ir.ir import (
     Access, Binary, Call, Cascade, Einsum, Expr, Index, Init, Name, Num, Split, Unary,
-    index_vars,
+    index_vars, product_terms,
 )
 from lowering.defer import defer_division, prune
-from lowering.exprs import expand, replace_accesses, substitute, tensors_read, to_sympy
+from lowering.exprs import replace_accesses, substitute, tensors_read, to_sympy
 
 __all__ = ["partition", "online", "defer_division", "fuse_contractions", "prune"]
 
@@ -253,7 +253,7 @@ def fuse_contractions(c: Cascade, rank: str = "C") -> Cascade:
     `AC = where(c < E, A[..min(c,E-1)] * k, C[..max(c-E,0)])` and `BC` likewise. Scalar factors
     and signs go to the first side. The new rank must be bound at call time (`C=E+R`)."""
     for s in c.einsums:
-        terms = expand(s.expr)
+        terms = product_terms(s.expr, distribute=True)
         if s.reduced or len(terms) != 2 or any(len(f) != 1 or f[0][0] for _, f in terms):
             continue
         parts = [f[0][1] for _, f in terms]
@@ -323,7 +323,7 @@ def _scale(factors: list[Expr], sign: float) -> Expr | None:
 
 def _two_sides(x: Einsum):
     """(A access, B access, scalar factors) of `sum_r A*B*k` with r the last index of A and B."""
-    terms = expand(x.expr)
+    terms = product_terms(x.expr, distribute=True)
     if len(terms) != 1 or terms[0][0] != 1:
         return None
     factors = terms[0][1]
