@@ -18,7 +18,7 @@ from functools import reduce
 import sympy
 import torch
 
-from einsum_ir.functions import FUNCTIONS, nbhd_window_start
+from einsum_ir.functions import FUNCTIONS, OPERATORS, nbhd_window_start
 from einsum_ir.graph import einsum_reads, is_carried_read, topological_einsums
 from einsum_ir.ir import (
     COMPARISON_OPS, Access, Binary, Call, Cascade, Expr, Index, Name, Num, Unary, index_vars, walk,
@@ -101,10 +101,6 @@ class Env:
         return Env({**self.index, **values}, self.scalars, self.parts, self.tensors)
 
 
-_ARITH = {"+": torch.add, "-": torch.sub, "*": torch.mul, "%": torch.remainder,
-          "<": torch.lt, "<=": torch.le, ">": torch.gt, ">=": torch.ge, "==": torch.eq, "!=": torch.ne}
-
-
 def evaluate(expr: Expr | RowBound, env: Env) -> torch.Tensor:
     """An index expression or predicate, broadcast over the env's index tensors."""
     if isinstance(expr, RowBound):
@@ -128,9 +124,7 @@ def evaluate(expr: Expr | RowBound, env: Env) -> torch.Tensor:
             return _truth(a) & _truth(b)
         if expr.op == "or":
             return _truth(a) | _truth(b)
-        if expr.op == "//":
-            return torch.div(a, b, rounding_mode="floor")
-        return _ARITH[expr.op](a, b) if expr.op in _ARITH else torch.div(a, b)
+        return OPERATORS[expr.op](a, b)
     if isinstance(expr, Access):
         return _access(expr, env)
     args = [evaluate(a, env) for a in expr.args]

@@ -72,5 +72,16 @@ FUNCTIONS: dict[str, Function] = {f.name: f for f in [
     Function("nbhd", 4, 6, "predicate", nbhd),
 ]}
 
+def _floor_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.div(a, b, rounding_mode="floor")
+
+
+# The spec language's operators on torch tensors: `/` divides exactly, `//` floors (index math).
+OPERATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "+": torch.add, "-": torch.sub, "*": torch.mul, "/": torch.true_divide, "//": _floor_divide,
+    "%": torch.remainder, "<": torch.lt, "<=": torch.le, ">": torch.gt, ">=": torch.ge,
+    "==": torch.eq, "!=": torch.ne, "and": torch.logical_and, "or": torch.logical_or,
+}
+
 # Functions allowed inside index expressions (integer arithmetic only).
 INDEX_FUNCTIONS = ("min", "max")

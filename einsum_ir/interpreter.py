@@ -17,10 +17,11 @@ import networkx as nx
 import torch
 
 from einsum_ir.errors import BindError
-from einsum_ir.functions import FUNCTIONS
+from einsum_ir.functions import FUNCTIONS, OPERATORS
 from einsum_ir.graph import dependency_graph, recurrence_position, topological_einsums
 from einsum_ir.ir import (
-    Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, Num, Unary, product_terms, rank_of,
+    COMPARISON_OPS, Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, Num, Unary, product_terms,
+    rank_of,
 )
 from einsum_ir.params import bind_shapes, evaluate_params
 
@@ -171,16 +172,10 @@ class _Run:
             labels, (x, y), _ = _broadcast([Labeled(self._truth(a), a.labels), Labeled(self._truth(b), b.labels)])
             return Labeled(x & y if e.op == "and" else x | y, labels)
         labels, (x, y), mask = _broadcast([a, b])
-        if e.op in ("+", "-", "*") or e.op in ("<", "<=", ">", ">=", "==", "!="):
-            out = {"+": torch.add, "-": torch.sub, "*": torch.mul, "<": torch.lt, "<=": torch.le,
-                   ">": torch.gt, ">=": torch.ge, "==": torch.eq, "!=": torch.ne}[e.op](x, y)
-        elif e.op == "/":
-            out = torch.div(x.to(self.dtype) if not x.is_floating_point() else x, y)
-        elif e.op == "//":
-            out = torch.div(x, y, rounding_mode="floor")
-        else:
-            out = torch.remainder(x, y)
-        if e.op in ("<", "<=", ">", ">=", "==", "!="):
+        if e.op == "/" and not x.is_floating_point():
+            x = x.to(self.dtype)  # index values divided exactly, in the compute dtype
+        out = OPERATORS[e.op](x, y)
+        if e.op in COMPARISON_OPS:
             return Labeled(out if mask is None else out & mask, labels)
         return Labeled(out, labels, mask)
 

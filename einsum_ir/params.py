@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import torch
 
 from einsum_ir.errors import BindError
-from einsum_ir.functions import FUNCTIONS
+from einsum_ir.functions import FUNCTIONS, OPERATORS
 from einsum_ir.ir import Binary, Call, Cascade, Expr, Name, Num, Unary, rank_of
 
 
@@ -80,12 +80,6 @@ def bind_arguments(cascade: Cascade, args: dict) -> tuple[dict, dict[str, int], 
     return tensors, extents, params
 
 
-_BINARY = {
-    "+": torch.add, "-": torch.sub, "*": torch.mul, "%": torch.remainder,
-    "/": lambda a, b: a.double() / b, "//": lambda a, b: torch.div(a, b, rounding_mode="floor"),
-    "<": torch.lt, "<=": torch.le, ">": torch.gt, ">=": torch.ge, "==": torch.eq, "!=": torch.ne,
-    "and": torch.logical_and, "or": torch.logical_or,
-}
 
 
 def _const(value: float) -> torch.Tensor:
@@ -101,9 +95,9 @@ def _scalar(expr: Expr, env: Mapping[str, float | int]) -> torch.Tensor:
         return _const(env[expr.name])
     if isinstance(expr, Unary) and expr.op == "-":
         return -_scalar(expr.operand, env)
-    if isinstance(expr, Binary) and expr.op in _BINARY:
+    if isinstance(expr, Binary):
         a, b = _scalar(expr.lhs, env), _scalar(expr.rhs, env)
-        return _BINARY[expr.op](a, b)
+        return OPERATORS[expr.op](a.double() if expr.op == "/" else a, b)
     if isinstance(expr, Call) and expr.fn in FUNCTIONS and expr.fn != "nbhd":
         args = [_scalar(a, env) for a in expr.args]
         if expr.fn not in ("max", "min"):
