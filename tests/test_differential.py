@@ -60,3 +60,38 @@ def test_backends_agree_with_the_interpreter(predicate, p, m, seed):
             assert not g_out.isnan().any(), (backend, predicate)
             torch.testing.assert_close(g_out, w_out, atol=1e-4, rtol=1e-4,
                                        msg=lambda text: f"{backend}, where {predicate}: {text}")
+
+
+MAPS = """dims B H P M E F
+input Q[b,h,p,e], K[b,h,m,e], V[b,h,m,f], Bias[h,p,m]
+S0[b,h,p,m] = Q[b,h,p,e] * K[b,h,m,e] where {predicate}
+S[b,h,p,m]  = {score}
+A[b,h,p,m]  = {weight}
+AD[b,h,p]   = A[b,h,p,m]
+O[b,h,p,f]  = A[b,h,p,m] * V[b,h,m,f] / {normalizer}
+output O
+"""
+scores = st.sampled_from([
+    "S0[b,h,p,m]", "S0[b,h,p,m] * 0.5 + Bias[h,p,m]", "3 * tanh(S0[b,h,p,m] / 3)",
+    "S0[b,h,p,m] - 0.1 * (p - m)", "S0[b,h,p,m] + log1p(abs(Bias[h,p,m]))",
+])
+weights = st.sampled_from([
+    "sigmoid(S[b,h,p,m])", "softplus(S[b,h,p,m])", "relu(S[b,h,p,m]) + 0.01", "exp(S[b,h,p,m] / 4)",
+    "S[b,h,p,m] * S[b,h,p,m]", "where(S[b,h,p,m] > 0, S[b,h,p,m], 0.1)",
+])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(predicate=predicates, score=scores, weight=weights, normalizer=st.sampled_from(["AD[b,h,p]", "M"]),
+       p=st.integers(1, 37), seed=st.integers(0, 99))
+def test_score_maps_and_normalizations_agree(predicate, score, weight, normalizer, p, seed):
+    c = ei.parse(MAPS.format(predicate=predicate, score=score, weight=weight, normalizer=normalizer))
+    m = p  # nbhd atoms need one sequence
+    g = torch.Generator().manual_seed(seed)
+    args = dict(Q=torch.randn(1, 2, p, 8, generator=g), K=torch.randn(1, 2, m, 8, generator=g),
+                V=torch.randn(1, 2, m, 5, generator=g), Bias=torch.randn(2, p, m, generator=g))
+    want = ei.interpret(c, **args)
+    for backend in ("cpu", "triton"):
+        got = ei.compile(c, backend=backend)(**args)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4,
+                                   msg=lambda text: f"{backend}: {score}; {weight}; where {predicate}: {text}")
