@@ -3,39 +3,38 @@ and a bridge to sympy for algebraic checks."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import sympy
 
 from einsum_ir.ir import Access, Binary, Call, Expr, Index, Name, Num, Unary, walk
 
 
+def rebuild(expr: Expr, replace: Callable[[Expr], Expr | None]) -> Expr:
+    """Rebuild `expr` top-down: a node for which `replace` returns an expression becomes that
+    expression (not visited further); every other node is rebuilt from its rebuilt children."""
+    new = replace(expr)
+    if new is not None:
+        return new
+    if isinstance(expr, Access):
+        return Access(expr.tensor, tuple(rebuild(i, replace) for i in expr.indices))
+    if isinstance(expr, Unary):
+        return Unary(expr.op, rebuild(expr.operand, replace))
+    if isinstance(expr, Binary):
+        return Binary(expr.op, rebuild(expr.lhs, replace), rebuild(expr.rhs, replace))
+    if isinstance(expr, Call):
+        return Call(expr.fn, tuple(rebuild(a, replace) for a in expr.args))
+    return expr
+
+
 def substitute(expr: Expr, mapping: dict[str, Expr]) -> Expr:
     """Replace index variables by expressions (used to inline a map at an access site)."""
-    if isinstance(expr, Index):
-        return mapping.get(expr.name, expr)
-    if isinstance(expr, Access):
-        return Access(expr.tensor, tuple(substitute(i, mapping) for i in expr.indices))
-    if isinstance(expr, Unary):
-        return Unary(expr.op, substitute(expr.operand, mapping))
-    if isinstance(expr, Binary):
-        return Binary(expr.op, substitute(expr.lhs, mapping), substitute(expr.rhs, mapping))
-    if isinstance(expr, Call):
-        return Call(expr.fn, tuple(substitute(a, mapping) for a in expr.args))
-    return expr
+    return rebuild(expr, lambda n: mapping.get(n.name) if isinstance(n, Index) else None)
 
 
-def replace_accesses(expr: Expr, fn) -> Expr:
+def replace_accesses(expr: Expr, fn: Callable[[Access], Expr]) -> Expr:
     """Rebuild `expr`, replacing each Access `a` by `fn(a)` (return `a` to keep it)."""
-    if isinstance(expr, Access):
-        new = fn(expr)
-        return new
-    if isinstance(expr, Unary):
-        return Unary(expr.op, replace_accesses(expr.operand, fn))
-    if isinstance(expr, Binary):
-        return Binary(expr.op, replace_accesses(expr.lhs, fn), replace_accesses(expr.rhs, fn))
-    if isinstance(expr, Call):
-        return Call(expr.fn, tuple(replace_accesses(a, fn) for a in expr.args))
-    return expr
+    return rebuild(expr, lambda n: fn(n) if isinstance(n, Access) else None)
 
 
 def product(factors: list[tuple[bool, Expr]], sign: float = 1.0) -> Expr:

@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import einsum_ir as ei
 from codegen.cpu_emit import CpuKernel, compile_cpu
 from einsum_ir.variants import formulas
+from support import assert_outputs_close
 
 LOWERED = ["agent_attention", "alibi", "bias_tensor", "flashbias_lowrank", "lightning_causal", "moba",
            "moh", "nbhd_1d", "nbhd_2d", "sigmoid_bias", "sinks_window", "softcap", "softmax",
@@ -22,18 +23,6 @@ NOT_LOWERED = {"flowformer": "no query-key score contraction",
                "linear_elu_causal": "no query-key score contraction",
                "softmax_1pass": "recurrences"}
 SIZES = ["small", "rect", "tall"]
-
-
-def _close(got, want, atol=1e-5, rtol=1e-5):
-    got = got if isinstance(got, tuple) else (got,)
-    want = want if isinstance(want, tuple) else (want,)
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        assert g.shape == w.shape and g.dtype == w.dtype
-        assert not torch.isnan(g).any(), "NaN in the CPU path's output"
-        assert torch.equal(torch.isinf(g), torch.isinf(w)), "fills (+-inf) differ"
-        fin = torch.isfinite(w)
-        torch.testing.assert_close(g[fin], w[fin], atol=atol, rtol=rtol)
 
 
 def test_catalog_split_is_complete():
@@ -52,7 +41,7 @@ def test_matches_interpreter(name, size, tiles):
     c = ei.variants.load(name)
     kern = compile_cpu(c, block_q=tiles[0], block_s=tiles[1])
     args = formulas.example_args(name, size)
-    _close(kern(**args), ei.interpret(c, **args))
+    assert_outputs_close(kern(**args), ei.interpret(c, **args), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["softmax_causal_bottom_right", "softmax_window", "moba", "softmax_lse"])
@@ -78,7 +67,7 @@ def test_lse_fill_is_minus_inf_on_empty_rows():
     out, lse = compile_cpu(c, 2, 2)(Q=q, K=k, V=v)
     ref_out, ref_lse = ei.interpret(c, Q=q, K=k, V=v)
     assert torch.isinf(lse[:, :, :4]).all() and (lse[:, :, :4] < 0).all()
-    _close((out, lse), (ref_out, ref_lse))
+    assert_outputs_close((out, lse), (ref_out, ref_lse), atol=1e-5, rtol=1e-5)
 
 
 def test_float64_and_bf16_inputs():
@@ -86,11 +75,11 @@ def test_float64_and_bf16_inputs():
     args = formulas.example_args("softmax_causal", "rect", dtype=torch.float64)
     out = compile_cpu(c, 2, 3)(**args)
     assert out.dtype == torch.float64
-    _close(out, ei.interpret(c, **args), atol=1e-12, rtol=1e-12)
+    assert_outputs_close(out, ei.interpret(c, **args), atol=1e-12, rtol=1e-12)
     args = formulas.example_args("softmax_causal", "rect", dtype=torch.bfloat16)
     out = compile_cpu(c, 2, 3)(**args)
     assert out.dtype == torch.bfloat16
-    _close(out, ei.interpret(c, **args), atol=1e-2, rtol=1e-2)
+    assert_outputs_close(out, ei.interpret(c, **args), atol=1e-2, rtol=1e-2)
 
 
 class _Largest(TorchDispatchMode):
@@ -123,7 +112,7 @@ def test_memory_is_linear_in_sequence_length(name):
     # the biggest temporary is one score tile (B*H*128*64), far below one P x M matrix
     assert mode.largest <= max(B * H * 128 * 64, B * H * N * D)
     assert mode.largest * 16 <= B * H * N * N
-    _close(out, ei.interpret(c, **args), atol=1e-4, rtol=1e-4)
+    assert_outputs_close(out, ei.interpret(c, **args), atol=1e-4, rtol=1e-4)
     # and the interpreter, for contrast, does build the P x M scores
     with _Largest() as ref:
         ei.interpret(c, **args)
@@ -167,7 +156,7 @@ def test_block_sparse_mask_skips_empty_tiles():
     # causal bounds leave the lower triangle; the selection empties all but the diagonal
     assert st["partial"] == (N // BS) * (N // BS + 1) // 2
     assert st["partial"] - st["empty"] == N // BS
-    _close(out, ei.interpret(c, Q=x, K=x, V=x, Sel=sel, BS=BS))
+    assert_outputs_close(out, ei.interpret(c, Q=x, K=x, V=x, Sel=sel, BS=BS), atol=1e-5, rtol=1e-5)
 
 
 def test_source_is_readable_python():
@@ -219,8 +208,8 @@ output O
     g = torch.Generator().manual_seed(3)
     q, k, v = torch.randn(2, 3, 37, 8, generator=g), torch.randn(2, 3, 29, 8, generator=g), torch.randn(2, 3, 29, 5, generator=g)
     kern = compile_cpu(c, 8, 4)
-    _close(kern(Q=q, K=k, V=v, D=3), ei.interpret(c, Q=q, K=k, V=v, D=3))
+    assert_outputs_close(kern(Q=q, K=k, V=v, D=3), ei.interpret(c, Q=q, K=k, V=v, D=3), atol=1e-5, rtol=1e-5)
     assert kern.last_stats["full"] == 0
     kern = compile_cpu(c, 1, 1)  # one point per tile: two thirds of the visited tiles are empty
-    _close(kern(Q=q, K=k, V=v, D=3), ei.interpret(c, Q=q, K=k, V=v, D=3))
+    assert_outputs_close(kern(Q=q, K=k, V=v, D=3), ei.interpret(c, Q=q, K=k, V=v, D=3), atol=1e-5, rtol=1e-5)
     assert kern.last_stats["empty"] > kern.last_stats["partial"] // 2

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 import torch
-from variant_inputs import make_inputs
+from support import make_inputs
 
 import einsum_ir as ei
 from codegen import autotune, cache, dispatch, kernel

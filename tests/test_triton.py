@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import einsum_ir as ei  # noqa: E402
-from variant_inputs import make_inputs  # noqa: E402
+from support import assert_outputs_close, make_inputs  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
@@ -33,18 +33,6 @@ NOT_FUSED = {"linear_elu": "no query-key score contraction", "linear_elu_causal"
 SHAPES = [(33, 40, 24, 20), (50, 17, 12, 40), (16, 16, 16, 16)]
 
 
-def _close(out, ref, atol=2e-4, rtol=2e-4):
-    out = out if isinstance(out, tuple) else (out,)
-    ref = ref if isinstance(ref, tuple) else (ref,)
-    assert len(out) == len(ref)
-    for o, r in zip(out, ref):
-        assert o.shape == r.shape and o.dtype == r.dtype
-        assert torch.equal(torch.isinf(o.float()), torch.isinf(r.float())), "fills (-inf) differ"
-        fin = torch.isfinite(r.float())
-        assert not torch.isnan(o.float()).any()
-        torch.testing.assert_close(o.float()[fin], r.float()[fin], atol=atol, rtol=rtol)
-
-
 def test_catalog_split_is_complete():
     assert set(FUSED) | set(NOT_FUSED) >= set(ei.variants.names()) - {"softmax_1pass"} or True
     for name in ei.variants.names():
@@ -63,7 +51,7 @@ def test_fused_variant_matches_interpreter(name, shape):
     c = ei.variants.load(name)
     kern = ei.compile(c, backend="triton")
     args = make_inputs(name, c, P=P, M=M, E=E, F=F)
-    _close(kern(**args), ei.interpret(c, **args))
+    assert_outputs_close(kern(**args), ei.interpret(c, **args))
 
 
 # bf16: Triton 3.9's interpreter gets tl.dot on bf16 wrong (numpy has no bf16; a 16x16 bf16 dot
@@ -92,7 +80,7 @@ def test_fully_masked_rows_take_the_fill_value():
     o, lse = kern(**args)
     ro, rlse = ei.interpret(c, **args)
     assert torch.all(o[:, :, :25] == 0) and torch.all(torch.isneginf(lse[:, :, :25]))
-    _close((o, lse), (ro, rlse))
+    assert_outputs_close((o, lse), (ro, rlse))
 
 
 def test_block_selection_with_empty_rows():
@@ -101,7 +89,7 @@ def test_block_selection_with_empty_rows():
     args["Sel"][:, :, 2] = False  # query block 2 selects nothing: rows 16..23 absent
     args["Sel"][:, :, :, 3] = False
     out = ei.compile(c, backend="triton")(**args)
-    _close(out, ei.interpret(c, **args))
+    assert_outputs_close(out, ei.interpret(c, **args))
     assert torch.all(out[:, :, 16:24] == 0)
 
 
@@ -130,7 +118,7 @@ def test_runtime_params_do_not_regenerate_code():
     src = kern.source()
     for W in (1, 5, 100):
         args = make_inputs("softmax_window", c, P=30, M=30, E=16, F=16, extra={"W": W})
-        _close(kern(**args), ei.interpret(c, **args))
+        assert_outputs_close(kern(**args), ei.interpret(c, **args))
     assert kern.source() == src
 
 
@@ -152,7 +140,7 @@ def test_2d_neighborhood_box_tiles(w, s):
     args = make_inputs("nbhd_2d", c, E=16, F=16,
                        extra={"PX": 12, "PY": 10, "MX": 12, "MY": 10, "WX": w[0], "WY": w[1],
                               "SX": s[0], "SY": s[1]})
-    _close(kern(**args), ei.interpret(c, **args))
+    assert_outputs_close(kern(**args), ei.interpret(c, **args))
 
 
 def test_backends():
@@ -213,7 +201,7 @@ def test_extra_outputs_max_scores_and_lse_in_output_order():
     args = make_inputs("softmax_lse", c, P=21, M=30, E=16, F=8)
     out = ei.compile(c, backend="triton")(**args)
     assert len(out) == 3 and out[1].shape == (1, 2, 21)
-    _close(out, ei.interpret(c, **args))
+    assert_outputs_close(out, ei.interpret(c, **args))
 
 
 NEW_VARIANT = """# a variant nobody wrote Python for: softplus-gated scores with a per-head bias table,
@@ -237,7 +225,7 @@ def test_a_new_ein_variant_needs_no_python():
     g = torch.Generator().manual_seed(3)
     args = dict(Q=torch.randn(2, 2, 29, 20, generator=g), K=torch.randn(2, 2, 35, 20, generator=g),
                 V=torch.randn(2, 2, 12, 35, generator=g), Bias=torch.randn(2, 29, 35, generator=g), W=6)
-    _close(kern(**args), ei.interpret(c, **args))
+    assert_outputs_close(kern(**args), ei.interpret(c, **args))
 
 
 def test_a_term_without_the_summed_index_is_summed_too():
@@ -254,7 +242,7 @@ output O
     args = dict(Q=torch.randn(2, 19, 8, generator=g), K=torch.randn(2, 23, 8, generator=g),
                 V=torch.randn(2, 23, 5, generator=g), Bias=torch.randn(19, 23, generator=g),
                 C=torch.randn(19, generator=g))
-    _close(ei.compile(c, backend="triton")(**args), ei.interpret(c, **args))
+    assert_outputs_close(ei.compile(c, backend="triton")(**args), ei.interpret(c, **args))
 
 
 def test_report_columns():
@@ -300,7 +288,7 @@ def test_grouped_query_heads_pack_into_the_query_tile(spec):
     ext = {"B": 2, "G": 2, "R": 3, "H": 3, "P": 21, "M": 26, "E": 16, "F": 8}
     for d in c.inputs:
         args[d.name] = torch.randn([ext[i.upper()] for i in d.indices], generator=g)
-    _close(kern(**args), ei.interpret(c, **args))
+    assert_outputs_close(kern(**args), ei.interpret(c, **args))
 
 
 PROLOGUE_AND_EPILOGUE = """dims B H P M E F
@@ -322,4 +310,4 @@ def test_query_prologue_with_an_epilogue(backend):
     g = torch.Generator().manual_seed(5)
     args = dict(Q=torch.randn(1, 2, 21, 8, generator=g), K=torch.randn(1, 2, 17, 8, generator=g),
                 V=torch.randn(1, 2, 17, 4, generator=g))
-    _close(ei.compile(c, backend=backend)(**args), ei.interpret(c, **args))
+    assert_outputs_close(ei.compile(c, backend=backend)(**args), ei.interpret(c, **args))

@@ -139,7 +139,7 @@ def test_lse_fill_is_minus_inf_on_fully_masked_rows():
     assert c.einsum("S").where is not None
     args = F.example_args("softmax_lse", size="tall")
     out, lse = ei.interpret(c, **args)
-    q, k, v = args["Q"], args["K"], args["V"]
+    q, k = args["Q"], args["K"]
     p, m = q.shape[-2], k.shape[-2]
     s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     s = s.masked_fill(~torch.ones(p, m, dtype=torch.bool).tril(m - p), float("-inf"))

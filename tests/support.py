@@ -1,4 +1,5 @@
-"""Small random inputs for catalog variants (shared by the Triton tests and scripts)."""
+"""Helpers shared by the kernel tests: random inputs built from a cascade's declarations, and
+the output comparison every backend is held to."""
 from __future__ import annotations
 
 
@@ -40,3 +41,19 @@ def make_inputs(name: str, c, P: int = 33, M: int = 40, E: int = 24, F: int = 20
         args[d.name] = t.to(device)
     args.update(params)
     return args
+
+
+def assert_outputs_close(got, want, atol: float = 2e-4, rtol: float = 2e-4) -> None:
+    """Outputs (one tensor or a tuple) match in shape, dtype and fills (+-inf), have no NaN,
+    and agree within tolerance where finite."""
+    got = got if isinstance(got, tuple) else (got,)
+    want = want if isinstance(want, tuple) else (want,)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        exact = torch.promote_types(g.dtype, torch.float32)  # fp16/bf16 compared in fp32, fp64 as is
+        g, w = g.to(exact), w.to(exact)
+        assert not torch.isnan(g).any(), "NaN in the output"
+        assert torch.equal(torch.isinf(g), torch.isinf(w)), "fills (+-inf) differ"
+        finite = torch.isfinite(w)
+        torch.testing.assert_close(g[finite], w[finite], atol=atol, rtol=rtol)
