@@ -59,7 +59,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from codegen.dispatch import bucket_of
     from codegen.kernel import TritonKernel
     from cost_model.cli import parse_assignments
-    from einsum_ir.cli import load_spec
+    from einsum_ir.variants import load_spec
 
     kern = TritonKernel(load_spec(args.spec))
     shapes = parse_assignments(args.shapes)

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from einsum_ir import variants
-from einsum_ir.ir import Cascade
-from einsum_ir.parser import load
+from einsum_ir.variants import load_spec
 
 from cost_model import api
 from cost_model.counts import fmt
@@ -56,12 +53,14 @@ def parse_assignments(text: str) -> dict[str, int | float]:
     return out
 
 
-def load_spec(spec: str) -> Cascade:
-    return load(spec) if Path(spec).exists() else variants.load(spec)
-
-
 def _shapes(args) -> dict:
     return {**parse_assignments(args.shapes), **parse_assignments(args.params)}
+
+
+def _unbound(c, shapes: dict) -> list[str]:
+    """Dims and runtime params the command line left out."""
+    runtime = [p.name for p in c.params if p.type is not None]
+    return [name for name in [*c.dims, *runtime] if name not in shapes]
 
 
 def run_analyze(args) -> int:
@@ -74,12 +73,20 @@ def run_analyze(args) -> int:
     print(f"tensor-core FLOPs {fmt(counts.flops)}, vector ops {fmt(counts.vector_ops)}, "
           f"SFU ops {fmt(counts.sfu_ops)}, compulsory bytes {fmt(counts.compulsory_bytes)}")
     print()
+    missing = _unbound(c, shapes)
+    if missing:  # counts stay symbolic in what is missing; a time bound needs numbers
+        print(f"roofline: needs {', '.join(missing)}; add them to --shapes for a bound on {args.device}")
+        return 0
     print(api.roofline(c, shapes, device=args.device, dtype=args.dtype))
     return 0
 
 
 def run_simulate(args) -> int:
     c = load_spec(args.spec)
+    missing = _unbound(c, _shapes(args))
+    if missing:
+        raise ValueError(f"--shapes lacks {', '.join(missing)}: the simulator needs every dim and "
+                         f"runtime param of {args.spec} ({', '.join([*c.dims, *(p.name for p in c.params if p.type)])})")
     start = time.perf_counter()
     result = api.simulate(c, _shapes(args), device=args.device, q_tile=parse_assignments(args.q_tile),
                           kv_tile=parse_assignments(args.kv_tile), dtype=args.dtype)

@@ -7,33 +7,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 import time
 from typing import Callable
 
 from einsum_ir import variants
+from einsum_ir.variants import load_spec
 from einsum_ir.errors import BindError, LoweringError, SpecError
-from einsum_ir.ir import Cascade
-from einsum_ir.parser import load
 
 # Modules that may add subcommands (`add_commands(subparsers)`) and report columns
 # (`report_columns(name, cascade) -> dict[str, str]`), in layer order.
 COMMAND_PROVIDERS = ("cost_model.cli", "codegen.cli")
 COLUMN_PROVIDERS = ("cost_model.report", "codegen.report")
 USER_ERRORS = (SpecError, BindError, LoweringError, FileNotFoundError, KeyError, ValueError)
-
-
-def load_spec(spec: str) -> Cascade:
-    """A path to a `.ein` file, or the name of a catalog variant."""
-    if os.path.exists(spec):
-        return load(spec)
-    if spec in variants.names():
-        return variants.load(spec)
-    if spec.endswith(".ein") or os.sep in spec:
-        raise FileNotFoundError(f"no such spec file: {spec}")
-    raise KeyError(f"{spec!r} is neither a spec file nor a catalog variant "
-                   f"(try `einsum-ir report` for the list)")
 
 
 def _optional(module: str):

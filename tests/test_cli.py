@@ -67,3 +67,15 @@ def test_mutated_specs_raise_only_spec_errors(case):
         ei.parse(text, file="mutated.ein")
     except ei.SpecError as err:
         assert str(err).startswith("mutated.ein:") or str(err).startswith("error:")
+
+
+def test_simulate_names_missing_shapes(capsys):
+    args = ["simulate", "softmax_window", "--shapes", "B=1,P=64", "--q-tile", "P=16", "--kv-tile", "M=16"]
+    assert main(args) == 2
+    assert "--shapes lacks H, M, E, F, W" in capsys.readouterr().err
+
+
+def test_analyze_without_a_param_keeps_counts_symbolic(capsys):
+    assert main(["analyze", "softmax_window", "--shapes", "B=1,H=2,P=256,M=256,E=64,F=64"]) == 0
+    out = capsys.readouterr().out
+    assert "Passes over M: 2" in out and "roofline: needs W" in out
