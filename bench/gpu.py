@@ -46,7 +46,7 @@ CHECK_SHAPE = {"P": 200, "M": 333, "E": 64, "F": 64, "B": 1, "H": 2}
 BENCH = {"B": 2, "H": 16, "N": 4096, "D": 64}
 
 # runtime params and extra ranks for the speed phase (the correctness phase uses
-# tests/variant_inputs.PARAMS, which are small)
+# tests/support.PARAMS, which are small)
 BENCH_PARAMS = {
     "softmax_window": {"W": 1024},
     "sinks_window": {"NS": 64, "W": 1024},
@@ -71,7 +71,7 @@ T0 = time.perf_counter()
 
 
 def check_inputs(name, c, device, dtype):
-    from variant_inputs import make_inputs
+    from support import make_inputs
 
     s = CHECK_SHAPE
     return make_inputs(name, c, P=s["P"], M=s["M"], E=s["E"], F=s["F"], B=s["B"], H=s["H"], dtype=dtype,
@@ -79,7 +79,7 @@ def check_inputs(name, c, device, dtype):
 
 
 def bench_inputs(name, c, device, dtype=torch.bfloat16):
-    from variant_inputs import make_inputs
+    from support import make_inputs
 
     b = BENCH
     extra = dict(BENCH_PARAMS.get(name, {}))
