@@ -519,6 +519,15 @@ class StageEmitter(BlockEmitter):
         self.pres_after[e.name] = pres
 
     # ------------------------------------------------------------------ the stage function
+    def _tile_positions(self, ranks, side: str, indent: str) -> list[str]:
+        """Per rank of a tile: its length, and its positions when the cascade reads them as values."""
+        lines = []
+        for r in ranks:
+            lines.append(f"{indent}_n_{r} = {side}_hi_{r} - {side}_lo_{r} + 1")
+            if r in self.used_index_values:
+                lines.append(f"{indent}{r} = torch.arange({side}_lo_{r}, {side}_hi_{r} + 1)")
+        return lines
+
     def generate(self) -> str:
         s, c = self.s, self.c
         for e in s.einsums:
@@ -641,10 +650,7 @@ class StageEmitter(BlockEmitter):
             heads = ", ".join(f"(q_lo_{q}, q_hi_{q})" for q in s.query)
             its = ", ".join(f"_tiles({rank_of(q)}, _bq_{q})" for q in s.query)
             lines.append(f"    for {heads} in itertools.product({its}):")
-        for q in s.query:
-            lines.append(f"        _n_{q} = q_hi_{q} - q_lo_{q} + 1")
-            if q in self.used_index_values:
-                lines.append(f"        {q} = torch.arange(q_lo_{q}, q_hi_{q} + 1)")
+        lines += self._tile_positions(s.query, "q", "        ")
         lines += self.query_loads.lines
         lines += qsec.lines
         boxes = s.skip.ranges or [{}]
@@ -665,10 +671,7 @@ class StageEmitter(BlockEmitter):
                 heads.append(f"(k_lo_{k}, k_hi_{k})")
                 its.append(f"_key_tiles([({_skip_code(lo)}, {_skip_code(hi)})], KEYS_{k}, _bs_{k})")
             lines.append(f"        for {', '.join(heads)} in itertools.product({', '.join(its)}):")
-        for k in s.stream:
-            lines.append(f"            _n_{k} = k_hi_{k} - k_lo_{k} + 1")
-            if k in self.used_index_values:
-                lines.append(f"            {k} = torch.arange(k_lo_{k}, k_hi_{k} + 1)")
+        lines += self._tile_positions(s.stream, "k", "            ")
         lines += self.key_loads.lines
         lines += loop_body
         lines += post.lines

@@ -17,6 +17,20 @@ PARAMS = {
 }
 
 
+# Causal softmax with an LSE output: the spec several test files parse, build or vary.
+CAUSAL_SOFTMAX_LSE = """dims B H P M E F
+param scale = 1/sqrt(E)
+input Q[b,h,p,e], K[b,h,m,e], V[b,h,m,f]
+S[b,h,p,m]  = Q[b,h,p,e] * K[b,h,m,e] * scale where m <= p
+GM[b,h,p]   = max[m] S[b,h,p,m]
+SN[b,h,p,m] = exp(S[b,h,p,m] - GM[b,h,p])
+SD[b,h,p]   = SN[b,h,p,m]
+O[b,h,p,f]  = SN[b,h,p,m] * V[b,h,m,f] / SD[b,h,p]
+LSE[b,h,p]  = GM[b,h,p] + log(SD[b,h,p])
+output O, LSE fill -inf
+"""
+
+
 def make_inputs(name: str, c, P: int = 33, M: int = 40, E: int = 24, F: int = 20, B: int = 1, H: int = 2,
                 dtype=torch.float32, device="cpu", seed: int = 0, extra: dict | None = None) -> dict:
     g = torch.Generator().manual_seed(seed)

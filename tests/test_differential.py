@@ -9,20 +9,11 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import einsum_ir as ei
+from support import CAUSAL_SOFTMAX_LSE
 
 pytest.importorskip("triton")
 
-TEMPLATE = """dims B H P M E F
-param scale = 1/sqrt(E)
-input Q[b,h,p,e], K[b,h,m,e], V[b,h,m,f]
-S[b,h,p,m]  = Q[b,h,p,e] * K[b,h,m,e] * scale where {predicate}
-GM[b,h,p]   = max[m] S[b,h,p,m]
-SN[b,h,p,m] = exp(S[b,h,p,m] - GM[b,h,p])
-SD[b,h,p]   = SN[b,h,p,m]
-O[b,h,p,f]  = SN[b,h,p,m] * V[b,h,m,f] / SD[b,h,p]
-LSE[b,h,p]  = GM[b,h,p] + log(SD[b,h,p])
-output O, LSE fill -inf
-"""
+TEMPLATE = CAUSAL_SOFTMAX_LSE.replace("where m <= p", "where {predicate}")
 
 offsets = st.integers(-6, 6)
 atoms = st.one_of(

@@ -11,6 +11,7 @@ from einsum_ir.ir import (
 )
 from einsum_ir.parser import negate
 from einsum_ir.validate import validate
+from support import CAUSAL_SOFTMAX_LSE
 
 DIMS = ("B", "P", "M", "E")
 UNARY_FUNCTIONS = ("exp", "log", "tanh", "sigmoid", "softplus", "relu", "abs", "sqrt", "elu")
@@ -122,18 +123,7 @@ def test_builder_matches_the_spec_and_runs():
     LSE = cb.let("LSE", (b, h, p), GM[b, h, p] + fn.log(SD[b, h, p]))
     c = cb.build(outputs=[O, (LSE, -inf.expr.value)])
     assert ei.parse(str(c)) == c
-    spec = ei.parse("""# Causal softmax with LSE, built in Python.
-dims B H P M E F
-param scale = 1/sqrt(E)
-input Q[b,h,p,e], K[b,h,m,e], V[b,h,m,f]
-S[b,h,p,m]  = Q[b,h,p,e] * K[b,h,m,e] * scale where m <= p
-GM[b,h,p]   = max[m] S[b,h,p,m]
-SN[b,h,p,m] = exp(S[b,h,p,m] - GM[b,h,p])
-SD[b,h,p]   = SN[b,h,p,m]
-O[b,h,p,f]  = SN[b,h,p,m] * V[b,h,m,f] / SD[b,h,p]
-LSE[b,h,p]  = GM[b,h,p] + log(SD[b,h,p])
-output O, LSE fill -inf
-""")
+    spec = ei.parse("# Causal softmax with LSE, built in Python.\n" + CAUSAL_SOFTMAX_LSE)
     assert c == spec
     q, k, v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 3)
     o, lse = ei.interpret(c, Q=q, K=k, V=v)
