@@ -106,7 +106,7 @@ def build(impl: str, case: str, n: int, q, k, v):
     lscale = math.log(D) * math.log(n) / math.sqrt(D)
     if impl == "ours":
         import einsum_ir as ei
-        from codegen.cpu_emit import compile_cpu
+        from einsum_ir.codegen.cpu_emit import compile_cpu
 
         kern = compile_cpu(ei.variants.load(CASES[case]))
         extra = {"W": WINDOW} if case == "window" else {}

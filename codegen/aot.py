@@ -17,9 +17,9 @@ import subprocess
 import sys
 import tempfile
 
-from codegen import cache, dispatch
-from codegen.dispatch import Config
-from codegen.kernel import default_config, import_source, stage_tiles
+from einsum_ir.codegen import cache, dispatch
+from einsum_ir.codegen.dispatch import Config
+from einsum_ir.codegen.kernel import default_config, import_source, stage_tiles
 
 DTYPE_SIG = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 INT_SIG = {"bool": "i8", "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64"}
@@ -172,9 +172,9 @@ def _interpreting() -> bool:
 _CHILD = """
 import json, sys
 import einsum_ir as ei
-from codegen.kernel import TritonKernel
-from codegen.aot import _resource_usage
-from codegen.dispatch import Config
+from einsum_ir.codegen.kernel import TritonKernel
+from einsum_ir.codegen.aot import _resource_usage
+from einsum_ir.codegen.dispatch import Config
 out = []
 kernels = {}
 for req in json.loads(sys.stdin.read()):

@@ -18,7 +18,7 @@ log = logging.getLogger("einsum_ir")
 
 
 def _cpu_kernel(cascade: Cascade):
-    from codegen.cpu_emit import compile_cpu
+    from einsum_ir.codegen.cpu_emit import compile_cpu
 
     return compile_cpu(cascade)
 
@@ -30,7 +30,7 @@ class AutoKernel:
     backend = "auto"
 
     def __init__(self, cascade: Cascade):
-        from codegen.kernel import ReferenceKernel
+        from einsum_ir.codegen.kernel import ReferenceKernel
 
         self.cascade = cascade
         self.reference = ReferenceKernel(cascade)
@@ -46,7 +46,7 @@ class AutoKernel:
             self._built.add(kind)
             try:
                 if kind == "triton":
-                    from codegen.kernel import TritonKernel
+                    from einsum_ir.codegen.kernel import TritonKernel
 
                     self._triton = TritonKernel(self.cascade)
                 else:
@@ -61,7 +61,7 @@ class AutoKernel:
         backends read the same plan), else the error of a fused kernel that failed to build."""
         if self._why is None and "plan" not in self._built:
             self._built.add("plan")
-            from lowering.plan import build_plan
+            from einsum_ir.lowering.plan import build_plan
 
             try:
                 build_plan(self.cascade)
@@ -113,11 +113,11 @@ def compile(cascade: Cascade, backend: str = "auto"):  # noqa: A001
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "reference":
-        from codegen.kernel import ReferenceKernel
+        from einsum_ir.codegen.kernel import ReferenceKernel
 
         return ReferenceKernel(cascade)
     if backend == "triton":
-        from codegen.kernel import TritonKernel
+        from einsum_ir.codegen.kernel import TritonKernel
 
         return TritonKernel(cascade)
     if backend == "cpu":

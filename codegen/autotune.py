@@ -20,9 +20,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from codegen import cache
-from codegen.dispatch import Config, DispatchKey
-from cost_model.devices import Device, get
+from einsum_ir.codegen import cache
+from einsum_ir.codegen.dispatch import Config, DispatchKey
+from einsum_ir.cost_model.devices import Device, get
 from einsum_ir.ir import rank_of
 
 BLOCK_Q = (64, 128)
@@ -59,7 +59,7 @@ def candidates() -> list[Config]:
 
 def _blocks(stage, extents: dict, config: Config) -> dict[str, int]:
     """Tile extent per rank name: query/stream ranks share their axis tile, features whole."""
-    from codegen.kernel import stage_tiles
+    from einsum_ir.codegen.kernel import stage_tiles
 
     tiles = stage_tiles(stage, extents, config)
     out = {rank_of(f): tiles[f"BLOCK_{f.upper()}"] for f in stage.features}
@@ -182,7 +182,7 @@ def pruned_best(kern, extents: dict, device: str | Device = "h100", dtype: str =
         raise ValueError(f"no candidate config fits {get(device).key}: {verdicts[0].reason}")
     if not aot:
         return best[0]
-    from codegen.aot import resource_usage
+    from einsum_ir.codegen.aot import resource_usage
 
     for cfg in best:
         if resource_usage(kern, extents, dtype, target_of(device), config=cfg)["spills"] == 0:

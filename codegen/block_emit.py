@@ -26,7 +26,7 @@ from einsum_ir.errors import LoweringError
 from einsum_ir.ir import (
     Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, Num, Unary, product_terms, walk,
 )
-from lowering.plan import Plan, Stage
+from einsum_ir.lowering.plan import Plan, Stage
 
 
 @dataclass

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 
 # Kinds and keys become path components; restricting them keeps every file inside the cache.
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_PACKAGES = ("einsum_ir", "cost_model", "lowering", "codegen")
+_PACKAGES = ("einsum_ir", "einsum_ir.cost_model", "einsum_ir.lowering", "einsum_ir.codegen")
 
 
 def cache_dir() -> Path:
@@ -76,11 +77,11 @@ def _version(dist: str) -> str:
 def _code_fingerprint() -> str:
     """A hash of this distribution's Python sources. An editable install keeps its version
     number while the emitter changes under it; hashing the code keeps stale kernels out."""
-    root = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
-    for package in _PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
-            digest.update(path.relative_to(root).as_posix().encode())
+    for package in _PACKAGES:  # found without importing them: the layers live in their own folders
+        folder = Path(next(iter(importlib.util.find_spec(package).submodule_search_locations)))
+        for path in sorted(folder.rglob("*.py")):
+            digest.update(f"{package}/{path.relative_to(folder).as_posix()}".encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from codegen import cache
+from einsum_ir.codegen import cache
 
 
 def human_bytes(n: int) -> str:
@@ -55,10 +55,10 @@ def cmd_cache_clear(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """The candidate table with prune reasons; on a GPU, timings and the winner."""
-    from codegen import autotune
-    from codegen.dispatch import bucket_of
-    from codegen.kernel import TritonKernel
-    from cost_model.cli import parse_assignments
+    from einsum_ir.codegen import autotune
+    from einsum_ir.codegen.dispatch import bucket_of
+    from einsum_ir.codegen.kernel import TritonKernel
+    from einsum_ir.cost_model.cli import parse_assignments
     from einsum_ir.variants import load_spec
 
     kern = TritonKernel(load_spec(args.spec))
@@ -70,7 +70,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     verdicts = autotune.prune(kern.plan, bucket, args.device, args.dtype, top_k=args.top_k)
     keep = autotune.survivors(verdicts)
     if args.aot and keep:  # measured registers / spills of the survivors (cached)
-        from codegen.aot import resource_usage_batch
+        from einsum_ir.codegen.aot import resource_usage_batch
 
         target = autotune.target_of(args.device)
         usage = dict(zip(keep, resource_usage_batch(
@@ -98,8 +98,8 @@ def _time_on_gpu(kern, extents: dict, runtime: dict, dtype: str, configs: list) 
 
     if not torch.cuda.is_available():
         return {}
-    from codegen.autotune import time_configs
-    from codegen.kernel import TORCH_DTYPES
+    from einsum_ir.codegen.autotune import time_configs
+    from einsum_ir.codegen.kernel import TORCH_DTYPES
 
     args = dict(runtime)
     for d in kern.cascade.inputs:

@@ -31,7 +31,7 @@ import string
 
 import torch
 
-from codegen.block_emit import (
+from einsum_ir.codegen.block_emit import (
     BlockEmitter,
     Section,
     Val,
@@ -40,7 +40,7 @@ from codegen.block_emit import (
     module_header,
     paren,
 )
-from codegen.kernel import collect_outputs
+from einsum_ir.codegen.kernel import collect_outputs
 from einsum_ir.errors import LoweringError
 from einsum_ir.ir import (
     Access,
@@ -51,7 +51,7 @@ from einsum_ir.ir import (
     rank_of,
 )
 from einsum_ir.params import bind_arguments
-from lowering.plan import Plan, Stage, build_plan
+from einsum_ir.lowering.plan import Plan, Stage, build_plan
 
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_S = 512

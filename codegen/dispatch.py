@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from codegen.cache import shape_bucket
+from einsum_ir.codegen.cache import shape_bucket
 from einsum_ir.ir import index_vars, rank_of
-from lowering.plan import Plan, Stage
+from einsum_ir.lowering.plan import Plan, Stage
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
                torch.float64: "fp64"}
@@ -72,7 +72,7 @@ def device_kind(device: torch.device) -> str:
 def table_device(device: torch.device) -> str:
     """The cost model's device-table key for a CUDA device: by name ("NVIDIA H100 80GB HBM3"
     -> "h100"), else by compute capability."""
-    from cost_model.devices import table
+    from einsum_ir.cost_model.devices import table
 
     name = torch.cuda.get_device_name(device).lower()
     for key in table():

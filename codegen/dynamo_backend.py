@@ -20,7 +20,7 @@ import logging
 import torch
 import torch.fx as fx
 
-from codegen.torch_op import attention
+from einsum_ir.codegen.torch_op import attention
 from einsum_ir.frontends.fx import Site, find_attention
 
 NAME = "einsum_ir"

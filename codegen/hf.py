@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from codegen.torch_op import attention
+from einsum_ir.codegen.torch_op import attention
 
 NAME = "einsum_ir"
 

@@ -12,12 +12,12 @@ from types import ModuleType
 
 import torch
 
-from codegen import cache, dispatch
-from codegen.dispatch import INTERPRETER_CONFIG, Config, DispatchKey
+from einsum_ir.codegen import cache, dispatch
+from einsum_ir.codegen.dispatch import INTERPRETER_CONFIG, Config, DispatchKey
 from einsum_ir.errors import BindError, LoweringError
 from einsum_ir.ir import Cascade, index_vars, rank_of
 from einsum_ir.params import bind_arguments
-from lowering.plan import Plan, Stage, build_plan
+from einsum_ir.lowering.plan import Plan, Stage, build_plan
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 
@@ -140,7 +140,7 @@ def kernel_source(plan: Plan, cascade: Cascade) -> str:
     serves every shape, device and dtype."""
     text = str(cascade)
     if text not in _SOURCES:
-        from codegen.triton_emit import emit_plan
+        from einsum_ir.codegen.triton_emit import emit_plan
 
         def build() -> str:
             dispatch.STATS["emit"] += 1
@@ -160,7 +160,7 @@ class TritonKernel:
     backend = "triton"
 
     def __init__(self, cascade: Cascade):
-        from codegen.triton_emit import stage_emitters
+        from einsum_ir.codegen.triton_emit import stage_emitters
 
         self.cascade = cascade
         self.plan: Plan = build_plan(cascade)
@@ -180,7 +180,7 @@ class TritonKernel:
             if device == "cpu":
                 config = INTERPRETER_CONFIG
             else:
-                from codegen.autotune import pruned_best
+                from einsum_ir.codegen.autotune import pruned_best
 
                 config = pruned_best(self, bucket, device, "bf16", aot=False)
             notes = [f"# config for {shapes} on {device}: {config}"]
@@ -192,7 +192,7 @@ class TritonKernel:
     def resource_usage(self, shapes: dict, dtype: str = "bf16", target: str = "sm_90",
                        config: Config | None = None) -> dict:
         """AOT-compiled registers, spills and shared memory (the default config unless given)."""
-        from codegen.aot import resource_usage
+        from einsum_ir.codegen.aot import resource_usage
 
         return resource_usage(self, shapes, dtype=dtype, target=target, config=config)
 
@@ -236,7 +236,7 @@ class TritonKernel:
             if key.device == "cpu":
                 self.configs[key] = INTERPRETER_CONFIG
             else:
-                from codegen.autotune import choose
+                from einsum_ir.codegen.autotune import choose
 
                 self.configs[key] = choose(self, key, run, dispatch.table_device(device))
         return self.configs[key]

@@ -28,7 +28,7 @@ CONFIG_COLUMN = "config (h100, pruned-best)"
 def cpu_path_cell(name: str, cascade: Cascade) -> str:
     """Max |CPU path - interpreter| on the catalog's small example inputs."""
     import einsum_ir as ei
-    from codegen.cpu_emit import compile_cpu
+    from einsum_ir.codegen.cpu_emit import compile_cpu
     from einsum_ir.variants.formulas import example_args, max_error
 
     try:
@@ -48,7 +48,7 @@ def report_columns(name: str, cascade: Cascade, aot: bool = True) -> dict[str, s
 
 def _triton_columns(cascade: Cascade, aot: bool) -> dict[str, str]:
     try:
-        from codegen.kernel import TritonKernel
+        from einsum_ir.codegen.kernel import TritonKernel
 
         kern = TritonKernel(cascade)
     except LoweringError as err:
@@ -71,7 +71,7 @@ def _triton_columns(cascade: Cascade, aot: bool) -> dict[str, str]:
 
 
 def _config_cell(kern, shapes: dict, aot: bool) -> str:
-    from codegen.autotune import pruned_best
+    from einsum_ir.codegen.autotune import pruned_best
 
     try:
         return str(pruned_best(kern, shapes, "h100", "bf16", aot=aot))

@@ -40,7 +40,7 @@ def cascade_of(spec: str) -> Cascade:
 @lru_cache(maxsize=None)
 def _kernel(spec: str) -> Callable[..., torch.Tensor]:
     """The compiled forward for `spec` (backend "auto"), built once per distinct text."""
-    from codegen.api import compile as compile_cascade
+    from einsum_ir.codegen.api import compile as compile_cascade
 
     return compile_cascade(cascade_of(spec), backend="auto")
 

@@ -17,7 +17,7 @@ from the expression tree.
 """
 from __future__ import annotations
 
-from codegen.block_emit import (
+from einsum_ir.codegen.block_emit import (
     BlockEmitter,
     Section,
     Val,
@@ -28,7 +28,7 @@ from codegen.block_emit import (
 )
 from einsum_ir.errors import LoweringError
 from einsum_ir.ir import Access, Call, Einsum, Index, rank_of, walk
-from lowering.plan import Plan, Stage
+from einsum_ir.lowering.plan import Plan, Stage
 
 NBHD_HELPERS = '''
 @triton.jit

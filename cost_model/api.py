@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from einsum_ir.ir import Cascade
 
-from cost_model import counts as _counts
-from cost_model import passes as _passes
-from cost_model import roofline as _roofline
-from cost_model import simulate as _simulate
-from cost_model.devices import Device
+from einsum_ir.cost_model import counts as _counts
+from einsum_ir.cost_model import passes as _passes
+from einsum_ir.cost_model import roofline as _roofline
+from einsum_ir.cost_model import simulate as _simulate
+from einsum_ir.cost_model.devices import Device
 
 
 def passes(cascade: Cascade, rank: str = "M") -> _passes.PassReport:

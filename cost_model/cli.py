@@ -9,8 +9,8 @@ import time
 
 from einsum_ir.variants import load_spec
 
-from cost_model import api
-from cost_model.counts import fmt
+from einsum_ir.cost_model import api
+from einsum_ir.cost_model.counts import fmt
 
 ASSIGN_HELP = ("comma-separated NAME=INT bindings of dims and runtime params, e.g. "
                "B=1,H=16,P=8192,M=8192,E=128,F=128,W=512 (params may also go in --params)")
@@ -93,7 +93,7 @@ def run_simulate(args) -> int:
     print(result)
     print(f"  simulated in {time.perf_counter() - start:.2f} s")
     if args.plot:
-        from cost_model.simulate import plot_tile_map
+        from einsum_ir.cost_model.simulate import plot_tile_map
 
         plot_tile_map(result, args.plot)
         print(f"  tile map written to {args.plot}")

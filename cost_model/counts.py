@@ -28,7 +28,7 @@ from einsum_ir.ir import (
     Access, Binary, Call, Cascade, Einsum, Name, Unary, index_vars, product_terms, rank_of, walk,
 )
 
-from cost_model import predicates as pr
+from einsum_ir.cost_model import predicates as pr
 from einsum_ir.printer import print_expr
 
 

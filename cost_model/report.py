@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from einsum_ir.ir import Cascade
 
-from cost_model import api
+from einsum_ir.cost_model import api
 
 # The report's default shape: one batch, 16 heads, 8K queries and keys, head dims 128. GQA
 # splits the 16 query heads into 4 groups of 4 (R doubles as a low-rank bias's rank), 2-D

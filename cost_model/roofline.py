@@ -14,9 +14,9 @@ import sympy
 from einsum_ir.graph import einsum_reads, is_carried_read
 from einsum_ir.ir import Cascade, index_vars
 
-from cost_model import counts as cm
-from cost_model import passes as pm
-from cost_model.devices import Device, get
+from einsum_ir.cost_model import counts as cm
+from einsum_ir.cost_model import passes as pm
+from einsum_ir.cost_model.devices import Device, get
 
 UNITS = ("tensor", "vector", "sfu", "memory")
 

@@ -21,9 +21,9 @@ import torch
 
 from einsum_ir.ir import Binary, Call, Cascade, Unary, rank_of, walk
 
-from cost_model import counts as cm
-from cost_model import predicates as pr
-from cost_model.devices import Device, get
+from einsum_ir.cost_model import counts as cm
+from einsum_ir.cost_model import predicates as pr
+from einsum_ir.cost_model.devices import Device, get
 
 SKIPPED, PARTIAL, FULL = 0, 1, 2
 

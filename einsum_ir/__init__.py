@@ -24,21 +24,21 @@ __all__ = [
 
 def passes(cascade: Cascade, rank: str = "M"):
     """FuseMax pass analysis over `rank`: `.count`, `.boundaries`, `.explanation`."""
-    from cost_model.api import passes as run
+    from einsum_ir.cost_model.api import passes as run
 
     return run(cascade, rank=rank)
 
 
 def counts(cascade: Cascade, shapes: dict, dtype: str = "bf16"):
     """Work and traffic per Einsum and in total: MACs, vector and SFU ops, bytes."""
-    from cost_model.api import counts as run
+    from einsum_ir.cost_model.api import counts as run
 
     return run(cascade, shapes, dtype=dtype)
 
 
 def roofline(cascade: Cascade, shapes: dict, device: str = "h100", dtype: str = "bf16"):
     """Lower-bound time on `device` and the binding unit."""
-    from cost_model.api import roofline as run
+    from einsum_ir.cost_model.api import roofline as run
 
     return run(cascade, shapes, device=device, dtype=dtype)
 
@@ -46,14 +46,14 @@ def roofline(cascade: Cascade, shapes: dict, device: str = "h100", dtype: str = 
 def simulate(cascade: Cascade, shapes: dict, device: str = "h100", q_tile: dict | None = None,
              kv_tile: dict | None = None, dtype: str = "bf16"):
     """Tile-level sparsity simulation: `.tile_speedup`, `.flop_speedup`, `.estimated_speedup`."""
-    from cost_model.api import simulate as run
+    from einsum_ir.cost_model.api import simulate as run
 
     return run(cascade, shapes, device=device, q_tile=q_tile, kv_tile=kv_tile, dtype=dtype)
 
 
 def compile(cascade: Cascade, backend: str = "auto"):  # noqa: A001 - the API's chosen name
     """A callable kernel for `cascade`: backend "auto", "triton", "cpu" or "reference"."""
-    from codegen.api import compile as run
+    from einsum_ir.codegen.api import compile as run
 
     return run(cascade, backend=backend)
 

@@ -17,8 +17,8 @@ from einsum_ir.errors import BindError, LoweringError, SpecError
 
 # Modules that may add subcommands (`add_commands(subparsers)`) and report columns
 # (`report_columns(name, cascade) -> dict[str, str]`), in layer order.
-COMMAND_PROVIDERS = ("cost_model.cli", "codegen.cli")
-COLUMN_PROVIDERS = ("cost_model.report", "codegen.report")
+COMMAND_PROVIDERS = ("einsum_ir.cost_model.cli", "einsum_ir.codegen.cli")
+COLUMN_PROVIDERS = ("einsum_ir.cost_model.report", "einsum_ir.codegen.report")
 USER_ERRORS = (SpecError, BindError, LoweringError, FileNotFoundError, KeyError, ValueError)
 
 

@@ -12,7 +12,7 @@ import math
 import torch
 
 import einsum_ir as ei
-from codegen.torch_op import run
+from einsum_ir.codegen.torch_op import run
 
 SPEC = """
 # Length-scaled Softplus attention (Gao & Spratling, 2025)

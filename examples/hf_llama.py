@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import einsum_ir.integrations.hf as eihf
-from codegen import dynamo_backend
+from einsum_ir.codegen import dynamo_backend
 
 logging.basicConfig(format="%(name)s: %(message)s")
 logging.getLogger("einsum_ir.dynamo").setLevel(logging.INFO)  # say what was replaced and why

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from einsum_ir.graph import dependency_graph
 from einsum_ir.ir import Access, Cascade, Einsum, Index, index_vars, product_terms
-from lowering.exprs import product, replace_accesses, substitute, summation, tensors_read
+from einsum_ir.lowering.exprs import product, replace_accesses, substitute, summation, tensors_read
 
 import networkx as nx
 

@@ -31,9 +31,9 @@ import sympy
 from einsum_ir.errors import LoweringError
 from einsum_ir.graph import dependency_graph, topological_einsums
 from einsum_ir.ir import Access, Cascade, Einsum, Index, index_vars, product_terms
-from lowering.defer import defer_division
-from lowering.exprs import tensors_read, to_sympy
-from lowering.masks import SkipPlan, skip_plan
+from einsum_ir.lowering.defer import defer_division
+from einsum_ir.lowering.exprs import tensors_read, to_sympy
+from einsum_ir.lowering.masks import SkipPlan, skip_plan
 
 
 @dataclass

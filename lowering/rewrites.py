@@ -24,8 +24,8 @@ from einsum_ir.ir import (
     Access, Binary, Call, Cascade, Einsum, Expr, Index, Init, Name, Num, Split, Unary,
     index_vars, product_terms,
 )
-from lowering.defer import defer_division, prune
-from lowering.exprs import replace_accesses, substitute, tensors_read, to_sympy
+from einsum_ir.lowering.defer import defer_division, prune
+from einsum_ir.lowering.exprs import replace_accesses, substitute, tensors_read, to_sympy
 
 __all__ = ["partition", "online", "defer_division", "fuse_contractions", "prune"]
 

@@ -57,8 +57,8 @@ def main() -> int:
     ap.add_argument("--python", required=True, help="a Python whose triton compiles the kernels")
     args = ap.parse_args()
     import einsum_ir as ei
-    from codegen.aot import specialization
-    from codegen.report import default_shapes
+    from einsum_ir.codegen.aot import specialization
+    from einsum_ir.codegen.report import default_shapes
 
     folder = tempfile.mkdtemp(prefix="einsum_ir_compat_")
     requests = []

@@ -12,7 +12,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import einsum_ir as ei  # noqa: E402
-from codegen.report import default_shapes  # noqa: E402
+from einsum_ir.codegen.report import default_shapes  # noqa: E402
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from codegen import cache
+from einsum_ir.codegen import cache
 
 SPEC = "dims B H P M E F\n...\n"  # stands in for str(cascade): keys only hash text
 
@@ -76,7 +76,7 @@ def test_unwritable_location_warns_and_still_builds(tmp_path, monkeypatch, caplo
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("EINSUM_IR_CACHE_DIR", str(blocker))
-    with caplog.at_level(logging.WARNING, logger="codegen.cache"):
+    with caplog.at_level(logging.WARNING, logger="einsum_ir.codegen.cache"):
         assert cache.get_or_build("source", cache.key(SPEC), lambda: "text") == "text"
     assert "cannot write" in caplog.text
 
@@ -149,13 +149,13 @@ def test_bad_entry_is_detected_deleted_and_rebuilt(damage, diagnosis, kind, valu
     path = cache.cache_dir() / kind / f"{k}.entry"
     path.write_bytes(damage(path.read_bytes()))
     build = counting(value)
-    with caplog.at_level(logging.WARNING, logger="codegen.cache"):
+    with caplog.at_level(logging.WARNING, logger="einsum_ir.codegen.cache"):
         assert cache.get_or_build(kind, k, build) == value
     assert build.calls == 1
     assert "bad entry" in caplog.text and diagnosis in caplog.text
     # The rebuilt entry is valid again: no second build, no second warning.
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="codegen.cache"):
+    with caplog.at_level(logging.WARNING, logger="einsum_ir.codegen.cache"):
         assert cache.get_or_build(kind, k, build) == value
     assert build.calls == 1 and not caplog.text
 
@@ -165,7 +165,7 @@ def test_bad_entry_is_deleted_on_load(caplog):
     cache.store("source", k, "text")
     path = cache.cache_dir() / "source" / f"{k}.entry"
     path.write_bytes(path.read_bytes()[:-1])
-    with caplog.at_level(logging.WARNING, logger="codegen.cache"):
+    with caplog.at_level(logging.WARNING, logger="einsum_ir.codegen.cache"):
         assert cache.load("source", k) is None
     assert not path.exists()
 
@@ -186,13 +186,13 @@ def test_a_fresh_entry_written_after_the_bad_read_survives():
 
 WORKER = r"""
 import json, logging, sys
-from codegen import cache
+from einsum_ir.codegen import cache
 
 warnings = []
 class Collect(logging.Handler):
     def emit(self, record):
         warnings.append(record.getMessage())
-logging.getLogger("codegen.cache").addHandler(Collect())
+logging.getLogger("einsum_ir.codegen.cache").addHandler(Collect())
 
 worker, rounds = int(sys.argv[1]), int(sys.argv[2])
 

@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import einsum_ir as ei
-from codegen.cpu_emit import CpuKernel, compile_cpu
+from einsum_ir.codegen.cpu_emit import CpuKernel, compile_cpu
 from einsum_ir.variants import formulas
 from support import assert_outputs_close
 

@@ -1,7 +1,7 @@
 """The device table: required devices, fields, sources; user-added devices."""
 import pytest
 
-from cost_model import devices
+from einsum_ir.cost_model import devices
 
 NEEDED = ["a100", "h100", "h200", "b200", "l4", "rtx4090", "cpu"]
 

@@ -7,15 +7,15 @@ import torch
 from support import make_inputs
 
 import einsum_ir as ei
-from codegen import autotune, cache, dispatch, kernel
-from codegen.dispatch import Config
+from einsum_ir.codegen import autotune, cache, dispatch, kernel
+from einsum_ir.codegen.dispatch import Config
 from einsum_ir.params import evaluate_params
 
 triton = pytest.importorskip("triton")
 
 
 def _interpreting() -> bool:
-    from codegen.aot import _interpreting
+    from einsum_ir.codegen.aot import _interpreting
 
     return _interpreting()
 
@@ -83,7 +83,7 @@ def test_new_length_in_a_compiled_bucket_generates_and_compiles_nothing(fresh):
 def test_what_the_gpu_compiles_is_the_same_across_a_bucket(name, small, large):
     # Triton's JIT keys its binaries on this (types, constexprs incl. tiles, alignment, options);
     # tiles come from the bucket, so a 5-wide and a 12-wide 2-D window share one binary
-    from codegen.aot import specialization
+    from einsum_ir.codegen.aot import specialization
 
     kern = ei.compile(ei.variants.load(name), backend="triton")
     base = {"B": 1, "H": 8, "G": 2, "R": 4, "E": 64, "F": 64}
@@ -206,7 +206,7 @@ def test_pruned_best_compiles_survivors_ahead_of_time():
 
 
 def test_report_has_the_pruned_config_for_h100():
-    from codegen.report import CONFIG_COLUMN, report_columns
+    from einsum_ir.codegen.report import CONFIG_COLUMN, report_columns
 
     cols = report_columns("softmax_causal", ei.variants.load("softmax_causal"))
     assert CONFIG_COLUMN == "config (h100, pruned-best)"

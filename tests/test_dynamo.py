@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from codegen import dynamo_backend
-from codegen.dynamo_backend import einsum_ir_backend
+from einsum_ir.codegen import dynamo_backend
+from einsum_ir.codegen.dynamo_backend import einsum_ir_backend
 from einsum_ir.frontends.fx import find_attention
 
 dynamo_backend.register()

@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (extra 'hf')")
 
 import einsum_ir.integrations.hf as eihf  # noqa: E402
-from codegen import dynamo_backend, torch_op  # noqa: E402
+from einsum_ir.codegen import dynamo_backend, torch_op  # noqa: E402
 
 eihf.register()
 dynamo_backend.register()

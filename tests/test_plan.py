@@ -7,8 +7,8 @@ import torch
 
 import einsum_ir as ei
 from einsum_ir.functions import nbhd_window_start
-from lowering.masks import skip_plan
-from lowering.plan import build_plan
+from einsum_ir.lowering.masks import skip_plan
+from einsum_ir.lowering.plan import build_plan
 
 
 def kinds(name):
@@ -28,7 +28,7 @@ def test_softmax_classes_and_online_rescale():
 
 
 def test_gqa_packs_the_group_into_the_query_tile():
-    from codegen.kernel import choose_tiles
+    from einsum_ir.codegen.kernel import choose_tiles
 
     plan, _ = kinds("softmax_gqa")
     s = plan.stages[0]

@@ -6,7 +6,7 @@ import torch
 
 import einsum_ir as ei
 from einsum_ir.graph import dependency_graph
-from lowering.rewrites import defer_division, fuse_contractions, online, partition
+from einsum_ir.lowering.rewrites import defer_division, fuse_contractions, online, partition
 
 
 def qkv(P=9, M=21, E=8, F=5, seed=0):

@@ -48,7 +48,7 @@ def test_roofline_needs_bound_shapes():
 def _cli(argv):
     import argparse
 
-    from cost_model.cli import add_commands
+    from einsum_ir.cost_model.cli import add_commands
 
     parser = argparse.ArgumentParser(prog="einsum-ir")
     add_commands(parser.add_subparsers(dest="command"))
@@ -65,7 +65,7 @@ def test_cli_analyze_prints_passes_counts_and_bound(capsys):
 
 
 def test_report_columns():
-    from cost_model.report import report_columns
+    from einsum_ir.cost_model.report import report_columns
 
     cols = report_columns("softmax", ei.variants.load("softmax"))
     assert cols["passes (M)"] == "3" and cols["binds"] == "tensor" and cols["H100 bound"].endswith("us")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import einsum_ir as ei
-from cost_model.simulate import FULL, PARTIAL, SKIPPED, plot_tile_map
+from einsum_ir.cost_model.simulate import FULL, PARTIAL, SKIPPED, plot_tile_map
 
 ONE_D = """dims B H P M E F
 param scale = 1/sqrt(E)
@@ -120,7 +120,7 @@ def test_3d_layout_scales():
 
 
 def test_tensor_mask_needs_data():
-    from cost_model.predicates import PredicateError
+    from einsum_ir.cost_model.predicates import PredicateError
 
     with pytest.raises(PredicateError, match="Sel"):
         ei.simulate(ei.variants.load("moba"), dict(B=1, H=1, P=64, M=64, E=4, F=4, PB=4, MB=4, BS=16))
@@ -146,7 +146,7 @@ def test_tensor_driven_block_mask_matches_brute_force():
 
 
 def test_large_block_diagonal_is_counted_by_segments_not_points():
-    from cost_model import predicates as pr
+    from einsum_ir.cost_model import predicates as pr
 
     c = ei.parse(ONE_D.format(params="", pred="p // 128 == m // 128 or m < 64"))
     n = 1 << 14  # 2.7e8 points: beyond what the dense fallback may enumerate
@@ -162,7 +162,7 @@ def test_large_block_diagonal_is_counted_by_segments_not_points():
 def test_cli_simulate_with_plot(capsys, tmp_path):
     import argparse
 
-    from cost_model.cli import add_commands
+    from einsum_ir.cost_model.cli import add_commands
 
     parser = argparse.ArgumentParser(prog="einsum-ir")
     add_commands(parser.add_subparsers(dest="command"))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import einsum_ir as ei
-from codegen import torch_op
-from codegen.torch_op import attention, cascade_op, reference_attention, run
+from einsum_ir.codegen import torch_op
+from einsum_ir.codegen.torch_op import attention, cascade_op, reference_attention, run
 from einsum_ir.frontends.attention import AttentionPattern
 
 CASES = {

@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 @pytest.fixture(autouse=True)
 def _interpreter_for_cpu_runs(request):
     """Tests that launch kernels on CPU tensors need the interpreter; AOT ones do not."""
-    from codegen.aot import _interpreting
+    from einsum_ir.codegen.aot import _interpreting
 
     runs = not request.node.name.startswith(("test_aot", "test_catalog", "test_lowering_error",
                                              "test_source", "test_report"))
@@ -177,7 +177,7 @@ def _aot_request(name, head_dim, target):
 @pytest.fixture(scope="module")
 def aot_usage():
     """All AOT compiles in one batch (one subprocess when this process interprets Triton)."""
-    from codegen.aot import resource_usage_batch
+    from einsum_ir.codegen.aot import resource_usage_batch
 
     keys = [(n, d, t) for n in FUSED for d in (64, 128) for t in ("sm_90", "sm_80")]
     return dict(zip(keys, resource_usage_batch([_aot_request(*k) for k in keys])))
@@ -246,7 +246,7 @@ output O
 
 
 def test_report_columns():
-    from codegen.report import report_columns
+    from einsum_ir.codegen.report import report_columns
 
     cols = report_columns("softmax_causal", ei.variants.load("softmax_causal"))
     assert cols["fused"] == "yes"

@@ -13,6 +13,6 @@ NAME = "einsum_ir"
 
 def register(name: str = NAME) -> None:
     """Register einsum-ir's attention and mask functions with transformers under `name`."""
-    from codegen.hf import register as run
+    from einsum_ir.codegen.hf import register as run
 
     run(name)
