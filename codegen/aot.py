@@ -19,7 +19,8 @@ import tempfile
 
 from einsum_ir.codegen import cache, dispatch
 from einsum_ir.codegen.dispatch import Config
-from einsum_ir.codegen.kernel import default_config, import_source, stage_tiles
+from einsum_ir.codegen.modules import import_source
+from einsum_ir.codegen.tiles import default_config, stage_tiles
 
 DTYPE_SIG = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 INT_SIG = {"bool": "i8", "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64"}
@@ -38,12 +39,14 @@ def _compiled_module(source: str):
 
 
 def specialization(kern, stage_index: int, shapes: dict, dtype: str = "bf16",
-                   config: Config | None = None) -> dict:
+                   config: Config | None = None, kernel_name: str | None = None) -> dict:
     """What the JIT would specialize one stage's kernel on, as plain data: the kernel name, its
     signature, constexpr values, divisibility attributes (by argument position) and options.
     Plain data, so another Triton version can compile the same source (see NOTES). Tiles come
     from the shapes' bucket, as at run time; `config` defaults to the untuned one."""
     em = kern.emitters[stage_index]
+    if kernel_name is not None and em.list_emitter is not None and kernel_name == em.list_emitter.name:
+        em = em.list_emitter  # the block-list kernel has the same arguments
     stage = kern.plan.stages[stage_index]
     c = kern.plan.cascade
     ext = kern._extents_from_shapes(shapes)
@@ -92,9 +95,7 @@ def compile_stage(kern, stage_index: int, shapes: dict, dtype: str = "bf16", tar
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    spec = specialization(kern, stage_index, shapes, dtype, config)
-    if kernel_name:
-        spec["name"] = kernel_name
+    spec = specialization(kern, stage_index, shapes, dtype, config, kernel_name)
     fn = getattr(_compiled_module(kern._source), spec["name"])
     attrs = {(pos,): [["tt.divisibility", 16]] for pos in spec["divisible"]}
     cap = int(target.replace("sm_", ""))
@@ -117,7 +118,7 @@ def _usage(cubin: bytes) -> dict:
     return {"registers": regs, "spills": local, "shared_bytes": shared}
 
 
-AOT_FORMAT = 1  # bump when what is measured (or how) changes
+AOT_FORMAT = 2  # bump when what is measured (or how) changes
 
 
 def usage_key(kern, shapes: dict, dtype: str, target: str, config: Config | None = None) -> str:
@@ -173,7 +174,7 @@ _CHILD = """
 import json, sys
 import einsum_ir as ei
 from einsum_ir.codegen.kernel import TritonKernel
-from einsum_ir.codegen.aot import _resource_usage
+from einsum_ir.codegen import aot
 from einsum_ir.codegen.dispatch import Config
 out = []
 kernels = {}
@@ -181,30 +182,62 @@ for req in json.loads(sys.stdin.read()):
     if req["cascade"] not in kernels:
         kernels[req["cascade"]] = TritonKernel(ei.parse(req["cascade"]))
     config = Config(**req["config"]) if req["config"] else None
+    run = aot._resource_usage if req["what"] == "usage" else aot._asm
     try:
-        out.append(_resource_usage(kernels[req["cascade"]], req["shapes"], req["dtype"], req["target"],
-                                   config))
+        out.append(run(kernels[req["cascade"]], req["shapes"], req["dtype"], req["target"], config))
     except Exception as err:
         out.append({"error": f"{type(err).__name__}: {str(err)[-300:]}"})
 print(json.dumps(out))
 """
 
 
-def _in_subprocess(items: list) -> list[dict]:
+def _in_subprocess(items: list, what: str = "usage") -> list:
+    """Compile in a fresh interpreter without TRITON_INTERPRET (`what`: "usage" or "asm")."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    req = json.dumps([{"cascade": str(k.cascade), "shapes": sh, "dtype": dt, "target": tg,
+    req = json.dumps([{"cascade": str(k.cascade), "shapes": sh, "dtype": dt, "target": tg, "what": what,
                        "config": cfg.as_dict() if cfg else None} for k, sh, dt, tg, cfg in items])
-    out = subprocess.run([sys.executable, "-c", _CHILD], input=req, capture_output=True, text=True,
-                         env=env, cwd=root)
+    out = subprocess.run([sys.executable, "-c", _CHILD], input=req, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"AOT compile failed: {out.stderr.strip().splitlines()[-1:]}")
     results = json.loads(out.stdout.strip().splitlines()[-1])
     for r in results:
-        if "error" in r:
+        if isinstance(r, dict) and "error" in r:
             raise RuntimeError(f"AOT compile failed: {r['error']}")
     return results
+
+
+ASYNC_LOADS = re.compile(r"\b(?:ttg|triton_gpu)\.async_copy_global_to_local\b|\bttng\.async_tma_copy_global_to_local\b")
+ASYNC_MMA = re.compile(r"\bttng\.warp_group_dot\b[^\n]*isAsync = true")
+
+
+def pipelining(ttgir: str, ptx: str) -> dict:
+    """What the compiled loop shows of software pipelining: async copies into shared memory
+    (cp.async or TMA) and async warpgroup MMAs in the TTGIR, cp.async in the PTX."""
+    return {"async_loads": len(ASYNC_LOADS.findall(ttgir)), "async_mma": len(ASYNC_MMA.findall(ttgir)),
+            "cp_async": ptx.count("cp.async.") > 0}
+
+
+def launched(kern, stage_index: int) -> list[str]:
+    """The kernels one stage launches, in order (its block-list kernel first)."""
+    em = kern.emitters[stage_index]
+    return ([em.list_emitter.name] if em.list_emitter is not None else []) + [em.name]
+
+
+def asm(kern, shapes: dict, dtype: str = "bf16", target: str = "sm_90", config: Config | None = None) -> list[dict]:
+    """{"name", "ttgir", "ptx"} for every kernel the cascade launches, compiled for `target`
+    (in a clean subprocess when this process runs Triton's interpreter)."""
+    if _interpreting():
+        return _in_subprocess([(kern, shapes, dtype, target, config)], "asm")[0]
+    return _asm(kern, shapes, dtype, target, config)
+
+
+def _asm(kern, shapes: dict, dtype: str, target: str, config: Config | None = None) -> list[dict]:
+    out = []
+    for i in range(len(kern.emitters)):
+        for name in launched(kern, i):
+            ck = compile_stage(kern, i, shapes, dtype, target, name, config)
+            out.append({"name": name, "ttgir": ck.asm["ttgir"], "ptx": ck.asm["ptx"]})
+    return out
 
 
 def _resource_usage(kern, shapes: dict, dtype: str, target: str, config: Config | None = None) -> dict:
@@ -215,7 +248,8 @@ def _resource_usage(kern, shapes: dict, dtype: str, target: str, config: Config 
         u["shared_bytes"] = max(u["shared_bytes"], int(getattr(ck.metadata, "shared", 0) or 0))
         u["wgmma"] = "wgmma" in ck.asm["ptx"]
         u["mma"] = "mma" in ck.asm["ptx"]
-        if getattr(em, "list_emitter", None) is not None:  # the block-list kernel must build too
+        u.update(pipelining(ck.asm["ttgir"], ck.asm["ptx"]))
+        if em.list_emitter is not None:  # the block-list kernel must build too
             lk = compile_stage(kern, i, shapes, dtype, target, em.list_emitter.name, config)
             lu = _usage(lk.asm["cubin"])
             u["block_list"] = lu
@@ -224,4 +258,7 @@ def _resource_usage(kern, shapes: dict, dtype: str, target: str, config: Config 
         stages.append(u)
     return {"registers": max(s["registers"] for s in stages), "spills": max(s["spills"] for s in stages),
             "shared_bytes": max(s["shared_bytes"] for s in stages),
-            "wgmma": all(s["wgmma"] for s in stages), "stages": stages}
+            "wgmma": all(s["wgmma"] for s in stages),
+            "async_loads": min(s["async_loads"] for s in stages),
+            "async_mma": min(s["async_mma"] for s in stages),
+            "cp_async": all(s["cp_async"] for s in stages), "stages": stages}

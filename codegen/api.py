@@ -61,7 +61,7 @@ class AutoKernel:
         backends read the same plan), else the error of a fused kernel that failed to build."""
         if self._why is None and "plan" not in self._built:
             self._built.add("plan")
-            from einsum_ir.lowering.plan import build_plan
+            from einsum_ir.lowering.strategy import build_plan
 
             try:
                 build_plan(self.cascade)

@@ -59,7 +59,7 @@ def candidates() -> list[Config]:
 
 def _blocks(stage, extents: dict, config: Config) -> dict[str, int]:
     """Tile extent per rank name: query/stream ranks share their axis tile, features whole."""
-    from einsum_ir.codegen.kernel import stage_tiles
+    from einsum_ir.codegen.tiles import stage_tiles
 
     tiles = stage_tiles(stage, extents, config)
     out = {rank_of(f): tiles[f"BLOCK_{f.upper()}"] for f in stage.features}
@@ -89,7 +89,7 @@ def _stage_needs(plan, stage, extents: dict, config: Config, dtype: str) -> dict
     shared = config.num_stages * key_bytes + query_bytes
     acc = 0
     for e in stage.einsums:
-        if stage.kind[e.name] == "carried":
+        if stage.kind(e.name) == "carried":
             acc += math.prod(blocks.get(rank_of(v), 1) for v in e.lhs_vars if rank_of(v) not in
                              {rank_of(g) for g in stage.grid})
     # carried accumulators plus the fp32 score tile and its probabilities, spread over threads

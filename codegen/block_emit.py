@@ -1,18 +1,21 @@
 """What the Triton and the CPU emitters share: values over tile axes and the expression walk.
 
-Both emitters lower a kernel plan's Einsum expressions to code over *tile axes* and track
-presence (absent points) as boolean masks exactly like the interpreter. What is the same for
-both lives here: the walk over an expression tree (Num / Name / Index / Access / Unary / Binary
-/ Call), reads of the stage's own values with their presence, the combination of presence
-masks, sums of products term by term, the running max (online: with `<max>_use`) and the
-rescaled running sums, their rescale factors, and the generated module's header.
+Both emitters print a plan's Einsums as code over *tile axes* (a query tile, a key tile,
+feature ranks held whole). What is the same for both lives here:
 
-What differs is the spelling (`tl.*` vs `torch.*`, how axes broadcast, how a tensor is read,
-how one product term is reduced: `tl.dot` vs `torch.einsum`). A target subclasses
-`BlockEmitter` and supplies it: `canon`, `align`, `num`, `logical_not`, `logical`, `nbhd`,
-`where`, `call`, `select`, `maximum`, `reduce`, `sum_term`, `load`; and, where the default
-does not fit, `pos_inf`/`neg_inf`, `float_quotient`, `index`, `exp`, `after_loop_kinds`. The
-loop structure, loads, stores and launch stay in the target's emitter.
+- the walk over an expression tree (Num / Name / Index / Access / Unary / Binary / Call),
+  with predicate builtins printed through their expansion and functions through their
+  registry spelling;
+- one loop body over a key tile, in two variants: *full* (the plan proved every point present:
+  no mask at all) and *masked* (guards evaluated, then either one sentinel select per guarded
+  value, lowering.absence, or presence masks carried with the values);
+- carried reductions: the running max (and `<max>_use`, 0 while a row has seen nothing, in
+  masked tiles), rescaled running sums with their factors, presence counters;
+- Einsums outside the loop, and the generated module's header.
+
+A target subclasses `BlockEmitter` and supplies its spelling (`canon`, `align`, `num`,
+`logical_not`, `logical`, `where`, `call`, `select`, `maximum`, `reduce`, `sum_term`, `load`,
+`fill`, `update_sum`), its loops, loads, stores and launch.
 """
 from __future__ import annotations
 
@@ -22,10 +25,9 @@ from dataclasses import dataclass, field
 
 import sympy
 
+from einsum_ir.builtins import PREDICATES
 from einsum_ir.errors import LoweringError
-from einsum_ir.ir import (
-    Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, Num, Unary, product_terms, walk,
-)
+from einsum_ir.ir import Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, Num, Unary, product_terms, walk
 from einsum_ir.lowering.plan import Plan, Stage
 
 
@@ -37,6 +39,7 @@ class Val:
     kind: str = "float"  # float | native (Triton: a loaded float tile in its own dtype) | int | bool
     pres: str | None = None  # presence mask (code) over `pres_axes`
     pres_axes: tuple[str, ...] = ()
+    fresh: bool = False  # a new temporary of the value's own shape (a target may reuse it in place)
 
     @property
     def scalar(self) -> bool:
@@ -86,7 +89,7 @@ def module_header(plan: Plan, cascade_text: str, title: str, imports: list[str])
     plan), then the `imports` lines."""
     head = [f"# {title}", "#"]
     head += ["#   " + line if line else "#" for line in cascade_text.rstrip().splitlines()]
-    head += ["#", "# Lowered cascade (after division deferral):", "#"]
+    head += ["#", f"# Lowered cascade ({', '.join(plan.rewrites) or 'as written'}):", "#"]
     head += ["#   " + line for line in str(plan.cascade).rstrip().splitlines() if not line.startswith("#")]
     head += ["#", "# Plan:"] + ["#   " + line for line in plan.summary().splitlines()]
     head += [""] + imports
@@ -97,8 +100,6 @@ class BlockEmitter:
     """One stage of a plan -> code over tile axes; the target-independent part."""
 
     pos_inf, neg_inf = "math.inf", "-math.inf"
-    # the stage kinds whose values are read after the key loop with their presence
-    after_loop_kinds: tuple[str, ...] = ("carried", "epilogue", "prologue")
 
     def __init__(self, plan: Plan, stage: Stage, name: str):
         self.plan = plan
@@ -108,13 +109,14 @@ class BlockEmitter:
         self.local = {e.name: e for e in stage.einsums}
         self.axes_of: dict[str, tuple[str, ...]] = {}
         self.counter = 0
-        self.track_any = any(e.where is not None for e in stage.einsums)
         self.in_loop = False
         self.masked = False
-        self.mask_of: dict[str, tuple] = {}
-        self.pres_after: dict[str, tuple] = {}
-        self.finalize: list[str] = []  # statements at the end of a loop body (online max updates)
-        self.alpha: dict[str, tuple] = {}  # rescale factor -> (name, axes), per loop body
+        self.mask_of: dict[str, tuple] = {}  # masked tiles without sentinels: value -> presence
+        self.guard_cache: dict[str, tuple] = {}  # guard -> (mask code, axes), per body
+        self.pres_after: dict[str, tuple] = {}  # after the loop: value -> presence
+        self.finalize: list[str] = []  # statements at the end of a loop body (running max updates)
+        self.alpha: dict[str, tuple] = {}  # rescale factor -> (name, axes), per body
+        self.seeds: dict[str, tuple] = {}  # mask expression -> (code, axes) computed before the body
 
     # ------------------------------------------------------------------ target spelling
     def canon(self, axes) -> tuple[str, ...]:
@@ -142,15 +144,12 @@ class BlockEmitter:
         """`a and b` / `a or b` (no presence: a predicate's absent points are false)."""
         raise NotImplementedError
 
-    def nbhd(self, args: list[Val]) -> Val:
-        raise NotImplementedError
-
     def where(self, args: list[Val], axes: tuple[str, ...], pres: str | None, pax: tuple) -> Val:
         raise NotImplementedError
 
     def call(self, fn: str, args: list[Val], axes: tuple[str, ...], pres: str | None, pax: tuple,
              sec: Section) -> Val:
-        """A math function (exp, log, max, pow, ...) of the arguments."""
+        """A registry function of the arguments."""
         raise NotImplementedError
 
     def select(self, cond: str, a: str, b: str) -> str:
@@ -161,8 +160,7 @@ class BlockEmitter:
         raise NotImplementedError
 
     def reduce(self, op: str, code: str, axes: tuple[str, ...], red) -> tuple[str, tuple[str, ...]]:
-        """`op` (max | sum; on the CPU also any) of `code` over those of its `axes` in `red`;
-        the code and the axes left."""
+        """`op` (max | sum | any) of `code` over those of its `axes` in `red`; code, axes left."""
         raise NotImplementedError
 
     def sum_term(self, inner: list[Val], outer: list[Val], red: set[str], out_axes: tuple[str, ...],
@@ -180,7 +178,41 @@ class BlockEmitter:
         """A tile of a tensor that lives outside the stage."""
         raise NotImplementedError
 
-    # ------------------------------------------------------------------ shared
+    def fill(self, axes: tuple[str, ...], value: str, dtype: str = "float") -> str:
+        """A new tile over `axes` holding `value`."""
+        raise NotImplementedError
+
+    def arith(self, op: str, a: Val, ac: str, bc: str, axes: tuple[str, ...]) -> str:
+        """`a op b` given the operands' code aligned to `axes`."""
+        return f"({ac} {op} {bc})"
+
+    def assign_guarded(self, name: str, code: str, mask: str, value: float, sec: Section) -> None:
+        """`name = code`, with `value` where `mask` (aligned to the value) fails."""
+        sec.add(f"{name} = {self.select(mask, paren(code), self.number(value))}")
+
+    def count_presence(self, g, mask: tuple | None, sec: Section) -> None:
+        """A presence counter after one key tile: every row seen (a full tile, `mask` None) or the
+        rows where `mask` holds somewhere."""
+        if mask is None:
+            sec.add(f"{g.counter} = {self.maximum(g.counter, '1')}")
+            return
+        code, axes = mask
+        rows = self.row_axes(g.members[0])
+        seen, left = self.reduce("max", self.as_int(code), axes, [a for a in axes if a not in rows])
+        sec.add(f"{g.counter} = {self.maximum(g.counter, self.align(seen, left, rows))}")
+
+    def counter_presence(self, g) -> str:
+        return f"({g.counter} > 0)"
+
+    def update_sum(self, e: Einsum, alpha: str | None, sec: Section, red: set[str], mask) -> None:
+        """`e = e * alpha + contribution` (alpha None: no rescale) for a carried sum."""
+        contrib = self.reduce_sum(e, sec, red, mask)
+        if alpha is None:
+            sec.add(f"{e.name} = {e.name} + {contrib}")
+        else:
+            sec.add(f"{e.name} = {e.name} * {alpha} + {contrib}")
+
+    # ------------------------------------------------------------------ names
     def fresh(self, base: str) -> str:
         self.counter += 1
         return f"{base}_{self.counter}"
@@ -188,6 +220,19 @@ class BlockEmitter:
     def truth(self, v: Val) -> str:
         return v.code if v.kind == "bool" else f"({v.code} != 0)"
 
+    def row_axes(self, name: str) -> tuple[str, ...]:
+        """The query-side axes of a carried value (presence is per row)."""
+        return tuple(a for a in self.axes_of[name] if a not in self.feature_axes())
+
+    def feature_axes(self) -> set[str]:
+        return set(self.s.features)
+
+    def use_name(self, name: str) -> str:
+        """The running max as read inside a loop body: the new max (0 while nothing was seen,
+        which only a masked tile can leave)."""
+        return f"{name}_use" if self.masked else f"{name}_new"
+
+    # ------------------------------------------------------------------ presence
     def combine_pres(self, vals: list[Val]) -> tuple[str | None, tuple]:
         """The presence of a value computed from `vals`: the conjunction of their masks."""
         parts, seen = [], set()
@@ -199,13 +244,38 @@ class BlockEmitter:
 
     def conjunction(self, parts: list[tuple[str, tuple]]) -> tuple[str | None, tuple]:
         """Masks (code, axes) and-ed over the union of their axes; (None, ()) for none."""
+        parts = list(dict.fromkeys(p for p in parts if p[0]))
         if not parts:
             return None, ()
         if len(parts) == 1:
             return parts[0]
         pax = self.canon([a for _, ax in parts for a in ax])
-        return " & ".join(self.align(p, ax, pax) for p, ax in parts), pax
+        return " & ".join(paren(self.align(p, ax, pax)) for p, ax in parts), pax
 
+    def guard_mask(self, name: str, sec: Section) -> tuple[str, tuple]:
+        """Where guard `name` holds in this tile (a stream value's guard, or a carried
+        reduction's own predicate), computed once per body."""
+        if name not in self.guard_cache:
+            expr = self.s.guards.get(name)
+            if expr is None:
+                expr = self.local[name].where
+            self.guard_cache[name] = self.named_mask(f"{name}_mask", expr, sec)
+        return self.guard_cache[name]
+
+    def named_mask(self, name: str, expr: Expr | None, sec: Section) -> tuple[str | None, tuple]:
+        expr = self.in_tile(expr)
+        if expr is None:
+            return None, ()
+        if repr(expr) in self.seeds:  # a mask the enclosing loop computed already
+            return self.seeds[repr(expr)]
+        w = self.emit(expr, sec)
+        code = self.truth(w)
+        if not is_simple(code):
+            sec.add(f"{name} = {code}")
+            code = name
+        return code, w.axes
+
+    # ------------------------------------------------------------------ expressions
     def var_axes(self, v: str) -> tuple[str, ...]:
         return (v,)
 
@@ -242,20 +312,40 @@ class BlockEmitter:
             kind = "int" if a.kind == b.kind == "int" and expr.op != "/" else "float"
             if expr.op == "/" and a.kind == b.kind == "int":
                 ac = self.float_quotient(ac)
-            return Val(f"({ac} {expr.op} {bc})", axes, kind, pres, pax)
+            return Val(self.arith(expr.op, a, ac, bc, axes), axes, kind, pres, pax, fresh=True)
         assert isinstance(expr, Call)
+        if expr.fn in PREDICATES:  # a predicate builtin is its expansion
+            return self.emit(PREDICATES[expr.fn].expand(expr.args), sec)
         args = [self.emit(a, sec) for a in expr.args]
-        if expr.fn == "nbhd":
-            return self.nbhd(args)
         axes = self.canon([x for a in args for x in a.axes])
         pres, pax = self.combine_pres(args)
         if expr.fn == "where":
             return self.where(args, axes, pres, pax)
         return self.call(expr.fn, args, axes, pres, pax, sec)
 
+    def access(self, a: Access, sec: Section) -> Val:
+        """A read of a tensor: a value of this stage (with its presence) or a load."""
+        t = a.tensor
+        if t not in self.local or t in self.s.loads:
+            return self.load(a, sec)
+        e = self.local[t]
+        lhs = [i.name for i in e.target.indices]
+        if [i.name if isinstance(i, Index) else None for i in a.indices] != lhs:
+            raise LoweringError(f"{t} is read as {t}[{', '.join(map(str, a.indices))}]; only reads "
+                                f"with its own index variables are emitted")
+        kind = self.s.kind(t)
+        code = self.use_name(t) if t in self.s.online and self.in_loop else t
+        pres, pax = None, ()
+        if kind in ("stream", "key_side") and self.masked and t in self.mask_of:
+            pres, pax = self.mask_of[t]
+        if kind in ("carried", "epilogue", "prologue") and not self.in_loop:
+            pres, pax = self.pres_after.get(t, (None, ()))
+        return Val(code, self.axes_of[t], "float", pres, pax)
+
     def reduce_sum(self, e: Einsum, sec: Section, red: set[str], mask: tuple | None) -> str:
         """Code for the sum over tile axes `red` of e.expr, term by term (division deferral
-        leaves sums of products); `mask` (code, axes) removes points."""
+        leaves sums of products); `mask` (code, axes) removes points. Scalar factors are
+        multiplied together first, so a tile takes one multiply for all of them."""
         out_axes = self.axes_of[e.name]
         total = []
         for sign, factors in product_terms(e.expr, distribute=True):
@@ -268,16 +358,130 @@ class BlockEmitter:
             inner = [v for v in vals if set(v.axes) & red]
             outer = [v for v in vals if not set(v.axes) & red]
             term, term_axes, outer = self.sum_term(inner, outer, red, out_axes, mask, sec)
+            scalars = [self.num(v) for v in outer if v.scalar]
             parts = [self.align(term, term_axes, out_axes)]
-            parts += [self.align(self.num(v), v.axes, out_axes) for v in outer]
+            parts += [self.align(self.num(v), v.axes, out_axes) for v in outer if not v.scalar]
+            if scalars:
+                parts.append(scalars[0] if len(scalars) == 1 else "(" + " * ".join(scalars) + ")")
             code = " * ".join(parts)
             total.append(("- " if sign < 0 else "+ ") + code if sign in (1.0, -1.0) else f"+ {sign!r} * {code}")
         text = " ".join(total)
         return text[2:] if text.startswith("+ ") else "-" + text[2:]
 
+    # ------------------------------------------------------------------ one loop body
+    def body(self, masked: bool, sec: Section) -> None:
+        """The loop body over one key tile: in-loop Einsums, presence counters, then the running
+        max updates."""
+        self.masked = masked
+        self.mask_of, self.guard_cache, self.finalize, self.alpha = {}, {}, [], {}
+        self.start_body(sec)
+        for e in self.s.of_kind("stream", "key_side", "carried"):
+            if self.s.kind(e.name) == "carried":
+                self.carried_einsum(e, sec)
+            else:
+                self.stream_einsum(e, sec)
+            self.after_einsum(e, sec)
+        for g in self.s.groups:
+            if g.counter is not None:
+                mask = self.conjunction([self.guard_mask(n, sec) for n in sorted(g.guards)]) if masked else None
+                self.count_presence(g, mask if mask and mask[0] else None, sec)
+        for line in self.finalize:
+            sec.add(line)
+
+    def start_body(self, sec: Section) -> None:
+        """Statements at the top of a body (the key tile's positions)."""
+
+    def after_einsum(self, e: Einsum, sec: Section) -> None:
+        """Called after each in-loop Einsum (the CPU path frees dead tiles here)."""
+
+    def as_int(self, mask: str) -> str:
+        raise NotImplementedError
+
+    def stream_einsum(self, e: Einsum, sec: Section) -> None:
+        axes = self.axes_of[e.name]
+        red = {x for v in e.reduced for x in self.var_axes(v)}
+        if e.reduced:
+            if e.reduce != "sum":
+                raise LoweringError(f"{e.name}: a {e.reduce} over feature ranks is not emitted")
+            code, pres = self.reduce_sum(e, sec, red, None), (None, ())
+        else:
+            v = self.emit(e.expr, sec)
+            code = self.align(self.num(v), v.axes, axes) if v.axes else v.code
+            if not v.axes and axes:
+                code = self.fill(axes, code)
+            elif set(v.axes) != set(axes):
+                code = self.broadcast(code, v.axes, axes)
+            pres = (v.pres, v.pres_axes)
+        sentinels = self.s.sentinels
+        mask = None
+        if self.masked and sentinels is not None and e.name in sentinels:
+            value, guards = sentinels[e.name]
+            mask, max_ = self.conjunction([self.guard_mask(g, sec) for g in guards])
+        if mask:
+            self.assign_guarded(e.name, code, self.align(mask, max_, axes), value, sec)
+        else:
+            sec.add(f"{e.name} = {code}")
+        if self.masked and sentinels is None:  # presence travels with the value
+            parts = [pres] + ([self.guard_mask(e.name, sec)] if e.name in self.s.guards else [])
+            pres = self.conjunction(parts)
+            if pres[0]:
+                self.mask_of[e.name] = pres
+
+    def broadcast(self, code: str, frm: tuple[str, ...], to: tuple[str, ...]) -> str:
+        """A value over fewer axes materialized over `to` (a map whose left side has more axes)."""
+        return self.align(code, frm, to)
+
+    def carried_mask(self, e: Einsum, sec: Section) -> tuple | None:
+        """The points a carried reduction must leave out in a masked tile."""
+        if not self.masked:
+            return None
+        if self.s.sentinels is not None:
+            expr = self.s.self_masked.get(e.name)
+            return None if expr is None else self.named_mask(f"{e.name}_mask", expr, sec)
+        parts = [self.mask_of[f.tensor] for f in accesses(e.expr) if f.tensor in self.mask_of]
+        if e.where is not None:
+            parts.append(self.guard_mask(e.name, sec))
+        if not parts:
+            parts.append(self.named_mask("k_valid", self.key_bound(), sec))
+        mask = self.conjunction([p for p in parts if p[0]])
+        if mask[0] and not is_simple(mask[0]):
+            sec.add(f"{e.name}_mask = {mask[0]}")
+            mask = (f"{e.name}_mask", mask[1])
+        return mask if mask[0] else None
+
+    def in_tile(self, expr: Expr | None) -> Expr | None:
+        """What of a mask the target must test (the CPU path's tiles never pass the key bound)."""
+        return expr
+
+    def key_bound(self) -> Expr:
+        out = None
+        for k in self.s.stream:
+            term = Binary("<", Index(k), Name(k.upper()))
+            out = term if out is None else Binary("and", out, term)
+        return out
+
+    def carried_einsum(self, e: Einsum, sec: Section) -> None:
+        red = {x for v in e.reduced for x in self.var_axes(v)}
+        mask = self.carried_mask(e, sec)
+        if e.reduce == "max":
+            self.carried_max(e, red, mask, sec)
+            return
+        ratio = self.s.rescale.get(e.name, sympy.Integer(1))
+        alpha = None
+        if ratio != 1:
+            key = str(ratio)
+            if key not in self.alpha:
+                name = f"alpha_{len(self.alpha)}" if self.alpha else "alpha"
+                v = self.rescale_code(ratio, sec)
+                sec.add(f"{name} = {v.code}")
+                self.alpha[key] = (name, v.axes)
+            name, aaxes = self.alpha[key]
+            alpha = self.align(name, aaxes, self.axes_of[e.name])
+        self.update_sum(e, alpha, sec, red, mask)
+
     def carried_max(self, e: Einsum, red: set[str], mask: tuple | None, sec: Section) -> None:
-        """The update of a running max over the key tile; an online max also gives `<name>_use`
-        (the new max, 0 where nothing was seen yet) for the rescaling and the loop body."""
+        """The update of a running max over the key tile; an online max also gives the value the
+        rest of the body reads (`use_name`)."""
         axes = self.axes_of[e.name]
         v = self.emit(e.expr, sec)
         cur, x = v.axes, self.num(v)
@@ -288,51 +492,36 @@ class BlockEmitter:
         x = self.align(x, cur, axes)
         if e.name in self.s.online:
             sec.add(f"{e.name}_new = {self.maximum(e.name, x)}")
-            sec.add(f"{e.name}_use = {self.select(f'{e.name}_new == {self.neg_inf}', '0.0', f'{e.name}_new')}")
+            if self.masked:
+                sec.add(f"{e.name}_use = {self.select(f'{e.name}_new == {self.neg_inf}', '0.0', f'{e.name}_new')}")
             self.finalize.append(f"{e.name} = {e.name}_new")
         else:
             sec.add(f"{e.name} = {self.maximum(e.name, x)}")
 
-    def carried_sum(self, e: Einsum, contrib: str, sec: Section) -> None:
-        """The update of a running sum by this key tile's `contrib`, rescaled when its max moved;
-        equal rescale factors are computed once per body."""
-        axes = self.axes_of[e.name]
-        ratio = self.s.rescale.get(e.name, sympy.Integer(1))
-        if ratio == 1:
-            sec.add(f"{e.name} = {e.name} + {contrib}")
-            return
-        key = str(ratio)
-        if key not in self.alpha:
-            name = f"alpha_{len(self.alpha)}" if self.alpha else "alpha"
-            v = self.rescale_code(ratio, sec)
-            sec.add(f"{name} = {v.code}")
-            self.alpha[key] = (name, v.axes)
-        name, aaxes = self.alpha[key]
-        sec.add(f"{e.name} = {e.name} * {self.align(name, aaxes, axes)} + {contrib}")
-
-    def exp(self, v: Val, sec: Section) -> Val:
-        """exp(v) in a rescale factor (a target may spell it apart from the expression walk)."""
-        return self.call("exp", [v], v.axes, None, (), sec)
+    def exp2(self, v: Val, sec: Section) -> Val:
+        return self.call("exp2", [v], v.axes, None, (), sec)
 
     def rescale_code(self, e: sympy.Expr, sec: Section) -> Val:
         """A carried sum's rescale factor (sympy, over G_<max> for the old running max and
-        G_<max>_new for the new one, e.g. exp(G_GM - G_GM_new)) as code over its axes."""
+        G_<max>_new for the new one, e.g. 2**(G_GM - G_GM_new)) as code over its axes."""
         if isinstance(e, sympy.Symbol):
             n = e.name
             if n.startswith("G_") and n.endswith("_new"):
-                return Val(f"{n[2:-4]}_use", self.axes_of[n[2:-4]])
+                return Val(self.use_name(n[2:-4]), self.axes_of[n[2:-4]])
             if n.startswith("G_"):
                 return Val(n[2:], self.axes_of[n[2:]])
             return Val(n, ())
         if e.is_Number:
             return Val(repr(float(e)), ())
         if isinstance(e, sympy.exp):
-            return self.exp(self.rescale_code(e.args[0], sec), sec)
+            x = self.rescale_code(e.args[0] * sympy.Float(1.0 / math.log(2.0)), sec)
+            return self.exp2(x, sec)
+        if isinstance(e, sympy.Pow) and e.args[0] == 2:
+            return self.exp2(self.rescale_code(e.args[1], sec), sec)
         if isinstance(e, sympy.Pow):
             b, x = (self.rescale_code(a, sec) for a in e.args)
             if e.args[1] == -1:
                 return Val(f"(1.0 / {paren(b.code)})", b.axes)
-            b, x = (Val(paren(v.code), v.axes) for v in (b, x))
             return self.call("pow", [b, x], self.canon(b.axes + x.axes), None, (), sec)
         if isinstance(e, sympy.Add):
             terms = [(a.could_extract_minus_sign(), a) for a in e.args]
@@ -341,8 +530,8 @@ class BlockEmitter:
             text = ""
             for (neg, _), v in zip(terms, vals):
                 text += (" - " if neg else " + ") if text else ("-" if neg else "")
-                text += self.align(v.code, v.axes, axes)
-            return Val(text, axes)
+                text += paren(self.align(v.code, v.axes, axes))
+            return Val(f"({text})", axes)
         if isinstance(e, sympy.Mul) and e.args[0] == -1:
             v = self.rescale_code(sympy.Mul(*e.args[1:]), sec)
             return Val(f"(-{paren(v.code)})", v.axes)
@@ -352,22 +541,20 @@ class BlockEmitter:
             return Val("(" + " * ".join(paren(self.align(v.code, v.axes, axes)) for v in vals) + ")", axes)
         raise LoweringError(f"cannot emit rescale factor {e}")
 
-    def access(self, a: Access, sec: Section) -> Val:
-        """A read of a tensor: a value of this stage (with its presence) or a load."""
-        t = a.tensor
-        if t not in self.local or t in self.s.loads:
-            return self.load(a, sec)
-        e = self.local[t]
-        lhs = [i.name for i in e.target.indices]
-        if [i.name if isinstance(i, Index) else None for i in a.indices] != lhs:
-            raise LoweringError(f"{t} is read as {t}[{', '.join(map(str, a.indices))}]; only reads "
-                                f"with its own index variables are emitted")
-        kind = self.s.kind[t]
-        code = f"{t}_use" if t in self.s.online and self.in_loop else t
-        pres, pax = None, ()
-        if kind in ("stream", "key_side") and self.masked and t in self.mask_of:
-            pres, pax = self.mask_of[t]
-        if kind in self.after_loop_kinds and not self.in_loop:
-            pres, pax = self.pres_after.get(t, (None, ()))
-        return Val(code, self.axes_of[t], "float", pres, pax)
+    # ------------------------------------------------------------------ outside the loop
+    def presence_after_loop(self) -> None:
+        """Each carried value's presence after the loop: its group's running max > -inf, or the
+        group's counter."""
+        for e in self.s.of_kind("carried"):
+            g = self.s.group_of(e.name)
+            rows = self.row_axes(e.name)
+            if g is None:
+                self.pres_after[e.name] = (None, ())
+            elif g.maximum is not None:
+                self.pres_after[e.name] = (f"({g.maximum} > {self.neg_inf})", self.row_axes(g.maximum))
+            else:
+                self.pres_after[e.name] = (self.counter_presence(g), rows)
 
+    def counter_init(self) -> list[tuple[str, tuple[str, ...]]]:
+        """The presence counters to start at 0 before the loop, with their axes."""
+        return [(g.counter, self.row_axes(g.members[0])) for g in self.s.groups if g.counter]

@@ -1,23 +1,26 @@
 """The CPU emitter: a kernel plan -> readable tiled PyTorch code (DESIGN section 6).
 
-The same plan the Triton emitter reads (lowering/plan.py) becomes one Python function per
-stage, made of plain torch calls:
+The same plan the Triton emitter reads becomes one Python function per stage, made of plain
+torch calls, with the same key segments:
 
-    for each query tile (all grid ranks B, H, ... at once: one big vectorized tile)
-        prologue      Einsums without the key rank
-        accumulators  carried reductions (running max, running sums)
-        for each key tile the skipping plan allows (loop bounds from the predicates):
-            full tile    -> stream Einsums and carried updates, no masks at all
-            partial tile -> the predicate's mask first; an empty mask skips the tile;
-                            then the same Einsums with masks (absent points contribute
-                            nothing) and the online max rescaling
+    for each query tile (all grid ranks B, H, ... at once: one vectorized tile)
+        prologue      Einsums without the key rank; accumulators
+        for each key segment (lowering.keyranges, in keys: the CPU slices exactly):
+            for each key tile of the segment:
+                full segment   -> the loop body with no mask and no presence tensor
+                masked segment -> guards first, one sentinel fill per guarded value (or
+                                  presence masks), then the same Einsums
         epilogue      Einsums after the loop; stores, absent rows take the output's fill
 
-So the largest temporary is one score tile (grid x BLOCK_Q x BLOCK_S), never P x M: memory is
+A stage whose mask reads a tensor tests each tile of its bounded range: skipped when nothing
+is present, the full body when everything is, else the masked one.
+
+The largest temporary is one score tile (grid x BLOCK_Q x BLOCK_S), never P x M: memory is
 O(N). Values are named after the cascade's tensors; every value is a torch tensor whose dims
 are its *tile axes* in one canonical order (grid ranks, query ranks, key ranks, then feature
-ranks; one dim per rank, so 2-D neighborhoods need no flattening), so broadcasting is only ever
-unsqueezing and a sum of products is one `torch.einsum`. The generated source is shown by `CpuKernel.source()`.
+ranks; one dim per rank), so broadcasting is only ever unsqueezing. Tiles are updated in place
+where the plan says a value dies (a score tile becomes its exponential), sums of products are
+`torch.matmul` when they are batched matrix products and `torch.einsum` otherwise.
 
 Entry point: `compile_cpu(cascade) -> CpuKernel`; it raises `LoweringError` (with the plan's
 reason) for cascades without a fused lowering, exactly like the Triton backend.
@@ -31,90 +34,27 @@ import string
 
 import torch
 
-from einsum_ir.codegen.block_emit import (
-    BlockEmitter,
-    Section,
-    Val,
-    accesses,
-    is_simple,
-    module_header,
-    paren,
-)
-from einsum_ir.codegen.kernel import collect_outputs
+from einsum_ir.codegen.block_emit import BlockEmitter, Section, Val, accesses, is_simple, module_header, paren
+from einsum_ir.codegen.outputs import collect_outputs
+from einsum_ir.codegen.scalar_code import PYTHON, print_int
 from einsum_ir.errors import LoweringError
-from einsum_ir.ir import (
-    Access,
-    Binary,
-    Cascade,
-    Einsum,
-    Index,
-    rank_of,
-)
+from einsum_ir.functions import FUNCTIONS
+from einsum_ir.ir import Access, Binary, Cascade, Einsum, Expr, Index, Name, rank_of
+from einsum_ir.lowering.plan import Plan, Stage
+from einsum_ir.lowering.strategy import build_plan
 from einsum_ir.params import bind_arguments
-from einsum_ir.lowering.plan import Plan, Stage, build_plan
 
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_S = 512
 
-# --------------------------------------------------------------------------- runtime helpers
-
 HELPERS = '''
-def _key_tiles(ranges, keys, block):
-    """Key tiles [lo, hi] covering the union of key ranges [lo, hi), in order, each key once.
-
-    On the CPU a tile is a slice, so tiles start where a range starts (no alignment) and the
-    last one of a range is simply shorter."""
-    done = 0
-    for lo, hi in sorted((max(lo, 0), min(hi, keys)) for lo, hi in ranges):
-        lo = max(lo, done)
-        for start in range(lo, hi, block):
-            yield start, min(start + block, hi) - 1
-        done = max(done, hi)
-
-
-def _tiles(n, block):
-    """Query tiles [lo, hi] of a rank of extent n."""
-    for lo in range(0, n, block):
-        yield lo, min(lo + block, n) - 1
-
-
-def _select(c, a, b):
-    """Scalar where (the skipping plan's tl.where on loop bounds)."""
-    return a if c else b
-
-
-def _cdiv(a, b):
-    return -(-a // b)
-
-
-def _imin(a, b):
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
-    return min(a, b)
-
-
-def _imax(a, b):
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
-    return max(a, b)
-
-
-def _nbhd_start(q, L, w, s):
-    """First key of the GNA window of query q (Hassani et al. 2025): monotone in q."""
-    left = w // 2
-    right = w // 2 + w % 2 - 1
-    leader = _imin((q // s) * s + s // 2, L - 1)
-    start = _imax(leader - left, 0) + (leader + right >= L) * (L - right - leader - 1)
-    return _imax(start, 0)
-
-
-def _nbhd(q, k, L, w, s=1, d=1):
-    """True where key k lies in the (strided, dilated) neighborhood of query q."""
-    group = q % d
-    glen = (L - group + d - 1) // d
-    start = _nbhd_start(q // d, glen, w, s)
-    kk = k // d
-    return ((k % d) == group) & (kk >= start) & (kk < start + w)
+def _tiles(lo, hi, block):
+    """Tiles [first, last] covering [lo, hi): as few as `block` allows, of near-equal sizes
+    (a segment that is one key longer than a tile gives two halves, not a one-key sliver)."""
+    lo = max(lo, 0)
+    n = -(-(hi - lo) // block)
+    for k in range(max(n, 0)):
+        yield lo + (hi - lo) * k // n, lo + (hi - lo) * (k + 1) // n - 1
 
 
 def _gather(t, *idx):
@@ -133,28 +73,8 @@ def _gather(t, *idx):
     return torch.where(valid, out, torch.zeros((), dtype=out.dtype))
 '''
 
-TORCH_UNARY = {
-    "exp": "torch.exp({0})", "log": "torch.log({0})", "log1p": "torch.log1p({0})",
-    "sqrt": "torch.sqrt({0})", "rsqrt": "torch.rsqrt({0})", "tanh": "torch.tanh({0})",
-    "sigmoid": "torch.sigmoid({0})", "softplus": "torch.nn.functional.softplus({0})", "relu": "torch.relu({0})",
-    "elu": "torch.nn.functional.elu({0})", "abs": "torch.abs({0})",
-}
-INPLACE = ("exp", "log", "log1p", "sqrt", "rsqrt", "tanh", "sigmoid", "relu", "abs")
-MATH_UNARY = {
-    "exp": "math.exp({0})", "log": "math.log({0})", "log1p": "math.log1p({0})",
-    "sqrt": "math.sqrt({0})", "rsqrt": "(1.0 / math.sqrt({0}))", "tanh": "math.tanh({0})",
-    "sigmoid": "(1.0 / (1.0 + math.exp(-({0}))))", "abs": "abs({0})",
-    "relu": "max({0}, 0.0)",
-}
-
-
-def _skip_code(code: str) -> str:
-    """A skipping-plan code string (written for Triton) as plain Python on ints."""
-    code = code.replace("tl.minimum(", "min(").replace("tl.maximum(", "max(")
-    code = code.replace("tl.where(", "_select(").replace("tl.cdiv(", "_cdiv(")
-    if "tl." in code:
-        raise LoweringError(f"the skipping plan uses {code!r}, which the CPU emitter cannot translate")
-    return code
+_METHOD = re.compile(r"torch\.(\w+)\(\{0\}\)")
+_INPLACE_OPS = {"+": "add_", "-": "sub_", "*": "mul_", "/": "div_"}
 
 
 class StageEmitter(BlockEmitter):
@@ -166,7 +86,7 @@ class StageEmitter(BlockEmitter):
         self.qset, self.kset = set(stage.query), set(stage.stream)
         self.letters = self._letters()
         self.used_index_values: set[str] = set()
-        self.views: dict[str, tuple[str, ...]] = {}  # full tensor -> stage-view axes
+        self.current: Einsum | None = None
 
     # ------------------------------------------------------------------ axes
     def _letters(self) -> dict[str, str]:
@@ -202,13 +122,14 @@ class StageEmitter(BlockEmitter):
         return f"{paren(code)}[{', '.join(idx)}]"
 
     def shape(self, axes) -> str:
-        dims = []
-        for a in axes:
-            if a in self.qset or a in self.kset:
-                dims.append(f"_n_{a}")
-            else:
-                dims.append(rank_of(a))
+        dims = [f"_n_{a}" if a in self.qset or a in self.kset else rank_of(a) for a in axes]
         return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+    def fill(self, axes: tuple[str, ...], value: str, dtype: str = "float") -> str:
+        return f"torch.full({self.shape(axes)}, {value}, dtype={'torch.int32' if dtype == 'int' else 'DT'})"
+
+    def broadcast(self, code: str, frm: tuple[str, ...], to: tuple[str, ...]) -> str:
+        return f"{paren(self.align(code, frm, to))}.expand({self.shape(to)[1:-1]})"
 
     # ------------------------------------------------------------------ expressions
     def num(self, v: Val) -> str:
@@ -216,9 +137,22 @@ class StageEmitter(BlockEmitter):
             return f"{paren(v.code)}.to(DT)" if v.axes else f"float({v.code})"
         return v.code
 
+    def as_int(self, mask: str) -> str:
+        return mask
+
     def index(self, name: str) -> Val:
         self.used_index_values.add(name)  # the stage function defines only the index tiles it reads
         return super().index(name)
+
+    def in_tile(self, expr: Expr | None) -> Expr | None:
+        """A CPU key tile is a slice inside the keys' extents: the key bound always holds."""
+        if expr is None:
+            return None
+        if isinstance(expr, Binary) and expr.op == "and":
+            a, b = self.in_tile(expr.lhs), self.in_tile(expr.rhs)
+            return a if b is None else b if a is None else Binary("and", a, b)
+        bound = [Binary("<", Index(k), Name(rank_of(k))) for k in self.s.stream]
+        return None if expr in bound else expr
 
     def logical_not(self, v: Val) -> Val:
         if v.scalar:
@@ -231,57 +165,73 @@ class StageEmitter(BlockEmitter):
             return Val(f"({ac} {op} {bc})", (), "bool")
         return Val(f"({paren(ac)} {'&' if op == 'and' else '|'} {paren(bc)})", axes, "bool")
 
-    def nbhd(self, args: list[Val]) -> Val:
-        axes = self.canon([x for a in args for x in a.axes])
-        codes = [self.align(a.code, a.axes, axes) for a in args]
-        return Val(f"_nbhd({', '.join(codes)})", axes, "bool")
+    def _reusable(self, v: Val, axes: tuple[str, ...]) -> bool:
+        """A tile this Einsum may overwrite: a fresh temporary, or a stream value that dies here,
+        of the result's whole shape."""
+        if v.axes != axes or v.kind not in ("float",) or not axes:
+            return False
+        if v.fresh:
+            return True
+        e = self.current
+        if e is None or not self.in_loop or v.code not in self.local or self.s.kind(v.code) not in ("stream", "key_side"):
+            return False
+        reads = sum(1 for a in accesses(e.expr) if a.tensor == v.code)
+        return self.s.last_use.get(v.code) == e.name and reads == 1 and v.code not in self.s.online
+
+    def arith(self, op: str, a: Val, ac: str, bc: str, axes: tuple[str, ...]) -> str:
+        if op in _INPLACE_OPS and self._reusable(a, axes) and ac == a.code:
+            return f"{paren(ac)}.{_INPLACE_OPS[op]}({bc})"
+        return f"({ac} {op} {bc})"
 
     def where(self, args: list[Val], axes: tuple[str, ...], pres: str | None, pax: tuple) -> Val:
         c = self.align(self.truth(args[0]), args[0].axes, axes)
-        x = self.align(self.num(args[1]), args[1].axes, axes)
-        y = self.align(self.num(args[2]), args[2].axes, axes)
+        ints = args[1].kind == args[2].kind == "int"
+        x = self.align(args[1].code if ints else self.num(args[1]), args[1].axes, axes)
+        y = self.align(args[2].code if ints else self.num(args[2]), args[2].axes, axes)
         if not axes:
-            return Val(f"({x} if {c} else {y})", (), "float", pres, pax)
+            return Val(f"({x} if {c} else {y})", (), "int" if ints else "float", pres, pax)
         if args[1].scalar and args[2].scalar and args[0].axes != axes:
             c = f"{c}.expand({self.shape(axes)[1:-1]})"
-        return Val(self.select(c, x, y), axes, "float", pres, pax)
+        return Val(self.select(c, x, y), axes, "int" if ints else "float", pres, pax, fresh=True)
 
     def call(self, fn: str, args: list[Val], axes: tuple[str, ...], pres: str | None, pax: tuple,
              sec: Section) -> Val:
-        codes = [self.align(self.num(a), a.axes, axes) for a in args]
-        if not axes:  # scalar math (params, dims)
-            if fn in MATH_UNARY:
-                return Val(MATH_UNARY[fn].format(codes[0]), (), "float", pres, pax)
-            if fn in ("max", "min"):
-                return Val(f"{fn}({codes[0]}, {codes[1]})", (), "float", pres, pax)
-            if fn == "pow":
-                return Val(f"({codes[0]} ** {codes[1]})", (), "float", pres, pax)
-            if fn in ("softplus", "elu"):
-                return Val(f"{TORCH_UNARY[fn].format(f'torch.tensor(float({codes[0]}))')}.item()", (),
-                           "float", pres, pax)
-            raise LoweringError(f"function {fn}() has no CPU lowering")
-        if fn in TORCH_UNARY:
-            x = codes[0]
-            if args[0].kind == "int":
-                x = f"{paren(x)}.to(DT)"
-            elif fn in INPLACE and not is_simple(x) and set(args[0].axes) == set(axes):
-                # the argument is a fresh temporary of the full tile: compute in place
-                return Val(f"{paren(x)}.{fn}_()", axes, "float", pres, pax)
-            return Val(TORCH_UNARY[fn].format(x), axes, "float", pres, pax)
-        if fn == "pow":
-            a, b = codes
-            if args[0].scalar:
-                return Val(f"torch.pow(float({a}), {b})", axes, "float", pres, pax)
-            return Val(f"torch.pow({a}, {b})", axes, "float", pres, pax)
-        if fn in ("max", "min"):
-            a, b = codes
-            clamp = "min" if fn == "max" else "max"
-            if args[1].scalar:
-                return Val(f"torch.clamp({a}, {clamp}={b})", axes, "float", pres, pax)
-            if args[0].scalar:
-                return Val(f"torch.clamp({b}, {clamp}={a})", axes, "float", pres, pax)
-            return Val(f"torch.{'maximum' if fn == 'max' else 'minimum'}({a}, {b})", axes, "float", pres, pax)
-        raise LoweringError(f"function {fn}() has no CPU lowering")
+        if fn in ("min", "max") and all(a.kind == "int" for a in args):  # index arithmetic
+            codes = [self.align(a.code, a.axes, axes) for a in args]
+            if not axes:
+                return Val(f"{fn}({codes[0]}, {codes[1]})", (), "int")
+            return Val(f"torch.{'minimum' if fn == 'min' else 'maximum'}(torch.as_tensor({codes[0]}), "
+                       f"torch.as_tensor({codes[1]}))", axes, "int")
+        codes = []
+        for a in args:
+            x = self.align(self.num(a), a.axes, axes)
+            if a.kind == "int" or not a.axes:  # torch functions take tensors of the compute dtype
+                x = f"torch.as_tensor({x}, dtype=DT)"
+            codes.append(x)
+        spelling = FUNCTIONS[fn].torch
+        method = _METHOD.fullmatch(spelling)
+        if method and hasattr(torch.Tensor, method.group(1) + "_") and self._reusable(args[0], axes):
+            return Val(f"{paren(codes[0])}.{method.group(1)}_()", axes, "float", pres, pax, fresh=True)
+        return Val(spelling.format(*codes), axes, "float", pres, pax, fresh=bool(axes))
+
+    def select(self, cond: str, a: str, b: str) -> str:
+        return f"torch.where({cond}, {a}, {b})"
+
+    def maximum(self, a: str, b: str) -> str:
+        return f"torch.maximum({a}, {b})"
+
+    def reduce(self, op: str, code: str, axes: tuple[str, ...], red) -> tuple[str, tuple[str, ...]]:
+        dims = [axes.index(a) for a in axes if a in red]
+        if dims:
+            code = f"{paren(code)}.{'amax' if op == 'max' else op}({dims[0] if len(dims) == 1 else tuple(dims)})"
+        return code, tuple(a for a in axes if a not in red)
+
+    def assign_guarded(self, name: str, code: str, mask: str, value: float, sec: Section) -> None:
+        if is_simple(code):  # a view of something else: leave it alone
+            super().assign_guarded(name, code, mask, value, sec)
+            return
+        sec.add(f"{name} = {code}")
+        sec.add(f"{name}.masked_fill_(~{paren(mask)}, {self.number(value)})")
 
     # ------------------------------------------------------------------ loads
     def load(self, a: Access, sec: Section) -> Val:
@@ -289,52 +239,43 @@ class StageEmitter(BlockEmitter):
         t = a.tensor
         info = self.c.tensors[t]
         kind = "float"
-        if t in self.c.input_names and info.dtype in ("bool",):
+        if t in self.c.input_names and info.dtype == "bool":
             kind = "bool"
         elif t in self.c.input_names and info.dtype.startswith("int"):
             kind = "int"
-        plain = all(isinstance(i, Index) for i in a.indices)
-        vars_ = [i.name for i in a.indices] if plain else []
-        if plain and len(set(vars_)) == len(vars_):
-            key = (t, tuple(vars_))
-            if key not in self.view_of:
-                self.view_of[key] = self._make_view(t, vars_)
-            view, vaxes = self.view_of[key]
+        vars_ = [i.name if isinstance(i, Index) else None for i in a.indices]
+        if None not in vars_ and len(set(vars_)) == len(vars_):
+            view, vaxes = self.view(t, vars_)
             where = "S" if self.kset & set(vaxes) else "Q" if self.qset & set(vaxes) else "stage"
-            name = t + {"S": "_j", "Q": "_i", "stage": ""}[where]
-            if self.first_view.setdefault(t, key) != key:
-                name = self.fresh(name)
-            if key + (where,) not in self.loaded:
-                idx = []
-                for ax in vaxes:
-                    idx.append(f"q_lo_{ax}:q_hi_{ax} + 1" if ax in self.qset else
-                               f"k_lo_{ax}:k_hi_{ax} + 1" if ax in self.kset else ":")
+            key = (t, tuple(vars_))
+            if key not in self.loaded:
+                name = t + {"S": "_j", "Q": "_i", "stage": ""}[where]
+                if any(k[0] == t for k in self.loaded):
+                    name = self.fresh(name)
+                idx = [f"q_lo_{ax}:q_hi_{ax} + 1" if ax in self.qset else
+                       f"k_lo_{ax}:k_hi_{ax} + 1" if ax in self.kset else ":" for ax in vaxes]
                 while idx and idx[-1] == ":":
                     idx.pop()
                 code = f"{view}[{', '.join(idx)}]" if idx else view
                 target = {"S": self.key_loads, "Q": self.query_loads, "stage": self.stage_loads}[where]
                 target.add(f"{name} = {code}")
-                self.loaded[key + (where,)] = name
-                if where != "S":
-                    self.hoistable.add(name)
-            return Val(self.loaded[key + (where,)], vaxes, kind)
+                self.loaded[key] = name
+            return Val(self.loaded[key], vaxes, kind)
         # a gather: index expressions (Sel[b, h, p // BS, m // BS])
         idx_vals = [self.emit(i, sec) for i in a.indices]
         axes = self.canon([x for v in idx_vals for x in v.axes])
-        key = (t, tuple(map(repr, a.indices)), self.masked, self.in_loop)
-        if key in self.gathers:
-            return self.gathers[key]
-        codes = [self.align(v.code, v.axes, axes) if v.axes else v.code for v in idx_vals]
-        name = self.fresh(t)
-        sec.add(f"{name} = _gather({t}_all, {', '.join(codes)})")
-        self.full_inputs.add(t)
-        val = Val(name, axes, kind)
-        self.gathers[key] = val
-        return val
+        key = (t, tuple(map(repr, a.indices)), self.body_id)
+        if key not in self.gathers:
+            codes = [self.align(v.code, v.axes, axes) if v.axes else v.code for v in idx_vals]
+            name = self.fresh(t)
+            sec.add(f"{name} = _gather({t}_all, {', '.join(codes)})")
+            self.full_inputs.add(t)
+            self.gathers[key] = Val(name, axes, kind)
+        return self.gathers[key]
 
-    def _make_view(self, t: str, vars_: list[str], store: bool = False) -> tuple[str, tuple[str, ...]]:
-        """Code for the stage view of tensor t: its dims permuted to the canonical tile order
-        (a view, so stores write through)."""
+    def view(self, t: str, vars_: list[str], store: bool = False) -> tuple[str, tuple[str, ...]]:
+        """The stage view of tensor t: its dims permuted to the canonical tile order (a view, so
+        stores write through)."""
         if not store:
             self.full_inputs.add(t)
         vaxes = self.canon(vars_)
@@ -342,7 +283,9 @@ class StageEmitter(BlockEmitter):
         if perm == list(range(len(vars_))):
             return f"{t}_all", vaxes
         name = f"{t}_v"
-        self.view_lines.append(f"{name} = {t}_all.permute({', '.join(map(str, perm))})")
+        line = f"{name} = {t}_all.permute({', '.join(map(str, perm))})"
+        if line not in self.view_lines:
+            self.view_lines.append(line)
         return name, vaxes
 
     # ------------------------------------------------------------------ reductions
@@ -351,12 +294,13 @@ class StageEmitter(BlockEmitter):
         ops = [(self.num(v), v.axes) for v in inner]
         scalars = [v for v in outer if v.scalar and v.kind != "bool"]
         if len(ops) >= 2 and scalars:
-            # fold scalar factors (scale) into the smallest operand, not the score tile
+            # fold scalar factors (scale) into the smallest operand, not the score tile; a query
+            # operand takes them once per query tile
             k = min(range(len(ops)), key=lambda i: (bool(self.kset & set(ops[i][1])),
                                                     bool(self.qset & set(ops[i][1])), len(ops[i][1])))
             c, ax = ops[k]
             factor = " * ".join(v.code for v in scalars)
-            if self.in_loop and not self.kset & set(ax) and c in self.hoistable:
+            if self.in_loop and not self.kset & set(ax) and c in self.loaded.values():
                 key = (c, factor)
                 if key not in self.hoisted:
                     name = f"{c}_x_{scalars[0].code}" if len(scalars) == 1 and scalars[0].code.isidentifier() \
@@ -376,150 +320,108 @@ class StageEmitter(BlockEmitter):
                 ops = [(self.select(self.align(m, max_, axes), prod, "0.0"), axes)]
             else:
                 c, ax = ops[cover]
-                key = (c, m)
-                if key not in self.masked_cse:
-                    name = self.fresh((c if c.isidentifier() else "x") + "_m")
-                    sec.add(f"{name} = {self.select(self.align(m, max_, ax), c, '0.0')}")
-                    self.masked_cse[key] = name
-                ops[cover] = (self.masked_cse[key], ax)
+                ops[cover] = (self.select(self.align(m, max_, ax), c, "0.0"), ax)
         term_axes = self.canon([x for _, ax in ops for x in ax if x not in red])
         if len(ops) == 1:
             c, ax = ops[0]
             dims = [ax.index(x) for x in ax if x in red]
-            term = f"{paren(c)}.sum({dims[0] if len(dims) == 1 else tuple(dims)})"
-        else:
-            subs = ",".join("".join(self.letters[x] for x in ax) for _, ax in ops)
-            out = "".join(self.letters[x] for x in term_axes)
-            term = f"torch.einsum(\"{subs}->{out}\", {', '.join(c for c, _ in ops)})"
-        return term, term_axes, outer
+            return f"{paren(c)}.sum({dims[0] if len(dims) == 1 else tuple(dims)})", term_axes, outer
+        return self.contraction(ops, term_axes), term_axes, outer
 
-    # ------------------------------------------------------------------ Einsums by class
-    def map_or_reduce(self, e: Einsum, sec: Section, where_mask: tuple | None) -> tuple:
-        """Emit `e` (no key reduction) and return its presence (code, axes) or (None, ())."""
+    def contraction(self, ops: list[tuple[str, tuple]], out: tuple[str, ...]) -> str:
+        """A sum of a product: `torch.matmul` when it is a batched matrix product (same leading
+        axes, one contracted axis last in the first operand), else `torch.einsum`."""
+        if len(ops) == 2:
+            (a, aa), (b, ba) = ops
+            red = set(aa) & set(ba) - set(out)
+            batch = [x for x in aa if x in ba and x not in red]
+            if len(red) == 1 and aa[:len(batch)] == ba[:len(batch)] == tuple(batch):
+                r = red.pop()
+                ar, br = aa[len(batch):], ba[len(batch):]
+                if len(ar) == 2 and len(br) == 2 and ar[1] == r and out == tuple(batch) + (ar[0], br[1 - br.index(r)]):
+                    rhs = b if br[0] == r else f"{paren(b)}.transpose(-1, -2)"
+                    return f"torch.matmul({a}, {rhs})"
+        subs = ",".join("".join(self.letters[x] for x in ax) for _, ax in ops)
+        res = "".join(self.letters[x] for x in out)
+        return f"torch.einsum(\"{subs}->{res}\", {', '.join(c for c, _ in ops)})"
+
+    def update_sum(self, e: Einsum, alpha: str | None, sec: Section, red: set[str], mask) -> None:
+        """Accumulators are this query tile's own tensors: updated in place."""
+        contrib = self.reduce_sum(e, sec, red, mask)
+        head = e.name if alpha is None else f"{e.name}.mul_({alpha})"
+        if contrib.startswith("-"):
+            sec.add(f"{head}.sub_({contrib[1:].strip()})")
+        else:
+            sec.add(f"{head}.add_({contrib})")
+
+    def count_presence(self, g, mask: tuple | None, sec: Section) -> None:
+        if mask is None:  # a full tile: every row, no tensor needed
+            sec.add(f"{g.counter}_full = True")
+            return
+        code, axes = mask
+        rows = self.row_axes(g.members[0])
+        seen, left = self.reduce("any", code, axes, [a for a in axes if a not in rows])
+        sec.add(f"{g.counter} |= {self.align(seen, left, rows)}")
+
+    def counter_presence(self, g) -> str:
+        return f"({g.counter} | {g.counter}_full)"
+
+    # ------------------------------------------------------------------ Einsums
+    def stream_einsum(self, e: Einsum, sec: Section) -> None:
+        self.current = e
+        super().stream_einsum(e, sec)
+        self.current = None
+
+    def carried_einsum(self, e: Einsum, sec: Section) -> None:
+        self.current = e
+        super().carried_einsum(e, sec)
+        self.current = None
+
+    def after_einsum(self, e: Einsum, sec: Section) -> None:
+        """Tiles whose last reader this is are freed: at most a few score tiles stay alive."""
+        dead = [t for t, last in self.s.last_use.items() if last == e.name and t in self.local
+                and self.s.kind(t) in ("stream", "key_side")]
+        if e.name not in self.s.last_use and self.s.kind(e.name) in ("stream", "key_side"):
+            dead.append(e.name)
+        if dead:
+            sec.add(f"del {', '.join(dead)}")
+
+    def after_loop_einsum(self, e: Einsum, sec: Section) -> None:
         axes = self.axes_of[e.name]
         red = {x for v in e.reduced for x in self.var_axes(v)}
         if e.reduced:
             if e.reduce != "sum":
                 raise LoweringError(f"{e.name}: a {e.reduce} over ranks {', '.join(e.reduced)} inside a "
                                     f"tile is not emitted on the CPU")
-            vals_pres = self._operand_pres(e, sec)
-            mask = None
-            parts = ([vals_pres] if vals_pres[0] else [])
-            if where_mask and set(where_mask[1]) & red:
-                parts.append(where_mask)
-            if parts:
-                mask = self.conjunction(parts)
+            pres = self.combine_pres([self.access(a, sec) for a in accesses(e.expr)
+                                      if a.tensor in self.local and a.tensor not in self.s.loads])
+            mask = pres if pres[0] else None
             code = self.reduce_sum(e, sec, red, mask)
-            pres = (None, ())
-            if mask is not None:
-                pres = self.reduce("any", *mask, red)
-            if where_mask and not set(where_mask[1]) & red:
-                pres = self.conjunction([p for p in (pres, where_mask) if p[0]])
+            pres = self.reduce("any", *mask, red) if mask else (None, ())
         else:
             v = self.emit(e.expr, sec)
             code = self.align(self.num(v), v.axes, axes)
             if set(v.axes) != set(axes):
-                if v.scalar:
-                    code = f"torch.full({self.shape(axes)}, {code}, dtype=DT)"
-                else:
-                    code = f"{code}.expand({self.shape(axes)[1:-1]})"
+                code = self.fill(axes, code) if v.scalar else self.broadcast(code, v.axes, axes)
             pres = (v.pres, v.pres_axes)
-            if where_mask:
-                pres = self.conjunction([p for p in (pres, where_mask) if p[0]])
         sec.add(f"{e.name} = {code}")
         if pres[0] and not is_simple(pres[0]):
-            name = f"{e.name}_pres"
-            sec.add(f"{name} = {pres[0]}")
-            pres = (name, pres[1])
-        return pres
-
-    def _operand_pres(self, e: Einsum, sec: Section) -> tuple:
-        parts = []
-        for f in accesses(e.expr):
-            if f.tensor in self.local and f.tensor not in self.s.loads:
-                if self.in_loop and self.masked and f.tensor in self.mask_of:
-                    parts.append(self.mask_of[f.tensor])
-                elif not self.in_loop and f.tensor in self.pres_after and self.pres_after[f.tensor][0]:
-                    parts.append(self.pres_after[f.tensor])
-        return self.conjunction(list(dict.fromkeys(parts)))
-
-    def where_mask(self, e: Einsum, sec: Section) -> tuple | None:
-        if e.where is None:
-            return None
-        key = repr(e.where)
-        if key in self.pred_cse:
-            return self.pred_cse[key]
-        w = self.emit(e.where, sec)
-        code = self.truth(w)
-        if not w.axes:
-            raise LoweringError(f"{e.name}: a predicate with no tile axis is not emitted on the CPU")
-        if not is_simple(code):
-            name = f"{e.name}_where"
-            sec.add(f"{name} = {code}")
-            code = name
-        self.pred_cse[key] = (code, w.axes)
-        return (code, w.axes)
-
-    def stream_einsum(self, e: Einsum, sec: Section) -> None:
-        wm = self.where_mask(e, sec) if self.masked else None
-        pres = self.map_or_reduce(e, sec, wm)
-        if self.masked and pres[0]:
-            self.mask_of[e.name] = pres
-
-    def carried_einsum(self, e: Einsum, sec: Section) -> None:
-        axes = self.axes_of[e.name]
-        red = {x for v in e.reduced for x in self.var_axes(v)}
-        mask = None
-        if self.masked:
-            parts = []
-            op = self._operand_pres(e, sec)
-            if op[0]:
-                parts.append(op)
-            wm = self.where_mask(e, sec)
-            if wm:
-                parts.append(wm)
-            if parts:
-                code, pax = self.conjunction(parts)
-                if not is_simple(code):
-                    name = f"{e.name}_mask"
-                    sec.add(f"{name} = {code}")
-                    code = name
-                mask = (code, pax)
-        if e.reduce == "max":
-            self.carried_max(e, red, mask, sec)
-        elif e.reduce == "sum":
-            self.carried_sum(e, self.reduce_sum(e, sec, red, mask), sec)
-        else:
-            raise LoweringError(f"{e.name}: a {e.reduce} over the key rank is not emitted")
-        if self.track_any:
-            if mask is None:
-                sec.add(f"{e.name}_any.fill_(True)")
-            else:
-                x, rest = self.reduce("any", *mask, red)
-                sec.add(f"{e.name}_any |= {self.align(x, rest, axes)}")
-
-    def select(self, cond: str, a: str, b: str) -> str:
-        return f"torch.where({cond}, {a}, {b})"
-
-    def maximum(self, a: str, b: str) -> str:
-        return f"torch.maximum({a}, {b})"
-
-    def reduce(self, op: str, code: str, axes: tuple[str, ...], red) -> tuple[str, tuple[str, ...]]:
-        dims = [axes.index(a) for a in axes if a in red]
-        if dims:
-            code = f"{paren(code)}.{'amax' if op == 'max' else op}({dims[0] if len(dims) == 1 else tuple(dims)})"
-        return code, tuple(a for a in axes if a not in red)
-
-    def exp(self, v: Val, sec: Section) -> Val:
-        # a rescale factor is one small tile per key tile: plain torch.exp (readable), not in place
-        return Val(f"torch.exp({paren(v.code)})" if v.axes else f"math.exp({v.code})", v.axes)
-
-    def after_loop_einsum(self, e: Einsum, sec: Section) -> None:
-        pres = self.map_or_reduce(e, sec, None)
+            sec.add(f"{e.name}_pres = {pres[0]}")
+            pres = (f"{e.name}_pres", pres[1])
         self.pres_after[e.name] = pres
 
     # ------------------------------------------------------------------ the stage function
-    def _tile_positions(self, ranks, side: str, indent: str) -> list[str]:
+    def start_body(self, sec: Section) -> None:
+        pass
+
+    def body_lines(self, masked: bool, indent: int) -> list[str]:
+        self.body_id += 1
+        sec = Section(indent=indent)
+        sec.add(f"_stats['{'partial' if masked else 'full'}'] += 1")
+        self.body(masked, sec)
+        return sec.lines
+
+    def _positions(self, ranks, side: str, indent: str) -> list[str]:
         """Per rank of a tile: its length, and its positions when the cascade reads them as values."""
         lines = []
         for r in ranks:
@@ -532,110 +434,56 @@ class StageEmitter(BlockEmitter):
         s, c = self.s, self.c
         for e in s.einsums:
             self.axes_of[e.name] = self.canon([x for v in e.lhs_vars for x in self.var_axes(v)])
-        self.view_of: dict = {}
-        self.first_view: dict = {}
         self.view_lines: list[str] = []
         self.loaded: dict = {}
-        self.hoistable: set[str] = set()
         self.hoisted: dict = {}
         self.full_inputs: set[str] = set()
         self.gathers: dict = {}
+        self.body_id = 0
         self.stage_loads, self.query_loads, self.key_loads = Section(indent=1), Section(indent=2), Section(indent=3)
-        self.pres_after: dict[str, tuple] = {}
-        self.mask_of: dict[str, tuple] = {}
-        self.pred_cse: dict = {}
-        self.masked_cse: dict = {}
-        self.finalize: list[str] = []
-        self.alpha: dict = {}
 
-        # -- per query tile: prologue and accumulators
-        qsec = Section(indent=2)
+        qsec = Section(indent=2)  # per query tile: prologue and accumulators
         self.in_loop = False
-        for e in s.einsums:
-            if s.kind[e.name] == "prologue":
-                self.after_loop_einsum(e, qsec)
-        carried = [e for e in s.einsums if s.kind[e.name] == "carried"]
-        for e in carried:
-            axes = self.axes_of[e.name]
+        for e in s.of_kind("prologue"):
+            self.after_loop_einsum(e, qsec)
+        for e in s.of_kind("carried"):
             init = "-math.inf" if e.reduce == "max" else "0.0"
-            qsec.add(f"{e.name} = torch.full({self.shape(axes)}, {init}, dtype=DT)")
-            if self.track_any:
-                qsec.add(f"{e.name}_any = torch.zeros({self.shape(axes)}, dtype=torch.bool)")
+            qsec.add(f"{e.name} = torch.full({self.shape(self.axes_of[e.name])}, {init}, dtype=DT)")
+        for name, axes in self.counter_init():
+            qsec.add(f"{name} = torch.zeros({self.shape(axes)}, dtype=torch.bool)")
+            qsec.add(f"{name}_full = False")
 
-        # -- key loop bodies
-        body = [e for e in s.einsums if s.kind[e.name] in ("stream", "key_side", "carried")]
-        self.in_loop = True
-
-        def emit_body(masked: bool, indent: int) -> list[str]:
-            self.masked = masked
-            self.mask_of, self.finalize, self.alpha = {}, [], {}
-            self.pred_cse, self.masked_cse, self.gathers = {}, {}, {}
-            sec = Section(indent=indent)
-            if masked and s.predicate is not None:
-                # the stage predicate guards every carried reduction: an empty tile is skipped
-                w = self.emit(s.predicate, sec)
-                code = self.truth(w)
-                sec.add(f"_live = {code}")
-                self.pred_cse[repr(s.predicate)] = ("_live", w.axes)
-                for g in s.einsums:
-                    if g.where is not None and repr(g.where) == repr(s.predicate):
-                        self.pred_cse[repr(g.where)] = ("_live", w.axes)
-                sec.add("if not bool(_live.any()):")
-                sec.add("    _stats['empty'] += 1")
-                sec.add("    continue")
-            for e in body:
-                if s.kind[e.name] == "carried":
-                    self.carried_einsum(e, sec)
-                else:
-                    self.stream_einsum(e, sec)
-            for line in self.finalize:
-                sec.add(line)
-            tiles = {e.name for e in body if s.kind[e.name] in ("stream", "key_side")}
-            return _free_dead(sec.lines, tiles, indent)
-
-        full = _skip_code(s.skip.full) if s.skip.dnf else "True"
-        wheres = {repr(e.where) for e in body if e.where is not None}
-        if wheres and not wheres <= {repr(x) for x in _conjuncts(s.predicate)}:
-            full = "False"  # a predicate the skipping plan does not cover: mask every tile
-        if full == "True":
-            loop_body = ["            _stats['full'] += 1"] + emit_body(False, 3)
-        elif full == "False":
-            loop_body = ["            _stats['partial'] += 1"] + emit_body(True, 3)
+        loop = Section(indent=2)
+        for sym, e in s.loop.key_defs:
+            loop.add(f"{sym.name} = {print_int(e, PYTHON)}")
+        if s.loop.block_list:
+            self.tested_loop(loop)
         else:
-            unmasked = emit_body(False, 4)
-            masked = emit_body(True, 4)
-            loop_body = [f"            if {full}:", "                _stats['full'] += 1"] + unmasked + \
-                        ["            else:", "                _stats['partial'] += 1"] + masked
-        self.in_loop = False
-        self.masked = False
+            self.in_loop = True
+            bodies = {m: self.body_lines(m, 3) for m in (False, True)}
+            self.in_loop = False
+            for seg in s.loop.key_segments:
+                self.segment_loop(seg, bodies[seg.masked], loop)
 
-        # -- epilogue and stores
         post = Section(indent=2)
-        for e in carried:
-            self.pres_after[e.name] = (f"{e.name}_any", self.axes_of[e.name]) if self.track_any else (None, ())
-        for e in s.einsums:
-            if s.kind[e.name] == "epilogue":
-                self.after_loop_einsum(e, post)
+        self.presence_after_loop()
+        for e in s.of_kind("epilogue"):
+            self.after_loop_einsum(e, post)
         for t in s.stores:
             self.store(t, post)
 
-        # -- assemble
         args = self.arg_names()
-        head = (f"def {self.name}({', '.join(args['tensors'])}, *, {', '.join(args['scalars'])}, "
-                f"BLOCK_Q, BLOCK_S, DT, _stats):")
-        lines = [head]
-        kinds = ", ".join(f"{e.name}: {s.kind[e.name]}" for e in s.einsums)
+        lines = [f"def {self.name}({', '.join(args['tensors'])}, *, {', '.join(args['scalars'])}, "
+                 f"BLOCK_Q, BLOCK_S, DT, _stats):"]
+        kinds = ", ".join(f"{e.name}: {s.kind(e.name)}" for e in s.einsums)
         lines.append(f'    """Stage {s.index}: stream {",".join(s.stream)} | query {",".join(s.query)} | '
                      f'grid {",".join(s.grid) or "-"} | features {",".join(s.features) or "-"}.')
         lines.append(f"    {kinds}")
-        lines.append(f'    Skipping: {s.skip.describe()}."""')
-        for k in s.stream:
-            lines.append(f"    KEYS_{k} = {rank_of(k)}")
+        lines.append(f'    Keys: {s.loop.describe()}."""')
         for t in sorted(self.full_inputs):
             info = c.tensors[t]
-            if t in c.input_names and (info.dtype == "bool" or info.dtype.startswith("int")):
-                continue
-            lines.append(f"    {t}_all = {t}_all.to(DT)")
+            if not (t in c.input_names and (info.dtype == "bool" or info.dtype.startswith("int"))):
+                lines.append(f"    {t}_all = {t}_all.to(DT)")  # no copy when it already is
         lines += ["    " + ln for ln in self.view_lines]
         for v in sorted(self.used_index_values):
             if v in s.grid or v in s.features:
@@ -645,44 +493,67 @@ class StageEmitter(BlockEmitter):
         lines += _block_split("    ", "BLOCK_S", "_bs", s.stream)
         if len(s.query) == 1:
             q = s.query[0]
-            lines.append(f"    for q_lo_{q}, q_hi_{q} in _tiles({rank_of(q)}, BLOCK_Q):")
+            lines.append(f"    for q_lo_{q}, q_hi_{q} in _tiles(0, {rank_of(q)}, BLOCK_Q):")
         else:
             heads = ", ".join(f"(q_lo_{q}, q_hi_{q})" for q in s.query)
-            its = ", ".join(f"_tiles({rank_of(q)}, _bq_{q})" for q in s.query)
+            its = ", ".join(f"_tiles(0, {rank_of(q)}, _bq_{q})" for q in s.query)
             lines.append(f"    for {heads} in itertools.product({its}):")
-        lines += self._tile_positions(s.query, "q", "        ")
+        lines += self._positions(s.query, "q", "        ")
         lines += self.query_loads.lines
         lines += qsec.lines
-        boxes = s.skip.ranges or [{}]
-        if len(s.stream) == 1:
-            k = s.stream[0]
-            rs = []
-            for box in boxes:
-                lo, hi = box.get(k, ("0", f"KEYS_{k}"))
-                rs.append(f"({_skip_code(lo)}, {_skip_code(hi)})")
-            lines.append(f"        for k_lo_{k}, k_hi_{k} in _key_tiles([{', '.join(rs)}], KEYS_{k}, BLOCK_S):")
-        else:
-            if len(boxes) != 1:
-                raise LoweringError("several key boxes over flattened key ranks: the CPU emitter "
-                                    "expects the plan's hull")
-            heads, its = [], []
-            for k in s.stream:
-                lo, hi = boxes[0].get(k, ("0", f"KEYS_{k}"))
-                heads.append(f"(k_lo_{k}, k_hi_{k})")
-                its.append(f"_key_tiles([({_skip_code(lo)}, {_skip_code(hi)})], KEYS_{k}, _bs_{k})")
-            lines.append(f"        for {', '.join(heads)} in itertools.product({', '.join(its)}):")
-        lines += self._tile_positions(s.stream, "k", "            ")
-        lines += self.key_loads.lines
-        lines += loop_body
+        lines += loop.lines
         lines += post.lines
         return "\n".join(lines) + "\n"
+
+    def _tile_loop(self, box, loop: Section) -> None:
+        """The loop header over the key tiles of a box [lo, hi) per key rank, and the tile's
+        positions and loads."""
+        ks = self.s.stream
+        if len(ks) == 1:
+            (k, lo, hi), = box
+            loop.add(f"for k_lo_{k}, k_hi_{k} in _tiles({print_int(lo, PYTHON)}, {print_int(hi, PYTHON)}, BLOCK_S):")
+        else:
+            heads = ", ".join(f"(k_lo_{k}, k_hi_{k})" for k, _, _ in box)
+            its = ", ".join(f"_tiles({print_int(lo, PYTHON)}, {print_int(hi, PYTHON)}, _bs_{k})" for k, lo, hi in box)
+            loop.add(f"for {heads} in itertools.product({its}):")
+        loop.lines += self._positions(ks, "k", "            ")
+        loop.lines += self.key_loads.lines
+
+    def segment_loop(self, seg, body: list[str], loop: Section) -> None:
+        loop.add(f"# {'masked' if seg.masked else 'full'} key tiles")
+        self._tile_loop(seg.box, loop)
+        loop.lines += body
+
+    def tested_loop(self, loop: Section) -> None:
+        """A mask read from a tensor: each tile of the bounded range is tested first; the bodies
+        reuse the tested mask."""
+        (seg,) = self.s.loop.key_segments
+        test = Section(indent=3)
+        self.in_loop, self.masked = True, True
+        self.body_id += 1
+        live = self.named_mask("_live", self.s.predicate, test)
+        self.seeds = {repr(self.in_tile(self.s.predicate)): live}
+        full, masked = self.body_lines(False, 4), self.body_lines(True, 4)
+        self.in_loop, self.seeds = False, {}
+        loop.add("# every tile of the bounded range, tested against the mask first")
+        self._tile_loop(seg.box, loop)
+        loop.lines += test.lines
+        for line in (f"if not bool({live[0]}.any()):", "    _stats['empty'] += 1", "    continue",
+                     f"if bool({live[0]}.all()):"):
+            test.lines = []
+            test.add(line)
+            loop.lines += test.lines
+        loop.lines += full
+        test.lines = []
+        test.add("else:")
+        loop.lines += test.lines + masked
 
     def store(self, t: str, sec: Section) -> None:
         axes = self.axes_of[t]
         e = self.local[t]
-        vars_ = [i.name for i in e.target.indices]
-        view, vaxes = self._make_view(t, vars_, store=True)
-        assert vaxes == axes
+        view, vaxes = self.view(t, [i.name for i in e.target.indices], store=True)
+        if not self.qset & set(axes):
+            raise LoweringError(f"{t} has no query rank; the CPU emitter stores per query tile")
         idx = [f"q_lo_{ax}:q_hi_{ax} + 1" if ax in self.qset else ":" for ax in vaxes]
         while idx and idx[-1] == ":":
             idx.pop()
@@ -691,19 +562,11 @@ class StageEmitter(BlockEmitter):
         fill = next((o.fill for o in self.c.outputs if o.name == t), 0.0)
         if pres:
             val = f"torch.where({self.align(pres, pax, axes)}, {t}, {self.number(float(fill))})"
-        target = f"{view}[{', '.join(idx)}]" if idx else view
-        if not self.qset & set(axes):
-            raise LoweringError(f"{t} has no query rank; the CPU emitter stores per query tile")
-        sec.add(f"{target} = {val}")
+        sec.add(f"{view}[{', '.join(idx)}] = {val}" if idx else f"{view}[...] = {val}")
 
     def arg_names(self) -> dict:
-        c, s = self.c, self.s
-        tensors = []
-        for t in s.loads + s.stores:
-            if f"{t}_all" not in tensors:
-                tensors.append(f"{t}_all")
-        scalars = list(c.dims) + [p.name for p in c.params]
-        return {"tensors": tensors, "scalars": scalars}
+        tensors = list(dict.fromkeys(f"{t}_all" for t in self.s.loads + self.s.stores))
+        return {"tensors": tensors, "scalars": list(self.c.dims) + [p.name for p in self.c.params]}
 
 
 def _block_split(pad: str, block: str, prefix: str, ranks: tuple[str, ...]) -> list[str]:
@@ -715,42 +578,6 @@ def _block_split(pad: str, block: str, prefix: str, ranks: tuple[str, ...]) -> l
         out.append(f"{pad}{prefix}_{v} = max(1, min({rank_of(v)}, {rest}))")
         rest = f"({rest} // {prefix}_{v})"
     return out
-
-
-_TEMP = re.compile(r"^(_live|\w+_m_\d+|\w+_(where|mask|pres)|[A-Z]\w*_\d+)$")
-
-
-def _free_dead(lines: list[str], tiles: set[str], indent: int) -> list[str]:
-    """Insert `del` after the last use of each tile-sized temporary of a loop body, so that at
-    most a few score tiles are alive at once (and none survives into the next key tile)."""
-    pad = "    " * indent
-    defined = []
-    for line in lines:
-        if line.startswith(pad) and not line.startswith(pad + " ") and " = " in line:
-            name = line.strip().split(" = ")[0]
-            if name.isidentifier() and (name in tiles or _TEMP.match(name)) and name not in defined:
-                defined.append(name)
-    last: dict[int, list[str]] = {}
-    for name in defined:
-        pat = re.compile(rf"\b{re.escape(name)}\b")
-        k = max(i for i, line in enumerate(lines) if pat.search(line))
-        while k + 1 < len(lines) and lines[k + 1].startswith(pad + " "):
-            k += 1  # after the whole block that uses it
-        last.setdefault(k, []).append(name)
-    out = []
-    for i, line in enumerate(lines):
-        out.append(line)
-        if i in last:
-            out.append(f"{pad}del {', '.join(last[i])}")
-    return out
-
-
-def _conjuncts(pred) -> list:
-    if pred is None:
-        return []
-    if isinstance(pred, Binary) and pred.op == "and":
-        return _conjuncts(pred.lhs) + _conjuncts(pred.rhs) + [pred]
-    return [pred]
 
 
 def emit_plan(plan: Plan, cascade_text: str) -> tuple[str, list[StageEmitter]]:
@@ -776,7 +603,7 @@ class CpuKernel:
     """`kern(**tensors_and_params)` -> one tensor or a tuple in output order, like `ei.interpret`.
 
     `kern.source()` is the generated Python; `kern.last_stats` counts the key tiles of the
-    last call: `full` (no mask), `partial` (masked), `empty` (masked and skipped whole)."""
+    last call: `full` (no mask), `partial` (masked), `empty` (tested and skipped whole)."""
 
     backend = "cpu"
 
@@ -791,7 +618,6 @@ class CpuKernel:
         exec(compile(self._source, filename, "exec"), self._ns)  # noqa: S102 - our own generated code
         self.last_stats: dict = {}
 
-    # -- introspection
     def source(self, shapes: dict | None = None, device: str = "cpu") -> str:
         text = self._source
         if shapes:
@@ -817,7 +643,7 @@ class CpuKernel:
             buffers[name] = torch.full(shape, float(fill), dtype=dt, device=device)
         stats = {"full": 0, "partial": 0, "empty": 0}
         scal = {**extents, **params}
-        for s, em in zip(self.plan.stages, self.emitters):
+        for em in self.emitters:
             names = em.arg_names()
             fn = self._ns[em.name]
             targs = [buffers[n[:-4]] for n in names["tensors"]]

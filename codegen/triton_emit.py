@@ -1,83 +1,50 @@
-"""The Triton emitter: a kernel plan -> readable Triton source (DESIGN section 6).
+"""The Triton emitter: a kernel plan -> readable Triton source in the FlashAttention-2 shape.
 
 One mechanism for every variant. Each stage becomes one `@triton.jit` kernel whose grid is
-(query tiles) x (grid ranks) and whose body is
+(query tiles) x (grid ranks); with a causal-like mask the heaviest query tiles run first. Its
+body is
 
-    prologue   Einsums without the key rank, computed once per query tile
-    loop       over the key tiles the skipping plan allows:
-                 stream / key-side Einsums -> tile values (named after the cascade's tensors)
-                 carried reductions        -> loop-carried accumulators (online max rescaling)
-               emitted twice: unmasked for full tiles, masked for partial ones
+    prologue   query tile, Einsums without the key rank, query-side loads, base pointers
+    bounds     the plan's key-range bounds (lowering.keyranges), printed as scalar code
+    segments   one branch-free loop per key segment: a full interior runs the body with no
+               mask, masked prefixes and suffixes the masked body; key and value pointers
+               advance by a tile per iteration, so Triton software-pipelines every loop
     epilogue   Einsums after the loop; stores (absent points take the output's fill)
+
+A stage whose mask the bounds cannot describe (a block selection read from a tensor) gets a
+block-list kernel first: it evaluates the mask per key tile and lists the full and the partial
+tiles, and the attention kernel runs one loop over each list with the matching body.
 
 Every value is a block over at most two *tile axes*: `Q` (the query tile, possibly several
 flattened ranks), `S` (the key tile) and feature ranks (`e`, `f`, ...) held whole. A sum over
-one axis of two 2-D factors is a `tl.dot`; everything else is elementwise `tl.*` code derived
-from the expression tree.
+one axis of two 2-D factors is a `tl.dot` (accumulating into a running sum when it is one);
+everything else is elementwise code from the expression tree and the function registry.
 """
 from __future__ import annotations
 
-from einsum_ir.codegen.block_emit import (
-    BlockEmitter,
-    Section,
-    Val,
-    accesses,
-    is_simple,
-    module_header,
-    paren,
-)
+from einsum_ir.codegen.block_emit import BlockEmitter, Section, Val, is_simple, module_header, paren
+from einsum_ir.codegen.scalar_code import TRITON, print_int
 from einsum_ir.errors import LoweringError
-from einsum_ir.ir import Access, Call, Einsum, Index, rank_of, walk
+from einsum_ir.functions import FUNCTIONS
+from einsum_ir.ir import Access, Einsum, Index, product_terms, rank_of
+from einsum_ir.lowering.keyranges import Segment
 from einsum_ir.lowering.plan import Plan, Stage
-
-NBHD_HELPERS = '''
-@triton.jit
-def _nbhd_start(q, L, w, s):
-    """First key of the GNA window of query q (Hassani et al. 2025): monotone in q."""
-    left = w // 2
-    right = w // 2 + w % 2 - 1
-    leader = tl.minimum((q // s) * s + s // 2, L - 1)
-    start = tl.maximum(leader - left, 0) + tl.where(leader + right >= L, L - right - leader - 1, 0)
-    return tl.maximum(start, 0)
-
-
-@triton.jit
-def _nbhd(q, k, L, w, s, d):
-    """True where key k lies in the (strided, dilated) neighborhood of query q."""
-    group = q % d
-    glen = (L - group + d - 1) // d
-    start = _nbhd_start(q // d, glen, w, s)
-    kk = k // d
-    return ((k % d) == group) & (kk >= start) & (kk < start + w)
-'''
-
-UNARY = {
-    "exp": "tl.exp({0})", "log": "tl.log({0})", "log1p": "tl.log(1.0 + {0})", "sqrt": "tl.sqrt({0})",
-    "rsqrt": "tl.rsqrt({0})", "tanh": "(2.0 * tl.sigmoid(2.0 * {0}) - 1.0)", "sigmoid": "tl.sigmoid({0})",
-    "softplus": "tl.where({0} > 20.0, {0}, tl.log(1.0 + tl.exp(tl.minimum({0}, 20.0))))",
-    "relu": "tl.maximum({0}, 0.0)", "elu": "tl.where({0} > 0, {0}, tl.exp(tl.minimum({0}, 0.0)) - 1.0)",
-    "abs": "tl.abs({0})",
-}
-BINARY_FN = {"pow": "tl.exp({1} * tl.log({0}))", "max": "tl.maximum({0}, {1})", "min": "tl.minimum({0}, {1})"}
 
 
 class StageEmitter(BlockEmitter):
     """One stage of a plan -> one `@triton.jit` kernel (or, in list mode, its block-list kernel)."""
 
-    # prologue values are read after the loop without presence
-    after_loop_kinds = ("carried", "epilogue")
     pos_inf, neg_inf = 'float("inf")', 'float("-inf")'
 
-    def __init__(self, plan: Plan, stage: Stage, name: str):
+    def __init__(self, plan: Plan, stage: Stage, name: str, list_mode: bool = False):
         super().__init__(plan, stage, name)
         self.order = ["Q", "S"] + list(stage.features)
+        self.list_mode = list_mode
         self.cache: dict = {}
-        self.prerun = False
-        self.list_mode = False
         self.body_id = 0
-        self.group_of: dict = {}
-        self.groups: dict = {}
-        self.updated: set = set()
+        self.pointers: dict[str, tuple[str, list[tuple[str, str]]]] = {}  # name -> (base, [(key var, stride)])
+        self.placed = False
+        self.load_names: dict[tuple, str] = {}
 
     # ------------------------------------------------------------------ axes and alignment
     def var_axes(self, v: str) -> tuple[str, ...]:
@@ -110,15 +77,24 @@ class StageEmitter(BlockEmitter):
             return f"tl.trans({code})"
         raise LoweringError(f"cannot broadcast a {frm} tile to {to}")
 
+    def broadcast(self, code: str, frm: tuple[str, ...], to: tuple[str, ...]) -> str:
+        return f"({self.align(code, frm, to)} + {self.fill(to, '0.0')})"
+
     def block(self, a: str) -> str:
         return {"Q": "BLOCK_Q", "S": "BLOCK_S"}.get(a, f"BLOCK_{a.upper()}")
 
     def shape(self, axes) -> str:
         return "[" + ", ".join(self.block(a) for a in axes) + "]"
 
+    def fill(self, axes: tuple[str, ...], value: str, dtype: str = "float") -> str:
+        return f"tl.full({self.shape(axes)}, {value}, {'tl.int32' if dtype == 'int' else 'tl.float32'})"
+
     # ------------------------------------------------------------------ expressions
     def num(self, v: Val) -> str:
         return f"{v.code}.to(tl.float32)" if v.kind in ("native", "bool") else v.code
+
+    def as_int(self, mask: str) -> str:
+        return f"{paren(mask)}.to(tl.int32)"
 
     def logical_not(self, v: Val) -> Val:
         return Val(f"({self.truth(v)} == 0)", v.axes, "bool")
@@ -142,86 +118,104 @@ class StageEmitter(BlockEmitter):
     def float_quotient(self, code: str) -> str:
         return f"({code}).to(tl.float32)"
 
-    def nbhd(self, args: list[Val]) -> Val:
-        args = args + [Val("1", (), "int")] * (6 - len(args))
-        axes = self.canon(args[0].axes + args[1].axes)
-        q = self.align(args[0].code, args[0].axes, axes)
-        k = self.align(args[1].code, args[1].axes, axes)
-        return Val(f"_nbhd({q}, {k}, {', '.join(a.code for a in args[2:])})", axes, "bool")
-
     def where(self, args: list[Val], axes: tuple[str, ...], pres: str | None, pax: tuple) -> Val:
         c = self.align(self.truth(args[0]), args[0].axes, axes)
-        a = self.align(self.num(args[1]), args[1].axes, axes)
-        b = self.align(self.num(args[2]), args[2].axes, axes)
-        return Val(self.select(c, a, b), axes, "float", pres, pax)
+        ints = args[1].kind == args[2].kind == "int"
+        a = self.align(args[1].code if ints else self.num(args[1]), args[1].axes, axes)
+        b = self.align(args[2].code if ints else self.num(args[2]), args[2].axes, axes)
+        return Val(self.select(c, a, b), axes, "int" if ints else "float", pres, pax)
 
     def call(self, fn: str, args: list[Val], axes: tuple[str, ...], pres: str | None, pax: tuple,
              sec: Section) -> Val:
-        codes = [self.align(self.float_quotient(a.code) if a.kind == "int" else self.num(a), a.axes, axes)
-                 for a in args]
-        if fn in UNARY:
-            x = codes[0]
-            if UNARY[fn].count("{0}") > 1 and not is_simple(x):
+        if fn in ("min", "max") and all(a.kind == "int" for a in args):  # index arithmetic
+            codes = [self.align(a.code, a.axes, axes) for a in args]
+            return Val(f"tl.{'minimum' if fn == 'min' else 'maximum'}({codes[0]}, {codes[1]})", axes, "int")
+        spelling = FUNCTIONS[fn].triton
+        codes = []
+        for k, a in enumerate(args):
+            x = self.align(self.float_quotient(a.code) if a.kind == "int" else self.num(a), a.axes, axes)
+            if spelling.count("{%d}" % k) > 1 and not is_simple(x):  # an argument used twice: name it
                 name = self.fresh("t")
                 sec.add(f"{name} = {x}")
                 x = name
-            return Val(UNARY[fn].format(x), axes, "float", pres, pax)
-        if fn in BINARY_FN:
-            return Val(BINARY_FN[fn].format(*codes), axes, "float", pres, pax)
-        raise LoweringError(f"function {fn}() has no Triton lowering")
+            codes.append(x)
+        return Val(spelling.format(*codes), axes, "float", pres, pax)
 
     # ------------------------------------------------------------------ loads
+    def _plain_stream(self, a: Access) -> bool:
+        """A read at the tensor's own index variables that moves with the key tile: its pointers
+        are a base plus a per-tile offset."""
+        names = [i.name if isinstance(i, Index) else None for i in a.indices]
+        return (None not in names and len(set(names)) == len(names) and bool(set(names) & set(self.s.stream))
+                and not self.list_mode)
+
     def load(self, a: Access, sec: Section) -> Val:
         t = a.tensor
         idx_vals = [self.emit(i, sec) for i in a.indices]
         axes = self.canon([x for v in idx_vals for x in v.axes])
         target = self.pre if (self.in_loop and "S" not in axes) else sec
-        key = (t, tuple(map(repr, a.indices)), "pre" if target is self.pre else (self.body_id, id(sec), self.masked))
+        where = "pre" if target is self.pre else (self.body_id, self.masked)
+        key = (t, tuple(map(repr, a.indices)), where)
         if key in self.cache:
             return self.cache[key]
         info = self.c.tensors[t]
-        ptr = [f"{t}_ptr"]
-        masks = []
+        stream_ptr = self.in_loop and self._plain_stream(a)
+        offsets, per_tile, masks = [], [], []
         for k, (idx, v) in enumerate(zip(a.indices, idx_vals)):
-            ptr.append(f"{self.align(v.code, v.axes, axes)} * stride_{t}_{k}")
+            stride = f"stride_{t}_{k}"
             rank = info.ranks[k]
-            if isinstance(idx, Index):
+            if isinstance(idx, Index) and idx.name in self.s.stream:
                 var = idx.name
-                if var in self.s.query:
+                if stream_ptr:  # the position inside the tile; the tile's start is added per tile
+                    offsets.append(f"{self.align(self.box_position('S', var, 'r_k'), ('S',), axes)} * {stride}")
+                    per_tile.append((var, stride))
+                else:
+                    offsets.append(f"{self.align(v.code, v.axes, axes)} * {stride}")
+                if self.masked or not self.in_loop or self.list_mode:
+                    masks.append(self.align(f"({var} < {rank})", ("S",), axes))
+                continue
+            offsets.append(f"{self.align(v.code, v.axes, axes)} * {stride}")
+            if isinstance(idx, Index):
+                if idx.name in self.s.query:
                     masks.append(self.align("q_valid", ("Q",), axes))
-                elif var in self.s.stream:
-                    if self.masked or not self.in_loop:
-                        masks.append(self.align("k_valid", ("S",), axes))
-                elif var in self.s.features:
-                    masks.append(self.align(f"({var} < {rank})", (var,), axes))
+                elif idx.name in self.s.features:
+                    masks.append(self.align(f"({idx.name} < {rank})", (idx.name,), axes))
             else:
                 masks.append(self.align(f"(({v.code}) >= 0) & (({v.code}) < {rank})", v.axes, axes))
-        name = t if not any(k[0] == t for k in self.cache) else self.fresh(t)
+        # one name per access, the same in every body (so bodies share their key pointers)
+        akey = (t, tuple(map(repr, a.indices)))
+        if akey not in self.load_names:
+            self.load_names[akey] = t if not any(k[0] == t for k in self.load_names) else self.fresh(t)
+        name = self.load_names[akey]
+        if stream_ptr:
+            ptr = f"{name}_ptrs"
+            if ptr not in self.pointers:
+                self.pre.add(f"{name}_base = {t}_ptr + {' + '.join(offsets)}")
+                self.pointers[ptr] = (f"{name}_base", per_tile)
+            if self.placed:  # a box or listed tile: the pointers of this tile from its start
+                sec.add(f"{ptr} = {name}_base + {self.tile_offset(per_tile)}")
+            ptr_code = ptr
+        else:
+            ptr_code = " + ".join([f"{t}_ptr"] + offsets)
         mask = " & ".join(dict.fromkeys(masks))
-        ptr_code = " + ".join(ptr)
-        if mask:
-            target.add(f"{name} = tl.load({ptr_code}, mask={mask}, other=0)")
-        else:
-            target.add(f"{name} = tl.load({ptr_code})")
+        target.add(f"{name} = tl.load({ptr_code}" + (f", mask={mask}, other=0)" if mask else ")"))
         dtype = info.dtype if t in self.c.input_names else "fp32"
-        if dtype in ("bool", "int8", "int16", "int32", "int64"):
-            kind = "int"
-        else:
-            kind = "native"
-        val = Val(name, axes, kind)
+        val = Val(name, axes, "int" if dtype in ("bool", "int8", "int16", "int32", "int64") else "native")
         self.cache[key] = val
         return val
 
     # ------------------------------------------------------------------ reductions
     def sum_term(self, inner: list[Val], outer: list[Val], red_axes: set[str], out_axes: tuple[str, ...],
                  mask: tuple | None, sec: Section) -> tuple[str, tuple[str, ...], list[Val]]:
-        term = self._dot(inner, red_axes, out_axes, mask, sec)
-        if term is not None:
-            return term, out_axes, outer
+        ops = self._dot_operands(inner, red_axes, out_axes, mask)
+        if ops is not None:
+            name = self.fresh("dot")
+            sec.add(f"{name} = tl.dot({ops[0]}, {ops[1]})")
+            return name, out_axes, outer
         have = [x for v in inner for x in v.axes]
-        # a reduced index the term does not depend on sums identical values: over a
-        # feature rank that is a factor of its extent; over the key tile the term is
-        # broadcast so the mask counts the present keys
+        # a reduced index the term does not depend on sums identical values: over a feature
+        # rank that is a factor of its extent; over the key tile the term is broadcast so the
+        # mask counts the present keys
         extent_factors = [rank_of(v) for v in red_axes if v not in have and v not in ("Q", "S")]
         if "S" in red_axes and "S" not in have:
             have.append("S")
@@ -230,7 +224,7 @@ class StageEmitter(BlockEmitter):
         axes = self.canon(have)
         prod = " * ".join(self.align(self.num(v), v.axes, axes) for v in inner) or "1.0"
         if "S" in axes and not any("S" in v.axes for v in inner):
-            ones = f"tl.full({self.shape(axes)}, 1.0, tl.float32)"
+            ones = self.fill(axes, "1.0")
             prod = ones if prod == "1.0" else f"{ones} * ({prod})"
         prod = " * ".join([prod] + extent_factors)
         if mask is not None:
@@ -239,7 +233,8 @@ class StageEmitter(BlockEmitter):
         term, term_axes = self.reduce("sum", prod, axes, red_axes)
         return term, term_axes, outer
 
-    def _dot(self, inner: list[Val], red_axes: set[str], out_axes, mask, sec) -> str | None:
+    def _dot_operands(self, inner: list[Val], red_axes: set[str], out_axes, mask) -> tuple[str, str] | None:
+        """(A, B) code when the term is a matrix product over one tile axis, else None."""
         if len(red_axes) != 1 or len(out_axes) != 2:
             return None
         r = next(iter(red_axes))
@@ -253,16 +248,13 @@ class StageEmitter(BlockEmitter):
         A = A + rest
         a_axes, b_axes = self.canon((x, r)), self.canon((r, y))
 
-        def operand(vs, axes, want):
+        def operand(vs, axes):
             if len(vs) == 1 and vs[0].kind == "native":
-                code, native = vs[0].code, vs[0]
-            else:
-                code = " * ".join(self.align(self.num(v), v.axes, axes) for v in vs)
-                native = None
-            return code, native
+                return vs[0].code, vs[0]
+            return " * ".join(self.align(self.num(v), v.axes, axes) for v in vs), None
 
-        a_code, a_nat = operand(A, a_axes, (x, r))
-        b_code, b_nat = operand(B, b_axes, (r, y))
+        a_code, a_nat = operand(A, a_axes)
+        b_code, b_nat = operand(B, b_axes)
         if mask is not None:
             m, max_ = mask
             if set(max_) <= set(a_axes):
@@ -279,242 +271,44 @@ class StageEmitter(BlockEmitter):
             a_code = f"tl.trans({a_code})"
         if b_axes != (r, y):
             b_code = f"tl.trans({b_code})"
-        name = self.fresh("dot")
-        sec.add(f"{name} = tl.dot({a_code}, {b_code})")
-        return name
+        return a_code, b_code
 
-    # ------------------------------------------------------------------ Einsums by class
-    def stream_einsum(self, e: Einsum, sec: Section) -> None:
-        axes = self.axes_of[e.name]
-        if self.masked:  # the presence mask first, so a tile test can skip the work after it
-            parts = []
-            for f in accesses(e.expr):
-                if f.tensor in self.mask_of:
-                    parts.append(self.mask_of[f.tensor])
-            if e.where is not None:
-                w = self.emit(e.where, sec)
-                parts.append((self.truth(w), w.axes))
-                if "S" in axes and not parts[:-1]:
-                    parts.append(("k_valid", ("S",)))
-            if not parts and "S" in axes:
-                parts.append(("k_valid", ("S",)))
-            parts = list(dict.fromkeys(parts))
-            if parts:
-                if len(parts) == 1 and parts[0][0].isidentifier():
-                    self.mask_of[e.name] = parts[0]
-                else:
-                    mcode, pax = self.conjunction(parts)
-                    sec.add(f"{e.name}_mask = {mcode}")
-                    self.mask_of[e.name] = (f"{e.name}_mask", pax)
-        in_tile_red = {x for v in e.reduced for x in self.var_axes(v)}
-        if e.reduced:
-            if e.reduce != "sum":
-                raise LoweringError(f"{e.name}: a {e.reduce} over feature ranks is not emitted")
-            code = self.reduce_sum(e, sec, in_tile_red, None)
-        else:
-            v = self.emit(e.expr, sec)
-            code = self.align(self.num(v), v.axes, axes) if v.axes else v.code
-            if not v.axes and axes:
-                code = f"tl.full({self.shape(axes)}, {code}, tl.float32)"
-        sec.add(f"{e.name} = {code}")
+    def update_sum(self, e: Einsum, alpha: str | None, sec: Section, red: set[str], mask) -> None:
+        """A running sum whose contribution is one matrix product accumulates inside tl.dot."""
+        terms = product_terms(e.expr, distribute=True)
+        if len(terms) == 1 and terms[0][0] == 1.0:
+            vals = [self.emit(f, sec) for rec, f in terms[0][1] if not rec]
+            if len(vals) == len(terms[0][1]) and all(set(v.axes) & red for v in vals):
+                ops = self._dot_operands(vals, red, self.axes_of[e.name], mask)
+                if ops is not None:
+                    acc = e.name if alpha is None else f"{e.name} * {alpha}"
+                    sec.add(f"{e.name} = tl.dot({ops[0]}, {ops[1]}, {acc})")
+                    return
+        super().update_sum(e, alpha, sec, red, mask)
 
-    def carried_einsum(self, e: Einsum, sec: Section) -> None:
-        red = {x for v in e.reduced for x in self.var_axes(v)}
-        mask = None
-        if self.masked:
-            vals = []
-            for f in accesses(e.expr):
-                if f.tensor in self.mask_of:
-                    vals.append(Val("", (), pres=self.mask_of[f.tensor][0], pres_axes=self.mask_of[f.tensor][1]))
-            parts = [(v.pres, v.pres_axes) for v in vals]
-            if e.where is not None:
-                w = self.emit(e.where, sec)
-                parts.append((self.truth(w), w.axes))
-            parts.append(("k_valid", ("S",)))
-            uniq = list(dict.fromkeys(parts))
-            if len(uniq) > 1 and ("k_valid", ("S",)) in uniq and len(uniq) > 1 and any(p[0] != "k_valid" for p in uniq):
-                # stream masks already include k_valid unless the summand reads loads only
-                if vals:
-                    uniq.remove(("k_valid", ("S",)))
-            mcode, pax = self.conjunction(uniq)
-            if len(uniq) > 1:
-                mname = f"{e.name}_mask"
-                sec.add(f"{mname} = {mcode}")
-                mcode = mname
-            mask = (mcode, pax)
-        if e.reduce == "max":
-            self.carried_max(e, red, mask, sec)
-        else:
-            self.carried_sum(e, self.reduce_sum(e, sec, red, mask), sec)
-        if self.track_any:
-            self.presence_update(e, mask, sec)
-
-    def presence_update(self, e: Einsum, mask, sec: Section) -> None:
-        """Carried reductions sharing a mask share presence: a max in the group answers it
-        (present iff > -inf), else one counter per group records whether any point was seen."""
-        if self.prerun:
-            if mask is not None:
-                self.group_of[e.name] = mask
-            return
-        key = self.group_of.get(e.name)
-        group = self.groups.get(key)
-        if group is None or group["max"] is not None or group["tracker"] in self.updated:
-            return
-        tracker = group["tracker"]
-        self.updated.add(tracker)
-        if mask is None:
-            sec.add(f"{tracker} = tl.maximum({tracker}, 1)")
-            return
-        m, max_ = mask
-        x, _ = self.reduce("max", f"{m}.to(tl.int32)", max_, [a for a in max_ if a not in group["axes"]])
-        sec.add(f"{tracker} = tl.maximum({tracker}, {x})")
-
-    def epilogue_einsum(self, e: Einsum, sec: Section) -> None:
+    # ------------------------------------------------------------------ outside the loop
+    def after_loop_einsum(self, e: Einsum, sec: Section) -> None:
         axes = self.axes_of[e.name]
         if e.name in self.s.grid_reduce:
             v = self.emit(e.expr, sec)
-            code = self.align(self.num(v), v.axes, axes)
-            sec.add(f"{e.name} = {code}")
+            sec.add(f"{e.name} = {self.align(self.num(v), v.axes, axes)}")
             self.pres_after[e.name] = (None, ())
             return
         red = {x for v in e.reduced for x in self.var_axes(v)}
         if e.reduced:
             if e.reduce != "sum":
-                raise LoweringError(f"{e.name}: a {e.reduce} over feature ranks after the loop is not emitted")
-            code = self.reduce_sum(e, sec, red, None)
-            pres = (None, ())
+                raise LoweringError(f"{e.name}: a {e.reduce} over feature ranks outside the loop is not emitted")
+            code, pres = self.reduce_sum(e, sec, red, None), (None, ())
         else:
             v = self.emit(e.expr, sec)
             code = self.align(self.num(v), v.axes, axes)
             if not v.axes and axes:
-                code = f"tl.full({self.shape(axes)}, {code}, tl.float32)"
+                code = self.fill(axes, code)
             pres = (v.pres, v.pres_axes)
         sec.add(f"{e.name} = {code}")
         self.pres_after[e.name] = pres
 
-    # ------------------------------------------------------------------ the kernel
-    def generate(self) -> str:
-        s = self.s
-        for e in s.einsums:
-            self.axes_of[e.name] = self.canon([x for v in e.lhs_vars for x in self.var_axes(v)])
-        self.loads_here = set(s.loads)
-        self.pre, self.post = Section(), Section()
-        self.mask_of: dict[str, tuple] = {}
-        self.pres_after: dict[str, tuple] = {}
-        self.finalize: list[str] = []
-        self.in_loop = False
-        pre = self.pre
-        # grid
-        pre.add("pid_q = tl.program_id(0)")
-        pre.add("pid_g = tl.program_id(1)")
-        rest = "pid_g"
-        if s.grid:
-            pre.add("# grid ranks as int64: their offsets reach past 2**31 on large batches")
-            pre.add("pid_g = pid_g.to(tl.int64)")
-        for v in reversed(s.grid):
-            R = rank_of(v)
-            if v == s.grid[0]:
-                pre.add(f"{v} = {rest}")
-            else:
-                pre.add(f"{v} = {rest} % {R}")
-                rest = f"({rest} // {R})"
-        self.query_tile(pre)
-        for f in s.features:
-            pre.add(f"{f} = tl.arange(0, {self.block(f)})")
-        # prologue
-        for e in s.einsums:
-            if s.kind[e.name] == "prologue" and not self.list_mode:
-                self.epilogue_einsum(e, pre)
-        # accumulators
-        carried = [e for e in s.einsums if s.kind[e.name] == "carried"]
-        for e in carried:
-            axes = self.axes_of[e.name]
-            init = 'float("-inf")' if e.reduce == "max" else "0.0"
-            if axes:
-                pre.add(f"{e.name} = tl.full({self.shape(axes)}, {init}, tl.float32)")
-            else:
-                pre.add(f"{e.name} = {init}")
-        # loop bounds and key tile
-        loop = Section(indent=2)
-        blist = s.skip.block_list and not self.list_mode
-        loop_head = self.key_loop(pre, loop, from_list=blist)
-        body_einsums = [e for e in s.einsums if s.kind[e.name] in ("stream", "key_side", "carried")]
-        full = s.skip.full
-        self.in_loop = True
-        in_bounds = " & ".join(f"(k_hi_{k} < KEYS_{k})" for k in s.stream)
-        full_cond = in_bounds + ("" if full == "True" else f" & ({full})")
-
-        def body(masked: bool, indent: int) -> list[str]:
-            self.masked = masked
-            self.mask_of = {}
-            self.finalize = []
-            self.alpha = {}
-            self.updated = set()
-            self.body_id += 1
-            sec = Section(indent=indent)
-            if masked:
-                sec.add("k_valid = " + " & ".join(f"({k} < KEYS_{k})" for k in s.stream))
-            for e in body_einsums:
-                if s.kind[e.name] == "carried":
-                    self.carried_einsum(e, sec)
-                else:
-                    self.stream_einsum(e, sec)
-            for line in self.finalize:
-                sec.add(line)
-            return sec.lines
-
-        # presence groups: a dry run of the masked body finds which carried reductions share a mask
-        self.prerun, self.group_of, self.groups = True, {}, {}
-        if self.track_any:
-            body(True, 3)
-        self.prerun = False
-        for e in carried:
-            if e.name not in self.group_of:
-                continue
-            key = self.group_of[e.name]
-            g = self.groups.setdefault(key, {"max": None, "tracker": None, "members": [],
-                                             "axes": ("Q",) if "Q" in self.axes_of[e.name] else ()})
-            g["members"].append(e.name)
-            if e.reduce == "max" and g["max"] is None and self.axes_of[e.name] == g["axes"]:
-                g["max"] = e.name
-        for g in self.groups.values():
-            if g["max"] is None:
-                g["tracker"] = f"{g['members'][0]}_any"
-                pre.add(f"{g['tracker']} = tl.zeros([BLOCK_Q], dtype=tl.int32)" if g["axes"]
-                        else f"{g['tracker']} = 0")
-        if self.list_mode:
-            return self.render_list(loop_head, loop, body(True, 2))
-        if full == "False":
-            masked_lines = body(True, 2)
-            if s.skip.tensor_test and not blist:
-                loop.lines += _tensor_test(masked_lines, self, 2)
-            else:
-                loop.lines += masked_lines
-        else:
-            loop.add(f"if {full_cond}:")
-            loop.lines += body(False, 3)
-            loop.add("else:")
-            ml = body(True, 3)
-            loop.lines += _tensor_test(ml, self, 3) if s.skip.tensor_test else ml
-        self.in_loop = False
-        self.masked = False
-        # epilogue
-        post = self.post
-        for e in carried:
-            g = self.groups.get(self.group_of.get(e.name))
-            if g is None:
-                self.pres_after[e.name] = (None, ())
-            elif g["max"] is not None:
-                self.pres_after[e.name] = (f'({g["max"]} > float("-inf"))', g["axes"])
-            else:
-                self.pres_after[e.name] = (f"({g['tracker']} > 0)", g["axes"])
-        for e in s.einsums:
-            if s.kind[e.name] == "epilogue":
-                self.epilogue_einsum(e, post)
-        for t in s.stores:
-            self.store(t, post)
-        return self.render(loop_head, loop)
-
+    # ------------------------------------------------------------------ tiles
     def sub_block(self, axis: str, v: str) -> str:
         ranks = self.s.query if axis == "Q" else self.s.stream
         return ("BLOCK_Q" if axis == "Q" else "BLOCK_S") + ("" if len(ranks) == 1 else f"_{v}")
@@ -528,12 +322,28 @@ class StageEmitter(BlockEmitter):
         pos = r if not later else f"({r} // ({' * '.join(later)}))"
         return f"({pos} % {self.sub_block(axis, v)})" if i > 0 else pos
 
-    def query_tile(self, pre: Section) -> None:
-        """The query tile: a box over the query ranks (one rank: a run of BLOCK_Q queries)."""
-        qs = self.s.query
+    def grid_and_query_tile(self, pre: Section) -> None:
+        s = self.s
+        if s.loop.heavy_last and not self.list_mode:
+            pre.add("# the query tiles that visit the most key tiles run first")
+            pre.add("pid_q = tl.num_programs(0) - 1 - tl.program_id(0)")
+        else:
+            pre.add("pid_q = tl.program_id(0)")
+        pre.add("pid_g = tl.program_id(1)")
+        if s.grid:
+            pre.add("# grid ranks as int64: their offsets reach past 2**31 on large batches")
+            pre.add("pid_g = pid_g.to(tl.int64)")
+        rest = "pid_g"
+        for v in reversed(s.grid):
+            R = rank_of(v)
+            if v == s.grid[0]:
+                pre.add(f"{v} = {rest}")
+            else:
+                pre.add(f"{v} = {rest} % {R}")
+                rest = f"({rest} // {R})"
+        qs = s.query
         pre.add("r_q = tl.arange(0, BLOCK_Q)")
-        rest = "pid_q"
-        tiles = {}
+        rest, tiles = "pid_q", {}
         for v in reversed(qs):
             R, blk = rank_of(v), self.sub_block("Q", v)
             if v == qs[0]:
@@ -548,82 +358,139 @@ class StageEmitter(BlockEmitter):
             pre.add(f"q_hi_{v} = tl.minimum(q_lo_{v} + {blk}, {R}) - 1")
             pre.add(f"{v} = q_lo_{v} + {self.box_position('Q', v, 'r_q')}")
         pre.add("q_valid = " + " & ".join(f"({v} < {rank_of(v)})" for v in qs))
-        for k in self.s.stream:
-            pre.add(f"KEYS_{k} = {rank_of(k)}")
-
-    def key_loop(self, pre: Section, loop: Section, from_list: bool = False) -> str:
-        """Loop header over the key tiles the skipping plan allows; sets k_lo_/k_hi_ and the
-        key index variables inside the loop."""
-        ks = self.s.stream
-        ranges = self.s.skip.ranges
-        if from_list:
-            k = ks[0]
-            pre.add("# the live key tiles of this query tile, from the block-list kernel")
-            pre.add("blk_row = pid_g * NQT + pid_q")
-            pre.add("n_blk = tl.load(BC_ptr + blk_row)")
-            head = "for t in range(0, n_blk):"
-            loop.add(f"j_{k} = tl.load(BL_ptr + blk_row * KT + t)")
-        elif len(ranges) == 2 and len(ks) == 1:
-            k = ks[0]
-            (lo1, hi1), (lo2, hi2) = ranges[0][k], ranges[1][k]
-            pre.add("j_lo1 = " + ("0" if lo1 == "0" else f"tl.maximum({lo1}, 0) // BLOCK_S"))
-            pre.add(f"j_hi1 = tl.maximum((tl.minimum({hi1}, KEYS_{k}) + BLOCK_S - 1) // BLOCK_S, j_lo1)")
-            pre.add("j_lo2 = " + ("0" if lo2 == "0" else f"tl.maximum({lo2}, 0) // BLOCK_S"))
-            pre.add(f"j_hi2 = tl.maximum((tl.minimum({hi2}, KEYS_{k}) + BLOCK_S - 1) // BLOCK_S, j_lo2)")
-            pre.add("# visit the two key ranges in order, each tile once")
-            pre.add("first = j_lo1 <= j_lo2")
-            pre.add("ja_lo = tl.where(first, j_lo1, j_lo2)")
-            pre.add("ja_hi = tl.where(first, j_hi1, j_hi2)")
-            pre.add("jb_lo = tl.maximum(tl.where(first, j_lo2, j_lo1), ja_hi)")
-            pre.add("jb_hi = tl.maximum(tl.where(first, j_hi2, j_hi1), jb_lo)")
-            pre.add("n_a = ja_hi - ja_lo")
-            head = "for t in range(0, n_a + jb_hi - jb_lo):"
-            loop.add(f"j_{k} = tl.where(t < n_a, ja_lo + t, jb_lo + t - n_a)")
-        else:
-            box = ranges[0] if ranges else {}
-            for k in ks:
-                blk = self.sub_block("S", k)
-                if k in box:
-                    lo, hi = box[k]
-                    pre.add(f"k_start_{k} = " + ("0" if lo == "0" else f"tl.maximum({lo}, 0)"))
-                    pre.add(f"k_end_{k} = tl.minimum({hi}, KEYS_{k})")
-                    pre.add(f"j_start_{k} = k_start_{k} // {blk}")
-                    pre.add(f"j_end_{k} = tl.maximum((k_end_{k} + {blk} - 1) // {blk}, j_start_{k})")
-                else:
-                    pre.add(f"j_start_{k} = 0")
-                    pre.add(f"j_end_{k} = (KEYS_{k} + {blk} - 1) // {blk}")
-            if len(ks) == 1:
-                k = ks[0]
-                head = f"for j_{k} in range(j_start_{k}, j_end_{k}):"
-            else:
-                for k in ks:
-                    pre.add(f"n_{k} = j_end_{k} - j_start_{k}")
-                head = "for t in range(0, " + " * ".join(f"n_{k}" for k in ks) + "):"
-                rest = "t"
-                for k in reversed(ks):
-                    if k == ks[0]:
-                        loop.add(f"j_{k} = j_start_{k} + {rest}")
-                    else:
-                        loop.add(f"j_{k} = j_start_{k} + {rest} % n_{k}")
-                        rest = f"({rest} // n_{k})"
+        for f in s.features:
+            pre.add(f"{f} = tl.arange(0, {self.block(f)})")
         pre.add("r_k = tl.arange(0, BLOCK_S)")
-        for k in ks:
-            blk = self.sub_block("S", k)
-            loop.add(f"k_lo_{k} = j_{k} * {blk}")
-            loop.add(f"k_hi_{k} = k_lo_{k} + {blk} - 1")
-            loop.add(f"{k} = k_lo_{k} + {self.box_position('S', k, 'r_k')}")
-        return head
+
+    def start_body(self, sec: Section) -> None:
+        for k in self.s.stream:
+            sec.add(f"k_lo_{k} = j_{k} * {self.sub_block('S', k)}")
+            sec.add(f"{k} = k_lo_{k} + {self.box_position('S', k, 'r_k')}")
+
+    def body_lines(self, masked: bool, indent: int, placed: bool = False) -> list[str]:
+        """A loop body; `placed` bodies compute their key pointers from the tile start (box and
+        listed tiles), the others read pointers the loop advances."""
+        self.body_id += 1
+        self.placed = placed
+        sec = Section(indent=indent)
+        self.body(masked, sec)
+        self.placed = False
+        return sec.lines
+
+    def tile_offset(self, per_tile) -> str:
+        return " + ".join(f"tl.cast(k_lo_{k}, tl.int64) * {stride}" for k, stride in per_tile)
+
+    def segment_loop(self, seg: Segment, bodies: dict, loop: Section) -> None:
+        """One branch-free loop over a segment's key tiles; pointers advance by a tile (one key
+        rank) or are placed per tile (a box)."""
+        bounds = [(k, print_int(lo, TRITON), print_int(hi, TRITON)) for k, lo, hi in seg.box]
+        loop.add(f"# {'masked' if seg.masked else 'full'} key tiles")
+        if len(bounds) == 1:
+            k, lo, hi = bounds[0]
+            for ptr, (base, per_tile) in self.pointers.items():
+                start = "" if lo == "0" else f" + tl.cast({paren(lo)} * BLOCK_S, tl.int64) * {per_tile[0][1]}"
+                loop.add(f"{ptr} = {base}{start}")
+            loop.add(f"for j_{k} in range({lo}, {hi}):")
+            loop.lines += bodies[seg.masked, False]
+            for ptr, (_, per_tile) in self.pointers.items():
+                loop.add(f"    {ptr} += BLOCK_S * {per_tile[0][1]}")
+            return
+        for k, lo, hi in bounds:
+            loop.add(f"n_{k} = tl.maximum({hi} - {paren(lo)}, 0)")
+        loop.add("for t in range(0, " + " * ".join(f"n_{k}" for k, _, _ in bounds) + "):")
+        rest = "t"
+        for k, lo, _ in reversed(bounds):
+            if k == bounds[0][0]:
+                loop.add(f"    j_{k} = {paren(lo)} + {rest}")
+            else:
+                loop.add(f"    j_{k} = {paren(lo)} + {rest} % n_{k}")
+                rest = f"({rest} // n_{k})"
+        loop.lines += bodies[seg.masked, True]
+
+    def list_loop(self, which: str, body: list[str], loop: Section) -> None:
+        k = self.s.stream[0]
+        loop.add(f"# the {which} key tiles of this query tile, listed by the block-list kernel")
+        loop.add(f"n_{which} = tl.load({which.upper()[0]}C_ptr + blk_row)")
+        loop.add(f"for t in range(0, n_{which}):")
+        loop.add(f"    j_{k} = tl.load({which.upper()[0]}L_ptr + blk_row * KT + t)")
+        loop.lines += body
+
+    # ------------------------------------------------------------------ the kernel
+    def generate(self) -> str:
+        s = self.s
+        for e in s.einsums:
+            self.axes_of[e.name] = self.canon([x for v in e.lhs_vars for x in self.var_axes(v)])
+        self.pre, self.post = Section(), Section()
+        self.in_loop = False
+        self.grid_and_query_tile(self.pre)
+        if self.list_mode:
+            return self.generate_list()
+        for e in s.of_kind("prologue"):
+            self.after_loop_einsum(e, self.pre)
+        for e in s.of_kind("carried"):
+            init = self.neg_inf if e.reduce == "max" else "0.0"
+            axes = self.axes_of[e.name]
+            self.pre.add(f"{e.name} = {self.fill(axes, init) if axes else init}")
+        for name, axes in self.counter_init():
+            self.pre.add(f"{name} = {self.fill(axes, '0', 'int') if axes else '0'}")
+        self.in_loop = True
+        placed = s.loop.block_list or len(s.stream) > 1
+        bodies = {(m, placed): self.body_lines(m, 2, placed) for m in (False, True)}
+        self.in_loop = False
+        loop = Section()
+        if s.loop.block_list:
+            loop.add("blk_row = pid_g * NQT + pid_q")
+            self.list_loop("full", bodies[False, True], loop)
+            self.list_loop("partial", bodies[True, True], loop)
+        else:
+            for sym, e in s.loop.key_defs + s.loop.tile_defs:
+                loop.add(f"{sym.name} = {print_int(e, TRITON)}")
+            for seg in s.loop.tile_segments:
+                self.segment_loop(seg, bodies, loop)
+        self.presence_after_loop()
+        for e in s.of_kind("epilogue"):
+            self.after_loop_einsum(e, self.post)
+        for t in s.stores:
+            self.store(t, self.post)
+        return self.render(self.pre.lines + loop.lines + self.post.lines)
+
+    def generate_list(self) -> str:
+        """The block-list kernel: per query tile, the key tiles whose mask is full, and those with
+        some present point, each listed in order with a count (no branch in the loop)."""
+        s, k = self.s, self.s.stream[0]
+        pre = self.pre
+        pre.add("blk_row = pid_g * NQT + pid_q")
+        pre.add("n_full = 0")
+        pre.add("n_partial = 0")
+        for sym, e in s.loop.key_defs + s.loop.tile_defs:
+            pre.add(f"{sym.name} = {print_int(e, TRITON)}")
+        (seg,) = s.loop.tile_segments
+        _, lo, hi = seg.box[0]
+        pre.add(f"for j_{k} in range({print_int(lo, TRITON)}, {print_int(hi, TRITON)}):")
+        self.in_loop, self.masked = True, True
+        sec = Section(indent=2)
+        self.start_body(sec)
+        live, axes = self.named_mask("live", s.predicate, sec)
+        valid, vaxes = self.named_mask("k_valid", self.key_bound(), sec)
+        tile = self.canon(("Q", "S"))
+        live = f"{paren(self.align(live, axes, tile))} & {paren(self.align(valid, vaxes, tile))}"
+        sec.add(f"some = tl.max(({live} & q_valid[:, None]).to(tl.int32))")
+        sec.add(f"full = tl.min(({live} | (q_valid[:, None] == 0)).to(tl.int32))")
+        sec.add(f"tl.store(FL_ptr + blk_row * KT + n_full, j_{k})")
+        sec.add(f"tl.store(PL_ptr + blk_row * KT + n_partial, j_{k})")
+        sec.add("n_full += full")
+        sec.add("n_partial += some - full")
+        self.post.add("tl.store(FC_ptr + blk_row, n_full)")
+        self.post.add("tl.store(PC_ptr + blk_row, n_partial)")
+        return self.render(pre.lines + sec.lines + self.post.lines,
+                           doc=f"Block list for stage {s.index}: the full and the partial key tiles of each query tile.")
 
     def store(self, t: str, sec: Section) -> None:
         e = self.local[t]
         axes = self.axes_of[t]
         ptr, masks = [f"{t}_ptr"], []
-        store_vars = [i.name for i in e.target.indices]
-        if t in self.s.grid_reduce:
-            store_vars = [v for v in store_vars]
-        for k, v in enumerate(store_vars):
-            va = self.var_axes(v)
-            ptr.append(f"{self.align(v, va, axes)} * stride_{t}_{k}")
+        for k, v in enumerate(i.name for i in e.target.indices):
+            ptr.append(f"{self.align(v, self.var_axes(v), axes)} * stride_{t}_{k}")
             if v in self.s.query:
                 masks.append(self.align("q_valid", ("Q",), axes))
             elif v in self.s.features:
@@ -634,108 +501,52 @@ class StageEmitter(BlockEmitter):
         if pres:
             val = f'tl.where({self.align(pres, pax, axes)}, {t}, {self.number(float(fill))})'
         mask = " & ".join(masks)
+        tail = f", mask={mask})" if mask else ")"
         if t in self.s.grid_reduce:
-            sec.add(f"tl.atomic_add({' + '.join(ptr)}, {val}" + (f", mask={mask})" if mask else ")"))
+            sec.add(f"tl.atomic_add({' + '.join(ptr)}, {val}{tail}")
         else:
-            sec.add(f"tl.store({' + '.join(ptr)}, ({val}).to({t}_ptr.dtype.element_ty)" + (f", mask={mask})" if mask else ")"))
+            sec.add(f"tl.store({' + '.join(ptr)}, ({val}).to({t}_ptr.dtype.element_ty){tail}")
 
     def arg_names(self) -> list[tuple[str, str]]:
-        """Kernel arguments as (name, kind): ptr, stride, dim, param, constexpr."""
+        """Kernel arguments as (name, kind): ptr, stride, dim, param, blist_ptr, blist_dim, constexpr."""
         c, s = self.c, self.s
-        args = []
+        args = [(f"{t}_ptr", "ptr") for t in s.loads + s.stores]
         for t in s.loads + s.stores:
-            args.append((f"{t}_ptr", "ptr"))
-        for t in s.loads + s.stores:
-            for k in range(len(c.tensors[t].ranks)):
-                args.append((f"stride_{t}_{k}", "stride"))
+            args += [(f"stride_{t}_{k}", "stride") for k in range(len(c.tensors[t].ranks))]
         feats = {rank_of(f) for f in s.features}
-        for d in c.dims:
-            if d not in feats:
-                args.append((d, "dim"))
-        for p in c.params:
-            args.append((p.name, "param_int" if p.type == "int" else "param"))
-        if s.skip.block_list:
-            args += [("BL_ptr", "blist_ptr"), ("BC_ptr", "blist_ptr"), ("KT", "blist_dim"),
-                     ("NQT", "blist_dim")]
-        for d in c.dims:
-            if d in feats:
-                args.append((d, "constexpr"))
-        args.append(("BLOCK_Q", "constexpr"))
-        args.append(("BLOCK_S", "constexpr"))
+        args += [(d, "dim") for d in c.dims if d not in feats]
+        args += [(p.name, "param_int" if p.type == "int" else "param") for p in c.params]
+        if s.loop.block_list:
+            args += [(n, "blist_ptr") for n in ("FL_ptr", "PL_ptr", "FC_ptr", "PC_ptr")]
+            args += [("KT", "blist_dim"), ("NQT", "blist_dim")]
+        args += [(d, "constexpr") for d in c.dims if d in feats]
+        args += [("BLOCK_Q", "constexpr"), ("BLOCK_S", "constexpr")]
         if len(s.query) > 1:
             args += [(f"BLOCK_Q_{v}", "constexpr") for v in s.query]
         if len(s.stream) > 1:
             args += [(f"BLOCK_S_{v}", "constexpr") for v in s.stream]
-        for f in s.features:
-            args.append((self.block(f), "constexpr"))
+        args += [(self.block(f), "constexpr") for f in s.features]
         return args
 
-    def render_list(self, loop_head: str, loop: Section, masked: list[str]) -> str:
-        """The block-list kernel: per query tile, the key tiles with a present point."""
-        cut = []
-        for line in masked:
-            cut.append(line)
-            if line.strip().split(" = ")[0].endswith("_mask"):
-                mask = line.strip().split(" = ")[0]
-                break
-        else:
-            raise LoweringError("no mask to build a block list from")
-        pad = "    " * 2
-        body = list(loop.lines) + cut + [
-            f"{pad}if tl.max({mask}.to(tl.int32)) > 0:",
-            f"{pad}    tl.store(BL_ptr + blk_row * KT + n_blk, j_{self.s.stream[0]})",
-            f"{pad}    n_blk += 1",
-        ]
-        self.pre.lines = [line for line in self.pre.lines if "tl.full(" not in line]
-        self.pre.add("blk_row = pid_g * NQT + pid_q")
-        self.pre.add("n_blk = 0")
-        self.post = Section()
-        self.post.add("tl.store(BC_ptr + blk_row, n_blk)")
-        return self.render(loop_head, Section(lines=body), doc="Block list for stage "
-                           f"{self.s.index}: the key tiles where the mask has a present point.")
-
-    def render(self, loop_head: str, loop: Section, doc: str | None = None) -> str:
+    def render(self, lines: list[str], doc: str | None = None) -> str:
         args = self.arg_names()
-        sig = []
-        for n, k in args:
-            sig.append(f"{n}: tl.constexpr" if k == "constexpr" else n)
+        sig = [f"{n}: tl.constexpr" if k == "constexpr" else n for n, k in args]
         # Extents and int params are run-time values that Triton must not specialize on (it
         # would recompile when a length's divisibility by 16 changes): one binary per bucket.
         runtime = [n for n, k in args if k in ("dim", "param_int", "blist_dim")]
-        lines = [f"@triton.jit(do_not_specialize={runtime!r})", f"def {self.name}("]
+        out = [f"@triton.jit(do_not_specialize={runtime!r})", f"def {self.name}("]
         for k in range(0, len(sig), 6):
-            lines.append("    " + ", ".join(sig[k:k + 6]) + ",")
-        lines.append("):")
-        kinds = ", ".join(f"{e.name}: {self.s.kind[e.name]}" for e in self.s.einsums)
+            out.append("    " + ", ".join(sig[k:k + 6]) + ",")
+        out.append("):")
         if doc:
-            lines.append(f'    """{doc}"""')
+            out.append(f'    """{doc}"""')
         else:
-            lines.append(f'    """Stage {self.s.index}: stream {",".join(self.s.stream)}, query '
-                         f'{",".join(self.s.query)}, grid {",".join(self.s.grid) or "-"}.')
-            lines.append(f"    {kinds}")
-            lines.append(f'    Skipping: {self.s.skip.describe()}."""')
-        lines += self.pre.lines
-        lines.append("    " + loop_head)
-        lines += loop.lines
-        lines += self.post.lines
-        return "\n".join(lines) + "\n"
-
-
-def _tensor_test(lines: list[str], em: StageEmitter, indent: int) -> list[str]:
-    """Guard a masked body by an any-present test of the tile (mask tensors: in-kernel block list)."""
-    # the mask of the first guarded Einsum decides; compute it first, then the rest of the body
-    pad = "    " * indent
-    out, guard = [], None
-    for k, line in enumerate(lines):
-        out.append(line)
-        if guard is None and line.strip().split(" = ")[0].endswith("_mask"):
-            name = line.strip().split(" = ")[0]
-            out.append(f"{pad}if tl.max({name}.to(tl.int32)) > 0:")
-            guard = k
-            rest = lines[k + 1:]
-            out += ["    " + r for r in rest]
-            return out
-    return lines
+            kinds = ", ".join(f"{e.name}: {self.s.kind(e.name)}" for e in self.s.einsums)
+            out.append(f'    """Stage {self.s.index}: stream {",".join(self.s.stream)}, query '
+                       f'{",".join(self.s.query)}, grid {",".join(self.s.grid) or "-"}.')
+            out.append(f"    {kinds}")
+            out.append(f'    Keys: {self.s.loop.describe()}."""')
+        return "\n".join(out + lines) + "\n"
 
 
 def stage_emitters(plan: Plan) -> list[StageEmitter]:
@@ -744,24 +555,20 @@ def stage_emitters(plan: Plan) -> list[StageEmitter]:
     emitters = []
     for s in plan.stages:
         em = StageEmitter(plan, s, f"stage{s.index}_kernel")
-        em.list_emitter = None
-        if s.skip.block_list:
-            em.list_emitter = StageEmitter(plan, s, f"stage{s.index}_blocks")
-            em.list_emitter.list_mode = True
+        em.list_emitter = StageEmitter(plan, s, f"stage{s.index}_blocks", list_mode=True) \
+            if s.loop.block_list else None
         emitters.append(em)
     return emitters
 
 
 def emit_plan(plan: Plan, cascade_text: str) -> tuple[str, list[StageEmitter]]:
-    """The whole module: header comment with the cascade, helpers, one kernel per stage."""
+    """The whole module: header comment with the cascade and plan, one kernel per stage."""
     head = module_header(plan, cascade_text, "Generated by einsum-ir (codegen/triton_emit.py) from the cascade:",
                          ["import triton", "import triton.language as tl", ""])
-    uses_nbhd = any(isinstance(n, Call) and n.fn == "nbhd"
-                    for e in plan.cascade.einsums for x in (e.expr, e.where) if x is not None for n in walk(x))
-    parts = [head] + [NBHD_HELPERS] * uses_nbhd  # only kernels with neighborhoods call these
+    parts = [head]
     emitters = stage_emitters(plan)
     for em in emitters:
-        parts.append("\n" + em.generate())
         if em.list_emitter is not None:
             parts.append("\n" + em.list_emitter.generate())
+        parts.append("\n" + em.generate())
     return "\n".join(parts), emitters

@@ -35,11 +35,6 @@ from einsum_ir.printer import print_expr
 DTYPE_BYTES = {"fp64": 8, "fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int64": 8,
                "int32": 4, "int16": 2, "int8": 1, "bool": 1}
 INTERMEDIATE_BYTES = 4  # intermediates are held at fp32, the precision kernels accumulate in
-# SFU operations per call. exp/log map to one ex2/lg2 (plus a multiply, counted as vector);
-# sigmoid is ex2 + rcp; softplus is ex2 + lg2; pow is lg2 + ex2; tanh has its own MUFU op on
-# sm_75+. Functions with cost class "sfu" that are not listed cost one.
-SFU_OPS = {"exp": 1, "log": 1, "log1p": 1, "sqrt": 1, "rsqrt": 1, "tanh": 1, "sigmoid": 2,
-           "softplus": 2, "elu": 1, "pow": 2}
 PRESENT = sympy.Function("present")  # an exact count with no polynomial closed form
 VECTOR_BINARY = ("+", "-", "*", "/", "<", "<=", ">", ">=", "==", "!=")
 
@@ -302,11 +297,11 @@ def _elementwise(exprs) -> tuple[int, int]:
                 vector += 1
             elif isinstance(node, Unary):
                 vector += 1
-            elif isinstance(node, Call):
+            elif isinstance(node, Call) and node.fn in FUNCTIONS:  # predicate builtins: index math
                 fn = FUNCTIONS[node.fn]
                 if fn.cost == "sfu":
-                    sfu += SFU_OPS.get(node.fn, 1)
-                elif fn.cost == "vector":
+                    sfu += fn.sfu_ops
+                else:
                     vector += 1
     return vector, sfu
 

@@ -12,16 +12,18 @@ dilation) fall back to evaluating every key of every row, in chunks, up to DENSE
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import reduce
 
 import sympy
 import torch
 
-from einsum_ir.functions import FUNCTIONS, OPERATORS, nbhd_window_start
+from einsum_ir.builtins import PREDICATES
+from einsum_ir.functions import torch_function, torch_operator
 from einsum_ir.graph import einsum_reads, is_carried_read, topological_einsums
 from einsum_ir.ir import (
-    COMPARISON_OPS, Access, Binary, Call, Cascade, Expr, Index, Name, Num, Unary, index_vars, walk,
+    COMPARISON_OPS, Access, Binary, Call, Cascade, Expr, Index, Name, Num, Unary, index_vars, substitute,
+    walk,
 )
 
 DENSE_LIMIT = 1 << 25  # points the dense fallback may evaluate, in chunks of CHUNK points
@@ -124,13 +126,12 @@ def evaluate(expr: Expr | RowBound, env: Env) -> torch.Tensor:
             return _truth(a) & _truth(b)
         if expr.op == "or":
             return _truth(a) | _truth(b)
-        return OPERATORS[expr.op](a, b)
+        return torch_operator(expr.op)(a, b)
     if isinstance(expr, Access):
         return _access(expr, env)
-    args = [evaluate(a, env) for a in expr.args]
-    if expr.fn == "nbhd":
-        return FUNCTIONS["nbhd"].torch_fn(args[0], args[1], *[int(a) for a in args[2:]])
-    return FUNCTIONS[expr.fn].torch_fn(*args)
+    if expr.fn in PREDICATES:
+        return _truth(evaluate(PREDICATES[expr.fn].expand(expr.args), env))
+    return torch_function(expr.fn)(*[evaluate(a, env) for a in expr.args])
 
 
 def _truth(v: torch.Tensor) -> torch.Tensor:
@@ -233,8 +234,8 @@ def breakpoints(clauses: tuple[Expr, ...], k: str, extent: int, env: Env) -> lis
             if isinstance(node, Binary) and node.op in COMPARISON_OPS:
                 if not piecewise(Binary("-", node.lhs, node.rhs)):
                     return None
-            elif isinstance(node, Call) and node.fn == "nbhd":
-                if not _nbhd_breakpoints(node, k, env, piecewise):
+            elif isinstance(node, Call) and node.fn in PREDICATES:
+                if not _interval_breakpoints(node, k, env, piecewise):
                     return None
             elif isinstance(node, Access):
                 if not all(piecewise(i) for i in node.indices if k in whole_vars(i, env.parts)):
@@ -244,15 +245,13 @@ def breakpoints(clauses: tuple[Expr, ...], k: str, extent: int, env: Env) -> lis
     return out
 
 
-def _nbhd_breakpoints(node: Call, k: str, env: Env, piecewise) -> bool:
-    """nbhd(q, key, L, w, s) with dilation 1 is `start(q) <= key < start(q) + w`."""
-    q, key, *scalars = node.args
-    if k in whole_vars(q, env.parts) or len(scalars) > 3 and int(evaluate(scalars[3], env)) != 1:
+def _interval_breakpoints(node: Call, k: str, env: Env, piecewise) -> bool:
+    """A builtin that is a key interval `lo(q) <= k < hi(q)` flips only at its two ends."""
+    interval = PREDICATES[node.fn].key_interval(node.args)
+    if interval is None or interval.key != k or k in whole_vars(Index(interval.query), env.parts):
         return False
-    length, window = int(evaluate(scalars[0], env)), int(evaluate(scalars[1], env))
-    stride = int(evaluate(scalars[2], env)) if len(scalars) > 2 else 1
-    start = nbhd_window_start(evaluate(q, env).long(), length, window, stride)
-    return piecewise(Binary("-", key, RowBound(start))) and piecewise(Binary("-", key, RowBound(start + window)))
+    lo, hi = (RowBound(evaluate(x, env).long()) for x in (interval.lo, interval.hi))
+    return piecewise(Binary("-", Index(k), lo)) and piecewise(Binary("-", Index(k), hi))
 
 
 # ---------------------------------------------------------------------------- counting
@@ -312,21 +311,6 @@ def grid(extents: dict[str, int]) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------- propagation
-
-
-def substitute(expr: Expr, mapping: dict[str, Expr]) -> Expr:
-    """`expr` with index variables replaced (simultaneously) by expressions."""
-    if isinstance(expr, Index):
-        return mapping.get(expr.name, expr)
-    if isinstance(expr, Access):
-        return replace(expr, indices=tuple(substitute(i, mapping) for i in expr.indices))
-    if isinstance(expr, Unary):
-        return replace(expr, operand=substitute(expr.operand, mapping))
-    if isinstance(expr, Binary):
-        return replace(expr, lhs=substitute(expr.lhs, mapping), rhs=substitute(expr.rhs, mapping))
-    if isinstance(expr, Call):
-        return replace(expr, args=tuple(substitute(a, mapping) for a in expr.args))
-    return expr
 
 
 def effective_predicates(c: Cascade) -> dict[str, Expr | None]:

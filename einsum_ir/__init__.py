@@ -60,6 +60,6 @@ def compile(cascade: Cascade, backend: str = "auto"):  # noqa: A001 - the API's 
 
 def from_torch(module_or_fn, *example_inputs, **options) -> Cascade:
     """Raise plain-PyTorch attention into a cascade via torch-mlir (the `mlir` extra)."""
-    from einsum_ir.frontends.torch_mlir import from_torch as run
+    from einsum_ir.frontends.mlir_import import from_torch as run
 
     return run(module_or_fn, *example_inputs, **options)

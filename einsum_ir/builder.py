@@ -20,6 +20,7 @@ from functools import partial
 from types import SimpleNamespace
 from typing import Iterable, Union
 
+from einsum_ir.builtins import PREDICATES
 from einsum_ir.functions import FUNCTIONS
 from einsum_ir.ir import (
     Access, Binary, Call, Cascade, Einsum, Expr, Index, Init, InputDecl, Name, Num, Output,
@@ -101,13 +102,13 @@ class TensorRef:
 
 
 def call(name: str, *args: Operand) -> Term:
-    if name not in FUNCTIONS:
-        raise ValueError(f"unknown function {name}; known: {', '.join(sorted(FUNCTIONS))}")
+    if name not in FUNCTIONS and name not in PREDICATES:
+        raise ValueError(f"unknown function {name}; known: {', '.join(sorted([*FUNCTIONS, *PREDICATES]))}")
     return Term(Call(name, tuple(as_expr(a) for a in args)))
 
 
 # `fn.exp(x)`, `fn.nbhd(p, m, M, W, S)`, ... one per function of the spec language.
-fn = SimpleNamespace(**{name: partial(call, name) for name in FUNCTIONS})
+fn = SimpleNamespace(**{name: partial(call, name) for name in [*FUNCTIONS, *PREDICATES]})
 inf = Term(Num(math.inf))
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import networkx as nx
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 from einsum_ir.ir import Access, Cascade, Einsum, Index, accesses, index_vars
 
 
@@ -76,3 +79,31 @@ def _first_index(c: Cascade, name: str) -> int:
         if e.name == name:
             return i
     return -1
+
+
+@dataclass(frozen=True)
+class CascadeGraph:
+    """A cascade's derived dependency facts, computed once (`cascade_graph`) and passed on:
+    the graph, an order in which every tensor is written before it is read, and per tensor
+    the Einsums that read it and its ancestors and descendants (not counting carried reads)."""
+
+    cascade: Cascade
+    graph: nx.DiGraph
+    order: tuple[Einsum, ...]
+    readers: Mapping[str, tuple[str, ...]]
+    ancestors: Mapping[str, frozenset[str]]
+    descendants: Mapping[str, frozenset[str]]
+
+
+def cascade_graph(c: Cascade) -> CascadeGraph:
+    g = dependency_graph(c)
+    dag = acyclic_view(g)
+    readers: dict[str, list[str]] = {}
+    for e in c.einsums:
+        for a in einsum_reads(e):
+            names = readers.setdefault(a.tensor, [])
+            if e.name not in names:
+                names.append(e.name)
+    return CascadeGraph(c, g, tuple(topological_einsums(c)), {k: tuple(v) for k, v in readers.items()},
+                        {n: frozenset(nx.ancestors(dag, n)) for n in g.nodes},
+                        {n: frozenset(nx.descendants(dag, n)) for n in g.nodes})

@@ -9,7 +9,6 @@ vectorized evaluation per step, never per point).
 """
 from __future__ import annotations
 
-import math
 import string
 from dataclasses import dataclass
 
@@ -17,9 +16,11 @@ import networkx as nx
 import torch
 
 from einsum_ir.errors import BindError
-from einsum_ir.functions import FUNCTIONS, OPERATORS
+from einsum_ir.builtins import PREDICATES
+from einsum_ir.functions import torch_function, torch_operator
 from einsum_ir.graph import dependency_graph, recurrence_position, topological_einsums
 from einsum_ir.ir import (
+    REDUCE_IDENTITY,
     COMPARISON_OPS, Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, Num, Unary, product_terms,
     rank_of,
 )
@@ -174,19 +175,16 @@ class _Run:
         labels, (x, y), mask = _broadcast([a, b])
         if e.op == "/" and not x.is_floating_point():
             x = x.to(self.dtype)  # index values divided exactly, in the compute dtype
-        out = OPERATORS[e.op](x, y)
+        out = torch_operator(e.op)(x, y)
         if e.op in COMPARISON_OPS:
             return Labeled(out if mask is None else out & mask, labels)
         return Labeled(out, labels, mask)
 
     def _call(self, e: Call) -> Labeled:
-        fn = FUNCTIONS[e.fn]
+        if e.fn in PREDICATES:  # a predicate builtin means its expansion
+            v = self.eval(PREDICATES[e.fn].expand(e.args))
+            return Labeled(self._truth(v), v.labels)
         args = [self.eval(a) for a in e.args]
-        if e.fn == "nbhd":
-            q, k = args[0], args[1]
-            ints = [int(a.data.item()) for a in args[2:]]
-            labels, (qd, kd), _ = _broadcast([q, k])
-            return Labeled(fn.torch_fn(qd, kd, *ints), labels)
         if e.fn == "where":
             cond = Labeled(self._truth(args[0]), args[0].labels)
             labels, (cd, ad, bd), mask = _broadcast([cond, args[1], args[2]])
@@ -194,7 +192,7 @@ class _Run:
         labels, datas, mask = _broadcast(args)
         datas = [d.to(self.dtype) if not d.is_floating_point() and e.fn not in ("max", "min") else d
                  for d in datas]
-        return Labeled(fn.torch_fn(*datas), labels, mask)
+        return Labeled(torch_function(e.fn)(*datas), labels, mask)
 
     def _access(self, a: Access) -> Labeled:
         stored = self.tensors[a.tensor]
@@ -243,7 +241,7 @@ class _Run:
         if not reduced:
             return Labeled(data, space, mask)
         shape = [self.extent[rank_of(v)] for v in space]
-        neutral = {"max": -math.inf, "min": math.inf, "prod": 1.0}[e.reduce]
+        neutral = REDUCE_IDENTITY[e.reduce]
         if mask is not None:
             data = torch.where(mask, data, torch.tensor(neutral, dtype=data.dtype, device=self.device))
         flat = data.expand(shape).reshape(shape[:len(lhs)] + [-1])  # reduced dims as one

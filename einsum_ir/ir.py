@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterator
+from typing import Callable, Iterator
 
 import sympy
 
 REDUCE_OPS = ("sum", "max", "min", "prod")
+REDUCE_IDENTITY = {"sum": 0.0, "max": -math.inf, "min": math.inf, "prod": 1.0}
 FLOAT_DTYPES = ("fp32", "fp16", "bf16", "fp64")
 INT_DTYPES = ("bool", "int8", "int16", "int32", "int64")
 DTYPES = FLOAT_DTYPES + INT_DTYPES
@@ -111,6 +112,28 @@ def walk(expr: Expr) -> Iterator[Expr]:
     yield expr
     for child in children(expr):
         yield from walk(child)
+
+
+def rebuild(expr: Expr, replace: Callable[[Expr], Expr | None]) -> Expr:
+    """Rebuild `expr` top-down: a node for which `replace` returns an expression becomes that
+    expression (not visited further); every other node is rebuilt from its rebuilt children."""
+    new = replace(expr)
+    if new is not None:
+        return new
+    if isinstance(expr, Access):
+        return Access(expr.tensor, tuple(rebuild(i, replace) for i in expr.indices), expr.loc)
+    if isinstance(expr, Unary):
+        return Unary(expr.op, rebuild(expr.operand, replace), expr.loc)
+    if isinstance(expr, Binary):
+        return Binary(expr.op, rebuild(expr.lhs, replace), rebuild(expr.rhs, replace), expr.loc)
+    if isinstance(expr, Call):
+        return Call(expr.fn, tuple(rebuild(a, replace) for a in expr.args), expr.loc)
+    return expr
+
+
+def substitute(expr: Expr, mapping: dict[str, Expr]) -> Expr:
+    """`expr` with index variables replaced (simultaneously) by expressions."""
+    return rebuild(expr, lambda n: mapping.get(n.name) if isinstance(n, Index) else None)
 
 
 def accesses(expr: Expr | None) -> list[Access]:
@@ -335,12 +358,6 @@ class Cascade:
 
     def writers(self, name: str) -> list[Einsum]:
         return [e for e in self.einsums if e.name == name]
-
-    def to_mlir(self, shapes: dict[str, int], params: dict | None = None) -> str:
-        """`linalg.generic` text for this cascade at static `shapes` (torch-mlir parses it)."""
-        from einsum_ir.frontends.torch_mlir import to_mlir
-
-        return to_mlir(self, shapes, params)
 
     def replace(self, **changes) -> "Cascade":
         from dataclasses import replace

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import torch
 
 from einsum_ir.errors import BindError
-from einsum_ir.functions import FUNCTIONS, OPERATORS
+from einsum_ir.functions import FUNCTIONS, torch_function, torch_operator
 from einsum_ir.ir import Binary, Call, Cascade, Expr, Name, Num, Unary, rank_of
 
 
@@ -97,10 +97,10 @@ def _scalar(expr: Expr, env: Mapping[str, float | int]) -> torch.Tensor:
         return -_scalar(expr.operand, env)
     if isinstance(expr, Binary):
         a, b = _scalar(expr.lhs, env), _scalar(expr.rhs, env)
-        return OPERATORS[expr.op](a.double() if expr.op == "/" else a, b)
-    if isinstance(expr, Call) and expr.fn in FUNCTIONS and expr.fn != "nbhd":
+        return torch_operator(expr.op)(a.double() if expr.op == "/" else a, b)
+    if isinstance(expr, Call) and expr.fn in FUNCTIONS:
         args = [_scalar(a, env) for a in expr.args]
         if expr.fn not in ("max", "min"):
             args = [a.double() for a in args]
-        return FUNCTIONS[expr.fn].torch_fn(*args)
+        return torch_function(expr.fn)(*args)
     raise BindError("a param must be a scalar")

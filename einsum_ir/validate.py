@@ -4,6 +4,7 @@ from __future__ import annotations
 import networkx as nx
 
 from einsum_ir.errors import SpecError
+from einsum_ir.builtins import PREDICATES
 from einsum_ir.functions import FUNCTIONS, INDEX_FUNCTIONS
 from einsum_ir.graph import acyclic_view, dependency_graph, einsum_reads
 from einsum_ir.ir import (
@@ -48,13 +49,14 @@ def _check_names(c: Cascade) -> None:
             if isinstance(node, Index) and node.name not in indices:
                 raise SpecError(f"unknown index variable {node.name!r}: no rank {rank_of(node.name)!r}",
                                 node.loc)
-            if isinstance(node, Call) and node.fn not in FUNCTIONS:
+            if isinstance(node, Call) and node.fn not in FUNCTIONS and node.fn not in PREDICATES:
                 known = ", ".join(sorted(FUNCTIONS))
-                raise SpecError(f"unknown function {node.fn}(...); known functions: {known}", node.loc)
+                raise SpecError(f"unknown function {node.fn}(...); known functions: {known}; "
+                                f"predicates: {', '.join(sorted(PREDICATES))}", node.loc)
             if isinstance(node, Call):
-                f = FUNCTIONS[node.fn]
-                if not f.min_args <= len(node.args) <= f.max_args:
-                    want = f.min_args if f.min_args == f.max_args else f"{f.min_args} to {f.max_args}"
+                lo, hi = (FUNCTIONS.get(node.fn) or PREDICATES[node.fn]).arity
+                if not lo <= len(node.args) <= hi:
+                    want = lo if lo == hi else f"{lo} to {hi}"
                     raise SpecError(f"{node.fn}(...) takes {want} arguments, got {len(node.args)}", node.loc)
     for p in c.params:
         if p.expr is not None:
@@ -184,7 +186,7 @@ def _check_predicate(expr: Expr) -> None:
         _check_predicate(expr.operand)
     elif isinstance(expr, Binary) and expr.op in PREDICATE_NODES:
         return
-    elif isinstance(expr, Call) and expr.fn == "nbhd":
+    elif isinstance(expr, Call) and expr.fn in PREDICATES:
         return
     elif isinstance(expr, Access):
         return
@@ -200,9 +202,9 @@ def _check_values(expr: Expr) -> None:
         for arg in expr.args[1:]:
             _check_values(arg)
         return
-    if isinstance(expr, Call) and expr.fn == "nbhd":
-        raise SpecError("nbhd(...) is a predicate; use it after 'where' or as where(nbhd(...), a, b)",
-                        expr.loc)
+    if isinstance(expr, Call) and expr.fn in PREDICATES:
+        raise SpecError(f"{expr.fn}(...) is a predicate; use it after 'where' or as "
+                        f"where({expr.fn}(...), a, b)", expr.loc)
     if isinstance(expr, Binary) and expr.op in PREDICATE_NODES or isinstance(expr, Unary) and expr.op == "not":
         raise SpecError(f"'{expr.op}' makes a predicate; a value uses it only inside where(cond, a, b)",
                         expr.loc)
@@ -219,7 +221,7 @@ def _check_contraction_in_nonlinear(e: Einsum) -> None:
     the map applies per point, so `S[p,m] = tanh(Q[p,e]*K[m,e])` sums tanh over e."""
     reduced = set(e.reduced)
     for node in walk(e.expr):
-        if not (isinstance(node, Call) and FUNCTIONS[node.fn].nonlinear and node.fn != "where"):
+        if not (isinstance(node, Call) and node.fn in FUNCTIONS and node.fn != "where"):
             continue
         reads = accesses(Call(node.fn, node.args))
         for var in sorted(reduced):

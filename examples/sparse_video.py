@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 import einsum_ir as ei
-from einsum_ir.functions import nbhd
+from einsum_ir.variants.formulas import gna_window
 
 SPECS = Path(__file__).parent / "specs"
 
@@ -43,7 +43,7 @@ keep = torch.ones(t * x * y, t * x * y, dtype=torch.bool)
 grids = torch.meshgrid(*(torch.arange(n) for n, _ in axes), indexing="ij")
 for (n, name), pos in zip(axes, grids):
     pos = pos.reshape(-1)
-    keep &= nbhd(pos[:, None], pos[None, :], n, window["W" + name], stride["S" + name])
+    keep &= gna_window(n, window["W" + name], stride["S" + name])[pos[:, None], pos[None, :]]
 dense = torch.nn.functional.scaled_dot_product_attention(
     q.reshape(1, 2, -1, e), k.reshape(1, 2, -1, e), v.reshape(1, 2, -1, e), attn_mask=keep)
 print(f"3-D run: output {tuple(out.shape)}, {keep.float().mean():.0%} of the pairs attended, "

@@ -17,21 +17,18 @@ original sum is, and so is D.
 """
 from __future__ import annotations
 
-from einsum_ir.graph import dependency_graph
-from einsum_ir.ir import Access, Cascade, Einsum, Index, index_vars, product_terms
-from einsum_ir.lowering.exprs import product, replace_accesses, substitute, summation, tensors_read
-
-import networkx as nx
+from einsum_ir.graph import CascadeGraph, cascade_graph
+from einsum_ir.ir import Access, Cascade, Einsum, Index, index_vars, product_terms, substitute
+from einsum_ir.lowering.exprs import product, replace_accesses, summation, tensors_read
 
 
-def _reduction_over(c: Cascade, ranks: set[str]) -> set[str]:
+def _reduction_over(c: Cascade, graph: CascadeGraph, ranks: set[str]) -> set[str]:
     """Tensors that are (transitively) computed from a reduction over any of `ranks` (index vars)
     and do not themselves carry those indices."""
-    g = dependency_graph(c)
     out = set()
     reducers = [e.name for e in c.einsums if set(e.reduced) & ranks]
     for r in reducers:
-        for t in {r} | nx.descendants(g, r):
+        for t in {r} | graph.descendants[r]:
             writers = c.writers(t)
             if writers and not (set(writers[-1].lhs_vars) & ranks):
                 out.add(t)
@@ -43,12 +40,11 @@ def _is_plain_map(e: Einsum) -> bool:
             and all(isinstance(i, Index) for i in e.target.indices))
 
 
-def _inline(c: Cascade, expr, barrier: set[str], ranks: set[str]):
+def _inline(c: Cascade, graph: CascadeGraph, expr, barrier: set[str], ranks: set[str]):
     """Inline plain maps over `ranks` that (transitively) read a barrier tensor."""
-    g = dependency_graph(c)
 
     def reads_barrier(name: str) -> bool:
-        return bool((nx.ancestors(g, name) | {name}) & barrier)
+        return bool((graph.ancestors[name] | {name}) & barrier)
 
     def fn(a: Access):
         writers = c.writers(a.tensor)
@@ -57,7 +53,7 @@ def _inline(c: Cascade, expr, barrier: set[str], ranks: set[str]):
         w = writers[-1]
         if _is_plain_map(w) and set(w.lhs_vars) & ranks and reads_barrier(a.tensor) and a.tensor not in barrier:
             mapping = {i.name: idx for i, idx in zip(w.target.indices, a.indices)}
-            body = _inline(c, substitute(w.expr, mapping), barrier, ranks)
+            body = _inline(c, graph, substitute(w.expr, mapping), barrier, ranks)
             if _has_outer(body, barrier, ranks):
                 return body
         return a
@@ -80,8 +76,9 @@ def _fresh(c: Cascade, base: str, taken: set[str]) -> str:
     return name
 
 
-def defer_division(c: Cascade) -> Cascade:
+def defer_division(c: Cascade, graph: CascadeGraph | None = None) -> Cascade:
     """Move factors that read full reductions over a contraction's summed ranks out of the sum."""
+    graph = graph or cascade_graph(c)
     new: list[Einsum] = []
     taken: set[str] = set()
     changed = False
@@ -90,8 +87,8 @@ def defer_division(c: Cascade) -> Cascade:
         if e.reduce != "sum" or not ranks or e.recurrence_var is not None:
             new.append(e)
             continue
-        barrier = _reduction_over(c, ranks)
-        expr = _inline(c, e.expr, barrier, ranks)
+        barrier = _reduction_over(c, graph, ranks)
+        expr = _inline(c, graph, e.expr, barrier, ranks)
         terms = product_terms(expr, distribute=True)
         split = []
         for sign, factors in terms:

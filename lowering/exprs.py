@@ -1,5 +1,5 @@
-"""Small expression utilities shared by the rewrites and the plans: substitution, products,
-and a bridge to sympy for algebraic checks."""
+"""Small expression utilities shared by the rewrites and the plans: products and sums of terms,
+access replacement, and a sympy view of value expressions for algebraic checks."""
 from __future__ import annotations
 
 import math
@@ -7,29 +7,8 @@ from collections.abc import Callable
 
 import sympy
 
-from einsum_ir.ir import Access, Binary, Call, Expr, Index, Name, Num, Unary, walk
-
-
-def rebuild(expr: Expr, replace: Callable[[Expr], Expr | None]) -> Expr:
-    """Rebuild `expr` top-down: a node for which `replace` returns an expression becomes that
-    expression (not visited further); every other node is rebuilt from its rebuilt children."""
-    new = replace(expr)
-    if new is not None:
-        return new
-    if isinstance(expr, Access):
-        return Access(expr.tensor, tuple(rebuild(i, replace) for i in expr.indices))
-    if isinstance(expr, Unary):
-        return Unary(expr.op, rebuild(expr.operand, replace))
-    if isinstance(expr, Binary):
-        return Binary(expr.op, rebuild(expr.lhs, replace), rebuild(expr.rhs, replace))
-    if isinstance(expr, Call):
-        return Call(expr.fn, tuple(rebuild(a, replace) for a in expr.args))
-    return expr
-
-
-def substitute(expr: Expr, mapping: dict[str, Expr]) -> Expr:
-    """Replace index variables by expressions (used to inline a map at an access site)."""
-    return rebuild(expr, lambda n: mapping.get(n.name) if isinstance(n, Index) else None)
+from einsum_ir.functions import FUNCTIONS
+from einsum_ir.ir import Access, Binary, Call, Expr, Index, Name, Num, Unary, rebuild, walk
 
 
 def replace_accesses(expr: Expr, fn: Callable[[Access], Expr]) -> Expr:
@@ -71,12 +50,14 @@ def tensors_read(expr: Expr | None) -> list[str]:
     return list(dict.fromkeys(n.tensor for n in walk(expr) if isinstance(n, Access)))
 
 
-_SYMPY_FUNCS = {"exp": sympy.exp, "log": sympy.log, "sqrt": sympy.sqrt}
+_SYMPY_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+              "/": lambda a, b: a / b}
 
 
-def to_sympy(expr: Expr, leaf) -> sympy.Expr:
+def to_sympy(expr: Expr, leaf: Callable[[Access], sympy.Expr]) -> sympy.Expr:
     """A sympy view of a value expression. `leaf(access)` gives the symbol or expression for a
-    tensor access; index variables and names become symbols."""
+    tensor access; index variables and names become symbols; functions take their registry
+    forms (so `exp(a)/exp(b)` simplifies to `exp(a - b)`)."""
     if isinstance(expr, Num):
         v = expr.value
         if isinstance(v, float) and math.isinf(v):
@@ -93,19 +74,13 @@ def to_sympy(expr: Expr, leaf) -> sympy.Expr:
         return -v if expr.op == "-" else sympy.Function("NOT")(v)
     if isinstance(expr, Binary):
         a, b = to_sympy(expr.lhs, leaf), to_sympy(expr.rhs, leaf)
-        if expr.op == "+":
-            return a + b
-        if expr.op == "-":
-            return a - b
-        if expr.op == "*":
-            return a * b
-        if expr.op == "/":
-            return a / b
+        if expr.op in _SYMPY_OPS:
+            return _SYMPY_OPS[expr.op](a, b)
         return sympy.Function("OP_" + {"//": "fdiv", "%": "mod", "<": "lt", "<=": "le", ">": "gt",
                                        ">=": "ge", "==": "eq", "!=": "ne", "and": "and",
                                        "or": "or"}[expr.op])(a, b)
     assert isinstance(expr, Call)
     args = [to_sympy(a, leaf) for a in expr.args]
-    if expr.fn in _SYMPY_FUNCS:
-        return _SYMPY_FUNCS[expr.fn](*args)
+    if expr.fn in FUNCTIONS and expr.fn != "where":
+        return FUNCTIONS[expr.fn].sympy(*args)
     return sympy.Function("F_" + expr.fn)(*args)

@@ -132,8 +132,11 @@ def test_causal_skips_tiles_above_the_diagonal():
     dense = _tiles("softmax", 32 * n, 32)
     causal = _tiles("softmax_causal", 32 * n, 32)
     assert dense == {"full": n * n, "partial": 0, "empty": 0}
-    # lower triangle: n(n-1)/2 full tiles, n diagonal tiles masked, nothing above visited
-    assert causal == {"full": n * (n - 1) // 2, "partial": n, "empty": 0}
+    # the keys every query of a tile sees run unmasked (up to and including the tile's first
+    # query: at most one tile more than the lower triangle), one masked tile per diagonal,
+    # nothing above it visited
+    assert causal["partial"] == n and causal["empty"] == 0
+    assert n * (n - 1) // 2 <= causal["full"] <= n * (n + 1) // 2
 
 
 def test_window_visits_a_band():
@@ -154,8 +157,8 @@ def test_block_sparse_mask_skips_empty_tiles():
     out = kern(Q=x, K=x, V=x, Sel=sel, BS=BS)
     st = kern.last_stats
     # causal bounds leave the lower triangle; the selection empties all but the diagonal
-    assert st["partial"] == (N // BS) * (N // BS + 1) // 2
-    assert st["partial"] - st["empty"] == N // BS
+    assert st["full"] + st["partial"] + st["empty"] == (N // BS) * (N // BS + 1) // 2
+    assert st["partial"] == N // BS and st["full"] == 0  # the diagonal tiles, each a triangle
     assert_outputs_close(out, ei.interpret(c, Q=x, K=x, V=x, Sel=sel, BS=BS), atol=1e-5, rtol=1e-5)
 
 
@@ -164,8 +167,11 @@ def test_source_is_readable_python():
     src = kern.source({"B": 1, "H": 8, "P": 2048, "M": 2048, "E": 64, "F": 64})
     assert "BLOCK_Q=" in src.splitlines()[0]
     assert "S[b,h,p,m]" in src  # the cascade in the header comment
-    assert "def stage0(" in src and "for k_lo_m, k_hi_m in _key_tiles(" in src
-    assert "GM_new = torch.maximum(GM" in src and "alpha = torch.exp((GM - GM_use))" in src
+    assert "def stage0(" in src and "for k_lo_m, k_hi_m in _tiles(" in src
+    assert "# full key tiles" in src and "# masked key tiles" in src
+    assert "GM_new = torch.maximum(GM" in src and "alpha = torch.exp2((GM - GM_use))" in src
+    # a score tile is filled once where it is absent, then becomes its exponential in place
+    assert "S.masked_fill_(~S_mask, -math.inf)" in src and ".exp2_()" in src
     compile(src, "<test>", "exec")
     assert isinstance(kern, CpuKernel) and kern.backend == "cpu"
 

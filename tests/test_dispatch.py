@@ -7,7 +7,7 @@ import torch
 from support import make_inputs
 
 import einsum_ir as ei
-from einsum_ir.codegen import autotune, cache, dispatch, kernel
+from einsum_ir.codegen import autotune, cache, dispatch, kernel, modules
 from einsum_ir.codegen.dispatch import Config
 from einsum_ir.params import evaluate_params
 
@@ -26,7 +26,7 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.setenv("EINSUM_IR_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("EINSUM_IR_CACHE", raising=False)
     monkeypatch.setattr(kernel, "_SOURCES", {})
-    monkeypatch.setattr(kernel, "_MODULES", {})
+    monkeypatch.setattr(modules, "_MODULES", {})
     monkeypatch.setattr(dispatch, "STATS", dispatch.STATS.__class__())
     return tmp_path / "cache"
 

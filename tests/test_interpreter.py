@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import einsum_ir as ei
-from einsum_ir.functions import nbhd
+from einsum_ir.variants.formulas import gna_window
 
 
 def run(spec: str, **args):
@@ -84,8 +84,9 @@ def _gna_window(i: int, length: int, w: int, s: int) -> range:
 
 @pytest.mark.parametrize("length, w, s, d", [(17, 5, 1, 1), (17, 5, 5, 1), (16, 6, 3, 1), (20, 4, 2, 2), (9, 9, 1, 1)])
 def test_nbhd_matches_the_gna_rule(length, w, s, d):
-    q, k = torch.arange(length)[:, None], torch.arange(length)[None, :]
-    got = nbhd(q, k, length, w, s, d)
+    spec = ("dims P M\nparam W: int\nparam S: int\nparam D: int\ninput X[p,m]\n"
+            "O[p,m] = X[p,m] where nbhd(p, m, M, W, S, D)\noutput O\n")
+    got = run(spec, X=torch.ones(length, length), W=w, S=s, D=d) != 0
     for i in range(length):
         g = i % d
         glen = len(range(g, length, d))
@@ -99,7 +100,7 @@ def test_nbhd_in_a_spec_with_runtime_params():
     x = torch.randn(12, 3)
     y = run("dims P M E\nparam W: int\nparam S: int\ninput X[p,e], Y[m,e]\nO[p,m] = X[p,e] * Y[m,e] where nbhd(p, m, M, W, S)\noutput O\n",
             X=x, Y=x, W=5, S=2)
-    mask = nbhd(torch.arange(12)[:, None], torch.arange(12)[None, :], 12, 5, 2)
+    mask = gna_window(12, 5, 2)
     assert torch.allclose(y, (x @ x.T) * mask, atol=1e-6)
 
 

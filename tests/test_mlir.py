@@ -12,9 +12,8 @@ import torch
 pytest.importorskip("torch_mlir", reason="torch-mlir is not installed (extra 'mlir')")
 
 import einsum_ir as ei  # noqa: E402
-from einsum_ir.frontends.torch_mlir import (  # noqa: E402
-    RaiseError, from_torch, parse_mlir, raise_module, to_mlir,
-)
+from einsum_ir.frontends.mlir_export import to_mlir  # noqa: E402
+from einsum_ir.frontends.mlir_import import RaiseError, from_torch, parse_mlir, raise_module  # noqa: E402
 
 NAMES = ["Q", "K", "V"]
 RANKS = {"Q": "B H P E", "K": "B H M E", "V": "B H M F"}

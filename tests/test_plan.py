@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import einsum_ir as ei
-from einsum_ir.functions import nbhd_window_start
-from einsum_ir.lowering.masks import skip_plan
-from einsum_ir.lowering.plan import build_plan
+from einsum_ir.lowering import build_plan
+from einsum_ir.lowering.keyranges import key_loop
+from einsum_ir.lowering.symbolic import block, evaluate, query_hi, query_lo, symbol
 
 
 def kinds(name):
     plan = build_plan(ei.variants.load(name))
-    return plan, {t: k for s in plan.stages for t, k in s.kind.items()}
+    return plan, {t: k for s in plan.stages for t, k in s.kinds.items()}
 
 
 def test_softmax_classes_and_online_rescale():
@@ -22,13 +22,15 @@ def test_softmax_classes_and_online_rescale():
     assert (s.stream, s.query, s.grid, s.features) == (("m",), ("p",), ("b", "h"), ("e", "f"))
     assert k == {"S": "stream", "GM": "carried", "SN": "stream", "SD": "carried", "O_num": "carried",
                  "O": "epilogue"}
-    assert s.online == ["GM"]
-    assert str(s.rescale["SD"]) == "exp(G_GM - G_GM_new)" and s.rescale["O_num"] == s.rescale["SD"]
+    assert s.online == ("GM",)
+    # base-2 scores: the running max rescales by exp2 of its change
+    assert str(s.rescale["SD"]) == "2**(G_GM - G_GM_new)" and s.rescale["O_num"] == s.rescale["SD"]
+    assert plan.rewrites == ("division deferral", "base-2 scores") and plan.strategy
     print(plan.summary())
 
 
 def test_gqa_packs_the_group_into_the_query_tile():
-    from einsum_ir.codegen.kernel import choose_tiles
+    from einsum_ir.codegen.tiles import choose_tiles
 
     plan, _ = kinds("softmax_gqa")
     s = plan.stages[0]
@@ -41,7 +43,7 @@ def test_agent_attention_is_two_stages_with_a_materialized_intermediate():
     plan, k = kinds("agent_attention")
     a, b = plan.stages
     assert (a.stream, a.query) == (("m",), ("n",)) and (b.stream, b.query) == (("n",), ("p",))
-    assert plan.intermediates == ["AV"] and "AV" in a.stores and "AV" in b.loads
+    assert plan.intermediates == ("AV",) and "AV" in a.stores and "AV" in b.loads
 
 
 def test_moh_sums_heads_atomically_in_the_epilogue():
@@ -60,8 +62,8 @@ O[b,h,p,f] = A[b,h,p,m] * V[b,h,m,f]
 output O
 """)
     plan = build_plan(c)
-    assert plan.stages[0].kind == {"QS": "prologue", "KN": "key_side", "S": "stream", "A": "stream",
-                                   "O": "carried"}
+    assert plan.stages[0].kinds == {"QS": "prologue", "KN": "key_side", "S": "stream", "A": "stream",
+                                    "O": "carried"}
 
 
 @pytest.mark.parametrize("name,reason", [
@@ -86,28 +88,21 @@ output O
         build_plan(c)
 
 
-# --------------------------------------------------------------------------- block skipping
+# --------------------------------------------------------------------------- key segments
 
 
-class _TL:
-    maximum = staticmethod(max)
-    minimum = staticmethod(min)
-
-    @staticmethod
-    def where(c, a, b):
-        return a if c else b
-
-    @staticmethod
-    def cdiv(a, b):
-        return -(-a // b)
-
-
-def _start(q, L, w, s):
-    return int(nbhd_window_start(torch.tensor(q), L, w, s))
+def _segments(kl, tiled: bool, env: dict):
+    """[(masked, [(var, lo, hi)])] with the segment bounds evaluated for one query tile."""
+    defs = kl.key_defs + (kl.tile_defs if tiled else ())
+    values = evaluate(defs, {symbol(k): v for k, v in env.items()}, lambda s: env[s.name])
+    segs = kl.tile_segments if tiled else kl.key_segments
+    return [(seg.masked, [(v, int(lo.xreplace(values)), int(hi.xreplace(values))) for v, lo, hi in seg.box])
+            for seg in segs]
 
 
 def _check(pred_text, params, P=37, M=41, BQ=8, BK=8):
-    """Every tile with a present point is visited; a tile called full is fully present."""
+    """Every present point lies in exactly one visited tile; a tile (or key) in a full segment is
+    present for every query of the tile and inside the keys' extent."""
     c = ei.parse(f"""dims P M E
 param W: int
 param NS: int
@@ -116,8 +111,7 @@ input Q[p,e], K[m,e]
 S[p,m] = Q[p,e] * K[m,e] where {pred_text}
 output S
 """)
-    pred = c.einsums[0].where
-    plan = skip_plan(pred, "p", "m")
+    kl = key_loop(c.einsums[0].where, ("p",), ("m",), c.dims)
     truth = ei.interpret(ei.parse(f"""dims P M
 param W: int
 param NS: int
@@ -126,26 +120,25 @@ input X[p,m]
 T[p,m] = X[p,m] where {pred_text}
 output T
 """), X=torch.ones(P, M), **params) != 0
-    env = {"tl": _TL, "_nbhd_start": _start, "KEYS_m": M, "M": M, "P": P, **params}
     visited_total = 0
     for qt in range(math.ceil(P / BQ)):
         q_lo, q_hi = qt * BQ, min(qt * BQ + BQ, P) - 1
-        env.update(q_lo_p=q_lo, q_hi_p=q_hi)
-        tiles = set()
-        for box in plan.ranges or [{}]:
-            lo, hi = box.get("m", ("0", "KEYS_m"))
-            lo_v, hi_v = max(eval(lo, env), 0), min(eval(hi, env), M)
-            tiles |= set(range(lo_v // BK, max(-(-hi_v // BK), lo_v // BK)))
-        for kt in range(math.ceil(M / BK)):
-            k_lo, k_hi = kt * BK, kt * BK + BK - 1
-            block = truth[q_lo:q_hi + 1, k_lo:k_hi + 1]
-            if block.any():
-                assert kt in tiles, (pred_text, qt, kt)
-            full = plan.full == "True" or (plan.full != "False" and eval(plan.full, {**env, "k_lo_m": k_lo, "k_hi_m": k_hi}))
-            if full and k_hi < M:
-                assert block.all(), (pred_text, qt, kt)
-        visited_total += len(tiles)
-    return plan, visited_total
+        env = {"M": M, "P": P, "BLOCK_S": BK, "q_lo_p": q_lo, "q_hi_p": q_hi, **params}
+        rows = truth[q_lo:q_hi + 1]
+        for tiled, unit in ((True, BK), (False, 1)):
+            seen = torch.zeros(M, dtype=torch.int64)
+            for masked, [(_, lo, hi)] in _segments(kl, tiled, env):
+                keys = slice(lo * unit, min(hi * unit, M)) if hi > lo else slice(0, 0)
+                seen[keys] += 1
+                if not masked:
+                    assert hi * unit <= M and bool(rows[:, keys].all()), (pred_text, qt, tiled)
+                    assert tiled or True
+            present = rows.any(0)
+            assert bool((seen[present] == 1).all()), (pred_text, qt, tiled)  # visited, once
+            assert int(seen.max()) <= 1, (pred_text, qt, tiled)
+            if tiled:
+                visited_total += int(seen.sum()) // BK
+    return kl, visited_total
 
 
 @pytest.mark.parametrize("pred,params", [
@@ -153,37 +146,62 @@ output T
     ("m <= p and p - m < W", {"W": 11}),
     ("m <= p + M - P", {}),
     ("m <= p and (m < NS or p - m < W)", {"NS": 3, "W": 9}),
+    ("m <= p and (m < NS or p - m < W)", {"NS": 20, "W": 4}),
     ("nbhd(p, m, M, W, ST)", {"W": 9, "ST": 3}),
     ("nbhd(p, m, M, W, ST)", {"W": 16, "ST": 16}),
     ("m >= p - 2 and m <= p + 2", {}),
     ("2 * m <= p", {}),
+    ("m < NS or m > p + W", {"NS": 5, "W": 3}),
 ])
-def test_skipping_is_exact_and_saves_tiles(pred, params):
+def test_segments_cover_every_present_point_once(pred, params):
     params = {"W": 1, "NS": 1, "ST": 1, **params}
-    plan, visited = _check(pred, params)
-    assert plan.ranges, "an affine predicate must bound the key loop"
+    kl, visited = _check(pred, params)
+    assert any(not s.masked for s in kl.tile_segments), "a bounded predicate has a full interior"
     assert visited < math.ceil(37 / 8) * math.ceil(41 / 8)
 
 
-def test_sinks_window_gives_two_ranges():
-    plan = skip_plan(ei.variants.load("sinks_window").einsums[0].where, "p", "m")
-    assert len(plan.ranges) == 2 and plan.full != "False"
+def test_sinks_window_visits_two_ranges_in_order():
+    kl = build_plan(ei.variants.load("sinks_window")).stages[0].loop
+    assert [s.masked for s in kl.tile_segments] == [False, True, True, False, True]
 
 
-def test_2d_neighborhood_bounds_each_key_rank():
-    plan = build_plan(ei.variants.load("nbhd_2d"))
-    sk = plan.stages[0].skip
-    assert len(sk.ranges) == 1 and set(sk.ranges[0]) == {"mx", "my"}
-    assert not sk.tensor_test and "_nbhd_start(q_hi_px" in sk.full
+def test_2d_neighborhood_segments_are_a_full_box_and_its_rim():
+    kl = build_plan(ei.variants.load("nbhd_2d")).stages[0].loop
+    assert [s.masked for s in kl.tile_segments] == [False, True, True, True, True]
+    assert all({v for v, _, _ in s.box} == {"mx", "my"} for s in kl.tile_segments)
+    assert not kl.block_list and kl.exact
 
 
-def test_tensor_masks_use_an_in_kernel_block_test():
-    plan = build_plan(ei.variants.load("moba"))
-    sk = plan.stages[0].skip
-    assert sk.tensor_test and sk.block_list and sk.full == "False"
-    assert len(sk.ranges) == 1  # the causal part still bounds the tiles the list kernel scans
+def test_tensor_masks_use_a_block_list():
+    kl = build_plan(ei.variants.load("moba")).stages[0].loop
+    assert kl.block_list and not kl.exact and len(kl.tile_segments) == 1  # the causal part bounds the scan
+    assert kl.heavy_last
 
 
 def test_dense_stage_masks_only_the_last_tile():
-    sk = build_plan(ei.variants.load("softmax")).stages[0].skip
-    assert sk.ranges == [] and sk.full == "True"
+    kl = build_plan(ei.variants.load("softmax")).stages[0].loop
+    assert [s.masked for s in kl.tile_segments] == [False, True] and not kl.heavy_last
+
+
+def test_absent_points_hold_one_sentinel():
+    for name, where, value in [("softmax_causal", "S", -math.inf), ("softcap", "S", -math.inf),
+                               ("softplus_l1", "A", 0.0), ("lightning_causal", "D", 0.0)]:
+        s = build_plan(ei.variants.load(name)).stages[0]
+        assert s.sentinels[where][0] == value, (name, s.sentinels)
+
+
+def test_no_sentinel_when_absent_points_could_be_infinite():
+    c = ei.parse("""dims B H P M E F
+input Q[b,h,p,e], K[b,h,m,e], V[b,h,m,f]
+S[b,h,p,m] = Q[b,h,p,e] * K[b,h,m,e] where m <= p
+GM[b,h,p] = max[m] S[b,h,p,m]
+SD[b,h,p] = S[b,h,p,m]
+O[b,h,p] = GM[b,h,p] + SD[b,h,p]
+output O
+""")
+    s = build_plan(c).stages[0]
+    assert s.sentinels is None  # the max needs -inf where the sum needs 0: masks instead
+    q, k = torch.randn(1, 2, 9, 4), torch.randn(1, 2, 7, 4)
+    args = dict(Q=q, K=k, V=torch.randn(1, 2, 7, 3))
+    from einsum_ir.codegen.cpu_emit import compile_cpu
+    torch.testing.assert_close(compile_cpu(c, 4, 3)(**args), ei.interpret(c, **args))

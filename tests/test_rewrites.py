@@ -6,7 +6,7 @@ import torch
 
 import einsum_ir as ei
 from einsum_ir.graph import dependency_graph
-from einsum_ir.lowering.rewrites import defer_division, fuse_contractions, online, partition
+from einsum_ir.lowering import defer_division, online, partition
 
 
 def qkv(P=9, M=21, E=8, F=5, seed=0):
@@ -110,18 +110,3 @@ def test_online_rewrite_on_masked_variants(name):
     if name == "softmax_window":
         args["W"] = 3
     same(ei.interpret(c1, **args, M0=4), ei.interpret(c, **args))
-
-
-def test_fuse_contractions_concatenates_ranks():
-    c = ei.variants.load("flashbias_lowrank")
-    f = fuse_contractions(c)
-    print(f)
-    s = f.einsum("S")
-    assert s.reduced == ["c"] and "S0" not in f.tensors and "BL" not in f.tensors
-    print(f"flashbias: {passes(c)} passes -> {passes(f)} after contraction fusion")
-    assert passes(f) == passes(c)
-    args = qkv()
-    g = torch.Generator().manual_seed(1)
-    args.update(U=torch.randn(1, 2, 9, 3, generator=g), W=torch.randn(1, 2, 21, 3, generator=g))
-    same(ei.interpret(f, **args, C=8 + 3), ei.interpret(c, **args))
-    assert fuse_contractions(ei.variants.load("softmax")) == ei.variants.load("softmax")

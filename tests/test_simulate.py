@@ -61,13 +61,13 @@ def test_tile_classes_match_brute_force(pred, params, sizes, qt, kt):
 
 
 def test_2d_neighborhood_classes_match_brute_force():
-    from einsum_ir.functions import nbhd
+    from einsum_ir.variants.formulas import gna_window
 
     c = ei.variants.load("nbhd_2d")
     L, W, S = (24, 20), (7, 9), (2, 3)
     r = ei.simulate(c, dict(B=1, H=1, E=4, F=4, PX=L[0], PY=L[1], MX=L[0], MY=L[1], WX=W[0], WY=W[1], SX=S[0], SY=S[1]),
                     q_tile={"PX": 4, "PY": 8}, kv_tile={"MX": 8, "MY": 4})
-    ax = [nbhd(torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1), n, w, s) for n, w, s in zip(L, W, S)]
+    ax = [gna_window(n, w, s) for n, w, s in zip(L, W, S)]
     mask = (ax[0][:, None, :, None] & ax[1][None, :, None, :])  # px, py, mx, my
     want = torch.empty(r.classes.shape, dtype=torch.int8)
     for qx in range(6):

@@ -65,7 +65,7 @@ def _causal(p: int, m: int, offset: int = 0) -> Tensor:
     return torch.ones(p, m, dtype=torch.bool).tril(diagonal=offset)
 
 
-def _gna_window(length: int, window: int, stride: int) -> Tensor:
+def gna_window(length: int, window: int, stride: int) -> Tensor:
     """[L, L] mask of the GNA neighborhood (DESIGN section 5), one query at a time."""
     left = window // 2
     right = window // 2 + window % 2 - 1
@@ -213,14 +213,14 @@ def sinks_window(Q: Tensor, K: Tensor, V: Tensor, NS: int, W: int, **_: object) 
 
 
 def nbhd_1d(Q: Tensor, K: Tensor, V: Tensor, W: int, ST: int, **_: object) -> Tensor:
-    return _attend(Q, K, V, _gna_window(K.shape[-2], W, ST))
+    return _attend(Q, K, V, gna_window(K.shape[-2], W, ST))
 
 
 def nbhd_2d(Q: Tensor, K: Tensor, V: Tensor, WX: int, WY: int, SX: int, SY: int,
             **_: object) -> Tensor:
     b, h, px, py, e = Q.shape
     mx, my = K.shape[2], K.shape[3]
-    mask = (_gna_window(mx, WX, SX)[:, None, :, None] & _gna_window(my, WY, SY)[None, :, None, :])
+    mask = (gna_window(mx, WX, SX)[:, None, :, None] & gna_window(my, WY, SY)[None, :, None, :])
     out = _attend(Q.reshape(b, h, px * py, e), K.reshape(b, h, mx * my, e),
                   V.reshape(b, h, mx * my, -1), mask.reshape(px * py, mx * my))
     return out.reshape(b, h, px, py, -1)

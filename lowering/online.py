@@ -1,5 +1,4 @@
-"""Cascade -> cascade rewrites (DESIGN sections 5 and 6). Each is a pure function and keeps the
-interpreter's results.
+"""The 1-pass form of a cascade: rank partitioning and the online rewrite (DESIGN section 5).
 
 - `partition(c, "M", "M0")`: rank partitioning `split M -> M1 x M0`; inputs over M get blocked
   copies (`BK[.., m1, m0, ..] = K[.., m1*M0+m0, ..]`), intermediates carry (m1, m0).
@@ -7,10 +6,9 @@ interpreter's results.
   each full reduction over (m1, m0) becomes a local reduction over m0 plus a recurrence over
   m1; a `max` read by `exp(x - max)` becomes a running max, and each sum that depends on it is
   rescaled by the factor sympy derives (`exp(RM[m1] - RM[m1+1])`). On FuseMax's Cascade 4 this
-  yields Cascade 5.
-- `defer_division(c)`: see `lowering.defer`.
-- `fuse_contractions(c)`: `S = sum_e A*B + sum_r C*D` (through a map of two contractions)
-  becomes one contraction over a concatenated rank, FlashBias's trick.
+  yields Cascade 5. The cost model reports the pass count of this form beside the written one.
+- `rescale_ratio`: that factor, derived once for both this rewrite and the kernel plans' running
+  accumulators.
 """
 from __future__ import annotations
 
@@ -21,16 +19,10 @@ import sympy
 from einsum_ir.errors import LoweringError
 from einsum_ir.graph import topological_einsums
 from einsum_ir.ir import (
-    Access, Binary, Call, Cascade, Einsum, Expr, Index, Init, Name, Num, Split, Unary,
-    index_vars, product_terms,
+    Access, Binary, Call, Cascade, Einsum, Expr, Index, Init, Name, Num, Split, Unary, index_vars, substitute,
 )
-from einsum_ir.lowering.defer import defer_division, prune
-from einsum_ir.lowering.exprs import replace_accesses, substitute, tensors_read, to_sympy
-
-__all__ = ["partition", "online", "defer_division", "fuse_contractions", "prune"]
-
-
-# ---------------------------------------------------------------------------- partitioning
+from einsum_ir.lowering.defer import defer_division
+from einsum_ir.lowering.exprs import replace_accesses, tensors_read, to_sympy
 
 
 def _split_target(e: Einsum, m: str, m1: str, m0: str) -> Access:
@@ -124,6 +116,8 @@ def _from_sympy(e: sympy.Expr, sym: dict) -> Expr:
         return out
     if isinstance(e, sympy.Pow) and e.args[1] == -1:
         return Binary("/", Num(1), _from_sympy(e.args[0], sym))
+    if isinstance(e, sympy.Pow) and e.args[0] == 2:
+        return Call("exp2", (_from_sympy(e.args[1], sym),))
     if e.is_Integer:
         return Num(int(e))
     if e.is_Number:
@@ -232,106 +226,25 @@ def _ratio(c: Cascade, e: Einsum, online_max: set[str], per_tile: set[str]) -> s
             return to_sympy(substitute(w.expr, mapping), leaf)
         return sympy.Symbol("T_" + a.tensor)
 
-    body = to_sympy(e.expr, leaf)
-    gs = [s for s in body.free_symbols if s.name.startswith("G_")]
+    return rescale_ratio(e.name, to_sympy(e.expr, leaf), e.reduce)
+
+
+def rescale_ratio(name: str, body: sympy.Expr, reduce: str = "sum") -> sympy.Expr:
+    """The factor a running reduction named `name` takes when the running maxima it depends on
+    grow: body(g_new) / body(g_old), where `body` is its summand in sympy with each maximum
+    `X` as the symbol `G_X` (and the new one as `G_X_new`). 1 when it reads none. Raises
+    LoweringError when the summand depends on a maximum other than through a factor like
+    exp(-max) (then no rescaling can keep the sum exact)."""
+    gs = sorted((s for s in body.free_symbols if s.name.startswith("G_")), key=str)
     if not gs:
         return sympy.Integer(1)
-    new = {s: sympy.Symbol(s.name + "_new") for s in gs}
-    ratio = sympy.powsimp(sympy.simplify(body.subs(new) / body), force=True)
+    if reduce == "max":
+        raise LoweringError(f"{name} takes a max over values that depend on the running maximum "
+                            f"{gs[0].name[2:]}; no online form")
+    new = {g: sympy.Symbol(g.name + "_new") for g in gs}
+    ratio = sympy.powsimp(sympy.simplify(sympy.powsimp(body.subs(new) / body, force=True)), force=True)
     if not ratio.free_symbols <= set(gs) | set(new.values()):
-        raise LoweringError(f"{e.name} depends on a running maximum other than through exp(-max)")
-    # written as exp(old - new): the factor the previous partial sum takes
+        names = ", ".join(g.name[2:] for g in gs)
+        raise LoweringError(f"{name} depends on the running maximum {names} other than through a "
+                            f"factor exp(-max): the online rewrite does not apply (ratio {ratio})")
     return ratio
-
-
-# ---------------------------------------------------------------------------- contraction fusion
-
-
-def fuse_contractions(c: Cascade, rank: str = "C") -> Cascade:
-    """`S = X + Y` with `X = sum_e A*B`, `Y = sum_r C*D` (same kept ranks, two operands each, one
-    per side) becomes `S = sum_c AC*BC` over a concatenated rank `rank` of extent E + R, with
-    `AC = where(c < E, A[..min(c,E-1)] * k, C[..max(c-E,0)])` and `BC` likewise. Scalar factors
-    and signs go to the first side. The new rank must be bound at call time (`C=E+R`)."""
-    for s in c.einsums:
-        terms = product_terms(s.expr, distribute=True)
-        if s.reduced or len(terms) != 2 or any(len(f) != 1 or f[0][0] for _, f in terms):
-            continue
-        parts = [f[0][1] for _, f in terms]
-        if not all(isinstance(p, Access) for p in parts):
-            continue
-        ws = [c.writers(p.tensor) for p in parts]
-        if not all(w and w[-1].reduce == "sum" and len(w[-1].reduced) == 1 and w[-1].where is None for w in ws):
-            continue
-        xs = [w[-1] for w in ws]
-        if any([i.name for i in x.target.indices] != [i.name for i in p.indices] for x, p in zip(xs, parts)):
-            continue
-        sides = []
-        for (sign, _), x in zip(terms, xs):
-            side = _two_sides(x)
-            if side is None:
-                break
-            sides.append((sign, x, *side))
-        if len(sides) != 2 or rank in c.dims:
-            continue
-        cv = rank.lower()
-        (s1, x1, a1, b1, k1), (s2, x2, a2, b2, k2) = sides
-        r1, r2 = x1.reduced[0], x2.reduced[0]
-        E1 = Name(r1.upper())
-        names = set(c.tensors)
-
-        def fresh(base):
-            n, k = base, 2
-            while n in names:
-                n, k = f"{base}{k}", k + 1
-            names.add(n)
-            return n
-
-        def concat(name, first: Access, second: Access, scale1: Expr | None, scale2: Expr | None) -> Einsum:
-            lo = Binary("<", Index(cv), E1)
-            i1 = substitute(first, {r1: Call("min", (Index(cv), Binary("-", E1, Num(1))))})
-            i2 = substitute(second, {r2: Call("max", (Binary("-", Index(cv), E1), Num(0)))})
-            v1 = i1 if scale1 is None else Binary("*", i1, scale1)
-            v2 = i2 if scale2 is None else Binary("*", i2, scale2)
-            keep = [i for i in first.indices if not (isinstance(i, Index) and i.name == r1)]
-            tgt = Access(name, tuple(keep) + (Index(cv),))
-            return Einsum(tgt, Call("where", (lo, v1, v2)))
-
-        k1e = _scale(k1, s1)
-        k2e = _scale(k2, s2)
-        ac, bc = fresh(a1.tensor + b1.tensor[:0] + "C"), fresh(b1.tensor + "C")
-        ea = concat(ac, a1, a2, k1e, k2e)
-        eb = concat(bc, b1, b2, None, None)
-        fused = Einsum(s.target, Binary("*", ea.target, eb.target), "sum", s.where)
-        out = []
-        for e in c.einsums:
-            if e is s:
-                out += [ea, eb, fused]
-            else:
-                out.append(e)
-        return prune(c.replace(dims=c.dims + (rank,), einsums=tuple(out)))
-    return c
-
-
-def _scale(factors: list[Expr], sign: float) -> Expr | None:
-    out = None
-    for f in factors:
-        out = f if out is None else Binary("*", out, f)
-    if sign == -1:
-        out = Unary("-", out if out is not None else Num(1))
-    return out
-
-
-def _two_sides(x: Einsum):
-    """(A access, B access, scalar factors) of `sum_r A*B*k` with r the last index of A and B."""
-    terms = product_terms(x.expr, distribute=True)
-    if len(terms) != 1 or terms[0][0] != 1:
-        return None
-    factors = terms[0][1]
-    accs = [f for r, f in factors if isinstance(f, Access) and not r]
-    rest = [f for r, f in factors if not (isinstance(f, Access) and not r)]
-    if len(accs) != 2 or any(r for r, _ in factors) or any(index_vars(f) for f in rest):
-        return None
-    r = x.reduced[0]
-    if not all(a.indices[-1] == Index(r) for a in accs):
-        return None
-    return accs[0], accs[1], rest

@@ -1,0 +1,120 @@
+"""Scores in base 2: `exp(S - G)` becomes `exp2(S' - G')` with log2(e) folded into S.
+
+GPUs compute `exp(x)` as `ex2(x * log2(e))`. When a score S only enters `exp` shifted by its
+running maximum G = max S, the multiply can move into S itself: with c = log2(e) > 0,
+
+    S' = c * S,   G' = max S' = c * G,   exp(S - G) = exp2(S' - G'),
+
+and c joins whatever scalar factor S already has (`Q*K*scale` becomes `Q*K*scale*c`, one
+multiply either way). Scaling by c > 0 keeps every maximum and every absent point. The rewrite
+is exact: each other read of S or G becomes `S' * ln(2)` (an LSE output reads `G' * ln(2)`), and
+a term of the exponent other than S and G is multiplied by c.
+
+c is pushed through sums into the tensors S is a sum of (alibi's `S = S0 - slope*(p - m)` puts
+it into `S0 = Q*K*scale`) when S is their only reader, so it lands on a scalar factor.
+"""
+from __future__ import annotations
+
+import math
+
+from einsum_ir.graph import CascadeGraph
+from einsum_ir.ir import Access, Binary, Call, Cascade, Einsum, Expr, Num, accesses, product_terms, rebuild
+from einsum_ir.lowering.exprs import product, summation
+
+LOG2E = 1.0 / math.log(2.0)
+LN2 = math.log(2.0)
+
+
+def _shift_form(arg: Expr, s: Access, g: Access) -> list[tuple[float, list]] | None:
+    """The exponent's signed terms when it holds +S and -G (each once), else None."""
+    terms = product_terms(arg, distribute=True)
+    plain = [(sign, f[0][1]) for sign, f in terms if len(f) == 1 and not f[0][0]]
+    if (1.0, s) in plain and (-1.0, g) in plain:
+        return terms
+    return None
+
+
+def _scaled(expr: Expr, c: float, cascade: Cascade, graph: CascadeGraph, absorbed: dict[str, Expr]) -> Expr:
+    """`expr * c`, pushed into summands that are sole-reader map tensors (recorded in `absorbed`)."""
+    terms = product_terms(expr, distribute=False)
+    out = []
+    for sign, factors in terms:
+        accs = [f for r, f in factors if not r and isinstance(f, Access)]
+        target = next((a for a in accs if _absorbs(a.tensor, cascade, graph)), None)
+        if len(factors) == 1 and target is not None:
+            w = cascade.einsum(target.tensor)
+            absorbed[target.tensor] = _scaled(w.expr, c, cascade, graph, absorbed)
+            out.append(product(factors, sign))
+        else:
+            out.append(product(factors + [(False, Num(c))], sign))
+    return summation(out)
+
+
+def _absorbs(name: str, cascade: Cascade, graph: CascadeGraph) -> bool:
+    """A tensor whose definition can take a constant factor for its one reader."""
+    writers = cascade.writers(name)
+    return (len(writers) == 1 and len(graph.readers.get(name, ())) == 1 and name not in cascade.output_names
+            and writers[0].reduce == "sum" and writers[0].recurrence_var is None)
+
+
+def fold_log2e(c: Cascade, graph: CascadeGraph) -> Cascade:
+    """The cascade with every shift-form `exp(S - max S)` in base 2 (see the module doc);
+    unchanged when there is none."""
+    for g_einsum in c.einsums:
+        if g_einsum.reduce != "max" or not g_einsum.reduced or not isinstance(g_einsum.expr, Access):
+            continue
+        s_name, g_name = g_einsum.expr.tensor, g_einsum.name
+        writers = c.writers(s_name)
+        if (len(writers) != 1 or writers[0].recurrence_var is not None or writers[0].reduce != "sum"
+                or {s_name, g_name} & set(c.output_names) or c.writers(g_name) != [g_einsum]):
+            continue
+        rewritten = _rewrite(c, graph, writers[0], g_einsum)
+        if rewritten is not None:
+            return rewritten
+    return c
+
+
+def _rewrite(c: Cascade, graph: CascadeGraph, s_einsum: Einsum, g_einsum: Einsum) -> Cascade | None:
+    s_name, g_name = s_einsum.name, g_einsum.name
+    found = False
+
+    def exps(expr: Expr) -> Expr:
+        """Shift-form exps to exp2; every other read of S or G scaled back by ln 2."""
+        nonlocal found
+
+        def replace(node: Expr) -> Expr | None:
+            nonlocal found
+            if isinstance(node, Call) and node.fn == "exp":
+                s_reads = [a for a in accesses(node.args[0]) if a.tensor == s_name]
+                g_reads = [a for a in accesses(node.args[0]) if a.tensor == g_name]
+                if len(s_reads) == 1 and len(g_reads) == 1:
+                    terms = _shift_form(node.args[0], s_reads[0], g_reads[0])
+                    if terms is not None:
+                        found = True
+                        parts = []
+                        for sign, factors in terms:
+                            plain = len(factors) == 1 and not factors[0][0]
+                            if plain and factors[0][1] in (s_reads[0], g_reads[0]):
+                                parts.append(product(factors, sign))
+                            else:
+                                parts.append(product(factors + [(False, Num(LOG2E))], sign))
+                        return Call("exp2", (summation(parts),))
+            if isinstance(node, Access) and node.tensor in (s_name, g_name):
+                return Binary("*", node, Num(LN2))
+            return None
+
+        return rebuild(expr, replace)
+
+    out: list[Einsum] = []
+    absorbed: dict[str, Expr] = {}
+    for e in c.einsums:
+        if e is g_einsum:
+            out.append(e)
+        elif e is s_einsum:
+            out.append(Einsum(e.target, _scaled(e.expr, LOG2E, c, graph, absorbed), e.reduce, e.where, e.loc))
+        else:
+            out.append(Einsum(e.target, exps(e.expr), e.reduce, e.where and exps(e.where), e.loc))
+    if not found:
+        return None
+    out = [Einsum(e.target, absorbed[e.name], e.reduce, e.where, e.loc) if e.name in absorbed else e for e in out]
+    return c.replace(einsums=tuple(out))

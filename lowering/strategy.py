@@ -1,0 +1,54 @@
+"""Lowering strategies: the ways a cascade can become kernels, tried in order (DESIGN section 6).
+
+A strategy is one module with a name and a `lower(cascade) -> Plan` that raises LoweringError
+with its reason when it does not apply. `choose` tries them in order and keeps the first plan,
+with the reasons of those that declined before it; `build_plan` is the same but raises when
+every strategy declines, naming each one's reason.
+
+Today: "stream keys under a query tile" (lowering.stream_keys), the FlashAttention-shaped
+forward. The backward, the chunked scan, split-KV decode and the ring are to come, each as
+one more module in `STRATEGIES`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from einsum_ir.errors import LoweringError
+from einsum_ir.ir import Cascade
+from einsum_ir.lowering import stream_keys
+from einsum_ir.lowering.plan import Declined, Plan
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    lower: Callable[[Cascade], Plan]
+
+
+STRATEGIES: tuple[Strategy, ...] = (
+    Strategy(stream_keys.NAME, stream_keys.lower),
+)
+
+
+def choose(c: Cascade) -> tuple[Plan | None, tuple[Declined, ...]]:
+    """The first strategy's plan (with the earlier ones' reasons), or None and every reason."""
+    declined: list[Declined] = []
+    for s in STRATEGIES:
+        try:
+            plan = s.lower(c)
+        except LoweringError as err:
+            declined.append(Declined(s.name, str(err)))
+            continue
+        return replace(plan, declined=tuple(declined)), tuple(declined)
+    return None, tuple(declined)
+
+
+def build_plan(c: Cascade) -> Plan:
+    """The plan of the first strategy that lowers `c`; LoweringError with every reason if none."""
+    plan, declined = choose(c)
+    if plan is None:
+        if len(declined) == 1:
+            raise LoweringError(declined[0].reason)
+        raise LoweringError("; ".join(f"{d.strategy}: {d.reason}" for d in declined))
+    return plan

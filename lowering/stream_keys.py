@@ -1,0 +1,384 @@
+"""Strategy "stream keys under a query tile": the FlashAttention-shaped forward kernel.
+
+The cascade is first rewritten: division deferral (`O = O_num / SD`), then base-2 scores
+(lowering.base2). Then:
+
+1. **Score contractions** are sums over ranks of a product of two operands where each operand
+   keeps a rank the other lacks (`S[p,m] = Q[p,e]*K[m,e]`). The kept ranks that some later
+   Einsum reduces are the *stream* ranks (M); the other side's kept ranks are the *query*
+   ranks (P, and GQA's R: heads sharing a K/V head pack into one query tile); the score's
+   remaining kept ranks go to the *grid* (B, H); every other rank is a *feature* rank held
+   whole in a tile (E, F, a low-rank R).
+2. Each distinct (stream, query) pair is a **stage**: one kernel launch with a grid of
+   (query tiles) x (grid ranks) and a loop over key tiles.
+3. Every Einsum joins the stage whose stream and query ranks it uses, or, without a stream
+   rank, the stage whose carried results it reads (epilogue), or the stage of its first
+   reader (prologue), and gets its class (lowering.plan.Stage). An epilogue that sums a grid
+   rank is an atomic accumulation.
+4. A carried `max` read inside the loop is **online**: each carried sum whose summand depends
+   on it is rescaled by the factor lowering.online derives (`exp2(GM_old - GM_new)`), or the
+   strategy declines with the reason.
+5. The predicate that guards every carried reduction gives the key loop (lowering.keyranges):
+   segments of full and masked tiles, or a block list. In masked tiles each *root* stream
+   value (one that reads no other in-loop value) is guarded by its predicate and the key
+   bound; lowering.absence decides whether absent points can simply hold a sentinel value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+
+from einsum_ir.errors import LoweringError
+from einsum_ir.graph import CascadeGraph, cascade_graph
+from einsum_ir.ir import (
+    Access, Binary, Cascade, Einsum, Expr, Index, Name, index_vars, product_terms, rank_of,
+)
+from einsum_ir.lowering.absence import place_sentinels
+from einsum_ir.lowering.base2 import fold_log2e
+from einsum_ir.lowering.defer import defer_division
+from einsum_ir.lowering.exprs import tensors_read, to_sympy
+from einsum_ir.lowering.keyranges import key_loop
+from einsum_ir.lowering.online import rescale_ratio
+from einsum_ir.lowering.plan import Plan, PresenceGroup, Stage
+
+NAME = "stream keys under a query tile"
+
+
+@dataclass
+class _Draft:
+    """A stage while it is being planned (the frozen Stage is built at the end)."""
+
+    stream: tuple[str, ...]
+    query: tuple[str, ...]
+    grid: tuple[str, ...]
+    einsums: list[Einsum] = field(default_factory=list)
+
+
+def lower(c: Cascade) -> Plan:
+    """The plan, or LoweringError with the reason this strategy does not apply."""
+    if c.inits or any(e.recurrence_var for e in c.einsums):
+        raise LoweringError("recurrences (iterative tensors) are not lowered; write the multi-pass "
+                            "form and the lowering derives the running reductions itself")
+    rewrites = []
+    graph = cascade_graph(c)
+    deferred = defer_division(c, graph)
+    if deferred is not c:
+        rewrites.append("division deferral")
+        c, graph = deferred, cascade_graph(deferred)
+    base2 = fold_log2e(c, graph)
+    if base2 is not c:
+        rewrites.append("base-2 scores")
+        c, graph = base2, cascade_graph(base2)
+    drafts = _find_stages(c, graph)
+    owner = _assign(c, graph, drafts)
+    drafts = _order(graph, drafts, owner)
+    stages, intermediates = [], []
+    for i, d in enumerate(drafts):
+        stage = _stage(c, graph, i, d, owner)
+        stages.append(stage)
+        intermediates += [t for t in stage.stores if t not in c.output_names]
+    return Plan(NAME, c, tuple(stages), tuple(intermediates), tuple(rewrites))
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+def _score_split(e: Einsum):
+    """(side-A kept ranks, side-B kept ranks) for a score contraction, else None."""
+    if e.reduce != "sum" or not e.reduced:
+        return None
+    lhs = e.lhs_vars
+    for _, factors in product_terms(e.expr, distribute=True):
+        accs = [f for r, f in factors if isinstance(f, Access)]
+        vsets = [set(index_vars(a)) for a in accs]
+        for i in range(len(accs)):
+            for j in range(len(accs)):
+                if i == j:
+                    continue
+                a_only = [v for v in lhs if v in vsets[i] and v not in vsets[j]]
+                b_only = [v for v in lhs if v in vsets[j] and v not in vsets[i]]
+                # the contracted rank is each operand's last (contiguous, head-dim) index
+                shared = {v for v in set(e.reduced) & vsets[i] & vsets[j]
+                          if accs[i].indices[-1] == Index(v) and accs[j].indices[-1] == Index(v)}
+                if a_only and b_only and shared:
+                    return a_only, b_only
+    return None
+
+
+def _reduced_later(c: Cascade, graph: CascadeGraph, name: str) -> set[str]:
+    out: set[str] = set()
+    for d in graph.descendants[name]:
+        for w in c.writers(d):
+            out |= set(w.reduced)
+    return out
+
+
+def _find_stages(c: Cascade, graph: CascadeGraph) -> list[_Draft]:
+    drafts: dict[tuple, _Draft] = {}
+    for e in c.einsums:
+        split = _score_split(e)
+        if split is None:
+            continue
+        later = _reduced_later(c, graph, e.name)
+        a, b = split
+        sa, sb = [v for v in a if v in later], [v for v in b if v in later]
+        if sb and not sa:
+            stream, qside = sb, a
+        elif sa and not sb:
+            stream, qside = sa, b
+        elif sa and sb:  # both sides reduced later: the side its direct readers reduce
+            direct = set()
+            for r in graph.readers.get(e.name, ()):
+                direct |= set(c.einsum(r).reduced)
+            stream = [v for v in b if v in direct] or sb
+            qside = a if stream == sb or set(stream) <= set(b) else b
+        else:
+            continue
+        # every query-side rank the keys lack tiles the queries: GQA's R (or MQA's H) packs
+        # the heads that share a key/value head into one tile, loading each K/V tile once
+        grid = [v for v in e.lhs_vars if v not in stream and v not in qside]
+        key = (tuple(stream), tuple(qside))
+        drafts.setdefault(key, _Draft(tuple(stream), tuple(qside), tuple(grid)))
+    if not drafts:
+        raise LoweringError("no query-key score contraction (a sum of Q[p,e]*K[m,e]-like products "
+                            "kept over two token ranks) to stream over; linear-attention states "
+                            "need the chunked-scan lowering")
+    return list(drafts.values())
+
+
+def _assign(c: Cascade, graph: CascadeGraph, drafts: list[_Draft]) -> dict[str, _Draft]:
+    owner: dict[str, _Draft | None] = {}
+    pending: list[Einsum] = []
+    for e in graph.order:
+        space = set(e.space)
+        cands = [d for d in drafts if set(d.stream) <= space and set(d.query) & space]
+        cands = cands or [d for d in drafts if set(d.stream) & space and set(d.stream) & set(e.reduced)]
+        if cands:
+            owner[e.name] = cands[0]
+            continue
+        # no stream rank: epilogue of the latest stage whose values it reads
+        ups = [owner[t] for t in graph.ancestors[e.name] if owner.get(t) is not None]
+        if ups:
+            owner[e.name] = max(ups, key=drafts.index)
+        else:
+            owner[e.name] = None
+            pending.append(e)
+    for e in reversed(pending):  # prologue: the stage of the first reader
+        readers = [owner[d] for d in graph.descendants[e.name] if owner.get(d) is not None]
+        if not readers:
+            raise LoweringError(f"{e.name} reads no key-side value and feeds no stage")
+        owner[e.name] = min(readers, key=drafts.index)
+    for e in graph.order:
+        owner[e.name].einsums.append(e)
+    return owner  # type: ignore[return-value]
+
+
+def _order(graph: CascadeGraph, drafts: list[_Draft], owner: dict[str, _Draft]) -> list[_Draft]:
+    """Stages in dependency order."""
+    import networkx as nx
+
+    sg = nx.DiGraph()
+    sg.add_nodes_from(range(len(drafts)))
+    for a, b in graph.graph.edges:
+        if a in owner and b in owner and owner[a] is not owner[b]:
+            sg.add_edge(drafts.index(owner[a]), drafts.index(owner[b]))
+    if not nx.is_directed_acyclic_graph(sg):
+        raise LoweringError("stages depend on each other in a cycle")
+    return [drafts[i] for i in nx.topological_sort(sg)]
+
+
+# ---------------------------------------------------------------------------- one stage
+
+
+def _stage(c: Cascade, graph: CascadeGraph, index: int, d: _Draft, owner: dict[str, _Draft]) -> Stage:
+    local = {e.name for e in d.einsums}
+    kinds = _classify(c, graph, d, local)
+    grid_reduce = _grid_reduce(d, kinds)
+    online = _online(c, d, kinds)
+    in_loop = [e for e in d.einsums if kinds[e.name] in ("stream", "key_side", "carried")]
+    depends = {e.name: frozenset(graph.ancestors[e.name] & local) for e in d.einsums}
+    rescale = {e.name: _rescale(c, d, kinds, online, depends, e) for e in in_loop if kinds[e.name] == "carried"}
+    stores, loads = [], []
+    for e in d.einsums:
+        readers = graph.readers.get(e.name, ())
+        if e.name in c.output_names or any(owner[r] is not d for r in readers):
+            if kinds[e.name] in ("stream", "key_side"):
+                raise LoweringError(f"{e.name} holds a value per key (rank {','.join(d.stream)}) that "
+                                    f"is read after the key loop or returned; storing it needs another pass")
+            stores.append(e.name)
+    for e in d.einsums:
+        for t in tensors_read(e.expr) + tensors_read(e.where):
+            if t not in local and t not in loads:
+                loads.append(t)
+    predicate = _stage_predicate(d, kinds, depends)
+    loop = key_loop(predicate, d.query, d.stream, c.dims)
+    guards = _guards(d, kinds, local)
+    carried = [e for e in in_loop if kinds[e.name] == "carried"]
+    sentinels = place_sentinels(in_loop, kinds, list(guards), set(online), depends) if guards else {}
+    self_masked = {}
+    if sentinels is not None:  # carried reductions the sentinels do not reach mask themselves
+        for e in carried:
+            parts = [e.where] if e.where is not None else []
+            if not depends[e.name] & set(guards):
+                parts.append(_key_bound(d))
+            if parts:
+                self_masked[e.name] = _conjunction(parts)
+    return Stage(index, d.stream, d.query, d.grid, _features(d), tuple(d.einsums), kinds, tuple(online),
+                 rescale, tuple(loads), tuple(stores), frozenset(grid_reduce), predicate, loop, guards,
+                 sentinels, self_masked, _groups(carried, guards, depends, online, d), _last_use(in_loop))
+
+
+def _classify(c: Cascade, graph: CascadeGraph, d: _Draft, local: set[str]) -> dict[str, str]:
+    kinds: dict[str, str] = {}
+    stream = set(d.stream)
+    for e in d.einsums:
+        space = set(e.space)
+        if stream & set(e.reduced):
+            if not stream <= set(e.reduced):
+                raise LoweringError(f"{e.name} reduces only part of the key ranks {','.join(d.stream)}")
+            if e.reduce not in ("sum", "max"):
+                raise LoweringError(f"{e.name} is a {e.reduce} over the key rank; only sum and max "
+                                    f"reductions stream")
+            kinds[e.name] = "carried"
+        elif stream & space:
+            kinds[e.name] = "stream" if set(d.query) & space else "key_side"
+        else:
+            reads = graph.ancestors[e.name] & local
+            after = any(kinds.get(t) in ("carried", "epilogue") for t in reads)
+            kinds[e.name] = "epilogue" if after else "prologue"
+            reduced_grid = set(e.reduced) & set(d.grid)
+            if reduced_grid and not after:
+                raise LoweringError(f"{e.name} reduces grid rank(s) {sorted(reduced_grid)} before the key loop")
+            if reduced_grid and (e.reduce != "sum" or e.where is not None):
+                raise LoweringError(f"{e.name} reduces grid rank(s) with {e.reduce}; only an unguarded "
+                                    f"sum over heads/batch can accumulate atomically")
+    return kinds
+
+
+def _grid_reduce(d: _Draft, kinds: dict[str, str]) -> set[str]:
+    return {e.name for e in d.einsums if kinds[e.name] == "epilogue" and set(e.reduced) & set(d.grid)}
+
+
+def _online(c: Cascade, d: _Draft, kinds: dict[str, str]) -> list[str]:
+    """Carried values read inside the loop: only maxima, which become running maxima."""
+    online: list[str] = []
+    for e in d.einsums:
+        if kinds[e.name] not in ("stream", "key_side", "carried"):
+            continue
+        for t in tensors_read(e.expr) + tensors_read(e.where):
+            if kinds.get(t) == "carried":
+                if c.einsum(t).reduce != "max":
+                    raise LoweringError(f"{e.name} reads {t}, a full sum over {','.join(d.stream)}, inside "
+                                        f"the key loop; that needs another pass (and the division could "
+                                        f"not be deferred)")
+                if t not in online:
+                    online.append(t)
+            elif kinds.get(t) == "epilogue":
+                raise LoweringError(f"{e.name} reads {t} inside the key loop, but {t} is known only after it")
+    return online
+
+
+def _rescale(c: Cascade, d: _Draft, kinds, online: list[str], depends, e: Einsum) -> sympy.Expr:
+    """The factor a carried reduction's accumulator takes when running maxima grow."""
+
+    def leaf(a: Access):
+        t = a.tensor
+        if t in online:
+            return sympy.Symbol(f"G_{t}")
+        if kinds.get(t) in ("stream", "key_side"):
+            if not ((depends[t] | {t}) & set(online)):
+                return sympy.Symbol(f"T_{t}")
+            w = c.einsum(t)
+            if w.reduced:
+                raise LoweringError(f"{t} reduces over {','.join(w.reduced)} a value that depends on the "
+                                    f"running maximum {sorted(depends[t] & set(online))}")
+            return to_sympy(w.expr, leaf)
+        return sympy.Symbol(f"T_{t}")
+
+    return rescale_ratio(e.name, to_sympy(e.expr, leaf), e.reduce)
+
+
+def _stage_predicate(d: _Draft, kinds, depends) -> Expr | None:
+    """The predicate guarding every carried reduction of the stage (what tiles may be skipped by)."""
+    guarded = [e for e in d.einsums if kinds[e.name] in ("stream", "key_side") and e.where is not None]
+    if not guarded:
+        return None
+    common = None
+    for cr in (e for e in d.einsums if kinds[e.name] == "carried"):
+        mine = {g.name for g in guarded if g.name in depends[cr.name]}
+        if cr.where is not None:
+            mine.add(cr.name)
+        common = mine if common is None else common & mine
+    if not common:
+        return None
+    return _conjunction([g.where for g in guarded if g.name in common])
+
+
+def _conjunction(parts: list[Expr]) -> Expr:
+    out = parts[0]
+    for p in parts[1:]:
+        out = Binary("and", out, p)
+    return out
+
+
+def _key_bound(d: _Draft) -> Expr:
+    """Keys inside their ranks' extents (a ragged last tile reads past the end)."""
+    return _conjunction([Binary("<", Index(k), Name(rank_of(k))) for k in d.stream])
+
+
+def _guards(d: _Draft, kinds, local: set[str]) -> dict[str, Expr]:
+    """What masked tiles test, per stream value: a root (reading no other in-loop value) is
+    present within the key bounds and where its predicate holds; any other value with a
+    predicate where that holds (it is absent where its operands are, too)."""
+    guards = {}
+    loop_values = {e.name for e in d.einsums if kinds[e.name] in ("stream", "key_side")}
+    for e in d.einsums:
+        if e.name not in loop_values:
+            continue
+        root = not (set(tensors_read(e.expr)) & loop_values)
+        parts = ([e.where] if e.where is not None else []) + ([_key_bound(d)] if root else [])
+        if parts:
+            guards[e.name] = _conjunction(parts)
+    return guards
+
+
+def _groups(carried: list[Einsum], guards, depends, online, d: _Draft) -> tuple[PresenceGroup, ...]:
+    """Carried reductions grouped by the guards their summands are subject to; only guards that
+    a predicate (not just the key bound) holds matter for presence after the loop."""
+    by_key: dict[frozenset, list[Einsum]] = {}
+    for e in carried:
+        key = frozenset(g for g in guards if g in depends[e.name] and _has_where(d, g))
+        if e.where is not None:
+            key |= {e.name}
+        if key:
+            by_key.setdefault(key, []).append(e)
+    groups = []
+    for key, members in by_key.items():
+        rows = {tuple(v for v in e.lhs_vars if v in d.query) for e in members}
+        maximum = next((e.name for e in members if e.reduce == "max"
+                        and tuple(v for v in e.lhs_vars if v not in d.grid) == max(rows, key=len)), None)
+        counter = None if maximum else f"{members[0].name}_seen"
+        groups.append(PresenceGroup(key, tuple(e.name for e in members), maximum, counter))
+    return tuple(groups)
+
+
+def _has_where(d: _Draft, name: str) -> bool:
+    return next(e for e in d.einsums if e.name == name).where is not None
+
+
+def _last_use(in_loop: list[Einsum]) -> dict[str, str]:
+    last = {}
+    for e in in_loop:
+        for t in tensors_read(e.expr) + tensors_read(e.where):
+            last[t] = e.name
+    return last
+
+
+def _features(d: _Draft) -> tuple[str, ...]:
+    seen: dict[str, None] = {}
+    for e in d.einsums:
+        for v in e.space + index_vars(e.where):
+            if v not in d.stream and v not in d.query and v not in d.grid:
+                seen[v] = None
+    return tuple(seen)
