@@ -27,7 +27,7 @@ CONFIG_COLUMN = "config (h100, pruned-best)"
 
 def cpu_path_cell(name: str, cascade: Cascade) -> str:
     """Max |CPU path - interpreter| on the catalog's small example inputs."""
-    import einsum_ir as ei
+    from einsum_ir.interpreter import interpret
     from einsum_ir.codegen.cpu_emit import compile_cpu
     from einsum_ir.variants.formulas import example_args, max_error
 
@@ -36,7 +36,7 @@ def cpu_path_cell(name: str, cascade: Cascade) -> str:
     except LoweringError as err:
         return f"no: {err}"
     args = example_args(name, size="rect")
-    return f"{max_error(kern(**args), ei.interpret(cascade, **args)):.1e}"
+    return f"{max_error(kern(**args), interpret(cascade, **args)):.1e}"
 
 
 def report_columns(name: str, cascade: Cascade, aot: bool = True) -> dict[str, str]:

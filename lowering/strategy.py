@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from einsum_ir.errors import LoweringError
 from einsum_ir.ir import Cascade
-from einsum_ir.lowering import stream_keys
+import einsum_ir.lowering.stream_keys as stream_keys
 from einsum_ir.lowering.plan import Declined, Plan
 
 

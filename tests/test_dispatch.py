@@ -4,7 +4,7 @@ import logging
 
 import pytest
 import torch
-from support import make_inputs
+from support import KERNEL_DEVICE, assert_outputs_close, make_inputs
 
 import einsum_ir as ei
 from einsum_ir.codegen import autotune, cache, dispatch, kernel, modules
@@ -12,12 +12,6 @@ from einsum_ir.codegen.dispatch import Config
 from einsum_ir.params import evaluate_params
 
 triton = pytest.importorskip("triton")
-
-
-def _interpreting() -> bool:
-    from einsum_ir.codegen.aot import _interpreting
-
-    return _interpreting()
 
 
 @pytest.fixture
@@ -57,7 +51,6 @@ def test_dispatch_key_buckets_lengths_and_keeps_other_dims():
 
 # --------------------------------------------------------------------------- no new code per length
 
-@pytest.mark.skipif(not _interpreting(), reason="CPU kernel runs need TRITON_INTERPRET=1 at import")
 def test_new_length_in_a_compiled_bucket_generates_and_compiles_nothing(fresh):
     c = ei.variants.load("softmax_causal")
     kern = ei.compile(c, backend="triton")
@@ -67,13 +60,14 @@ def test_new_length_in_a_compiled_bucket_generates_and_compiles_nothing(fresh):
     assert "do_not_specialize=['B', 'H', 'P', 'M']" in kern.source()
     counts = []
     for P, M in ((20, 23), (29, 31), (40, 33)):  # buckets 32, 32, 64
-        args = make_inputs("softmax_causal", c, P=P, M=M, E=16, F=16)
-        _close(kern(**args), ei.interpret(c, **args))
+        args = make_inputs("softmax_causal", c, P=P, M=M, E=16, F=16, device=KERNEL_DEVICE)
+        assert_outputs_close(kern(**args), ei.interpret(c, **args))
         counts.append((stats["emit"], stats["module_load"], stats["config"]))
     assert counts == [(1, 1, 1), (1, 1, 1), (1, 1, 2)]
     assert [dict(k.bucket)["P"] for k in kern.configs] == [32, 64]
     # a second kernel object of the same cascade reuses the source and the module
-    ei.compile(c, backend="triton")(**make_inputs("softmax_causal", c, P=20, M=20, E=16, F=16))
+    ei.compile(c, backend="triton")(**make_inputs("softmax_causal", c, P=20, M=20, E=16, F=16,
+                                                  device=KERNEL_DEVICE))
     assert (stats["emit"], stats["module_load"]) == (1, 1)
 
 

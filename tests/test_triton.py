@@ -8,20 +8,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import einsum_ir as ei  # noqa: E402
-from support import assert_outputs_close, make_inputs  # noqa: E402
+from support import KERNEL_DEVICE, assert_outputs_close, make_inputs, on_kernel_device  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-
-@pytest.fixture(autouse=True)
-def _interpreter_for_cpu_runs(request):
-    """Tests that launch kernels on CPU tensors need the interpreter; AOT ones do not."""
-    from einsum_ir.codegen.aot import _interpreting
-
-    runs = not request.node.name.startswith(("test_aot", "test_catalog", "test_lowering_error",
-                                             "test_source", "test_report"))
-    if runs and not _interpreting():
-        pytest.skip("CPU kernel runs need TRITON_INTERPRET=1 when triton is imported")
 
 FUSED = ["agent_attention", "alibi", "bias_tensor", "flashbias_lowrank", "lightning_causal", "moba",
          "moh", "nbhd_1d", "nbhd_2d", "sigmoid_bias", "sinks_window", "softcap", "softmax",
@@ -29,6 +19,11 @@ FUSED = ["agent_attention", "alibi", "bias_tensor", "flashbias_lowrank", "lightn
          "softmax_lse", "softmax_window", "softplus_l1"]
 NOT_FUSED = {"linear_elu": "no query-key score contraction", "linear_elu_causal": "no query-key score",
              "flowformer": "no query-key score", "softmax_1pass": "recurrences"}
+def _inputs(*args, **kwargs) -> dict:
+    """Inputs on the device the kernels run on (the GPU when there is one)."""
+    return on_kernel_device(make_inputs(*args, **kwargs))
+
+
 # (P, M, E, F): non-powers of two, P != M both ways, a single partial tile
 SHAPES = [(33, 40, 24, 20), (50, 17, 12, 40), (16, 16, 16, 16)]
 
@@ -50,18 +45,18 @@ def test_fused_variant_matches_interpreter(name, shape):
     P, M, E, F = shape
     c = ei.variants.load(name)
     kern = ei.compile(c, backend="triton")
-    args = make_inputs(name, c, P=P, M=M, E=E, F=F)
+    args = _inputs(name, c, P=P, M=M, E=E, F=F)
     assert_outputs_close(kern(**args), ei.interpret(c, **args))
 
 
 # bf16: Triton 3.9's interpreter gets tl.dot on bf16 wrong (numpy has no bf16; a 16x16 bf16 dot
-# is off by 1e10), so bf16 kernels are checked by the AOT tests below and on the GPU.
-@pytest.mark.parametrize("dtype", [torch.float16])
+# is off by 1e10), so bf16 kernels run on a GPU only; without one the AOT tests below compile them.
+@pytest.mark.parametrize("dtype", [torch.float16] + [torch.bfloat16] * (KERNEL_DEVICE == "cuda"))
 @pytest.mark.parametrize("name", ["softmax_causal", "softmax_gqa", "alibi", "sigmoid_bias"])
 def test_half_precision_inputs_accumulate_in_fp32(name, dtype):
     c = ei.variants.load(name)
     kern = ei.compile(c, backend="triton")
-    args = make_inputs(name, c, P=40, M=33, E=32, F=16, dtype=dtype)
+    args = _inputs(name, c, P=40, M=33, E=32, F=16, dtype=dtype)
     out = kern(**args)
     ref = ei.interpret(c, **{k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
                              for k, v in args.items()})
@@ -76,7 +71,7 @@ def test_fully_masked_rows_take_the_fill_value():
         "S[b,h,p,m]  = Q[b,h,p,e] * K[b,h,m,e] * scale where m <= p + M - P")
     c = ei.parse(spec)
     kern = ei.compile(c, backend="triton")
-    args = make_inputs("softmax_lse", c, P=45, M=20, E=16, F=24)
+    args = _inputs("softmax_lse", c, P=45, M=20, E=16, F=24)
     o, lse = kern(**args)
     ro, rlse = ei.interpret(c, **args)
     assert torch.all(o[:, :, :25] == 0) and torch.all(torch.isneginf(lse[:, :, :25]))
@@ -85,7 +80,7 @@ def test_fully_masked_rows_take_the_fill_value():
 
 def test_block_selection_with_empty_rows():
     c = ei.variants.load("moba")
-    args = make_inputs("moba", c, P=40, M=40, E=16, F=16)
+    args = _inputs("moba", c, P=40, M=40, E=16, F=16)
     args["Sel"][:, :, 2] = False  # query block 2 selects nothing: rows 16..23 absent
     args["Sel"][:, :, :, 3] = False
     out = ei.compile(c, backend="triton")(**args)
@@ -98,7 +93,7 @@ def test_block_list_holds_exactly_the_live_key_tiles():
     kern = ei.compile(c, backend="triton")
     assert "stage0_blocks" in kern.source()
     P = M = 45
-    args = make_inputs("moba", c, P=P, M=M, E=16, F=16, B=1, H=2)
+    args = _inputs("moba", c, P=P, M=M, E=16, F=16, B=1, H=2)
     kern(**args)
     sel, BS, T = args["Sel"], args["BS"], 16  # 16 x 16 tiles in the interpreter
     p = torch.arange(P)[:, None]
@@ -120,7 +115,7 @@ def test_runtime_params_do_not_regenerate_code():
     kern = ei.compile(c, backend="triton")
     src = kern.source()
     for W in (1, 5, 100):
-        args = make_inputs("softmax_window", c, P=30, M=30, E=16, F=16, extra={"W": W})
+        args = _inputs("softmax_window", c, P=30, M=30, E=16, F=16, extra={"W": W})
         assert_outputs_close(kern(**args), ei.interpret(c, **args))
     assert kern.source() == src
 
@@ -146,7 +141,7 @@ def test_source_is_readable_and_generic():
 def test_2d_neighborhood_box_tiles(w, s):
     c = ei.variants.load("nbhd_2d")
     kern = ei.compile(c, backend="triton")
-    args = make_inputs("nbhd_2d", c, E=16, F=16,
+    args = _inputs("nbhd_2d", c, E=16, F=16,
                        extra={"PX": 12, "PY": 10, "MX": 12, "MY": 10, "WX": w[0], "WY": w[1],
                               "SX": s[0], "SY": s[1]})
     assert_outputs_close(kern(**args), ei.interpret(c, **args))
@@ -154,7 +149,7 @@ def test_2d_neighborhood_box_tiles(w, s):
 
 def test_backends():
     c = ei.variants.load("softmax")
-    args = make_inputs("softmax", c, P=9, M=11, E=8, F=8)
+    args = _inputs("softmax", c, P=9, M=11, E=8, F=8)
     ref = ei.interpret(c, **args)
     torch.testing.assert_close(ei.compile(c, backend="reference")(**args), ref)
     auto = ei.compile(c)  # CPU tensors: the reference path
@@ -173,14 +168,12 @@ def test_lowering_error_is_one_line():
 
 # --------------------------------------------------------------------------- AOT (no GPU)
 
-AOT_SHAPES = {"B": 1, "H": 8, "G": 2, "R": 16, "N": 64, "P": 4096, "M": 4096, "PX": 64, "PY": 64,
-              "MX": 64, "MY": 64, "PB": 64, "MB": 64}
-
-
 def _aot_request(name, head_dim, target):
+    from einsum_ir.codegen.report import default_shapes
+
     c = ei.variants.load(name)
     kern = ei.compile(c, backend="triton")
-    return kern, {d: AOT_SHAPES.get(d, head_dim) for d in c.dims}, "bf16", target
+    return kern, default_shapes(c, head_dim), "bf16", target
 
 
 @pytest.fixture(scope="module")
@@ -199,15 +192,33 @@ def test_aot_compiles_without_spills(name, head_dim, target, aot_usage):
     u = aot_usage[(name, head_dim, target)]
     assert u["spills"] == 0, u
     assert u["registers"] <= 255
-    if target == "sm_90":
+    if target == "sm_90":  # software-pipelined key loops: async copies into shared memory, async wgmma
         assert u["wgmma"], "expected Hopper wgmma in the PTX"
+        assert all(st["async_loads"] > 0 and st["async_mma"] > 0 for st in u["stages"]), u
+    else:
+        assert u["cp_async"], "expected cp.async in the sm_80 PTX"
+
+
+def test_kernel_table_is_current(aot_usage):
+    """docs/kernels.md is what scripts/kernel_table.py writes (the compiles above are cached)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("kernel_table", root / "scripts" / "kernel_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    committed = (root / "docs" / "kernels.md").read_text()
+    if f"Triton {triton.__version__}:" not in committed:
+        pytest.skip(f"docs/kernels.md was made with another Triton than {triton.__version__}")
+    assert script.table() == committed, "run scripts/kernel_table.py to regenerate docs/kernels.md"
 
 
 def test_extra_outputs_max_scores_and_lse_in_output_order():
     spec = ei.variants.source("softmax_lse").replace("output O, LSE fill -inf",
                                                         "output LSE fill -inf, GM fill -inf, O")
     c = ei.parse(spec.replace("* scale\n", "* scale where m <= p\n", 1))
-    args = make_inputs("softmax_lse", c, P=21, M=30, E=16, F=8)
+    args = _inputs("softmax_lse", c, P=21, M=30, E=16, F=8)
     out = ei.compile(c, backend="triton")(**args)
     assert len(out) == 3 and out[1].shape == (1, 2, 21)
     assert_outputs_close(out, ei.interpret(c, **args))
@@ -234,6 +245,7 @@ def test_a_new_ein_variant_needs_no_python():
     g = torch.Generator().manual_seed(3)
     args = dict(Q=torch.randn(2, 2, 29, 20, generator=g), K=torch.randn(2, 2, 35, 20, generator=g),
                 V=torch.randn(2, 2, 12, 35, generator=g), Bias=torch.randn(2, 29, 35, generator=g), W=6)
+    args = on_kernel_device(args)
     assert_outputs_close(kern(**args), ei.interpret(c, **args))
 
 
@@ -251,6 +263,7 @@ output O
     args = dict(Q=torch.randn(2, 19, 8, generator=g), K=torch.randn(2, 23, 8, generator=g),
                 V=torch.randn(2, 23, 5, generator=g), Bias=torch.randn(19, 23, generator=g),
                 C=torch.randn(19, generator=g))
+    args = on_kernel_device(args)
     assert_outputs_close(ei.compile(c, backend="triton")(**args), ei.interpret(c, **args))
 
 
@@ -297,6 +310,7 @@ def test_grouped_query_heads_pack_into_the_query_tile(spec):
     ext = {"B": 2, "G": 2, "R": 3, "H": 3, "P": 21, "M": 26, "E": 16, "F": 8}
     for d in c.inputs:
         args[d.name] = torch.randn([ext[i.upper()] for i in d.indices], generator=g)
+    args = on_kernel_device(args)
     assert_outputs_close(kern(**args), ei.interpret(c, **args))
 
 
@@ -319,4 +333,6 @@ def test_query_prologue_with_an_epilogue(backend):
     g = torch.Generator().manual_seed(5)
     args = dict(Q=torch.randn(1, 2, 21, 8, generator=g), K=torch.randn(1, 2, 17, 8, generator=g),
                 V=torch.randn(1, 2, 17, 4, generator=g))
+    if backend == "triton":
+        args = on_kernel_device(args)
     assert_outputs_close(ei.compile(c, backend=backend)(**args), ei.interpret(c, **args))

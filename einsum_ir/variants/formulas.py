@@ -351,8 +351,9 @@ def max_error(got: Tensor | tuple[Tensor, ...], want: Tensor | tuple[Tensor, ...
 
 def self_check(name: str, seed: int = 0, size: str = "small") -> float:
     """Max abs error of the reference interpreter against the plain-PyTorch formula."""
-    import einsum_ir as ei  # lazy: this module must stay importable without the IR
+    from einsum_ir import variants  # lazy: this module must stay importable without the IR
+    from einsum_ir.interpreter import interpret
 
     args = example_args(name, size=size, seed=seed)
-    got = ei.interpret(ei.variants.load(name), **args)
+    got = interpret(variants.load(name), **args)
     return max_error(got, FORMULAS[name](**args))
