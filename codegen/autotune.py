@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from einsum_ir.codegen import cache
 from einsum_ir.codegen.dispatch import Config, DispatchKey
 from einsum_ir.cost_model.devices import Device, get
-from einsum_ir.ir import rank_of
+from einsum_ir.ir import Access, Index, accesses, rank_of
 
 BLOCK_Q = (64, 128)
 BLOCK_S = (32, 64, 128)
@@ -69,6 +69,16 @@ def _blocks(stage, extents: dict, config: Config) -> dict[str, int]:
     return out
 
 
+def _reads(stage) -> list[tuple[str, Access]]:
+    """Each tensor the stage loads, with one access of it (the first)."""
+    out: dict[str, Access] = {}
+    for e in stage.einsums:
+        for a in accesses(e.expr) + accesses(e.where):
+            if a.tensor in stage.loads:
+                out.setdefault(a.tensor, a)
+    return list(out.items())
+
+
 def _stage_needs(plan, stage, extents: dict, config: Config, dtype: str) -> dict:
     """Shared bytes, registers/thread, padded work and traffic of one stage under `config`."""
     c = plan.cascade
@@ -76,17 +86,23 @@ def _stage_needs(plan, stage, extents: dict, config: Config, dtype: str) -> dict
     qranks = {rank_of(v) for v in stage.query}
     sranks = {rank_of(v) for v in stage.stream}
     inputs = set(c.input_names)
-    key_bytes = query_bytes = 0
-    for t in stage.loads:
+    operand_bytes = tile_bytes = query_bytes = scratch = 0
+    score_tile = config.BLOCK_Q * config.BLOCK_S * 4
+    for t, access in _reads(stage):
         ranks = c.tensors[t].ranks
         elems = math.prod(blocks.get(r, 1) for r in ranks)
         size = elems * (DTYPE_BYTES.get(dtype, 2) if t in inputs else 4)
-        if sranks & set(ranks):
-            key_bytes += size
+        if not all(isinstance(i, Index) for i in access.indices):
+            scratch += score_tile  # a gathered tile is not pipelined; its layout change needs room
+        elif sranks & set(ranks) and qranks & set(ranks):
+            tile_bytes += size  # an elementwise [query, key] tile (a bias)
+        elif sranks & set(ranks):
+            operand_bytes += size  # a key-side matrix operand (K, V)
         elif qranks & set(ranks):
             query_bytes += size
-    # Triton's pipeliner keeps num_stages copies of every tile loaded in the key loop
-    shared = config.num_stages * key_bytes + query_bytes
+    # Triton's pipeliner keeps num_stages copies of each matrix operand loaded in the key loop and
+    # num_stages - 1 of each other tile (measured against the compiled metadata: tests/test_dispatch)
+    shared = config.num_stages * operand_bytes + (config.num_stages - 1) * tile_bytes + query_bytes + scratch
     acc = 0
     for e in stage.einsums:
         if stage.kind(e.name) == "carried":
@@ -104,7 +120,7 @@ def _stage_needs(plan, stage, extents: dict, config: Config, dtype: str) -> dict
             # per key tile: a few ALU ops per score (scale, mask, max, subtract) and the
             # rescale of every accumulator, which is why long key tiles pay off
             "vector": nq * ns * grid * (VECTOR_OPS_PER_SCORE * config.BLOCK_Q * config.BLOCK_S + acc),
-            "bytes": grid * nq * (ns * key_bytes + query_bytes)}
+            "bytes": grid * nq * (ns * (operand_bytes + tile_bytes) + query_bytes)}
 
 
 def estimate(plan, extents: dict, config: Config, device: Device, dtype: str = "bf16",

@@ -76,9 +76,18 @@ def run_analyze(args) -> int:
     missing = _unbound(c, shapes)
     if missing:  # counts stay symbolic in what is missing; a time bound needs numbers
         print(f"roofline: needs {', '.join(missing)}; add them to --shapes for a bound on {args.device}")
+        _sections(args, c)
         return 0
     print(api.roofline(c, shapes, device=args.device, dtype=args.dtype))
+    _sections(args, c)
     return 0
+
+
+def _sections(args, c) -> None:
+    """The upper layers' sections (the lowering's), which the top-level CLI passes in."""
+    for section in getattr(args, "sections", ()):
+        print()
+        print(section(c))
 
 
 def run_simulate(args) -> int:

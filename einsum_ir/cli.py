@@ -18,7 +18,9 @@ from einsum_ir.errors import BindError, LoweringError, SpecError
 # Modules that may add subcommands (`add_commands(subparsers)`) and report columns
 # (`report_columns(name, cascade) -> dict[str, str]`), in layer order.
 COMMAND_PROVIDERS = ("einsum_ir.cost_model.cli", "einsum_ir.codegen.cli")
-COLUMN_PROVIDERS = ("einsum_ir.cost_model.report", "einsum_ir.codegen.report")
+COLUMN_PROVIDERS = ("einsum_ir.cost_model.report", "einsum_ir.lowering.report", "einsum_ir.codegen.report")
+# Modules that add sections to `einsum-ir analyze` (`analyze_section(cascade) -> str`).
+ANALYZE_PROVIDERS = ("einsum_ir.lowering.report",)
 USER_ERRORS = (SpecError, BindError, LoweringError, FileNotFoundError, KeyError, ValueError)
 
 
@@ -144,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.sections = [m.analyze_section for m in map(_optional, ANALYZE_PROVIDERS) if m is not None]
     try:
         return args.func(args)
     except USER_ERRORS as err:

@@ -67,10 +67,11 @@ def acyclic_view(g: nx.DiGraph) -> nx.DiGraph:
     return nx.subgraph_view(g, filter_edge=lambda a, b: not g.edges[a, b]["carried"])
 
 
-def topological_einsums(c: Cascade) -> list[Einsum]:
+def topological_einsums(c: Cascade, graph: nx.DiGraph | None = None) -> list[Einsum]:
     """Einsums in an order where every tensor is written before it is read (within a step)."""
+    graph = dependency_graph(c) if graph is None else graph
     order = {name: i for i, name in enumerate(nx.lexicographical_topological_sort(
-        acyclic_view(dependency_graph(c)), key=lambda n: f"{_first_index(c, n) + 1:06d}"))}
+        acyclic_view(graph), key=lambda n: f"{_first_index(c, n) + 1:06d}"))}
     return sorted(c.einsums, key=lambda e: order[e.name])
 
 
@@ -104,6 +105,6 @@ def cascade_graph(c: Cascade) -> CascadeGraph:
             names = readers.setdefault(a.tensor, [])
             if e.name not in names:
                 names.append(e.name)
-    return CascadeGraph(c, g, tuple(topological_einsums(c)), {k: tuple(v) for k, v in readers.items()},
+    return CascadeGraph(c, g, tuple(topological_einsums(c, g)), {k: tuple(v) for k, v in readers.items()},
                         {n: frozenset(nx.ancestors(dag, n)) for n in g.nodes},
                         {n: frozenset(nx.descendants(dag, n)) for n in g.nodes})

@@ -256,3 +256,23 @@ def test_gpu_autotune_times_survivors_and_remembers_the_winner(fresh):
     again = ei.compile(c)  # a new kernel object: the choice comes from the disk cache, untimed
     again(**args)
     assert next(iter(again.triton.configs.values())) == next(iter(tri.configs.values()))
+
+
+def test_shared_memory_model_matches_the_compiled_kernels():
+    """The pruning's shared-memory estimate is the compiled kernel's (bounded above where a tile
+    is gathered: Triton's scratch for it varies)."""
+    from einsum_ir.codegen.aot import resource_usage_batch
+    from einsum_ir.codegen.report import default_shapes
+    from einsum_ir.cost_model.devices import get
+
+    configs = (Config(128, 64, 8, 2), Config(64, 32, 4, 4))
+    names = ("softmax", "bias_tensor", "flashbias_lowrank", "moba")
+    items = [(ei.compile(ei.variants.load(n), backend="triton"), n, cfg) for n in names for cfg in configs]
+    usage = resource_usage_batch([(k, default_shapes(k.cascade, 64), "bf16", "sm_90", cfg)
+                                  for k, _, cfg in items])
+    for (kern, name, cfg), u in zip(items, usage):
+        model = autotune.estimate(kern.plan, default_shapes(kern.cascade, 64), cfg, get("h100"), "bf16").shared_bytes
+        if name == "moba":
+            assert u["shared_bytes"] <= model <= 1.3 * u["shared_bytes"], (name, cfg, model, u["shared_bytes"])
+        else:
+            assert model == u["shared_bytes"], (name, cfg, model, u["shared_bytes"])

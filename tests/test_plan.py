@@ -205,3 +205,14 @@ output O
     args = dict(Q=q, K=k, V=torch.randn(1, 2, 7, 3))
     from einsum_ir.codegen.cpu_emit import compile_cpu
     torch.testing.assert_close(compile_cpu(c, 4, 3)(**args), ei.interpret(c, **args))
+
+
+def test_derived_facts_are_computed_once_per_cascade():
+    from unittest import mock
+
+    import einsum_ir.graph as graph
+
+    real, calls = graph.dependency_graph, []
+    with mock.patch.object(graph, "dependency_graph", lambda c: calls.append(c) or real(c)):
+        plan = build_plan(ei.variants.load("softmax_causal"))
+    assert len(calls) == 1 + len(plan.rewrites)  # the cascade as written, then once per rewrite

@@ -33,12 +33,14 @@ def to_mlir(cascade: Cascade, shapes: dict[str, int], params: dict[str, float] |
     for what, present in [("split ranks", c.splits), ("recurrences (init)", c.inits)]:
         if present:
             raise ValueError(f"to_mlir does not emit {what} yet")
-    scalars = {**{d: float(n) for d, n in shapes.items()}, **(params or {})}
+    from einsum_ir.params import evaluate_params
+
+    params = params or {}
     for p in c.params:
-        if p.type is None:
-            scalars[p.name] = _scalar_value(p.expr, scalars)
-        elif p.name not in scalars:
+        if p.type is not None and p.name not in params:
             raise ValueError(f"runtime param {p.name} needs a value in params")
+    runtime = {p.name: params[p.name] for p in c.params if p.type is not None}
+    scalars = {**{d: float(n) for d, n in shapes.items()}, **evaluate_params(c, shapes, runtime)}
 
     def ttype(name: str) -> str:
         dims = "x".join(str(shapes[r]) for r in c.tensors[name].ranks)
@@ -55,21 +57,6 @@ def to_mlir(cascade: Cascade, shapes: dict[str, int], params: dict[str, float] |
     lines.append(f"  return {', '.join('%' + o.name for o in c.outputs)} : {results}")
     lines.append("}")
     return "\n".join(lines) + "\n"
-
-
-def _scalar_value(expr: Expr, scalars: dict) -> float:
-    if isinstance(expr, Num):
-        return float(expr.value)
-    if isinstance(expr, Name):
-        return scalars[expr.name]
-    if isinstance(expr, Unary) and expr.op == "-":
-        return -_scalar_value(expr.operand, scalars)
-    if isinstance(expr, Binary) and expr.op in "+-*/":
-        a, b = _scalar_value(expr.lhs, scalars), _scalar_value(expr.rhs, scalars)
-        return {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[expr.op]
-    if isinstance(expr, Call) and expr.fn in ("sqrt", "log", "exp"):
-        return getattr(math, expr.fn)(_scalar_value(expr.args[0], scalars))
-    raise ValueError(f"param expression {expr} is not emitted")
 
 
 def _generic_text(e: Einsum, ttype, scalars: dict) -> list[str]:

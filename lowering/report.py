@@ -1,0 +1,50 @@
+"""What the lowering says about a cascade, for `einsum-ir analyze` and `einsum-ir report`: the
+strategy chosen and why the others declined, the rewrites, the plan, and the passes over the
+keys before and after the online rewrite."""
+from __future__ import annotations
+
+from einsum_ir.cost_model.passes import analyze as passes
+from einsum_ir.errors import LoweringError
+from einsum_ir.ir import Cascade
+from einsum_ir.lowering.online import online
+from einsum_ir.lowering.strategy import STRATEGIES, choose
+
+
+def strategy_cell(c: Cascade) -> str:
+    plan, declined = choose(c)
+    if plan is None:
+        return "none: " + "; ".join(f"{d.strategy}: {d.reason}" for d in declined)
+    return plan.strategy
+
+
+def report_columns(name: str, cascade: Cascade) -> dict[str, str]:
+    """The `strategy` column of the catalog report."""
+    return {"strategy": strategy_cell(cascade)}
+
+
+def online_passes(c: Cascade, rank: str = "M") -> str:
+    """Passes over `rank` of the cascade's 1-pass form, or why it has none."""
+    try:
+        return str(passes(online(c, rank, rank + "0"), rank=rank).count)
+    except (LoweringError, ValueError) as err:
+        return f"- ({err})"
+
+
+def analyze_section(c: Cascade) -> str:
+    plan, declined = choose(c)
+    lines = ["Lowering:"]
+    tried = [s.name for s in STRATEGIES]
+    for d in declined:
+        lines.append(f"  strategy {d.strategy!r} declined: {d.reason}")
+    if plan is None:
+        lines.append(f"  no strategy lowers it ({', '.join(tried)}): the interpreter runs it")
+    else:
+        lines.append(f"  strategy {plan.strategy!r} (tried in order: {', '.join(tried)})")
+        lines += ["  " + line for line in plan.summary().splitlines()[1 + len(declined):]]
+    if "M" in c.dims:
+        try:
+            written = passes(c, rank="M").count
+        except ValueError:
+            written = "-"
+        lines.append(f"  passes over M: {written} as written, {online_passes(c)} in the 1-pass (online) form")
+    return "\n".join(lines)
