@@ -3,6 +3,7 @@
     python bench/cpu.py                # the full table (a few minutes on 2 cores)
     python bench/cpu.py --quick        # N=2048 only
     python bench/cpu.py --n 2048 --cases causal
+    python bench/cpu.py --profile window 2048    # where the time goes: torch's profiler, ours and flex
 
 Cases: causal, sliding window (W=512) and softplus-L1 attention at N in {2048, 8192}, B=1,
 H=8, D=64, fp32. Each (case, N) runs in its own fresh subprocess, which builds every
@@ -209,6 +210,26 @@ def worker(case: str, n: int, impls: list[str], rounds: int) -> dict:
     return res
 
 
+def profile(case: str, n: int, impls: list[str]) -> None:
+    """torch.profiler's op table for one call of each implementation (after a warm-up)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, n, D, generator=g) for _ in range(3))
+    for impl in impls:
+        fn, _ = build(impl, case, n, q, k, v)
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - t0
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        print(f"{impl}, {case} N={n}: {wall * 1e3:.0f} ms unprofiled")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 # ----------------------------------------------------------------------------- the parent
 
 def run_case(case, n, impls, rounds) -> dict:
@@ -245,7 +266,11 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="N=2048 only")
     ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 3 at N<=2048, else 2)")
     ap.add_argument("--worker", nargs=4, metavar=("CASE", "N", "IMPLS", "ROUNDS"), help=argparse.SUPPRESS)
+    ap.add_argument("--profile", nargs=2, metavar=("CASE", "N"), help="print torch profiler tables of one case")
     args = ap.parse_args(argv)
+    if args.profile:
+        profile(args.profile[0], int(args.profile[1]), [i for i in args.impls if i in ("ours", "flex")])
+        return
     if args.worker:
         case, n, impls, rounds = args.worker
         res = worker(case, int(n), impls.split(","), int(rounds))

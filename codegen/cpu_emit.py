@@ -44,8 +44,8 @@ from einsum_ir.lowering.plan import Plan, Stage
 from einsum_ir.lowering.strategy import build_plan
 from einsum_ir.params import bind_arguments
 
-DEFAULT_BLOCK_Q = 256
-DEFAULT_BLOCK_S = 512
+DEFAULT_BLOCK_Q = 128
+DEFAULT_BLOCK_S = 640
 
 HELPERS = '''
 def _tiles(lo, hi, block):
@@ -55,6 +55,37 @@ def _tiles(lo, hi, block):
     n = -(-(hi - lo) // block)
     for k in range(max(n, 0)):
         yield lo + (hi - lo) * k // n, lo + (hi - lo) * (k + 1) // n - 1
+
+
+def _key_tiles(segments, block):
+    """Key tiles (first, last, masked) over segments (lo, hi, masked) given in key order.
+    Segments that touch are one run, cut into as few near-equal tiles as `block` allows; a tile
+    is masked when it overlaps a masked segment. On a CPU few large tiles beat many small ones,
+    so a masked edge shares its tile with the full keys next to it."""
+    runs = []
+    for lo, hi, masked in segments:
+        if hi <= lo:
+            continue
+        if runs and runs[-1][-1][1] == lo:
+            runs[-1].append((lo, hi, masked))
+        else:
+            runs.append([(lo, hi, masked)])
+    for run in runs:
+        masked_parts = [(lo, hi) for lo, hi, m in run if m]
+        for first, last in _tiles(run[0][0], run[-1][1], block):
+            yield first, last, any(lo <= last and first < hi for lo, hi in masked_parts)
+
+
+def _scratch(bufs, name, shape, dtype):
+    """A contiguous tensor of `shape` in the call's own buffer for `name`, grown as needed: key
+    tiles of varying sizes reuse one allocation instead of fragmenting the heap."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    buf = bufs.get(name)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[name] = torch.empty(numel, dtype=dtype)
+    return buf[:numel].view(shape)
 
 
 def _gather(t, *idx):
@@ -87,6 +118,7 @@ class StageEmitter(BlockEmitter):
         self.letters = self._letters()
         self.used_index_values: set[str] = set()
         self.current: Einsum | None = None
+        self.scratch: str | None = None  # the stream value whose matrix product may write in place
 
     # ------------------------------------------------------------------ axes
     def _letters(self) -> dict[str, str]:
@@ -227,11 +259,14 @@ class StageEmitter(BlockEmitter):
         return code, tuple(a for a in axes if a not in red)
 
     def assign_guarded(self, name: str, code: str, mask: str, value: float, sec: Section) -> None:
-        if is_simple(code):  # a view of something else: leave it alone
+        """-inf at absent points is added as a bias of the mask's own (small) shape: torch adds a
+        broadcast tensor several times faster than it fills through a broadcast mask."""
+        if value != float("-inf") or is_simple(code):  # another value, or a view: a select
             super().assign_guarded(name, code, mask, value, sec)
             return
-        sec.add(f"{name} = {code}")
-        sec.add(f"{name}.masked_fill_(~{paren(mask)}, {self.number(value)})")
+        sec.add(f"{name}_bias = _scratch(_bufs, {name + '_bias'!r}, {mask}.shape, DT).fill_(0.0)"
+                f".masked_fill_(~{paren(mask)}, -math.inf)")
+        sec.add(f"{name} = {paren(code)}.add_({name}_bias)")
 
     # ------------------------------------------------------------------ loads
     def load(self, a: Access, sec: Section) -> Val:
@@ -340,6 +375,9 @@ class StageEmitter(BlockEmitter):
                 ar, br = aa[len(batch):], ba[len(batch):]
                 if len(ar) == 2 and len(br) == 2 and ar[1] == r and out == tuple(batch) + (ar[0], br[1 - br.index(r)]):
                     rhs = b if br[0] == r else f"{paren(b)}.transpose(-1, -2)"
+                    if self.scratch is not None and out == self.axes_of[self.scratch]:
+                        dest = f"_scratch(_bufs, {self.scratch!r}, {self.shape(out)}, DT)"
+                        return f"torch.matmul({a}, {rhs}, out={dest})"
                     return f"torch.matmul({a}, {rhs})"
         subs = ",".join("".join(self.letters[x] for x in ax) for _, ax in ops)
         res = "".join(self.letters[x] for x in out)
@@ -368,9 +406,10 @@ class StageEmitter(BlockEmitter):
 
     # ------------------------------------------------------------------ Einsums
     def stream_einsum(self, e: Einsum, sec: Section) -> None:
-        self.current = e
+        """A score tile computed by a matrix product goes into the call's scratch buffer."""
+        self.current, self.scratch = e, e.name
         super().stream_einsum(e, sec)
-        self.current = None
+        self.current, self.scratch = None, None
 
     def carried_einsum(self, e: Einsum, sec: Section) -> None:
         self.current = e
@@ -458,6 +497,8 @@ class StageEmitter(BlockEmitter):
             loop.add(f"{sym.name} = {print_int(e, PYTHON)}")
         if s.loop.block_list:
             self.tested_loop(loop)
+        elif len(s.stream) == 1:
+            self.run_loop(loop)
         else:
             self.in_loop = True
             bodies = {m: self.body_lines(m, 3) for m in (False, True)}
@@ -480,6 +521,7 @@ class StageEmitter(BlockEmitter):
                      f'grid {",".join(s.grid) or "-"} | features {",".join(s.features) or "-"}.')
         lines.append(f"    {kinds}")
         lines.append(f'    Keys: {s.loop.describe()}."""')
+        lines.append("    _bufs = {}")
         for t in sorted(self.full_inputs):
             info = c.tensors[t]
             if not (t in c.input_names and (info.dtype == "bool" or info.dtype.startswith("int"))):
@@ -518,6 +560,26 @@ class StageEmitter(BlockEmitter):
             loop.add(f"for {heads} in itertools.product({its}):")
         loop.lines += self._positions(ks, "k", "            ")
         loop.lines += self.key_loads.lines
+
+    def run_loop(self, loop: Section) -> None:
+        """One key rank: every segment's tiles in one loop, each tile running the full or the
+        masked body (the plan's segments decide which)."""
+        self.in_loop = True
+        full, masked = self.body_lines(False, 4), self.body_lines(True, 4)
+        self.in_loop = False
+        k = self.s.stream[0]
+        segs = ", ".join(f"({print_int(lo, PYTHON)}, {print_int(hi, PYTHON)}, {seg.masked})"
+                         for seg in self.s.loop.key_segments for _, lo, hi in seg.box)
+        loop.add("# the key segments' tiles: full ones unmasked, masked ones tested")
+        loop.add(f"for k_lo_{k}, k_hi_{k}, _masked in _key_tiles([{segs}], BLOCK_S):")
+        loop.lines += self._positions((k,), "k", "            ")
+        loop.lines += self.key_loads.lines
+        sec = Section(indent=3)
+        sec.add("if _masked:")
+        loop.lines += sec.lines + masked
+        sec.lines = []
+        sec.add("else:")
+        loop.lines += sec.lines + full
 
     def segment_loop(self, seg, body: list[str], loop: Section) -> None:
         loop.add(f"# {'masked' if seg.masked else 'full'} key tiles")

@@ -167,11 +167,11 @@ def test_source_is_readable_python():
     src = kern.source({"B": 1, "H": 8, "P": 2048, "M": 2048, "E": 64, "F": 64})
     assert "BLOCK_Q=" in src.splitlines()[0]
     assert "S[b,h,p,m]" in src  # the cascade in the header comment
-    assert "def stage0(" in src and "for k_lo_m, k_hi_m in _tiles(" in src
-    assert "# full key tiles" in src and "# masked key tiles" in src
+    assert "def stage0(" in src and "for k_lo_m, k_hi_m, _masked in _key_tiles(" in src
     assert "GM_new = torch.maximum(GM" in src and "alpha = torch.exp2((GM - GM_use))" in src
-    # a score tile is filled once where it is absent, then becomes its exponential in place
-    assert "S.masked_fill_(~S_mask, -math.inf)" in src and ".exp2_()" in src
+    # a score tile takes -inf where it is absent once (a bias of the mask's shape), then becomes
+    # its exponential in place, in a buffer the key tiles share
+    assert ".add_(S_bias)" in src and "S.sub_(" in src and ".exp2_()" in src and "out=_scratch(" in src
     compile(src, "<test>", "exec")
     assert isinstance(kern, CpuKernel) and kern.backend == "cpu"
 
