@@ -108,7 +108,7 @@ def attention(q, k, v, causal: bool, block_m: int = 128, block_n: int = 64, warp
     NK = k.shape[2]
     o = torch.empty_like(q)
     grid = (triton.cdiv(NQ, block_m), B * H)
-    extra = {} if q.device.type == "cpu" else {"num_warps": warps, "num_stages": stages}
+    extra = {} if q.device.type == "cpu" else {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True}
     roof_forward[grid](q, k, v, o, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
                        H, NQ, NK, 1.0 / math.sqrt(D), HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
                        CAUSAL=causal, **extra)
@@ -135,7 +135,7 @@ def aot(causal: bool, head_dim: int, target: str = "sm_90", block_m: int = 128, 
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names[:4] + names[4:16]}
     src = ASTSource(roof_forward, sig, constexprs, attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", int(target[3:]), 32),
-                        options={"num_warps": warps, "num_stages": stages})
+                        options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True})
     u = _usage(ck.asm["cubin"])
     u["shared_bytes"] = max(u["shared_bytes"], int(getattr(ck.metadata, "shared", 0) or 0))
     return u | pipelining(ck.asm["ttgir"], ck.asm["ptx"])

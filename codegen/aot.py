@@ -20,7 +20,7 @@ import tempfile
 from einsum_ir.codegen import cache, dispatch
 from einsum_ir.codegen.dispatch import Config
 from einsum_ir.codegen.modules import import_source
-from einsum_ir.codegen.tiles import default_config, stage_tiles
+from einsum_ir.codegen.tiles import default_config, launch_options, stage_tiles
 
 DTYPE_SIG = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 INT_SIG = {"bool": "i8", "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64"}
@@ -85,7 +85,7 @@ def specialization(kern, stage_index: int, shapes: dict, dtype: str = "bf16",
             constexprs[n] = ext[n] if n in ext else tiles[n]
     return {"name": em.name, "signature": sig, "constexprs": constexprs,
             "divisible": [pos for (pos,) in attrs],
-            "options": {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}}
+            "options": launch_options(tiles)}
 
 
 def compile_stage(kern, stage_index: int, shapes: dict, dtype: str = "bf16", target: str = "sm_90",

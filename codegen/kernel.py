@@ -11,7 +11,7 @@ from einsum_ir.codegen import cache, dispatch
 from einsum_ir.codegen.dispatch import INTERPRETER_CONFIG, Config, DispatchKey
 from einsum_ir.codegen.modules import check_compiler, check_interpreter, interpret_env, load_module
 from einsum_ir.codegen.outputs import collect_outputs
-from einsum_ir.codegen.tiles import query_tiles, stage_tiles
+from einsum_ir.codegen.tiles import launch_options, query_tiles, stage_tiles
 from einsum_ir.errors import BindError, LoweringError
 from einsum_ir.ir import Cascade, rank_of
 from einsum_ir.lowering.plan import Plan
@@ -188,7 +188,7 @@ class TritonKernel:
                     kargs.append(params[n])
                 else:  # constexprs: feature extents (exact in the bucket) and tiles
                     kw[n] = dims[n] if n in dims else tiles[n]
-            opts = {} if interpret else {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}
+            opts = {} if interpret else launch_options(tiles)
             fns = [getattr(module, em.name)]
             if s.loop.block_list:  # the block list first: the live key tiles per query tile
                 fns.insert(0, getattr(module, em.list_emitter.name))

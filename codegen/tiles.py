@@ -78,3 +78,10 @@ def query_tiles(stage, extents: dict, tiles: dict) -> int:
     if len(stage.query) == 1:
         return -(-extents[rank_of(stage.query[0])] // tiles["BLOCK_Q"])
     return math.prod(-(-extents[rank_of(v)] // tiles[f"BLOCK_Q_{v}"]) for v in stage.query)
+
+
+def launch_options(tiles: dict) -> dict:
+    """Triton's compile options for a stage: warps, pipeline stages, and FMA fusion asked for
+    explicitly (the score scale and the max subtraction fuse into one FMA; Triton's default
+    for it is about to change)."""
+    return {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"], "enable_fp_fusion": True}

@@ -21,38 +21,33 @@ import sympy
 from einsum_ir.ir import Binary, Call, Expr, Index, Name, Num, Unary
 
 
-class FloorDiv(sympy.Function):
+class _IntDiv(sympy.Function):
+    """Integer division of a >= 0 by b > 0, evaluated on numbers; `_div` rounds the quotient."""
+
+    is_integer = True
+    is_nonnegative = True
+
+    @classmethod
+    def eval(cls, a, b):
+        if b == 1:
+            return a
+        if a.is_Integer and b.is_Integer:
+            return sympy.Integer(cls._div(int(a), int(b)))
+        if a == 0:
+            return sympy.Integer(0)
+        return None
+
+
+class FloorDiv(_IntDiv):
     """floor(a / b) for a >= 0 and b > 0."""
 
-    is_integer = True
-    is_nonnegative = True
-
-    @classmethod
-    def eval(cls, a, b):
-        if b == 1:
-            return a
-        if a.is_Integer and b.is_Integer:
-            return sympy.Integer(int(a) // int(b))
-        if a == 0:
-            return sympy.Integer(0)
-        return None
+    _div = staticmethod(lambda a, b: a // b)
 
 
-class CeilDiv(sympy.Function):
+class CeilDiv(_IntDiv):
     """ceil(a / b) for a >= 0 and b > 0."""
 
-    is_integer = True
-    is_nonnegative = True
-
-    @classmethod
-    def eval(cls, a, b):
-        if b == 1:
-            return a
-        if a.is_Integer and b.is_Integer:
-            return sympy.Integer(-(-int(a) // int(b)))
-        if a == 0:
-            return sympy.Integer(0)
-        return None
+    _div = staticmethod(lambda a, b: -(-a // b))
 
 
 def symbol(name: str) -> sympy.Symbol:

@@ -140,3 +140,59 @@ def test_value_at_limits_come_from_the_semantics():
 
     assert value_at("exp", -math.inf) == 0.0 and value_at("exp2", -math.inf) == 0.0
     assert value_at("tanh", -math.inf) == -1.0 and value_at("log", -math.inf) is None
+
+
+def test_a_new_function_is_one_registry_entry(monkeypatch):
+    """softsign(x) = x / (1 + |x|), added as one entry, runs everywhere."""
+    from einsum_ir.functions import Function
+
+    entry = Function("softsign", (1, 1), "torch.nn.functional.softsign({0})", "({0} / (1.0 + tl.abs({0})))",
+                     lambda x: x / (1 + abs(x)), "vector", 0,
+                     (lambda a, out: Binary("/", Num(1.0), Binary("*", Binary("+", Num(1.0), Call("abs", a)),
+                                                                  Binary("+", Num(1.0), Call("abs", a)))),),
+                     decompose=lambda x: Binary("/", x, Binary("+", Num(1.0), Call("abs", (x,)))), finite=True)
+    monkeypatch.setitem(FUNCTIONS, "softsign", entry)
+    c = ei.parse(SPEC.format(call="softsign(S0[b,h,p,m])"))
+    g = torch.Generator().manual_seed(2)
+    args = dict(Q=torch.randn(1, 2, 9, 8, generator=g), K=torch.randn(1, 2, 12, 8, generator=g),
+                V=torch.randn(1, 2, 12, 4, generator=g))
+    want = ei.interpret(c, **args)
+    s0 = (args["Q"] @ args["K"].transpose(-1, -2)) * 0.25
+    mask = torch.arange(12)[None, :] <= torch.arange(9)[:, None] + 2
+    torch.testing.assert_close(want, ((s0 / (1 + s0.abs())) * mask) @ args["V"], atol=1e-5, rtol=1e-5)
+    assert_outputs_close(ei.compile(c, backend="cpu")(**args), want, atol=1e-5, rtol=1e-5)
+    assert_outputs_close(ei.compile(c, backend="triton")(**on_kernel_device(args)), want)
+    assert int(ei.counts(c, {"B": 1, "H": 1, "P": 4, "M": 4, "E": 2, "F": 2}).einsum("A").sfu_ops) == 0
+
+
+def test_a_new_predicate_builtin_is_one_class(monkeypatch):
+    """band(q, k, w): the w keys ending at q, added as one class, bounds the loop, masks the
+    tiles and is counted exactly."""
+    from einsum_ir.builtins import KeyInterval, PredicateBuiltin
+
+    class Band(PredicateBuiltin):
+        name, arity = "band", (3, 3)
+
+        def expand(self, args):
+            q, k, w = args
+            return Binary("and", Binary("<=", k, q), Binary("<", Binary("-", q, k), w))
+
+        def key_interval(self, args):
+            q, k, w = args
+            return KeyInterval(q.name, k.name, Call("max", (Binary("+", Binary("-", q, w), Num(1)), Num(0))),
+                               Binary("+", q, Num(1)))
+
+    monkeypatch.setitem(PREDICATES, "band", Band())
+    spec = ei.variants.source("softmax_window").replace("where m <= p and p - m < W", "where band(p, m, W)")
+    c, ref = ei.parse(spec), ei.variants.load("softmax_window")
+    g = torch.Generator().manual_seed(3)
+    args = dict(Q=torch.randn(1, 2, 40, 8, generator=g), K=torch.randn(1, 2, 40, 8, generator=g),
+                V=torch.randn(1, 2, 40, 4, generator=g), W=7)
+    want = ei.interpret(ref, **args)
+    assert_outputs_close(ei.interpret(c, **args), want, atol=1e-6, rtol=1e-6)
+    cpu = ei.compile(c, backend="cpu")
+    assert_outputs_close(cpu(**args), want, atol=1e-5, rtol=1e-5)
+    assert cpu.plan.stages[0].loop.exact  # the interval bounds the keys like the affine window
+    assert_outputs_close(ei.compile(c, backend="triton")(**on_kernel_device(args)), want)
+    shapes = {"B": 1, "H": 2, "P": 40, "M": 40, "E": 8, "F": 4, "W": 7}
+    assert ei.counts(c, shapes).einsum("S").points == ei.counts(ref, shapes).einsum("S").points
