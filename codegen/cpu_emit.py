@@ -118,7 +118,8 @@ class StageEmitter(BlockEmitter):
         self.letters = self._letters()
         self.used_index_values: set[str] = set()
         self.current: Einsum | None = None
-        self.scratch: str | None = None  # the stream value whose matrix product may write in place
+        self.buffers = 0
+        self.scratch: str | None = None  # the in-loop Einsum whose matrix products get buffers
 
     # ------------------------------------------------------------------ axes
     def _letters(self) -> dict[str, str]:
@@ -334,7 +335,7 @@ class StageEmitter(BlockEmitter):
             k = min(range(len(ops)), key=lambda i: (bool(self.kset & set(ops[i][1])),
                                                     bool(self.qset & set(ops[i][1])), len(ops[i][1])))
             c, ax = ops[k]
-            factor = " * ".join(v.code for v in scalars)
+            factor = scalars[0].code if len(scalars) == 1 else "(" + " * ".join(v.code for v in scalars) + ")"
             if self.in_loop and not self.kset & set(ax) and c in self.loaded.values():
                 key = (c, factor)
                 if key not in self.hoisted:
@@ -375,8 +376,9 @@ class StageEmitter(BlockEmitter):
                 ar, br = aa[len(batch):], ba[len(batch):]
                 if len(ar) == 2 and len(br) == 2 and ar[1] == r and out == tuple(batch) + (ar[0], br[1 - br.index(r)]):
                     rhs = b if br[0] == r else f"{paren(b)}.transpose(-1, -2)"
-                    if self.scratch is not None and out == self.axes_of[self.scratch]:
-                        dest = f"_scratch(_bufs, {self.scratch!r}, {self.shape(out)}, DT)"
+                    if self.scratch is not None:  # in the loop: a buffer per product of the Einsum
+                        self.buffers += 1
+                        dest = f"_scratch(_bufs, {self.scratch + '_' + str(self.buffers)!r}, {self.shape(out)}, DT)"
                         return f"torch.matmul({a}, {rhs}, out={dest})"
                     return f"torch.matmul({a}, {rhs})"
         subs = ",".join("".join(self.letters[x] for x in ax) for _, ax in ops)
@@ -406,15 +408,16 @@ class StageEmitter(BlockEmitter):
 
     # ------------------------------------------------------------------ Einsums
     def stream_einsum(self, e: Einsum, sec: Section) -> None:
-        """A score tile computed by a matrix product goes into the call's scratch buffer."""
-        self.current, self.scratch = e, e.name
+        """Matrix products in the loop write into the call's scratch buffers (one per call
+        site, reused by every key tile): no allocation per tile, no heap growth."""
+        self.current, self.scratch, self.buffers = e, e.name, 0
         super().stream_einsum(e, sec)
         self.current, self.scratch = None, None
 
     def carried_einsum(self, e: Einsum, sec: Section) -> None:
-        self.current = e
+        self.current, self.scratch, self.buffers = e, e.name, 0
         super().carried_einsum(e, sec)
-        self.current = None
+        self.current, self.scratch = None, None
 
     def after_einsum(self, e: Einsum, sec: Section) -> None:
         """Tiles whose last reader this is are freed: at most a few score tiles stay alive."""
