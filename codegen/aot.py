@@ -59,7 +59,7 @@ def specialization(kern, stage_index: int, shapes: dict, dtype: str = "bf16",
             decl = c.tensors[t].dtype if t in c.input_names else None
             if t in c.input_names:
                 ty = INT_SIG.get(decl) or DTYPE_SIG[dtype if decl in (None, "fp32", "fp16", "bf16") else decl]
-            elif t in c.output_names and t not in stage.grid_reduce:
+            elif t in c.output_names and t not in stage.atomic:
                 ty = DTYPE_SIG[dtype]
             else:
                 ty = "fp32"

@@ -96,6 +96,12 @@ def module_header(plan: Plan, cascade_text: str, title: str, imports: list[str])
     return "\n".join(head)
 
 
+def join_terms(terms: list[tuple[str, str]]) -> str:
+    """Signed terms as one expression: [("+", "a"), ("-", "b")] -> "a - b"."""
+    text = " ".join(f"{sign} {code}" for sign, code in terms)
+    return text[2:] if text.startswith("+ ") else "-" + text[2:]
+
+
 class BlockEmitter:
     """One stage of a plan -> code over tile axes; the target-independent part."""
 
@@ -111,6 +117,7 @@ class BlockEmitter:
         self.counter = 0
         self.in_loop = False
         self.masked = False
+        self.summed_rows: tuple | None = None  # in a sum over query rows: where the rows are real
         self.mask_of: dict[str, tuple] = {}  # masked tiles without sentinels: value -> presence
         self.guard_cache: dict[str, tuple] = {}  # guard -> (mask code, axes), per body
         self.pres_after: dict[str, tuple] = {}  # after the loop: value -> presence
@@ -159,6 +166,17 @@ class BlockEmitter:
     def maximum(self, a: str, b: str) -> str:
         raise NotImplementedError
 
+    def absent_as_zero(self, v: Val) -> Val:
+        """`v` with its absent points set to 0. A masked product selects one factor by the mask;
+        every other factor that has absent points must be finite there, and one need not be
+        (1 / a saved denominator read past the last row is inf)."""
+        pres, pax = v.pres, v.pres_axes
+        if pres is None and self.summed_rows is not None and set(self.summed_rows[1]) <= set(v.axes):
+            pres, pax = self.summed_rows  # rows past the last query: a sum over them must not see them
+        if pres is None:
+            return v
+        return Val(self.select(self.align(pres, pax, v.axes), self.num(v), "0.0"), v.axes, "float")
+
     def reduce(self, op: str, code: str, axes: tuple[str, ...], red) -> tuple[str, tuple[str, ...]]:
         """`op` (max | sum | any) of `code` over those of its `axes` in `red`; code, axes left."""
         raise NotImplementedError
@@ -172,6 +190,10 @@ class BlockEmitter:
 
     def float_quotient(self, code: str) -> str:
         """The dividend of an int / int division, so that it divides as floats."""
+        return code
+
+    def int_operand(self, code: str) -> str:
+        """An integer tile (index positions) combined with floats: in the floats' precision."""
         return code
 
     def load(self, a: Access, sec: Section) -> Val:
@@ -312,6 +334,9 @@ class BlockEmitter:
             kind = "int" if a.kind == b.kind == "int" and expr.op != "/" else "float"
             if expr.op == "/" and a.kind == b.kind == "int":
                 ac = self.float_quotient(ac)
+            elif kind == "float":
+                ac = self.int_operand(ac) if a.kind == "int" and a.axes else ac
+                bc = self.int_operand(bc) if b.kind == "int" and b.axes else bc
             return Val(self.arith(expr.op, a, ac, bc, axes), axes, kind, pres, pax, fresh=True)
         assert isinstance(expr, Call)
         if expr.fn in PREDICATES:  # a predicate builtin is its expansion
@@ -344,8 +369,12 @@ class BlockEmitter:
 
     def reduce_sum(self, e: Einsum, sec: Section, red: set[str], mask: tuple | None) -> str:
         """Code for the sum over tile axes `red` of e.expr, term by term (division deferral
-        leaves sums of products); `mask` (code, axes) removes points. Scalar factors are
-        multiplied together first, so a tile takes one multiply for all of them."""
+        leaves sums of products); `mask` (code, axes) removes points."""
+        return join_terms(self.sum_terms(e, sec, red, mask))
+
+    def sum_terms(self, e: Einsum, sec: Section, red: set[str], mask: tuple | None) -> list[tuple[str, str]]:
+        """The terms of `reduce_sum` as (sign "+" or "-", code). Scalar factors are multiplied
+        together first, so a tile takes one multiply for all of them."""
         out_axes = self.axes_of[e.name]
         total = []
         for sign, factors in product_terms(e.expr, distribute=True):
@@ -364,9 +393,8 @@ class BlockEmitter:
             if scalars:
                 parts.append(scalars[0] if len(scalars) == 1 else "(" + " * ".join(scalars) + ")")
             code = " * ".join(parts)
-            total.append(("- " if sign < 0 else "+ ") + code if sign in (1.0, -1.0) else f"+ {sign!r} * {code}")
-        text = " ".join(total)
-        return text[2:] if text.startswith("+ ") else "-" + text[2:]
+            total.append(("-" if sign < 0 else "+", code) if sign in (1.0, -1.0) else ("+", f"{sign!r} * {code}"))
+        return total
 
     # ------------------------------------------------------------------ one loop body
     def body(self, masked: bool, sec: Section) -> None:
@@ -375,12 +403,19 @@ class BlockEmitter:
         self.masked = masked
         self.mask_of, self.guard_cache, self.finalize, self.alpha = {}, {}, [], {}
         self.start_body(sec)
-        for e in self.s.of_kind("stream", "key_side", "carried"):
+        for e in self.s.of_kind("stream", "key_side", "carried", "tile_sum"):
+            summed = self.s.kind(e.name) == "tile_sum" or set(e.reduced) & set(self.s.query)
+            self.summed_rows = self.query_bound() if summed else None
             if self.s.kind(e.name) == "carried":
                 self.carried_einsum(e, sec)
+            elif self.s.kind(e.name) == "tile_sum":
+                self.tile_sum(e, sec)
             else:
                 self.stream_einsum(e, sec)
+                if e.name in self.s.tile_stores:
+                    self.tile_store(e, self.tile_presence(e, sec), sec)
             self.after_einsum(e, sec)
+        self.summed_rows = None
         for g in self.s.groups:
             if g.counter is not None:
                 mask = self.conjunction([self.guard_mask(n, sec) for n in sorted(g.guards)]) if masked else None
@@ -390,6 +425,35 @@ class BlockEmitter:
 
     def start_body(self, sec: Section) -> None:
         """Statements at the top of a body (the key tile's positions)."""
+
+    def tile_presence(self, e: Einsum, sec: Section) -> tuple | None:
+        """Where a tile-stored value is present in this tile (None: everywhere)."""
+        if not self.masked:
+            return None
+        if self.s.sentinels is None:
+            return self.mask_of.get(e.name)
+        mask = self.conjunction([self.guard_mask(g, sec) for g in self.s.tile_stores[e.name]])
+        return mask if mask[0] else None
+
+    def tile_store(self, e: Einsum, presence: tuple | None, sec: Section) -> None:
+        """Write this key tile of an output over query and key ranks (absent points: its fill)."""
+        raise NotImplementedError
+
+    def tile_sum(self, e: Einsum, sec: Section) -> None:
+        """This program's share of a sum over the query rank, added to the key tile's rows."""
+        red = {x for v in e.reduced for x in self.var_axes(v)}
+        mask = self.carried_mask(e, sec)
+        if self.summed_rows:
+            mask = self.conjunction([m for m in (mask, self.summed_rows) if m])
+        self.add_to_tile(e, self.reduce_sum(e, sec, red, mask), sec)
+
+    def add_to_tile(self, e: Einsum, code: str, sec: Section) -> None:
+        """`e[key tile rows] += code`, across programs."""
+        raise NotImplementedError
+
+    def query_bound(self) -> tuple | None:
+        """Where the query tile's rows are real (a mask, or None when every row is)."""
+        return None
 
     def after_einsum(self, e: Einsum, sec: Section) -> None:
         """Called after each in-loop Einsum (the CPU path frees dead tiles here)."""
@@ -406,11 +470,12 @@ class BlockEmitter:
             code, pres = self.reduce_sum(e, sec, red, None), (None, ())
         else:
             v = self.emit(e.expr, sec)
-            code = self.align(self.num(v), v.axes, axes) if v.axes else v.code
             if not v.axes and axes:
-                code = self.fill(axes, code)
+                code = self.fill(axes, v.code)
             elif set(v.axes) != set(axes):
-                code = self.broadcast(code, v.axes, axes)
+                code = self.broadcast(self.num(v), v.axes, axes)
+            else:
+                code = self.align(self.num(v), v.axes, axes)
             pres = (v.pres, v.pres_axes)
         sentinels = self.s.sentinels
         mask = None
@@ -463,6 +528,8 @@ class BlockEmitter:
     def carried_einsum(self, e: Einsum, sec: Section) -> None:
         red = {x for v in e.reduced for x in self.var_axes(v)}
         mask = self.carried_mask(e, sec)
+        if self.summed_rows:  # summed over query rows too
+            mask = self.conjunction([m for m in (mask, self.summed_rows) if m])
         if e.reduce == "max":
             self.carried_max(e, red, mask, sec)
             return

@@ -31,10 +31,12 @@ import itertools
 import linecache
 import re
 import string
+from functools import cached_property
 
 import torch
 
-from einsum_ir.codegen.block_emit import BlockEmitter, Section, Val, accesses, is_simple, module_header, paren
+from einsum_ir.codegen.autograd import Training, record, wants_grad
+from einsum_ir.codegen.block_emit import BlockEmitter, Section, Val, accesses, is_simple, join_terms, module_header, paren
 from einsum_ir.codegen.outputs import collect_outputs
 from einsum_ir.codegen.scalar_code import PYTHON, print_int
 from einsum_ir.errors import LoweringError
@@ -172,6 +174,12 @@ class StageEmitter(BlockEmitter):
 
     def as_int(self, mask: str) -> str:
         return mask
+
+    def float_quotient(self, code: str) -> str:
+        return f"{paren(code)}.to(DT)"
+
+    def int_operand(self, code: str) -> str:
+        return f"{paren(code)}.to(DT)"
 
     def index(self, name: str) -> Val:
         self.used_index_values.add(name)  # the stage function defines only the index tiles it reads
@@ -327,7 +335,10 @@ class StageEmitter(BlockEmitter):
     # ------------------------------------------------------------------ reductions
     def sum_term(self, inner: list[Val], outer: list[Val], red: set[str], out_axes: tuple[str, ...],
                  mask: tuple | None, sec: Section) -> tuple[str, tuple[str, ...], list[Val]]:
-        ops = [(self.num(v), v.axes) for v in inner]
+        if mask is not None:  # the mask selects the first factor it fits; the others' absent points are 0
+            cover = next((k for k, v in enumerate(inner) if set(mask[1]) <= set(v.axes)), None)
+            inner = [v if k == cover else self.absent_as_zero(v) for k, v in enumerate(inner)]
+        ops = [(self.int_operand(v.code) if v.kind == "int" else self.num(v), v.axes) for v in inner]
         scalars = [v for v in outer if v.scalar and v.kind != "bool"]
         if len(ops) >= 2 and scalars:
             # fold scalar factors (scale) into the smallest operand, not the score tile; a query
@@ -367,32 +378,36 @@ class StageEmitter(BlockEmitter):
     def contraction(self, ops: list[tuple[str, tuple]], out: tuple[str, ...]) -> str:
         """A sum of a product: `torch.matmul` when it is a batched matrix product (same leading
         axes, one contracted axis last in the first operand), else `torch.einsum`."""
-        if len(ops) == 2:
-            (a, aa), (b, ba) = ops
+        for (a, aa), (b, ba) in ([ops, ops[::-1]] if len(ops) == 2 else []):
             red = set(aa) & set(ba) - set(out)
             batch = [x for x in aa if x in ba and x not in red]
-            if len(red) == 1 and aa[:len(batch)] == ba[:len(batch)] == tuple(batch):
-                r = red.pop()
-                ar, br = aa[len(batch):], ba[len(batch):]
-                if len(ar) == 2 and len(br) == 2 and ar[1] == r and out == tuple(batch) + (ar[0], br[1 - br.index(r)]):
-                    rhs = b if br[0] == r else f"{paren(b)}.transpose(-1, -2)"
-                    if self.scratch is not None:  # in the loop: a buffer per product of the Einsum
-                        self.buffers += 1
-                        dest = f"_scratch(_bufs, {self.scratch + '_' + str(self.buffers)!r}, {self.shape(out)}, DT)"
-                        return f"torch.matmul({a}, {rhs}, out={dest})"
-                    return f"torch.matmul({a}, {rhs})"
+            if len(red) != 1 or not aa[:len(batch)] == ba[:len(batch)] == tuple(batch):
+                continue
+            r = red.pop()
+            ar, br = aa[len(batch):], ba[len(batch):]
+            if len(ar) != 2 or len(br) != 2 or r not in ar or r not in br:
+                continue
+            if out != tuple(batch) + (ar[1 - ar.index(r)], br[1 - br.index(r)]):
+                continue
+            lhs = a if ar[1] == r else f"{paren(a)}.transpose(-1, -2)"
+            rhs = b if br[0] == r else f"{paren(b)}.transpose(-1, -2)"
+            if self.scratch is not None:  # in the loop: a buffer per product of the Einsum
+                self.buffers += 1
+                dest = f"_scratch(_bufs, {self.scratch + '_' + str(self.buffers)!r}, {self.shape(out)}, DT)"
+                return f"torch.matmul({lhs}, {rhs}, out={dest})"
+            return f"torch.matmul({lhs}, {rhs})"
         subs = ",".join("".join(self.letters[x] for x in ax) for _, ax in ops)
         res = "".join(self.letters[x] for x in out)
         return f"torch.einsum(\"{subs}->{res}\", {', '.join(c for c, _ in ops)})"
 
     def update_sum(self, e: Einsum, alpha: str | None, sec: Section, red: set[str], mask) -> None:
         """Accumulators are this query tile's own tensors: updated in place."""
-        contrib = self.reduce_sum(e, sec, red, mask)
+        terms = self.sum_terms(e, sec, red, mask)
         head = e.name if alpha is None else f"{e.name}.mul_({alpha})"
-        if contrib.startswith("-"):
-            sec.add(f"{head}.sub_({contrib[1:].strip()})")
+        if all(sign == "-" for sign, _ in terms):
+            sec.add(f"{head}.sub_({' + '.join(code for _, code in terms)})")
         else:
-            sec.add(f"{head}.add_({contrib})")
+            sec.add(f"{head}.add_({join_terms(terms)})")
 
     def count_presence(self, g, mask: tuple | None, sec: Section) -> None:
         if mask is None:  # a full tile: every row, no tensor needed
@@ -617,20 +632,44 @@ class StageEmitter(BlockEmitter):
         axes = self.axes_of[t]
         e = self.local[t]
         view, vaxes = self.view(t, [i.name for i in e.target.indices], store=True)
-        if not self.qset & set(axes):
+        across = bool(set(e.reduced) & self.qset)  # summed over every query tile: accumulate
+        if not self.qset & set(axes) and not across:
             raise LoweringError(f"{t} has no query rank; the CPU emitter stores per query tile")
         idx = [f"q_lo_{ax}:q_hi_{ax} + 1" if ax in self.qset else ":" for ax in vaxes]
         while idx and idx[-1] == ":":
             idx.pop()
         val = t
         pres, pax = self.pres_after.get(t, (None, ()))
-        fill = next((o.fill for o in self.c.outputs if o.name == t), 0.0)
-        if pres:
+        fill = 0.0 if across else next((o.fill for o in self.c.outputs if o.name == t), 0.0)
+        if pres and not across:  # a sum across query tiles adds only what it saw
             val = f"torch.where({self.align(pres, pax, axes)}, {t}, {self.number(float(fill))})"
-        sec.add(f"{view}[{', '.join(idx)}] = {val}" if idx else f"{view}[...] = {val}")
+        target = f"{view}[{', '.join(idx)}]" if idx else f"{view}[...]"
+        sec.add(f"{target} {'+=' if across else '='} {val}")
+
+    def tile_store(self, e: Einsum, presence: tuple | None, sec: Section) -> None:
+        t, axes = e.name, self.axes_of[e.name]
+        view, vaxes = self.view(t, [i.name for i in e.target.indices], store=True)
+        idx = [f"q_lo_{ax}:q_hi_{ax} + 1" if ax in self.qset else f"k_lo_{ax}:k_hi_{ax} + 1" if ax in self.kset
+               else ":" for ax in vaxes]
+        val = t
+        if presence is not None:
+            fill = next(o.fill for o in self.c.outputs if o.name == t)
+            val = self.select(self.align(presence[0], presence[1], axes), t, self.number(float(fill)))
+        sec.add(f"{view}[{', '.join(idx)}] = {val}")
+
+    def add_to_tile(self, e: Einsum, code: str, sec: Section) -> None:
+        view, vaxes = self.view(e.name, [i.name for i in e.target.indices], store=True)
+        idx = [f"k_lo_{ax}:k_hi_{ax} + 1" if ax in self.kset else ":" for ax in vaxes]
+        sec.add(f"{view}[{', '.join(idx)}] += {code}")
+
+    def tile_sum(self, e: Einsum, sec: Section) -> None:
+        self.current, self.scratch, self.buffers = e, e.name, 0
+        super().tile_sum(e, sec)
+        self.current, self.scratch = None, None
 
     def arg_names(self) -> dict:
-        tensors = list(dict.fromkeys(f"{t}_all" for t in self.s.loads + self.s.stores))
+        sums = tuple(e.name for e in self.s.of_kind("tile_sum"))
+        tensors = list(dict.fromkeys(f"{t}_all" for t in self.s.loads + self.s.stores + tuple(self.s.tile_stores) + sums))
         return {"tensors": tensors, "scalars": list(self.c.dims) + [p.name for p in self.c.params]}
 
 
@@ -672,8 +711,10 @@ class CpuKernel:
 
     backend = "cpu"
 
-    def __init__(self, cascade: Cascade, block_q: int = DEFAULT_BLOCK_Q, block_s: int = DEFAULT_BLOCK_S):
+    def __init__(self, cascade: Cascade, block_q: int = DEFAULT_BLOCK_Q, block_s: int = DEFAULT_BLOCK_S,
+                 fp32_outputs: frozenset = frozenset()):
         self.cascade = cascade
+        self.fp32_outputs = frozenset(fp32_outputs)  # outputs kept in fp32 (saved statistics)
         self.plan: Plan = build_plan(cascade)
         self.block_q, self.block_s = block_q, block_s
         self._source, self.emitters = emit_plan(self.plan, str(cascade))
@@ -693,6 +734,16 @@ class CpuKernel:
         raise LoweringError("the CPU backend generates PyTorch code; it has no compiled GPU kernel")
 
     def __call__(self, **args):
+        if wants_grad(args):
+            return record(self, self.training, self.run, args)
+        return self.run(args)
+
+    @cached_property
+    def training(self) -> Training:
+        """The training forward and the fused backward, on this backend with these tiles."""
+        return Training(self.cascade, lambda c, fp32: CpuKernel(c, self.block_q, self.block_s, fp32))
+
+    def run(self, args: dict):
         tensors, extents, params = bind_arguments(self.cascade, dict(args))
         c = self.plan.cascade
         floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
@@ -715,10 +766,11 @@ class CpuKernel:
             kw = {n: scal[n] for n in names["scalars"]}
             fn(*targs, **kw, BLOCK_Q=self.block_q, BLOCK_S=self.block_s, DT=dt, _stats=stats)
         self.last_stats = stats
-        return collect_outputs(c, buffers, out_dtype)
+        return collect_outputs(c, buffers, out_dtype, self.fp32_outputs)
 
 
-def compile_cpu(cascade: Cascade, block_q: int = DEFAULT_BLOCK_Q, block_s: int = DEFAULT_BLOCK_S) -> CpuKernel:
+def compile_cpu(cascade: Cascade, block_q: int = DEFAULT_BLOCK_Q, block_s: int = DEFAULT_BLOCK_S,
+                fp32_outputs: frozenset = frozenset()) -> CpuKernel:
     """The tiled CPU kernel of `cascade`; raises LoweringError (with the reason) when the plan
     has no fused lowering for it."""
-    return CpuKernel(cascade, block_q=block_q, block_s=block_s)
+    return CpuKernel(cascade, block_q=block_q, block_s=block_s, fp32_outputs=fp32_outputs)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import cached_property
 
 import torch
 
 from einsum_ir.codegen import cache, dispatch
+from einsum_ir.codegen.autograd import Training, record, wants_grad
 from einsum_ir.codegen.dispatch import INTERPRETER_CONFIG, Config, DispatchKey
 from einsum_ir.codegen.modules import check_compiler, check_interpreter, interpret_env, load_module
 from einsum_ir.codegen.outputs import collect_outputs
@@ -49,10 +51,11 @@ class TritonKernel:
 
     backend = "triton"
 
-    def __init__(self, cascade: Cascade):
+    def __init__(self, cascade: Cascade, fp32_outputs: frozenset = frozenset()):
         from einsum_ir.codegen.triton_emit import stage_emitters
 
         self.cascade = cascade
+        self.fp32_outputs = frozenset(fp32_outputs)  # outputs kept in fp32 (saved statistics)
         self.plan: Plan = build_plan(cascade)
         self._source = kernel_source(self.plan, cascade)
         self.emitters = stage_emitters(self.plan)
@@ -110,7 +113,14 @@ class TritonKernel:
         return tensors, extents, params
 
     def __call__(self, **args):
+        if wants_grad(args):
+            return record(self, self.training, self.run, args)
         return self.run(args)
+
+    @cached_property
+    def training(self) -> Training:
+        """The training forward and the fused backward, as Triton kernels."""
+        return Training(self.cascade, lambda c, fp32: TritonKernel(c, fp32))
 
     def run(self, args: dict, config: Config | None = None):
         """One call; `config` forces a launch config (the autotuner times candidates this way)."""
@@ -150,13 +160,19 @@ class TritonKernel:
             check_compiler()
         module = load_module(self._source, interpret=interpret)
         buffers = dict(tensors)
-        atomic = {t for s in self.plan.stages for t in s.grid_reduce}
+        atomic = {t for s in self.plan.stages for t in s.atomic} | \
+            {e.name for s in self.plan.stages for e in s.of_kind("tile_sum")}
+        tiled = {t for s in self.plan.stages for t in s.tile_stores}
         for name in c.output_names + list(self.plan.intermediates):
             shape = [extents[r] for r in c.tensors[name].ranks]
             if name in atomic:
                 buffers[name] = torch.zeros(shape, dtype=torch.float32, device=device)
+            elif name in tiled:  # written only where the key loop visits: the rest is the fill
+                fill = next(o.fill for o in c.outputs if o.name == name)
+                buffers[name] = torch.full(shape, float(fill), dtype=out_dtype, device=device)
             elif name in c.output_names:
-                buffers[name] = torch.empty(shape, dtype=out_dtype, device=device)
+                dtype = torch.float32 if name in self.fp32_outputs else out_dtype
+                buffers[name] = torch.empty(shape, dtype=dtype, device=device)
             else:
                 buffers[name] = torch.empty(shape, dtype=torch.float32, device=device)
         bucket = key.extents()
@@ -198,7 +214,7 @@ class TritonKernel:
                         fn[grid](*kargs, **kw, **opts)
                 else:
                     fn[grid](*kargs, **kw, **opts)
-        return collect_outputs(c, buffers, out_dtype)
+        return collect_outputs(c, buffers, out_dtype, self.fp32_outputs)
 
 
 class ReferenceKernel:

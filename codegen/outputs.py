@@ -6,11 +6,12 @@ import torch
 from einsum_ir.ir import Cascade
 
 
-def collect_outputs(cascade: Cascade, buffers: dict, out_dtype: torch.dtype):
-    """The cascade's outputs from the stage buffers, in `out_dtype`: one tensor or a tuple in
-    output order, like `ei.interpret`."""
+def collect_outputs(cascade: Cascade, buffers: dict, out_dtype: torch.dtype, fp32: frozenset = frozenset()):
+    """The cascade's outputs from the stage buffers, in `out_dtype` (those in `fp32` in at least
+    fp32: statistics saved for a backward): one tensor or a tuple in output order, like `ei.interpret`."""
     outs = []
     for name in cascade.output_names:
         t = buffers[name]
-        outs.append(t.to(out_dtype) if t.dtype != out_dtype else t)
+        want = torch.promote_types(out_dtype, torch.float32) if name in fp32 else out_dtype
+        outs.append(t.to(want) if t.dtype != want else t)
     return outs[0] if len(outs) == 1 else tuple(outs)

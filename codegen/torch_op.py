@@ -5,11 +5,12 @@ spec text: `tensors` in the order of its `input` line, `scalars` in the order of
 `param` lines. It is a `torch.library` custom op with a fake (meta) implementation, so
 torch.compile traces it as one opaque node with no graph break.
 
-Forward runs the compiled kernel (`ei.compile(cascade)`, backend "auto").
-Backward recomputes the forward through the reference interpreter under autograd and
-differentiates that (`einsum_ir::cascade_backward`, itself an opaque op so AOTAutograd can
-trace it). That is exact but not fused: it materializes the score matrix. docs/integration.md
-says so.
+The op returns the output and the O(N) values the fused backward reads (for softmax the row
+max and denominator, in fp32): the training forward of `ei.grad` (codegen/autograd.py). Its
+backward, `einsum_ir::cascade_backward` (itself an opaque op, so AOTAutograd traces it), runs
+the fused backward kernels. A cascade with no derivable backward returns the output alone and
+recomputes it through the reference interpreter under autograd for the gradients (exact, O(N^2)
+memory), with the reason logged at WARNING once.
 
 `attention(q, k, v, ...)` is the SDPA-shaped entry point the torch.compile backend and the
 Hugging Face hook call: it builds the cascade from an `AttentionPattern`, reshapes grouped
@@ -17,18 +18,20 @@ query heads into (G, R) ranks and mask tensors into the ranks they carry.
 """
 from __future__ import annotations
 
+import logging
 import math
-from contextlib import ExitStack
 from functools import lru_cache
 from typing import Callable, Sequence
 
 import torch
 
-from einsum_ir.errors import BindError
+from einsum_ir.codegen.autograd import Training, recompute_gradients, run_backward, training_forward
+from einsum_ir.errors import BindError, LoweringError
 from einsum_ir.frontends.attention import AttentionPattern, is_default_scale
-from einsum_ir.interpreter import interpret
 from einsum_ir.ir import Cascade
 from einsum_ir.parser import parse
+
+log = logging.getLogger("einsum_ir")
 
 
 @lru_cache(maxsize=None)
@@ -45,6 +48,22 @@ def _kernel(spec: str) -> Callable[..., torch.Tensor]:
     return compile_cascade(cascade_of(spec), backend="auto")
 
 
+@lru_cache(maxsize=None)
+def _training(spec: str) -> Training | None:
+    """The training forward and fused backward of `spec` (backend "auto" per cascade), or None
+    when no backward is derived (the reason logged at WARNING, once per spec)."""
+    from einsum_ir.codegen.api import AutoKernel
+
+    t = Training(cascade_of(spec), lambda c, fp32: AutoKernel(c, fp32_outputs=fp32))
+    try:
+        t.gradient
+    except LoweringError as err:
+        log.warning("no fused backward for this cascade; its gradients recompute it through the "
+                    "reference interpreter (O(N^2) memory): %s", err)
+        return None
+    return t
+
+
 def _arguments(c: Cascade, tensors: Sequence[torch.Tensor], scalars: Sequence[float]) -> dict:
     """Keyword arguments for a kernel or the interpreter from the op's positional lists."""
     runtime = [p for p in c.params if p.type is not None]
@@ -57,16 +76,16 @@ def _arguments(c: Cascade, tensors: Sequence[torch.Tensor], scalars: Sequence[fl
     return args
 
 
-def _output_shape(c: Cascade, tensors: Sequence[torch.Tensor]) -> list:
-    """The output's shape from the inputs' (possibly symbolic) sizes, without running."""
+def _shape(c: Cascade, name: str, tensors: Sequence[torch.Tensor], inputs: Cascade) -> list:
+    """A tensor's shape from the inputs' (possibly symbolic) sizes, without running."""
     extent = {}
-    for decl, t in zip(c.inputs, tensors):
+    for decl, t in zip(inputs.inputs, tensors):
         for idx, size in zip(decl.indices, t.shape):
             extent[idx.upper()] = size
-    ranks = c.tensors[c.outputs[0].name].ranks
+    ranks = c.tensors[name].ranks
     missing = [r for r in ranks if r not in extent]
     if missing:
-        raise BindError(f"output {c.outputs[0].name} has rank(s) {', '.join(missing)} that no input binds")
+        raise BindError(f"output {name} has rank(s) {', '.join(missing)} that no input binds")
     return [extent[r] for r in ranks]
 
 
@@ -76,74 +95,76 @@ def _result_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
 
 
 @torch.library.custom_op("einsum_ir::cascade", mutates_args=())
-def cascade_op(spec: str, tensors: list[torch.Tensor], scalars: list[float]) -> torch.Tensor:
+def cascade_op(spec: str, tensors: list[torch.Tensor], scalars: list[float]) -> list[torch.Tensor]:
+    """[the output, then the values saved for the fused backward (none without one)]."""
+    c = _single_output(spec)
+    args = _arguments(c, tensors, scalars)
+    t = _training(spec)
+    with torch.no_grad():
+        if t is None:
+            return [_kernel(spec)(**args)]
+        outputs, saved = training_forward(t, args)
+    return [*outputs, *saved.values()]
+
+
+def _single_output(spec: str) -> Cascade:
     c = cascade_of(spec)
     if len(c.outputs) != 1:
         raise BindError(f"the custom op runs single-output cascades; this one has {c.output_names}")
-    return _kernel(spec)(**_arguments(c, tensors, scalars))
+    return c
 
 
 @cascade_op.register_fake
-def _(spec: str, tensors: list[torch.Tensor], scalars: list[float]) -> torch.Tensor:
-    c = cascade_of(spec)
-    return tensors[0].new_empty(_output_shape(c, tensors), dtype=_result_dtype(tensors))
+def _(spec: str, tensors: list[torch.Tensor], scalars: list[float]) -> list[torch.Tensor]:
+    c = _single_output(spec)
+    dtype = _result_dtype(tensors)
+    out = [tensors[0].new_empty(_shape(c, c.outputs[0].name, tensors, c), dtype=dtype)]
+    t = _training(spec)
+    if t is not None:
+        g = t.gradient
+        out += [tensors[0].new_empty(_shape(g.forward, n, tensors, c), dtype=torch.promote_types(dtype, torch.float32))
+                for n in g.saved]
+    return out
 
 
 @torch.library.custom_op("einsum_ir::cascade_backward", mutates_args=())
 def cascade_backward_op(spec: str, tensors: list[torch.Tensor], scalars: list[float],
-                        grad: torch.Tensor) -> list[torch.Tensor]:
-    """Gradients for every input (zeros for integer and boolean ones) by recomputation."""
+                        results: list[torch.Tensor], grad: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients for every input (zeros for integer and boolean ones): the fused backward from
+    the forward's `results` (output and saved values), else by recomputation."""
     c = cascade_of(spec)
-    with _autograd_recording():
-        leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in tensors]
-        out = interpret(c, **_arguments(c, leaves, scalars))
-        wanted = [leaf for leaf in leaves if leaf.requires_grad]
-        found = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
-    grads = []
-    for leaf in leaves:
-        g = next(found) if leaf.requires_grad else None
-        # A custom op's outputs may not alias its inputs (a gradient can be `grad` itself).
-        grads.append(torch.zeros_like(leaf) if g is None else g.clone())
-    return grads
-
-
-def _autograd_recording() -> ExitStack:
-    """Let autograd record inside a custom op's implementation.
-
-    torch.library runs an implementation below the Autograd dispatch keys (they are in the
-    thread-local exclude set), so a recomputation there builds no graph. This lifts the
-    exclusion of the Autograd keys only (autocast stays excluded) and turns grad mode on.
-    """
-    keys = torch._C.DispatchKey
-    autograd = (torch._C.DispatchKeySet(keys.AutogradFunctionality) |
-                torch._C.DispatchKeySet(keys.AutogradOther) |
-                torch._C.DispatchKeySet(keys.AutogradNestedTensor))
-    stack = ExitStack()
-    stack.enter_context(torch._C._ForceDispatchKeyGuard(
-        torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set() - autograd))
-    stack.enter_context(torch.enable_grad())
-    return stack
+    args = _arguments(c, tensors, scalars)
+    t = _training(spec)
+    if t is None:
+        found = recompute_gradients(c, args, (grad,))
+    else:
+        with torch.no_grad():
+            found = run_backward(t, args, tuple(results[:1]), dict(zip(t.gradient.saved, results[1:])), (grad,))
+    # A custom op's outputs may not alias its inputs (a gradient can be `grad` itself).
+    return [found[n].clone() if n in found else torch.zeros_like(x) for n, x in zip(c.input_names, tensors)]
 
 
 @cascade_backward_op.register_fake
 def _(spec: str, tensors: list[torch.Tensor], scalars: list[float],
-      grad: torch.Tensor) -> list[torch.Tensor]:
+      results: list[torch.Tensor], grad: torch.Tensor) -> list[torch.Tensor]:
     return [torch.empty_like(t) for t in tensors]
 
 
 def _setup_context(ctx, inputs, output) -> None:
     spec, tensors, scalars = inputs
-    ctx.spec, ctx.scalars = spec, scalars
-    ctx.save_for_backward(*tensors)
+    ctx.spec, ctx.scalars, ctx.n_tensors = spec, scalars, len(tensors)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*tensors, *output)
 
 
-def _backward(ctx, grad: torch.Tensor):
-    tensors = ctx.saved_tensors
-    grads = cascade_backward_op(ctx.spec, list(tensors), ctx.scalars, grad.contiguous())
+def _backward(ctx, grads: list[torch.Tensor]):
+    stored = ctx.saved_tensors
+    tensors, results = stored[:ctx.n_tensors], stored[ctx.n_tensors:]
+    found = cascade_backward_op(ctx.spec, list(tensors), ctx.scalars, list(results), grads[0].contiguous())
     # torch.library matches this against the inputs' pytree, in which a list of floats is
     # one leaf but an empty list (vacuously a list of tensors) is a node.
     no_grad_scalars = None if ctx.scalars else []
-    return None, [g if t.is_floating_point() else None for g, t in zip(grads, tensors)], no_grad_scalars
+    return None, [g if t.is_floating_point() else None for g, t in zip(found, tensors)], no_grad_scalars
 
 
 cascade_op.register_autograd(_backward, setup_context=_setup_context)
@@ -165,7 +186,7 @@ def run(cascade: Cascade | str, **args) -> torch.Tensor:
     if args:
         raise BindError(f"unexpected argument(s) {', '.join(args)}; tiles and derived params "
                         "cannot be passed through the custom op")
-    return cascade_op(spec, tensors, scalars)
+    return cascade_op(spec, tensors, scalars)[0]
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
@@ -197,7 +218,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
         tensors.append(mask)
     pat = AttentionPattern(**pattern)
     scalars = {"scale": scale, "W": window, "cap": softcap}
-    out = cascade_op(pat.spec(), tensors, [float(scalars[n]) for n in pat.runtime_params])
+    out = cascade_op(pat.spec(), tensors, [float(scalars[n]) for n in pat.runtime_params])[0]
     return out.reshape(b, h, p, value.shape[-1]) if gqa else out
 
 

@@ -204,6 +204,37 @@ class StageEmitter(BlockEmitter):
         self.cache[key] = val
         return val
 
+    def query_bound(self) -> tuple | None:
+        return ("q_valid", ("Q",))
+
+    def tile_store(self, e: Einsum, presence: tuple | None, sec: Section) -> None:
+        t, axes = e.name, self.axes_of[e.name]
+        ptr, masks = [f"{t}_ptr"], [self.align("q_valid", ("Q",), axes)]
+        for k, v in enumerate(i.name for i in e.target.indices):
+            ptr.append(f"{self.align(v, self.var_axes(v), axes)} * stride_{t}_{k}")
+            if v in self.s.stream and self.masked:
+                masks.append(self.align(f"({v} < {rank_of(v)})", ("S",), axes))
+            elif v in self.s.features:
+                masks.append(self.align(self.feature_mask(v), (v,), axes))
+        val = t
+        if presence is not None:
+            fill = next(o.fill for o in self.c.outputs if o.name == t)
+            val = self.select(self.align(presence[0], presence[1], axes), t, self.number(float(fill)))
+        sec.add(f"tl.store({' + '.join(ptr)}, ({val}).to({t}_ptr.dtype.element_ty), "
+                f"mask={' & '.join(dict.fromkeys(masks))})")
+
+    def add_to_tile(self, e: Einsum, code: str, sec: Section) -> None:
+        t, axes = e.name, self.axes_of[e.name]
+        ptr, masks = [f"{t}_ptr"], []
+        for k, v in enumerate(i.name for i in e.target.indices):
+            ptr.append(f"{self.align(v, self.var_axes(v), axes)} * stride_{t}_{k}")
+            if v in self.s.stream and self.masked:
+                masks.append(self.align(f"({v} < {rank_of(v)})", ("S",), axes))
+            elif v in self.s.features:
+                masks.append(self.align(self.feature_mask(v), (v,), axes))
+        tail = f", mask={' & '.join(dict.fromkeys(masks))})" if masks else ")"
+        sec.add(f"tl.atomic_add({' + '.join(ptr)}, {code}{tail}")
+
     def feature_mask(self, v: str) -> str:
         """`v < extent` over a feature rank's block, folded away when the block is the extent."""
         return f"_below({v}, {rank_of(v)}, {self.block(v)})"
@@ -251,6 +282,10 @@ class StageEmitter(BlockEmitter):
             return None
         A = A + rest
         a_axes, b_axes = self.canon((x, r)), self.canon((r, y))
+        if mask is not None and set(mask[1]) <= set(a_axes):  # the mask selects A: B's absent points are 0
+            B = [self.absent_as_zero(v) for v in B]
+        elif mask is not None:
+            A = [self.absent_as_zero(v) for v in A]
 
         def operand(vs, axes):
             if len(vs) == 1 and vs[0].kind == "native":
@@ -293,7 +328,7 @@ class StageEmitter(BlockEmitter):
     # ------------------------------------------------------------------ outside the loop
     def after_loop_einsum(self, e: Einsum, sec: Section) -> None:
         axes = self.axes_of[e.name]
-        if e.name in self.s.grid_reduce:
+        if e.name in self.s.atomic:
             v = self.emit(e.expr, sec)
             sec.add(f"{e.name} = {self.align(self.num(v), v.axes, axes)}")
             self.pres_after[e.name] = (None, ())
@@ -502,11 +537,12 @@ class StageEmitter(BlockEmitter):
         val = t
         pres, pax = self.pres_after.get(t, (None, ()))
         fill = next(o.fill for o in self.c.outputs if o.name == t) if t in self.c.output_names else 0.0
-        if pres:
+        across = t in self.s.atomic and self.s.kind(t) == "carried"  # a sum across programs adds what it saw
+        if pres and not across:
             val = f'tl.where({self.align(pres, pax, axes)}, {t}, {self.number(float(fill))})'
         mask = " & ".join(masks)
         tail = f", mask={mask})" if mask else ")"
-        if t in self.s.grid_reduce:
+        if t in self.s.atomic:
             sec.add(f"tl.atomic_add({' + '.join(ptr)}, {val}{tail}")
         else:
             sec.add(f"tl.store({' + '.join(ptr)}, ({val}).to({t}_ptr.dtype.element_ty){tail}")
@@ -514,8 +550,9 @@ class StageEmitter(BlockEmitter):
     def arg_names(self) -> list[tuple[str, str]]:
         """Kernel arguments as (name, kind): ptr, stride, dim, param, blist_ptr, blist_dim, constexpr."""
         c, s = self.c, self.s
-        args = [(f"{t}_ptr", "ptr") for t in s.loads + s.stores]
-        for t in s.loads + s.stores:
+        tensors = s.loads + s.stores + tuple(s.tile_stores) + tuple(e.name for e in s.of_kind("tile_sum"))
+        args = [(f"{t}_ptr", "ptr") for t in tensors]
+        for t in tensors:
             args += [(f"stride_{t}_{k}", "stride") for k in range(len(c.tensors[t].ranks))]
         feats = {rank_of(f) for f in s.features}
         args += [(d, "dim") for d in c.dims if d not in feats]

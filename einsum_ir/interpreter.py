@@ -65,9 +65,17 @@ def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return a & b
 
 
+def _present(v: Labeled) -> torch.Tensor:
+    """The data with absent points set to 0: what they hold is never part of a result, and a
+    NaN there (exp(-inf - -inf) on a row that saw nothing) would poison autograd's gradients."""
+    if v.mask is None or not v.data.is_floating_point():
+        return v.data
+    return torch.where(v.mask, v.data, torch.zeros((), dtype=v.data.dtype, device=v.data.device))
+
+
 def _broadcast(values: list[Labeled]) -> tuple[tuple[str, ...], list[torch.Tensor], torch.Tensor | None]:
     labels = _union(*(v.labels for v in values))
-    datas = [_align(v.data, v.labels, labels) for v in values]
+    datas = [_align(_present(v), v.labels, labels) for v in values]
     mask = None
     for v in values:
         if v.mask is not None:

@@ -30,7 +30,7 @@ partial tiles, so the attention kernel runs two branch-free loops over them).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy
 
@@ -222,6 +222,14 @@ class KeyLoop:
         if self.heavy_last:
             text += "; heaviest query tiles first"
         return text
+
+
+def masked_everywhere(loop: KeyLoop) -> KeyLoop:
+    """The same loop with every tile masked: for a stage whose values are guarded by predicates
+    that the skipped region does not decide (a tile outside it may still hold absent points)."""
+    def masked(segments):
+        return tuple(replace(s, masked=True) for s in segments)
+    return replace(loop, key_segments=masked(loop.key_segments), tile_segments=masked(loop.tile_segments))
 
 
 class _Names:

@@ -16,7 +16,7 @@ from einsum_ir.ir import Cascade, Einsum, Expr
 from einsum_ir.lowering.keyranges import KeyLoop
 from einsum_ir.printer import print_expr
 
-KINDS = ("prologue", "key_side", "stream", "carried", "epilogue")
+KINDS = ("prologue", "key_side", "stream", "carried", "tile_sum", "epilogue")
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class Stage:
     """One kernel launch: a grid of (query tiles) x (grid ranks), each program looping over key
     tiles. Einsum classes: `prologue` (no key rank, before the loop), `key_side` (key rank, no
     query rank), `stream` (both), `carried` (reduces the key rank: a loop-carried accumulator),
-    `epilogue` (after the loop)."""
+    `tile_sum` (keeps the key rank and sums the query rank: each program adds its key tile's
+    share to the output, atomically), `epilogue` (after the loop)."""
 
     index: int
     stream: tuple[str, ...]  # key index variables (one tile axis)
@@ -49,7 +50,9 @@ class Stage:
     rescale: Mapping[str, sympy.Expr]  # carried sum -> factor when its maxima grow (1: none)
     loads: tuple[str, ...]
     stores: tuple[str, ...]
-    grid_reduce: frozenset[str]  # epilogues that sum a grid rank: atomic accumulation
+    atomic: frozenset[str]  # summed across programs (a grid or query rank reduced): atomic adds
+    tile_stores: Mapping[str, tuple[str, ...]]  # stream outputs written tile by tile (a gradient over
+    # both token ranks) -> the guards that decide where they are present
     predicate: Expr | None  # guards every carried reduction: what the key loop skips by
     loop: KeyLoop
     guards: Mapping[str, Expr]  # masked tiles: stream Einsum -> where its points are present
@@ -76,8 +79,10 @@ class Stage:
             extra = " (online max)" if e.name in self.online else ""
             if self.rescale.get(e.name, 1) != 1:
                 extra = f" (rescaled by {self.rescale[e.name]})"
-            if e.name in self.grid_reduce:
-                extra = " (atomic over grid)"
+            if e.name in self.atomic:
+                extra = " (summed across programs: atomic)"
+            if e.name in self.tile_stores:
+                extra = " (written tile by tile)"
             if self.sentinels and e.name in self.sentinels:
                 value, guards = self.sentinels[e.name]
                 extra = f" (absent points = {value}: {', '.join(guards)})"

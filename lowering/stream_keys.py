@@ -38,7 +38,7 @@ from einsum_ir.lowering.absence import place_sentinels
 from einsum_ir.lowering.base2 import fold_log2e
 from einsum_ir.lowering.defer import defer_division
 from einsum_ir.lowering.exprs import tensors_read, to_sympy
-from einsum_ir.lowering.keyranges import key_loop
+from einsum_ir.lowering.keyranges import key_loop, masked_everywhere
 from einsum_ir.lowering.online import rescale_ratio
 from einsum_ir.lowering.plan import Plan, PresenceGroup, Stage
 
@@ -114,6 +114,12 @@ def _reduced_later(c: Cascade, graph: CascadeGraph, name: str) -> set[str]:
     return out
 
 
+def _keepers(c: Cascade, ranks: list[str]) -> int:
+    """How many of the cascade's outputs keep one of `ranks` (a query side). Counted over all
+    outputs, so every score contraction of one token-rank pair streams the same side."""
+    return sum(1 for o in c.output_names if set(ranks) & set(c.einsum(o).lhs_vars))
+
+
 def _find_stages(c: Cascade, graph: CascadeGraph) -> list[_Draft]:
     drafts: dict[tuple, _Draft] = {}
     for e in c.einsums:
@@ -127,7 +133,12 @@ def _find_stages(c: Cascade, graph: CascadeGraph) -> list[_Draft]:
             stream, qside = sb, a
         elif sa and not sb:
             stream, qside = sa, b
-        elif sa and sb:  # both sides reduced later: the side its direct readers reduce
+        elif sa and sb and _keepers(c, a) != _keepers(c, b):
+            # both sides reduced later: stream the side fewer outputs keep, so that fewest
+            # outputs are summed across programs (a backward keeps the keys in dK and dV, the
+            # queries in dQ: it streams the queries, and dQ is added up tile by tile)
+            stream, qside = (sb, a) if _keepers(c, a) > _keepers(c, b) else (sa, b)
+        elif sa and sb:  # otherwise the side its direct readers reduce
             direct = set()
             for r in graph.readers.get(e.name, ()):
                 direct |= set(c.einsum(r).reduced)
@@ -166,12 +177,20 @@ def _assign(c: Cascade, graph: CascadeGraph, drafts: list[_Draft]) -> dict[str, 
             pending.append(e)
     for e in reversed(pending):  # prologue: the stage of the first reader
         readers = [owner[d] for d in graph.descendants[e.name] if owner.get(d) is not None]
+        if not readers:  # feeds no stage: computed once per query tile of a stage it fits
+            readers = [d for d in drafts if set(e.space) <= set(d.query) | set(d.grid) | _feature_vars(c, e, d)
+                       and set(d.query) & set(e.lhs_vars)]
         if not readers:
             raise LoweringError(f"{e.name} reads no key-side value and feeds no stage")
         owner[e.name] = min(readers, key=drafts.index)
     for e in graph.order:
         owner[e.name].einsums.append(e)
     return owner  # type: ignore[return-value]
+
+
+def _feature_vars(c: Cascade, e: Einsum, d: _Draft) -> set[str]:
+    """The index variables of `e` that are neither token nor grid ranks of stage `d`."""
+    return {v for v in e.space if v not in d.stream and v not in d.query and v not in d.grid}
 
 
 def _order(graph: CascadeGraph, drafts: list[_Draft], owner: dict[str, _Draft]) -> list[_Draft]:
@@ -191,21 +210,31 @@ def _order(graph: CascadeGraph, drafts: list[_Draft], owner: dict[str, _Draft]) 
 # ---------------------------------------------------------------------------- one stage
 
 
+IN_LOOP = ("stream", "key_side", "carried", "tile_sum")
+REDUCTIONS = ("carried", "tile_sum")  # what the key loop's skipped tiles must not reach
+
+
 def _stage(c: Cascade, graph: CascadeGraph, index: int, d: _Draft, owner: dict[str, _Draft]) -> Stage:
     local = {e.name for e in d.einsums}
     kinds = _classify(c, graph, d, local)
-    grid_reduce = _grid_reduce(d, kinds)
+    atomic = _atomic(d, kinds)
     online = _online(c, d, kinds)
-    in_loop = [e for e in d.einsums if kinds[e.name] in ("stream", "key_side", "carried")]
+    in_loop = [e for e in d.einsums if kinds[e.name] in IN_LOOP]
     depends = {e.name: frozenset(graph.ancestors[e.name] & local) for e in d.einsums}
     rescale = {e.name: _rescale(c, d, kinds, online, depends, e) for e in in_loop if kinds[e.name] == "carried"}
-    stores, loads = [], []
+    stores, loads, tile_stores = [], [], []
     for e in d.einsums:
         readers = graph.readers.get(e.name, ())
         if e.name in c.output_names or any(owner[r] is not d for r in readers):
+            if (kinds[e.name] == "stream" and e.name in c.output_names and not any(owner[r] is not d for r in readers)
+                    and set(d.stream) | set(d.query) <= set(e.lhs_vars)):
+                tile_stores.append(e.name)  # an output over queries and keys: each tile written once
+                continue
+            if kinds[e.name] == "tile_sum":
+                continue  # added to its output inside the loop
             if kinds[e.name] in ("stream", "key_side"):
                 raise LoweringError(f"{e.name} holds a value per key (rank {','.join(d.stream)}) that "
-                                    f"is read after the key loop or returned; storing it needs another pass")
+                                    f"is read after the key loop; storing it needs another pass")
             stores.append(e.name)
     for e in d.einsums:
         for t in tensors_read(e.expr) + tensors_read(e.where):
@@ -213,20 +242,29 @@ def _stage(c: Cascade, graph: CascadeGraph, index: int, d: _Draft, owner: dict[s
                 loads.append(t)
     predicate = _stage_predicate(d, kinds, depends)
     loop = key_loop(predicate, d.query, d.stream, c.dims)
+    undecided = _undecided_wheres(d, kinds, predicate)
+    if undecided and loop.block_list:
+        raise LoweringError(f"{undecided[0].name}'s predicate is not shared by every carried reduction and the "
+                            f"key loop's mask is built at run time; give the reductions one predicate")
+    if undecided:
+        loop = masked_everywhere(loop)
     guards = _guards(d, kinds, local)
     carried = [e for e in in_loop if kinds[e.name] == "carried"]
-    sentinels = place_sentinels(in_loop, kinds, list(guards), set(online), depends) if guards else {}
+    sums = {n: "carried" if k == "tile_sum" else k for n, k in kinds.items()}  # both take identities
+    sentinels = place_sentinels(in_loop, sums, list(guards), set(online), depends) if guards else {}
     self_masked = {}
-    if sentinels is not None:  # carried reductions the sentinels do not reach mask themselves
-        for e in carried:
+    if sentinels is not None:  # reductions the sentinels do not reach mask themselves
+        for e in (e for e in in_loop if kinds[e.name] in REDUCTIONS):
             parts = [e.where] if e.where is not None else []
             if not depends[e.name] & set(guards):
                 parts.append(_key_bound(d))
             if parts:
                 self_masked[e.name] = _conjunction(parts)
     return Stage(index, d.stream, d.query, d.grid, _features(d), tuple(d.einsums), kinds, tuple(online),
-                 rescale, tuple(loads), tuple(stores), frozenset(grid_reduce), predicate, loop, guards,
-                 sentinels, self_masked, _groups(carried, guards, depends, online, d), _last_use(in_loop))
+                 rescale, tuple(loads), tuple(stores), frozenset(atomic),
+                 {t: tuple(g for g in guards if g in depends[t] | {t}) for t in tile_stores}, predicate, loop,
+                 guards, sentinels, self_masked, _groups(carried, guards, depends, online, d),
+                 _last_use(in_loop))
 
 
 def _classify(c: Cascade, graph: CascadeGraph, d: _Draft, local: set[str]) -> dict[str, str]:
@@ -240,7 +278,18 @@ def _classify(c: Cascade, graph: CascadeGraph, d: _Draft, local: set[str]) -> di
             if e.reduce not in ("sum", "max"):
                 raise LoweringError(f"{e.name} is a {e.reduce} over the key rank; only sum and max "
                                     f"reductions stream")
+            across = set(e.reduced) & (set(d.query) | set(d.grid))
+            if across and (e.reduce != "sum" or not set(d.query) <= set(e.reduced) and set(d.query) & across):
+                raise LoweringError(f"{e.name} reduces {sorted(across)} across programs with {e.reduce}; only "
+                                    f"a sum over whole query ranks adds up atomically")
             kinds[e.name] = "carried"
+        elif stream & space and set(d.query) <= set(e.reduced):
+            # a value per key summed over the program's queries (a gradient dQ when the keys'
+            # programs stream the queries): each program adds its share, tile by tile
+            if e.reduce != "sum" or e.name not in c.output_names or graph.readers.get(e.name):
+                raise LoweringError(f"{e.name} sums the query rank(s) {','.join(d.query)} inside the key loop; "
+                                    f"that adds up across programs only for an output sum nothing else reads")
+            kinds[e.name] = "tile_sum"
         elif stream & space:
             kinds[e.name] = "stream" if set(d.query) & space else "key_side"
         else:
@@ -256,17 +305,23 @@ def _classify(c: Cascade, graph: CascadeGraph, d: _Draft, local: set[str]) -> di
     return kinds
 
 
-def _grid_reduce(d: _Draft, kinds: dict[str, str]) -> set[str]:
-    return {e.name for e in d.einsums if kinds[e.name] == "epilogue" and set(e.reduced) & set(d.grid)}
+def _atomic(d: _Draft, kinds: dict[str, str]) -> set[str]:
+    """Values summed across programs: an epilogue over a grid rank (MoH's sum over heads), a
+    carried sum that also reduces a query or grid rank (a per-head scalar's gradient)."""
+    across = set(d.grid) | set(d.query)
+    return {e.name for e in d.einsums if (kinds[e.name] == "epilogue" and set(e.reduced) & set(d.grid))
+            or (kinds[e.name] == "carried" and set(e.reduced) & across)}
 
 
 def _online(c: Cascade, d: _Draft, kinds: dict[str, str]) -> list[str]:
     """Carried values read inside the loop: only maxima, which become running maxima."""
     online: list[str] = []
     for e in d.einsums:
-        if kinds[e.name] not in ("stream", "key_side", "carried"):
+        if kinds[e.name] not in IN_LOOP:
             continue
         for t in tensors_read(e.expr) + tensors_read(e.where):
+            if kinds.get(t) == "carried" and kinds[e.name] == "tile_sum":
+                raise LoweringError(f"{e.name} is added to its output tile by tile but reads the running {t}")
             if kinds.get(t) == "carried":
                 if c.einsum(t).reduce != "max":
                     raise LoweringError(f"{e.name} reads {t}, a full sum over {','.join(d.stream)}, inside "
@@ -301,18 +356,28 @@ def _rescale(c: Cascade, d: _Draft, kinds, online: list[str], depends, e: Einsum
 
 def _stage_predicate(d: _Draft, kinds, depends) -> Expr | None:
     """The predicate guarding every carried reduction of the stage (what tiles may be skipped by)."""
-    guarded = [e for e in d.einsums if kinds[e.name] in ("stream", "key_side") and e.where is not None]
-    if not guarded:
-        return None
-    common = None
-    for cr in (e for e in d.einsums if kinds[e.name] == "carried"):
-        mine = {g.name for g in guarded if g.name in depends[cr.name]}
-        if cr.where is not None:
-            mine.add(cr.name)
-        common = mine if common is None else common & mine
+    guarded = [e for e in d.einsums if kinds[e.name] in IN_LOOP and e.where is not None]
+    common: list[Expr] | None = None
+    for cr in (e for e in d.einsums if kinds[e.name] in REDUCTIONS):
+        mine = [g.where for g in guarded if g.name in depends[cr.name] | {cr.name}]
+        common = mine if common is None else [w for w in common if w in mine]
     if not common:
         return None
-    return _conjunction([g.where for g in guarded if g.name in common])
+    return _conjunction(list(dict.fromkeys(common)))
+
+
+def _undecided_wheres(d: _Draft, kinds, predicate: Expr | None) -> list[Einsum]:
+    """In-loop Einsums whose predicate is not part of the skip predicate: a tile the loop calls
+    full may still hold their absent points."""
+    decided = set(_conjuncts(predicate)) if predicate is not None else set()
+    return [e for e in d.einsums if kinds[e.name] in IN_LOOP and e.where is not None
+            and not set(_conjuncts(e.where)) <= decided]
+
+
+def _conjuncts(e: Expr) -> list[Expr]:
+    if isinstance(e, Binary) and e.op == "and":
+        return _conjuncts(e.lhs) + _conjuncts(e.rhs)
+    return [e]
 
 
 def _conjunction(parts: list[Expr]) -> Expr:
@@ -368,10 +433,18 @@ def _has_where(d: _Draft, name: str) -> bool:
 
 
 def _last_use(in_loop: list[Einsum]) -> dict[str, str]:
-    last = {}
+    """The last in-loop reader of each tensor. A plain copy `X = Y` may share Y's tile, so Y
+    lives as long as X does."""
+    position = {e.name: k for k, e in enumerate(in_loop)}
+    last: dict[str, str] = {}
     for e in in_loop:
         for t in tensors_read(e.expr) + tensors_read(e.where):
             last[t] = e.name
+    for e in reversed(in_loop):
+        if isinstance(e.expr, Access) and not e.reduced and e.where is None and e.name in last:
+            y = e.expr.tensor
+            if y in last and position[last[e.name]] > position[last[y]]:
+                last[y] = last[e.name]
     return last
 
 

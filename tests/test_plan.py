@@ -48,7 +48,7 @@ def test_agent_attention_is_two_stages_with_a_materialized_intermediate():
 
 def test_moh_sums_heads_atomically_in_the_epilogue():
     plan, k = kinds("moh")
-    assert plan.stages[0].grid_reduce == {"O"} and k["OH"] == "epilogue"
+    assert plan.stages[0].atomic == {"O"} and k["OH"] == "epilogue"
 
 
 def test_prologue_and_key_side_classes():

@@ -1,0 +1,481 @@
+"""Reverse-mode differentiation of a cascade, as a cascade transformation (`ei.grad`).
+
+The backward is derived from the cascade the forward kernel runs (the lowered one: division
+deferred, scores in base 2), mechanically, one Einsum at a time, in reverse order:
+
+- `Z[z] = sum_r f(..., A[a], ...) where pred` gives `dA[a] += sum (dZ[z] * df/dA) where pred`,
+  the sum over Z's indices that A lacks: a contraction's gradient is a contraction; an
+  elementwise map is the chain rule, with each function's partial derivatives from its registry
+  entry (`einsum_ir.functions`). The predicate carries over, so absent points get no gradient.
+- `Z = max_r S` gets no gradient when the outputs do not depend on it: shifting Z by any t
+  leaves every output unchanged, which is shown symbolically (`exp2(S - Z - t)` scales the
+  numerator and the denominator alike). Otherwise the gradient goes to the maximal points.
+- A tensor read by several Einsums sums their contributions.
+
+The forward saves the final values of its carried reductions (the running max GM and the
+denominator SD, the numerator O_num: all O(N)) and its inter-stage intermediates; the
+backward reads them instead of reducing again, and recomputes everything else (scores and
+their maps) tile by tile. A row that saw no key saves a safe value (0 for a max, 1 for a sum),
+so the backward's arithmetic stays finite there; its points are absent anyway.
+
+The gradients are split into two backward cascades that each lower to one kernel by the
+"stream keys under a query tile" strategy: a *query-side* one for the gradients of tensors
+without a key rank (dQ: its program owns a query tile and streams the keys) and a *key-side*
+one for the rest (dK, dV: a key tile per program, streaming the queries; a bias over both
+ranks is written tile by tile; a per-head scalar is summed across programs).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import sympy
+
+from einsum_ir.errors import LoweringError
+from einsum_ir.functions import FUNCTIONS
+from einsum_ir.graph import cascade_graph
+from einsum_ir.ir import (
+    FLOAT_DTYPES, Access, Binary, Call, Cascade, Einsum, Expr, Index, InputDecl, Name, Num, Output,
+    Unary, accesses, index_vars, rank_of, rebuild, walk,
+)
+from einsum_ir.lowering.defer import prune
+from einsum_ir.lowering.exprs import tensors_read, to_sympy
+
+# A saved carried value of a row that saw nothing: finite, and a divisor's 1 (DESIGN section 2:
+# its points are absent, so the value never reaches a result).
+SAFE_FILL = {"max": 0.0, "sum": 1.0}
+
+
+@dataclass(frozen=True)
+class Gradient:
+    """The forward for training and its backward cascades.
+
+    `forward` is the lowered forward with the saved values appended to its outputs; each
+    cascade in `backward` takes the forward's inputs, the saved values and the incoming
+    gradient of every output (`seeds`: output -> its name), and returns gradients (`grads`:
+    input -> its name). `zero` lists the floating inputs whose gradient is identically 0."""
+
+    cascade: Cascade
+    forward: Cascade
+    outputs: tuple[str, ...]
+    saved: tuple[str, ...]
+    prologue: Cascade | None
+    backward: tuple[Cascade, ...]
+    seeds: Mapping[str, str]
+    grads: Mapping[str, str]
+    zero: tuple[str, ...] = ()
+
+    @property
+    def cascades(self) -> tuple[Cascade, ...]:
+        """The backward's cascades in the order they run (the prologue first)."""
+        return ((self.prologue,) if self.prologue is not None else ()) + self.backward
+
+    def __str__(self) -> str:
+        parts = ["# training forward: the lowered forward, saving " + (", ".join(self.saved) or "nothing more"),
+                 str(self.forward)]
+        if self.prologue is not None:
+            parts += ["# backward prologue: per-query values (row statistics), no key loop", str(self.prologue)]
+        for k, b in enumerate(self.backward):
+            parts += ["# backward: one program per key tile, streaming the queries", str(b)]
+        return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------- expressions
+
+
+def _zero(e: Expr) -> bool:
+    return isinstance(e, Num) and e.value == 0
+
+
+def _one(e: Expr) -> bool:
+    return isinstance(e, Num) and e.value == 1
+
+
+def add(a: Expr, b: Expr) -> Expr:
+    if _zero(a):
+        return b
+    if _zero(b):
+        return a
+    if isinstance(b, Unary) and b.op == "-":
+        return Binary("-", a, b.operand)
+    return Binary("+", a, b)
+
+
+def mul(a: Expr, b: Expr) -> Expr:
+    if _zero(a) or _zero(b):
+        return Num(0)
+    if _one(a):
+        return b
+    if _one(b):
+        return a
+    return Binary("*", a, b)
+
+
+def neg(a: Expr) -> Expr:
+    if _zero(a):
+        return a
+    if isinstance(a, Unary) and a.op == "-":
+        return a.operand
+    return Unary("-", a)
+
+
+def diff(expr: Expr, target: Access, value: Expr | None = None) -> Expr:
+    """d expr / d target for one plain access `target` (every read of its tensor in `expr` must
+    use the same indices). `value`, when given, holds expr's own value (the tensor an Einsum
+    writes), so `d exp(x) = exp(x) dx` reads it instead of recomputing it."""
+    if isinstance(expr, (Num, Name, Index)):
+        return Num(0)
+    if isinstance(expr, Access):
+        if expr.tensor != target.tensor:
+            return Num(0)
+        if expr != target:
+            raise LoweringError(f"the backward needs one index pattern per tensor, but {target.tensor} is "
+                                f"read as {_text(expr)} and as {_text(target)}")
+        return Num(1)
+    if isinstance(expr, Unary):
+        return Num(0) if expr.op == "not" else neg(diff(expr.operand, target))
+    if isinstance(expr, Binary):
+        if expr.op in ("+", "-"):
+            da, db = diff(expr.lhs, target), diff(expr.rhs, target)
+            return add(da, neg(db) if expr.op == "-" else db)
+        if expr.op == "*":
+            return add(mul(diff(expr.lhs, target), expr.rhs), mul(expr.lhs, diff(expr.rhs, target)))
+        if expr.op == "/":
+            da, db = diff(expr.lhs, target), diff(expr.rhs, target)
+            out = Binary("/", da, expr.rhs) if not _zero(da) else Num(0)
+            if not _zero(db):
+                out = add(out, neg(Binary("/", mul(expr.lhs, db), mul(expr.rhs, expr.rhs))))
+            return out
+        if any(a.tensor == target.tensor for a in accesses(expr)) and expr.op in ("//", "%"):
+            raise LoweringError(f"{_text(expr)} is integer arithmetic on {target.tensor}: no gradient")
+        return Num(0)  # comparisons, and, or: piecewise constant
+    assert isinstance(expr, Call)
+    if expr.fn not in FUNCTIONS:  # a predicate builtin
+        return Num(0)
+    f = FUNCTIONS[expr.fn]
+    out: Expr = Num(0)
+    for k, arg in enumerate(expr.args):
+        d = diff(arg, target)
+        if _zero(d):
+            continue
+        if f.derivative[k] is None:
+            raise LoweringError(f"{expr.fn}(...) has no derivative in argument {k + 1}, which reads {target.tensor}")
+        out = add(out, mul(f.derivative[k](expr.args, value if value is not None else expr), d))
+    return out
+
+
+def _text(e: Expr) -> str:
+    from einsum_ir.printer import print_expr
+
+    return print_expr(e)
+
+
+# ---------------------------------------------------------------------------- shift invariance
+
+
+def shift_invariant(c: Cascade, name: str) -> bool:
+    """Whether every output of `c` stays the same when the max `name` is shifted by any t.
+
+    Each tensor's shifted value is tracked as its own value times a factor of t, or plus an
+    offset in t (sympy decides which form an Einsum keeps); a sum passes a factor through, a
+    max passes an offset or a positive factor; an output must come back unchanged."""
+    t = sympy.Symbol("_shift", real=True)
+    graph = cascade_graph(c)
+    change: dict[str, tuple[str, sympy.Expr]] = {name: ("offset", t)}
+    for e in graph.order:
+        if e.name == name or not (graph.ancestors[e.name] & set(change)):
+            continue
+        if e.where is not None and set(tensors_read(e.where)) & set(change):
+            return False
+        old = to_sympy(e.expr, lambda a: sympy.Symbol("T_" + a.tensor))
+
+        def shifted(a: Access):
+            s = sympy.Symbol("T_" + a.tensor)
+            kind, v = change.get(a.tensor, ("factor", sympy.Integer(1)))
+            return s * v if kind == "factor" else s + v
+
+        new = to_sympy(e.expr, shifted)
+        form = _form(old, new, t)
+        if form is None:
+            return False
+        kind, v = form
+        if e.reduced and e.reduce == "sum" and kind == "offset" and v != 0:
+            return False  # an offset summed over points grows with their count
+        if e.reduced and e.reduce == "max" and kind == "factor" and not v.is_positive:
+            return False
+        if e.reduced and e.reduce not in ("sum", "max"):
+            return False
+        if (kind, v) not in (("factor", 1), ("offset", 0)):
+            change[e.name] = (kind, v)
+    return not set(change) & set(c.output_names)
+
+
+def _form(old: sympy.Expr, new: sympy.Expr, t: sympy.Symbol) -> tuple[str, sympy.Expr] | None:
+    ratio = sympy.simplify(sympy.powsimp(new / old, force=True)) if old != 0 else None
+    if ratio is not None and ratio.free_symbols <= {t}:
+        return "factor", ratio
+    offset = sympy.simplify(new - old)
+    if offset.free_symbols <= {t}:
+        return "offset", offset
+    return None
+
+
+# ---------------------------------------------------------------------------- the derivation
+
+
+class _Names:
+    def __init__(self, taken):
+        self.taken = set(taken)
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 2
+        while name in self.taken:
+            name, k = f"{base}{k}", k + 1
+        self.taken.add(name)
+        return name
+
+
+def grad(c: Cascade) -> Gradient:
+    """The training forward and the backward cascades of `c` (LoweringError when the backward
+    cannot be derived: recurrences, several forward stages, reads at shifted indices)."""
+    from einsum_ir.lowering.strategy import build_plan
+
+    plan = build_plan(c)
+    if len(plan.stages) != 1:
+        raise LoweringError(f"the forward runs {len(plan.stages)} stages (an intermediate between two key "
+                            f"loops); the backward is derived for one-stage forwards")
+    lowered = plan.cascade
+    (stage,) = plan.stages
+    saved = tuple(e.name for e in stage.einsums if stage.kind(e.name) == "carried")
+    names = _Names(list(lowered.tensors) + list(lowered.dims) + [p.name for p in lowered.params])
+    seeds = {o: names("d" + o) for o in lowered.output_names}
+    floating = [d.name for d in lowered.inputs if (d.dtype or "fp32") in FLOAT_DTYPES]
+    grads_of, einsums = _reverse(lowered, seeds, names)
+    einsums = _recover_from_outputs(lowered, saved, einsums)
+    recomputed = [e for e in lowered.einsums if e.name not in saved and e.name not in lowered.output_names]
+    read = {t for e in einsums + recomputed for t in tensors_read(e.expr) + tensors_read(e.where)}
+    saved = tuple(n for n in saved if n in read and n not in lowered.output_names)
+    grads = {x: grads_of[x] for x in floating if x in grads_of}
+    zero = tuple(x for x in floating if x not in grads_of)
+    forward = _training_forward(lowered, stage, saved)
+    inputs = _backward_inputs(lowered, saved, seeds)
+    recomputed = [e for e in lowered.einsums if e.name not in saved and e.name not in lowered.output_names]
+    per_query = _per_query(recomputed + einsums, set(stage.stream), inputs)
+    keyed = [e for e in einsums if e.name not in per_query]
+    early = [e.name for e in einsums if e.name in per_query and (
+        e.name in grads.values() or e.reduced and any(e.name in tensors_read(k.expr) + tensors_read(k.where)
+                                                      for k in keyed))]
+    prologue = None
+    if early:
+        prologue = _backward_cascade(lowered, saved, inputs, [e for e in einsums if e.name in per_query], early,
+                                     recompute=[e for e in recomputed if e.name in per_query])
+    late = [n for n in grads.values() if n not in early]
+    backward = ()
+    if late:
+        given = tuple(InputDecl(n, tuple(i.name for i in _einsum(einsums, n).target.indices)) for n in early)
+        backward = (_backward_cascade(lowered, saved, inputs + given,
+                                      [e for e in einsums if e.name not in early], late),)
+    return Gradient(c, forward, tuple(lowered.output_names), saved, prologue, backward, seeds, grads, zero)
+
+
+def _einsum(einsums: list[Einsum], name: str) -> Einsum:
+    return next(e for e in einsums if e.name == name)
+
+
+def _per_query(einsums: list[Einsum], stream: set[str], inputs) -> set[str]:
+    """Gradient Einsums computed from per-query values alone (no key rank anywhere upstream).
+    The reductions among them are row statistics, computed once before the key-tile kernel
+    rather than in each of its tiles: FlashAttention-2's `D = rowsum(dO * O)`."""
+    per_query = {d.name for d in inputs if not set(d.indices) & stream}
+    for e in einsums:
+        if not set(e.space) & stream and set(tensors_read(e.expr) + tensors_read(e.where)) <= per_query:
+            per_query.add(e.name)
+    return per_query - {d.name for d in inputs}
+
+
+def _training_forward(lowered: Cascade, stage, saved: tuple[str, ...]) -> Cascade:
+    extra = tuple(Output(n, SAFE_FILL[lowered.einsum(n).reduce]) for n in saved if n not in lowered.output_names)
+    return lowered.replace(outputs=lowered.outputs + extra)
+
+
+def _recover_from_outputs(lowered: Cascade, saved: tuple[str, ...], einsums: list[Einsum]) -> list[Einsum]:
+    """Read a saved value through an output that is a map of it, when that map inverts: the
+    numerator O_num of `O = O_num / SD` is `O * SD`, so the forward saves only SD and GM next
+    to the outputs it returns anyway."""
+    for x in saved:
+        if x in lowered.output_names:
+            continue
+        target = lowered.einsum(x).target
+        for y in lowered.output_names:
+            e = lowered.einsum(y)
+            if e.reduced or e.where is not None or e.target.indices != target.indices:
+                continue
+            reads = [a for a in accesses(e.expr) if a.tensor == x]
+            if len(reads) != 1 or reads[0] != target or not set(tensors_read(e.expr)) - {x} <= set(saved):
+                continue
+            value = _invert(e.expr, target, Access(y, e.target.indices))
+            if value is None:
+                continue
+            einsums = [replace(g, expr=substitute_access(g.expr, target, value)) for g in einsums]
+            break
+    return einsums
+
+
+def _invert(expr: Expr, x: Access, y: Expr) -> Expr | None:
+    """The `x` with `expr(x) == y`, for `expr` built of +, -, *, / with one read of x (else None)."""
+    if expr == x:
+        return y
+    if isinstance(expr, Unary) and expr.op == "-":
+        return _invert(expr.operand, x, neg(y))
+    if not isinstance(expr, Binary) or expr.op not in ("+", "-", "*", "/"):
+        return None
+    left = x.tensor in tensors_read(expr.lhs)
+    inner, other = (expr.lhs, expr.rhs) if left else (expr.rhs, expr.lhs)
+    if expr.op == "+":
+        return _invert(inner, x, Binary("-", y, other))
+    if expr.op == "*":
+        return _invert(inner, x, Binary("/", y, other))
+    if expr.op == "-":
+        return _invert(inner, x, Binary("+", y, other) if left else Binary("-", other, y))
+    return _invert(inner, x, Binary("*", y, other) if left else Binary("/", other, y))
+
+
+def substitute_access(expr: Expr, target: Access, value: Expr) -> Expr:
+    """`expr` with every read `target` (same indices) replaced by `value`."""
+    return rebuild(expr, lambda n: value if n == target else None)
+
+
+def _backward_inputs(lowered: Cascade, saved, seeds) -> tuple[InputDecl, ...]:
+    decls = list(lowered.inputs)
+    for n in tuple(saved) + tuple(lowered.output_names):
+        decls.append(InputDecl(n, tuple(i.name for i in lowered.einsum(n).target.indices)))
+    for o, d in seeds.items():
+        decls.append(InputDecl(d, tuple(i.name for i in lowered.einsum(o).target.indices)))
+    return tuple(decls)
+
+
+def _reverse(c: Cascade, seeds: dict[str, str], names: _Names) -> tuple[dict[str, str], list[Einsum]]:
+    """Gradient Einsums of every tensor that receives one, in an order the cascade can run."""
+    graph = cascade_graph(c)
+    contributions: dict[str, list[Access]] = {o: [Access(d, c.einsum(o).target.indices)] for o, d in seeds.items()}
+    out: list[Einsum] = []
+    grads: dict[str, str] = {}
+    for z in reversed(graph.order):
+        if z.name not in contributions:
+            continue
+        if z.recurrence_var is not None:
+            raise LoweringError(f"{z.name} is a recurrence: the backward is derived for multi-pass cascades")
+        if any(not isinstance(i, Index) for i in z.target.indices):
+            raise LoweringError(f"{z.name} is written at index expressions")
+        dz = _total(c, z, contributions.pop(z.name), names, out)
+        grads[z.name] = dz.tensor
+        if z.reduce == "max" and z.reduced:
+            if shift_invariant(c, z.name):
+                continue  # the outputs do not move with this max: no gradient (softmax's GM)
+            _argmax(c, z, dz, names, out, contributions)
+            continue
+        if z.reduce not in ("sum",):
+            raise LoweringError(f"{z.name} is a {z.reduce} reduction: no backward yet")
+        for a in _reads(z):
+            g = diff(z.expr, a, z.target if not z.reduced else None)
+            if _zero(g):
+                continue
+            if _one(g) and not z.reduced and z.where is None and a.indices == z.target.indices:
+                contributions.setdefault(a.tensor, []).append(dz)  # a copy passes its gradient on
+                continue
+            name = names(f"d{a.tensor}_{z.name}")
+            e = Einsum(Access(name, a.indices), mul(dz, g), "sum", z.where)
+            out.append(e)
+            contributions.setdefault(a.tensor, []).append(Access(name, a.indices))
+    for x in [d.name for d in c.inputs]:
+        if x in contributions:
+            grads[x] = _input_gradient(x, contributions.pop(x), names, out)
+    return grads, out
+
+
+def _reads(z: Einsum) -> list[Access]:
+    """One access per tensor the expression reads, each plain (distinct index variables)."""
+    seen: dict[str, Access] = {}
+    for a in accesses(z.expr):
+        if any(not isinstance(i, Index) for i in a.indices) or len(set(index_vars(a))) != len(a.indices):
+            raise LoweringError(f"{z.name} reads {_text(a)} at index expressions; the backward needs plain "
+                                f"reads (the gradient would scatter)")
+        if a.tensor in seen and seen[a.tensor] != a:
+            raise LoweringError(f"{z.name} reads {a.tensor} as {_text(seen[a.tensor])} and {_text(a)}")
+        seen[a.tensor] = a
+    return list(seen.values())
+
+
+def _total(c: Cascade, z: Einsum, parts: list[Access], names: _Names, out: list[Einsum]) -> Access:
+    """The gradient of an intermediate: its one contribution, or their sum as one more Einsum."""
+    if len(parts) == 1:
+        return parts[0]
+    total: Expr = Num(0)
+    for p in parts:
+        total = add(total, p)
+    name = names("d" + z.name)
+    out.append(Einsum(Access(name, z.target.indices), total))
+    return Access(name, z.target.indices)
+
+
+def _input_gradient(x: str, parts: list[Access], names: _Names, out: list[Einsum]) -> str:
+    """An input's gradient gets its own name (an output of the backward): its one contribution
+    renamed, or the sum of several."""
+    name = names("d" + x)
+    own = [k for k, e in enumerate(out) if e.name == parts[0].tensor]
+    read = any(parts[0].tensor in tensors_read(e.expr) for e in out)
+    if len(parts) == 1 and own and not read:
+        e = out[own[0]]
+        out[own[0]] = Einsum(Access(name, e.target.indices), e.expr, e.reduce, e.where)
+        return name
+    total: Expr = Num(0)
+    for p in parts:
+        total = add(total, p)
+    out.append(Einsum(Access(name, parts[0].indices), total))
+    return name
+
+
+def _argmax(c: Cascade, z: Einsum, dz: Access, names: _Names, out: list[Einsum], contributions) -> None:
+    """A max whose value the outputs read: its gradient splits over the points that attain it."""
+    if not isinstance(z.expr, Access):
+        raise LoweringError(f"{z.name} is a max of an expression; write the maximized tensor as its own Einsum")
+    a = z.expr
+    hit = Call("where", (Binary("==", a, z.target), Num(1.0), Num(0.0)))
+    count = names(f"n{z.name}")
+    out.append(Einsum(Access(count, z.target.indices), hit, "sum", z.where))
+    name = names(f"d{a.tensor}_{z.name}")
+    out.append(Einsum(Access(name, a.indices), Binary("/", mul(dz, hit), Access(count, z.target.indices)),
+                      "sum", z.where))
+    contributions.setdefault(a.tensor, []).append(Access(name, a.indices))
+
+
+def _backward_cascade(lowered: Cascade, saved, inputs, grad_einsums: list[Einsum], outs: list[str],
+                      recompute: list[Einsum] | None = None) -> Cascade:
+    """One backward cascade: the forward's Einsums it recomputes (by default all but the saved
+    values and outputs, pruned to what it needs), the gradient Einsums, and the gradient outputs
+    `outs` (saved values and seeds are inputs)."""
+    if recompute is None:
+        recompute = [e for e in lowered.einsums if e.name not in saved and e.name not in lowered.output_names]
+    c = lowered.replace(einsums=tuple(recompute + grad_einsums), inputs=inputs,
+                        outputs=tuple(Output(n) for n in outs), inits=(), doc="")
+    c = prune(c)
+    used = {t for e in c.einsums for t in tensors_read(e.expr) + tensors_read(e.where)}
+    c = c.replace(inputs=tuple(d for d in c.inputs if d.name in used))
+    return _trimmed(c)
+
+
+def _trimmed(c: Cascade) -> Cascade:
+    """`c` without the params and dims nothing in it reads (a prologue over rows needs neither
+    the keys' extent nor the score scale)."""
+    names = {n.name for e in c.einsums for x in (e.expr, e.where) if x is not None for n in walk(x)
+             if isinstance(n, Name)}
+    params = []
+    for p in reversed(c.params):
+        if p.name in names:
+            params.insert(0, p)
+            if p.expr is not None:
+                names |= {n.name for n in walk(p.expr) if isinstance(n, Name)}
+    ranks = {rank_of(v) for e in c.einsums for v in e.space} | {rank_of(i) for d in c.inputs for i in d.indices}
+    ranks |= {r for s in c.splits for r in (s.rank, s.outer, s.inner)}
+    return c.replace(dims=tuple(d for d in c.dims if d in ranks or d in names), params=tuple(params))
