@@ -15,7 +15,8 @@ from einsum_ir.parser import load, parse
 
 __all__ = [
     "BindError", "Cascade", "Einsum", "LoweringError", "SpecError",
-    "compile", "counts", "from_torch", "interpret", "load", "parse", "passes", "roofline", "simulate", "variants",
+    "compile", "counts", "from_torch", "grad", "interpret", "load", "parse", "passes", "roofline", "simulate",
+    "variants",
 ]
 
 
@@ -49,6 +50,14 @@ def simulate(cascade: Cascade, shapes: dict, device: str = "h100", q_tile: dict 
     from einsum_ir.cost_model.api import simulate as run
 
     return run(cascade, shapes, device=device, q_tile=q_tile, kv_tile=kv_tile, dtype=dtype)
+
+
+def grad(cascade: Cascade):
+    """Reverse-mode differentiation as a cascade transformation: `.forward` (the training forward,
+    saving O(N) values), `.prologue` and `.backward` (cascades), `.grads` (input -> gradient)."""
+    from einsum_ir.lowering.grad import grad as run
+
+    return run(cascade)
 
 
 def compile(cascade: Cascade, backend: str = "auto"):  # noqa: A001 - the API's chosen name

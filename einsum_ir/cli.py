@@ -17,7 +17,7 @@ from einsum_ir.errors import BindError, LoweringError, SpecError
 
 # Modules that may add subcommands (`add_commands(subparsers)`) and report columns
 # (`report_columns(name, cascade) -> dict[str, str]`), in layer order.
-COMMAND_PROVIDERS = ("einsum_ir.cost_model.cli", "einsum_ir.codegen.cli")
+COMMAND_PROVIDERS = ("einsum_ir.cost_model.cli", "einsum_ir.lowering.cli", "einsum_ir.codegen.cli")
 COLUMN_PROVIDERS = ("einsum_ir.cost_model.report", "einsum_ir.lowering.report", "einsum_ir.codegen.report")
 # Modules that add sections to `einsum-ir analyze` (`analyze_section(cascade) -> str`).
 ANALYZE_PROVIDERS = ("einsum_ir.lowering.report",)

@@ -65,6 +65,7 @@ class Gradient:
     seeds: Mapping[str, str]
     grads: Mapping[str, str]
     zero: tuple[str, ...] = ()
+    shift_only: tuple[str, ...] = ()  # maxima that only shift an exp: no gradient flows through them
 
     @property
     def cascades(self) -> tuple[Cascade, ...]:
@@ -251,7 +252,7 @@ def grad(c: Cascade) -> Gradient:
     names = _Names(list(lowered.tensors) + list(lowered.dims) + [p.name for p in lowered.params])
     seeds = {o: names("d" + o) for o in lowered.output_names}
     floating = [d.name for d in lowered.inputs if (d.dtype or "fp32") in FLOAT_DTYPES]
-    grads_of, einsums = _reverse(lowered, seeds, names)
+    grads_of, einsums, shift_only = _reverse(lowered, seeds, names)
     einsums = _recover_from_outputs(lowered, saved, einsums)
     recomputed = [e for e in lowered.einsums if e.name not in saved and e.name not in lowered.output_names]
     read = {t for e in einsums + recomputed for t in tensors_read(e.expr) + tensors_read(e.where)}
@@ -276,7 +277,8 @@ def grad(c: Cascade) -> Gradient:
         given = tuple(InputDecl(n, tuple(i.name for i in _einsum(einsums, n).target.indices)) for n in early)
         backward = (_backward_cascade(lowered, saved, inputs + given,
                                       [e for e in einsums if e.name not in early], late),)
-    return Gradient(c, forward, tuple(lowered.output_names), saved, prologue, backward, seeds, grads, zero)
+    return Gradient(c, forward, tuple(lowered.output_names), saved, prologue, backward, seeds, grads, zero,
+                    shift_only)
 
 
 def _einsum(einsums: list[Einsum], name: str) -> Einsum:
@@ -355,12 +357,15 @@ def _backward_inputs(lowered: Cascade, saved, seeds) -> tuple[InputDecl, ...]:
     return tuple(decls)
 
 
-def _reverse(c: Cascade, seeds: dict[str, str], names: _Names) -> tuple[dict[str, str], list[Einsum]]:
-    """Gradient Einsums of every tensor that receives one, in an order the cascade can run."""
+def _reverse(c: Cascade, seeds: dict[str, str], names: _Names) -> tuple[dict[str, str], list[Einsum], tuple[str, ...]]:
+    """Gradient Einsums of every tensor that receives one, in an order the cascade can run, and
+    the maxima that get no gradient because they only shift an exponential."""
     graph = cascade_graph(c)
     contributions: dict[str, list[Access]] = {o: [Access(d, c.einsum(o).target.indices)] for o, d in seeds.items()}
     out: list[Einsum] = []
     grads: dict[str, str] = {}
+    shift_only: list[str] = []
+    presence = _presence(c, graph)
     for z in reversed(graph.order):
         if z.name not in contributions:
             continue
@@ -372,6 +377,7 @@ def _reverse(c: Cascade, seeds: dict[str, str], names: _Names) -> tuple[dict[str
         grads[z.name] = dz.tensor
         if z.reduce == "max" and z.reduced:
             if shift_invariant(c, z.name):
+                shift_only.append(z.name)
                 continue  # the outputs do not move with this max: no gradient (softmax's GM)
             _argmax(c, z, dz, names, out, contributions)
             continue
@@ -385,13 +391,53 @@ def _reverse(c: Cascade, seeds: dict[str, str], names: _Names) -> tuple[dict[str
                 contributions.setdefault(a.tensor, []).append(dz)  # a copy passes its gradient on
                 continue
             name = names(f"d{a.tensor}_{z.name}")
-            e = Einsum(Access(name, a.indices), mul(dz, g), "sum", z.where)
+            where = _conjunction([z.where] + ([presence[a.tensor]] if a.tensor in presence and
+                                              a.indices == c.einsum(a.tensor).target.indices else []))
+            e = Einsum(Access(name, a.indices), mul(dz, g), "sum", where)
             out.append(e)
             contributions.setdefault(a.tensor, []).append(Access(name, a.indices))
     for x in [d.name for d in c.inputs]:
         if x in contributions:
             grads[x] = _input_gradient(x, contributions.pop(x), names, out)
-    return grads, out
+    return grads, out, tuple(shift_only)
+
+
+def _presence(c: Cascade, graph) -> dict[str, Expr]:
+    """Where each intermediate is present, as a predicate over its own indices (when one says
+    so): its `where`, and its operands' (a map is absent where an operand is; a reduction drops
+    what mentions the reduced indices). A gradient is restricted to where its tensor is present:
+    elsewhere nothing reads it."""
+    out: dict[str, Expr] = {}
+    for e in graph.order:
+        parts = [e.where] if e.where is not None else []
+        for a in accesses(e.expr):
+            if a.tensor in out and a.indices == c.einsum(a.tensor).target.indices:
+                parts.append(out[a.tensor])
+        parts = [p for p in parts if not set(index_vars(p)) & set(e.reduced)]
+        if parts:
+            out[e.name] = _conjunction(parts)
+    return out
+
+
+def _conjunction(parts: list[Expr | None]) -> Expr | None:
+    """`a and b and ...` of the distinct conjuncts of `parts` (None: no predicate)."""
+    seen: list[Expr] = []
+    for p in parts:
+        for q in _conjuncts(p):
+            if q not in seen:
+                seen.append(q)
+    out = seen[0] if seen else None
+    for q in seen[1:]:
+        out = Binary("and", out, q)
+    return out
+
+
+def _conjuncts(e: Expr | None) -> list[Expr]:
+    if e is None:
+        return []
+    if isinstance(e, Binary) and e.op == "and":
+        return _conjuncts(e.lhs) + _conjuncts(e.rhs)
+    return [e]
 
 
 def _reads(z: Einsum) -> list[Access]:
