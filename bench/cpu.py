@@ -4,6 +4,7 @@
     python bench/cpu.py --quick        # N=2048 only
     python bench/cpu.py --n 2048 --cases causal
     python bench/cpu.py --profile window 2048    # where the time goes: torch's profiler, ours and flex
+    python bench/cpu.py --backward     # forward + backward (a training step's attention)
 
 Cases: causal, sliding window (W=512) and softplus-L1 attention at N in {2048, 8192}, B=1,
 H=8, D=64, fp32. Each (case, N) runs in its own fresh subprocess, which builds every
@@ -19,7 +20,13 @@ implementation and then:
 * time: the measured call above, then R rounds (R=3 at N<=2048, 2 above); each round calls
   every implementation once, in turn, so that load from other processes on a shared machine
   hits all of them alike; the table shows each one's best time.
-* error: max |output - einsum-ir's output|.
+* error: max |output - einsum-ir's output| (with --backward, over the output and dQ, dK, dV).
+
+With --backward every call is forward plus backward: Q, K, V require grad, the output's
+backward runs with a fixed random gradient, and the gradients are part of the call (their
+3 x N x D floats count in the peak memory of every implementation alike). Ours is the fused
+backward derived by `ei.grad` (docs/backward.md). FlexAttention has no CPU backward in torch
+2.13 (it raises "FlexAttention does not support backward on CPU"); the table says so.
 
 Workers run with OMP_WAIT_POLICY=PASSIVE (unless set): FlexAttention's Inductor-compiled code
 brings a second OpenMP runtime into the process, and busy-waiting threads of one runtime slow
@@ -162,17 +169,31 @@ def _malloc_trim() -> None:
         pass
 
 
-def worker(case: str, n: int, impls: list[str], rounds: int) -> dict:
+def with_backward(fn, q, k, v, dout):
+    """fn followed by the backward of its output: returns the output and dQ, dK, dV."""
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        out = fn()
+        out.backward(dout)
+        return out.detach(), q.grad, k.grad, v.grad
+    return step
+
+
+def worker(case: str, n: int, impls: list[str], rounds: int, backward: bool = False) -> dict:
     import torch
 
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, n, D, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(B, H, n, D, generator=g).requires_grad_(backward) for _ in range(3))
+    dout = torch.randn(B, H, n, D, generator=g)
     res: dict = {}
     fns = {}
     outs = {}
     for impl in impls:
         try:
             fn, setup_bytes = build(impl, case, n, q, k, v)
+            if backward:
+                fn = with_backward(fn, q, k, v, dout)
         except NotImplementedError as err:
             res[impl] = {"status": f"n/a ({err})"}
             continue
@@ -196,7 +217,8 @@ def worker(case: str, n: int, impls: list[str], rounds: int) -> dict:
     ref = outs.get("ours")
     for impl, out in outs.items():
         if ref is not None:
-            res[impl]["err"] = float((out.float() - ref.float()).abs().max())
+            pairs = zip(out, ref) if isinstance(out, tuple) else [(out, ref)]
+            res[impl]["err"] = max(float((a.float() - b.float()).abs().max()) for a, b in pairs)
     del outs, ref
     for r in range(rounds):
         for impl, fn in fns.items():
@@ -232,8 +254,9 @@ def profile(case: str, n: int, impls: list[str]) -> None:
 
 # ----------------------------------------------------------------------------- the parent
 
-def run_case(case, n, impls, rounds) -> dict:
+def run_case(case, n, impls, rounds, backward=False) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", case, str(n), ",".join(impls), str(rounds)]
+    cmd += ["--backward"] if backward else []
     t0 = time.time()
     print(f"  {case} N={n}:", file=sys.stderr, flush=True)
     try:
@@ -265,6 +288,7 @@ def main(argv=None) -> None:
     ap.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
     ap.add_argument("--quick", action="store_true", help="N=2048 only")
     ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 3 at N<=2048, else 2)")
+    ap.add_argument("--backward", action="store_true", help="time forward + backward (dQ, dK, dV)")
     ap.add_argument("--worker", nargs=4, metavar=("CASE", "N", "IMPLS", "ROUNDS"), help=argparse.SUPPRESS)
     ap.add_argument("--profile", nargs=2, metavar=("CASE", "N"), help="print torch profiler tables of one case")
     args = ap.parse_args(argv)
@@ -273,7 +297,7 @@ def main(argv=None) -> None:
         return
     if args.worker:
         case, n, impls, rounds = args.worker
-        res = worker(case, int(n), impls.split(","), int(rounds))
+        res = worker(case, int(n), impls.split(","), int(rounds), args.backward)
         print("RESULT " + json.dumps(res), flush=True)
         return
     import torch
@@ -288,10 +312,11 @@ def main(argv=None) -> None:
     for n in ns:
         rounds = args.rounds or (3 if n <= 2048 else 2)
         for case in args.cases:
-            res = run_case(case, n, impls, rounds)
+            res = run_case(case, n, impls, rounds, args.backward)
             for impl in impls:
                 results[impl, case, n] = res.get(impl, {"status": "-"})
-    print(f"einsum-ir CPU benchmark: B={B} H={H} D={D} fp32, torch {torch.__version__}, "
+    what = "forward + backward" if args.backward else "forward"
+    print(f"einsum-ir CPU benchmark, {what}: B={B} H={H} D={D} fp32, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; load average {load0:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after; {time.time() - t0:.0f} s")
     print()

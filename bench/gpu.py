@@ -1,6 +1,7 @@
 """The prepared GPU script (DESIGN section 7): correctness of every fused catalog variant against
 the reference interpreter, then TFLOP/s of the generated Triton kernels next to SDPA and
-FlexAttention wherever those can express the variant. One run, one GPU, under 8 minutes.
+FlexAttention wherever those can express the variant, forward and then forward + backward.
+One run, one GPU, under 10 minutes.
 
     python bench/gpu.py                 # on a machine with a CUDA GPU
     python bench/gpu.py --dry-run       # anywhere: list the cases it would run, run nothing
@@ -20,6 +21,12 @@ SDPA: `F.scaled_dot_product_attention` (is_causal, enable_gqa, or a dense mask /
 before timing; FlashBias's U @ W^T is formed inside the timed call). Flex:
 `torch.compile(flex_attention)` with `create_block_mask` masks and `score_mod`s; compile time is
 excluded (one warm-up call). "n/a" means the library cannot express the variant.
+
+Phase 3 (training): forward + backward (`torch.autograd.grad` of the output for dQ, dK, dV and
+any float bias), for TRAIN's variants: first the fused backward's gradients against autograd
+through the interpreter at the check shape (bf16 inputs, tolerance 5e-2 of the largest
+gradient), then TFLOP/s next to SDPA and FlexAttention at the speed shape. Useful FLOPs are 3.5x
+the forward's (FlashAttention-2's count: two matrix products forward, five backward).
 
 Roof: softmax and causal softmax are also timed with the project's own hand-written
 FlashAttention-2 kernel (bench/roof.py), the yardstick the generated kernels are measured by.
@@ -397,13 +404,94 @@ def _measure(name, lib, make, args, deadline):
         return "error"
 
 
-def print_tables(results, rows) -> None:
+TRAIN = ["softmax", "softmax_causal", "softmax_window", "softcap", "alibi", "bias_tensor", "softplus_l1"]
+
+
+def _requiring_grad(args: dict) -> dict:
+    return {k: (v.detach().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in args.items()}
+
+
+def _step(fn, args: dict, seed: torch.Tensor | None = None):
+    """A zero-argument callable: fn's output and its backward; returns the gradients of args."""
+    leaves = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+    def step():
+        out = fn()
+        out = out[0] if isinstance(out, tuple) else out
+        dout = seed if seed is not None else torch.ones_like(out)
+        found = torch.autograd.grad(out, [args[k] for k in leaves], dout.reshape(out.shape), allow_unused=True)
+        return {k: g for k, g in zip(leaves, found) if g is not None}
+    return step
+
+
+def check_training(kern, name: str, device, dtype=torch.bfloat16, tol: float = 5e-2) -> tuple[str, str]:
+    """(PASS or FAIL, what was compared): the kernel's gradients against autograd through the
+    interpreter in fp32 on the same inputs, at the check shape."""
+    c = kern.cascade
+    args = _requiring_grad(check_inputs(name, c, device, dtype))
+    first = kern(**args)
+    first = first[0] if isinstance(first, tuple) else first
+    seed = torch.randn(first.shape, device=device, dtype=first.dtype)
+    got = _step(lambda: kern(**args), args, seed)()
+    wide = _requiring_grad({k: (v.detach().float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                            for k, v in args.items()})
+    want = _step(lambda: ei.interpret(c, **wide), wide, seed.float())()
+    if got.keys() != want.keys():
+        return "FAIL", f"gradients of {sorted(got)}, expected {sorted(want)}"
+    worst = max(float((got[k].float() - want[k]).abs().max()) / max(1.0, float(want[k].abs().max())) for k in want)
+    return ("PASS" if worst <= tol else "FAIL"), f"grads {', '.join(want)}: max rel err {worst:.1e}"
+
+
+def phase_training(names, device, deadline: float, skip_flex: bool) -> tuple[dict, dict]:
+    checks, rows = {}, {}
+    for name in names:
+        c = ei.variants.load(name)
+        if time.perf_counter() > deadline:
+            checks[name] = ("skipped", "time budget")
+            continue
+        try:
+            kern = ei.compile(c, backend="triton")
+            checks[name] = check_training(kern, name, device)
+        except Exception as e:  # noqa: BLE001 - report and keep going
+            checks[name] = ("FAIL", f"{type(e).__name__}: {str(e).splitlines()[0][:70]}")
+            traceback.print_exc()
+            continue
+        log(f"{name} backward: {checks[name][0]} {checks[name][1]}")
+        row = {}
+        rows[name] = row
+        try:
+            args = _requiring_grad(bench_inputs(name, c, device))
+            row["flops"] = 3.5 * useful_flops(name, c, args)
+            step = _step(lambda: kern(**args), args)
+            step()
+            row["ours"] = bench_ms(step)
+        except Exception as e:  # noqa: BLE001
+            row["note"] = f"ours failed: {type(e).__name__}: {str(e).splitlines()[0][:60]}"
+            log(f"{name}: {row['note']}")
+            continue
+        for lib, make in (("sdpa", sdpa_fn), ("flex", flex_fn)):
+            if lib == "flex" and skip_flex:
+                row[lib] = "skipped"
+                continue
+            row[lib] = _measure(name, lib, lambda n, a, make=make: _training_of(make(n, a), a), args, deadline)
+        log(f"{name} fwd+bwd: ours {row['ours']:.3f} ms, sdpa {row['sdpa']}, flex {row['flex']}")
+    return checks, rows
+
+
+def _training_of(fn, args):
+    return None if fn is None else _step(fn, args)
+
+
+def print_tables(results, rows, training=None) -> None:
     import contextlib
     import io
 
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
         _tables(results, rows)
+        if training is not None:
+            _training_tables(*training)
     print(text.getvalue(), end="")
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "gpu_bench.txt"), "w") as fh:
@@ -445,6 +533,31 @@ def _tables(results, rows) -> None:
     print("roof: the hand-written FlashAttention-2 kernel of bench/roof.py (softmax, causal softmax).")
 
 
+def _training_tables(checks, rows) -> None:
+    print()
+    print("Training: fused backward vs autograd through ei.interpret (bf16 inputs, P=200 M=333 E=F=64)")
+    print("-" * 100)
+    for name, (status, msg) in checks.items():
+        print(f"{name:28s} {status:10s} {msg}")
+    b = BENCH
+    print()
+    print(f"Forward + backward (bf16, B={b['B']} H={b['H']} N={b['N']} D={b['D']} unless noted; TFLOP/s of 3.5x "
+          f"the forward's useful FLOPs)")
+    head = f"{'variant':28s} {'ours ms':>8s} {'ours TF/s':>9s} {'sdpa TF/s':>9s} {'flex TF/s':>9s} " \
+           f"{'ours/sdpa':>9s} {'ours/flex':>9s}"
+    print(head)
+    print("-" * len(head))
+    for name, r in rows.items():
+        if r.get("ours") is None:
+            print(f"{name:28s} {r.get('note', '-')}")
+            continue
+        fl, ours = r["flops"], r["ours"]
+        cells = [f"{fl / (ms * 1e-3) / 1e12:9.1f}" if isinstance(ms, float) else f"{(ms or '-'):>9s}"
+                 for ms in (ours, r["sdpa"], r["flex"])]
+        ratios = [f"{other / ours:8.2f}x" if isinstance(other, float) else f"{'-':>9s}" for other in (r["sdpa"], r["flex"])]
+        print(f"{name:28s} {ours:8.3f} " + " ".join(cells + ratios))
+
+
 def dry_run(names) -> None:
     print(f"bench/gpu.py --dry-run: torch {torch.__version__}; would run on a CUDA GPU:")
     print(f"phase 1: correctness at {CHECK_SHAPE} (bf16) against ei.interpret")
@@ -470,6 +583,8 @@ def dry_run(names) -> None:
             shapes = {k: v for k, v in shapes.items() if k not in ("PB", "MB")}
         libs = [lib for lib, can in (("sdpa", SDPA_CAN), ("flex", FLEX_CAN)) if name in can]
         print(f"  {name:28s} vs {', '.join(libs) or 'nothing (n/a)':12s} {shapes}")
+    print(f"phase 3: forward + backward, gradients at {CHECK_SHAPE} then speed at {BENCH}: "
+          + ", ".join(n for n in TRAIN if n in names))
 
 
 def main(argv=None) -> int:
@@ -479,6 +594,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fp32", action="store_true", help="also check fp32 inputs")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take time)")
     ap.add_argument("--variants", nargs="+", default=None)
+    ap.add_argument("--no-backward", action="store_true", help="skip phase 3 (forward + backward)")
+    ap.add_argument("--backward-budget", type=float, default=120.0,
+                    help="seconds phase 3 may run past --budget (default 120)")
     args = ap.parse_args(argv)
     names = args.variants or ei.variants.names()
     if args.dry_run:
@@ -494,9 +612,12 @@ def main(argv=None) -> int:
     deadline = T0 + args.budget
     kernels, results = phase_correctness(names, device, args.fp32, deadline)
     rows = phase_speed(kernels, device, deadline, args.no_flex)
-    print_tables(results, rows)
+    training = None if args.no_backward else phase_training([n for n in TRAIN if n in names], device,
+                                                             deadline + args.backward_budget, args.no_flex)
+    print_tables(results, rows, training)
     log("done")
-    return 1 if any(s == "FAIL" for s, _ in results.values()) else 0
+    failed = [s for s, _ in list(results.values()) + (list(training[0].values()) if training else [])]
+    return 1 if "FAIL" in failed else 0
 
 
 if __name__ == "__main__":

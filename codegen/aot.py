@@ -57,9 +57,9 @@ def specialization(kern, stage_index: int, shapes: dict, dtype: str = "bf16",
         if k == "ptr":
             t = n[:-4]
             decl = c.tensors[t].dtype if t in c.input_names else None
-            if t in c.input_names:
+            if t in c.input_names and t not in kern.fp32:
                 ty = INT_SIG.get(decl) or DTYPE_SIG[dtype if decl in (None, "fp32", "fp16", "bf16") else decl]
-            elif t in c.output_names and t not in stage.atomic:
+            elif t in c.output_names and t not in stage.summed_across_programs and t not in kern.fp32:
                 ty = DTYPE_SIG[dtype]
             else:
                 ty = "fp32"
@@ -179,12 +179,13 @@ from einsum_ir.codegen.dispatch import Config
 out = []
 kernels = {}
 for req in json.loads(sys.stdin.read()):
-    if req["cascade"] not in kernels:
-        kernels[req["cascade"]] = TritonKernel(ei.parse(req["cascade"]))
+    key = (req["cascade"], tuple(req["fp32"]))
+    if key not in kernels:
+        kernels[key] = TritonKernel(ei.parse(req["cascade"]), frozenset(req["fp32"]))
     config = Config(**req["config"]) if req["config"] else None
     run = aot._resource_usage if req["what"] == "usage" else aot._asm
     try:
-        out.append(run(kernels[req["cascade"]], req["shapes"], req["dtype"], req["target"], config))
+        out.append(run(kernels[key], req["shapes"], req["dtype"], req["target"], config))
     except Exception as err:
         out.append({"error": f"{type(err).__name__}: {str(err)[-300:]}"})
 print(json.dumps(out))
@@ -194,7 +195,7 @@ print(json.dumps(out))
 def _in_subprocess(items: list, what: str = "usage") -> list:
     """Compile in a fresh interpreter without TRITON_INTERPRET (`what`: "usage" or "asm")."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    req = json.dumps([{"cascade": str(k.cascade), "shapes": sh, "dtype": dt, "target": tg, "what": what,
+    req = json.dumps([{"cascade": str(k.cascade), "fp32": sorted(k.fp32), "shapes": sh, "dtype": dt, "target": tg, "what": what,
                        "config": cfg.as_dict() if cfg else None} for k, sh, dt, tg, cfg in items])
     out = subprocess.run([sys.executable, "-c", _CHILD], input=req, capture_output=True, text=True, env=env)
     if out.returncode != 0:

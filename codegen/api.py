@@ -17,10 +17,10 @@ BACKENDS = ("auto", "triton", "reference", "cpu")
 log = logging.getLogger("einsum_ir")
 
 
-def _cpu_kernel(cascade: Cascade, fp32_outputs: frozenset = frozenset()):
+def _cpu_kernel(cascade: Cascade, fp32: frozenset = frozenset()):
     from einsum_ir.codegen.cpu_emit import compile_cpu
 
-    return compile_cpu(cascade, fp32_outputs=fp32_outputs)
+    return compile_cpu(cascade, fp32=fp32)
 
 
 class AutoKernel:
@@ -29,11 +29,11 @@ class AutoKernel:
 
     backend = "auto"
 
-    def __init__(self, cascade: Cascade, fp32_outputs: frozenset = frozenset()):
+    def __init__(self, cascade: Cascade, fp32: frozenset = frozenset()):
         from einsum_ir.codegen.kernel import ReferenceKernel
 
         self.cascade = cascade
-        self.fp32_outputs = frozenset(fp32_outputs)  # outputs kept in fp32 (saved statistics)
+        self.fp32 = frozenset(fp32)  # held in fp32 whatever the dtype: saved outputs, saved inputs
         self.reference = ReferenceKernel(cascade)
         self._why: str | None = None
         self._triton = self._cpu = None
@@ -49,9 +49,9 @@ class AutoKernel:
                 if kind == "triton":
                     from einsum_ir.codegen.kernel import TritonKernel
 
-                    self._triton = TritonKernel(self.cascade, self.fp32_outputs)
+                    self._triton = TritonKernel(self.cascade, self.fp32)
                 else:
-                    self._cpu = _cpu_kernel(self.cascade, self.fp32_outputs)
+                    self._cpu = _cpu_kernel(self.cascade, self.fp32)
             except (LoweringError, ImportError) as err:
                 self._why = self._why or str(err)
         return self._triton if kind == "triton" else self._cpu

@@ -5,8 +5,9 @@ A kernel called on tensors that require grad records one autograd node (`record`
 forward runs the training forward (the lowered cascade plus its saved carried values, kept in
 fp32); its backward runs the prologue (the row statistics: a few tensor ops per row, through
 the interpreter) and then the backward kernel (one program per key tile, streaming the
-queries), compiled by the same backend as the forward. A cascade with no derivable backward falls back to recomputation through the reference
-interpreter under autograd (exact, but O(N^2) memory), with the reason logged at WARNING once.
+queries), compiled by the same backend as the forward. A cascade with no derivable backward
+falls back to recomputation through the reference interpreter under autograd (exact, but
+O(N^2) memory), with the reason logged at WARNING once.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from einsum_ir.lowering.grad import Gradient, grad
 
 log = logging.getLogger("einsum_ir")
 
-# backend kernel constructor: (cascade, fp32_outputs) -> kernel(**args)
+# backend kernel constructor: (cascade, the tensors it holds in fp32) -> kernel(**args)
 Compiler = Callable[[Cascade, frozenset], Callable]
 
 
@@ -42,11 +43,11 @@ class Training:
 
     @cached_property
     def forward(self) -> Callable:
-        return self.compiler(self.gradient.forward, frozenset(self.gradient.saved))
+        return self.compiler(self.gradient.forward, self.gradient.fp32)
 
     @cached_property
     def backward(self) -> tuple[Callable, ...]:
-        return tuple(self.compiler(b, frozenset()) for b in self.gradient.backward)
+        return tuple(self.compiler(b, self.gradient.fp32) for b in self.gradient.backward)
 
     def build(self) -> None:
         """Derive and compile everything now (raises LoweringError when there is no fused backward)."""

@@ -208,8 +208,9 @@ class BlockEmitter:
         """`a op b` given the operands' code aligned to `axes`."""
         return f"({ac} {op} {bc})"
 
-    def assign_guarded(self, name: str, code: str, mask: str, value: float, sec: Section) -> None:
-        """`name = code`, with `value` where `mask` (aligned to the value) fails."""
+    def assign_guarded(self, name: str, code: str, mask: str, value: float, sec: Section, fresh: bool) -> None:
+        """`name = code`, with `value` where `mask` (aligned to the value) fails; `fresh`: code
+        is a new tensor (not a view of another), so a target may change it in place."""
         sec.add(f"{name} = {self.select(mask, paren(code), self.number(value))}")
 
     def count_presence(self, g, mask: tuple | None, sec: Section) -> None:
@@ -332,8 +333,11 @@ class BlockEmitter:
             if expr.op in ("<", "<=", ">", ">=", "==", "!="):
                 return Val(f"({ac} {expr.op} {bc})", axes, "bool", pres, pax)
             kind = "int" if a.kind == b.kind == "int" and expr.op != "/" else "float"
-            if expr.op == "/" and a.kind == b.kind == "int":
-                ac = self.float_quotient(ac)
+            if expr.op == "/" and a.kind == b.kind == "int":  # two scalars divide as floats already
+                if a.axes:
+                    ac = self.float_quotient(ac)
+                elif b.axes:
+                    bc = self.float_quotient(bc)
             elif kind == "float":
                 ac = self.int_operand(ac) if a.kind == "int" and a.axes else ac
                 bc = self.int_operand(bc) if b.kind == "int" and b.axes else bc
@@ -401,7 +405,7 @@ class BlockEmitter:
         """The loop body over one key tile: in-loop Einsums, presence counters, then the running
         max updates."""
         self.masked = masked
-        self.mask_of, self.guard_cache, self.finalize, self.alpha = {}, {}, [], {}
+        self.mask_of, self.guard_cache, self.finalize, self.alpha, self.views = {}, {}, [], {}, set()
         self.start_body(sec)
         for e in self.s.of_kind("stream", "key_side", "carried", "tile_sum"):
             summed = self.s.kind(e.name) == "tile_sum" or set(e.reduced) & set(self.s.query)
@@ -430,8 +434,9 @@ class BlockEmitter:
         """Where a tile-stored value is present in this tile (None: everywhere)."""
         if not self.masked:
             return None
-        if self.s.sentinels is None:
-            return self.mask_of.get(e.name)
+        if self.s.sentinels is None and self.mask_of.get(e.name) is not None:
+            return self.mask_of[e.name]
+        # a sum over a grid rank leaves no mask with the value: it is present where its guards hold
         mask = self.conjunction([self.guard_mask(g, sec) for g in self.s.tile_stores[e.name]])
         return mask if mask[0] else None
 
@@ -464,6 +469,7 @@ class BlockEmitter:
     def stream_einsum(self, e: Einsum, sec: Section) -> None:
         axes = self.axes_of[e.name]
         red = {x for v in e.reduced for x in self.var_axes(v)}
+        fresh = True  # whether the value has storage of its own (else it is a view of a load or a broadcast)
         if e.reduced:
             if e.reduce != "sum":
                 raise LoweringError(f"{e.name}: a {e.reduce} over feature ranks is not emitted")
@@ -473,9 +479,9 @@ class BlockEmitter:
             if not v.axes and axes:
                 code = self.fill(axes, v.code)
             elif set(v.axes) != set(axes):
-                code = self.broadcast(self.num(v), v.axes, axes)
+                code, fresh = self.broadcast(self.num(v), v.axes, axes), False
             else:
-                code = self.align(self.num(v), v.axes, axes)
+                code, fresh = self.align(self.num(v), v.axes, axes), v.fresh or v.kind == "bool"
             pres = (v.pres, v.pres_axes)
         sentinels = self.s.sentinels
         mask = None
@@ -483,9 +489,12 @@ class BlockEmitter:
             value, guards = sentinels[e.name]
             mask, max_ = self.conjunction([self.guard_mask(g, sec) for g in guards])
         if mask:
-            self.assign_guarded(e.name, code, self.align(mask, max_, axes), value, sec)
+            self.assign_guarded(e.name, code, self.align(mask, max_, axes), value, sec, fresh)
+            fresh = True
         else:
             sec.add(f"{e.name} = {code}")
+        if not fresh:  # never updated in place: that would write into an input or a shared row
+            self.views.add(e.name)
         if self.masked and sentinels is None:  # presence travels with the value
             parts = [pres] + ([self.guard_mask(e.name, sec)] if e.name in self.s.guards else [])
             pres = self.conjunction(parts)
@@ -509,9 +518,9 @@ class BlockEmitter:
         if not parts:
             parts.append(self.named_mask("k_valid", self.key_bound(), sec))
         mask = self.conjunction([p for p in parts if p[0]])
-        if mask[0] and not is_simple(mask[0]):
-            sec.add(f"{e.name}_mask = {mask[0]}")
-            mask = (f"{e.name}_mask", mask[1])
+        if mask[0] and not is_simple(mask[0]):  # not `{name}_mask`: that is its own where's, still in use
+            sec.add(f"{e.name}_present = {mask[0]}")
+            mask = (f"{e.name}_present", mask[1])
         return mask if mask[0] else None
 
     def in_tile(self, expr: Expr | None) -> Expr | None:

@@ -216,6 +216,8 @@ class StageEmitter(BlockEmitter):
         e = self.current
         if e is None or not self.in_loop or v.code not in self.local or self.s.kind(v.code) not in ("stream", "key_side"):
             return False
+        if v.code in self.views:
+            return False
         reads = sum(1 for a in accesses(e.expr) if a.tensor == v.code)
         return self.s.last_use.get(v.code) == e.name and reads == 1 and v.code not in self.s.online
 
@@ -267,11 +269,11 @@ class StageEmitter(BlockEmitter):
             code = f"{paren(code)}.{'amax' if op == 'max' else op}({dims[0] if len(dims) == 1 else tuple(dims)})"
         return code, tuple(a for a in axes if a not in red)
 
-    def assign_guarded(self, name: str, code: str, mask: str, value: float, sec: Section) -> None:
+    def assign_guarded(self, name: str, code: str, mask: str, value: float, sec: Section, fresh: bool) -> None:
         """-inf at absent points is added as a bias of the mask's own (small) shape: torch adds a
         broadcast tensor several times faster than it fills through a broadcast mask."""
-        if value != float("-inf") or is_simple(code):  # another value, or a view: a select
-            super().assign_guarded(name, code, mask, value, sec)
+        if value != float("-inf") or not fresh:  # another value, or a view: a select
+            super().assign_guarded(name, code, mask, value, sec, fresh)
             return
         sec.add(f"{name}_bias = _scratch(_bufs, {name + '_bias'!r}, {mask}.shape, DT).fill_(0.0)"
                 f".masked_fill_(~{paren(mask)}, -math.inf)")
@@ -655,7 +657,7 @@ class StageEmitter(BlockEmitter):
         if presence is not None:
             fill = next(o.fill for o in self.c.outputs if o.name == t)
             val = self.select(self.align(presence[0], presence[1], axes), t, self.number(float(fill)))
-        sec.add(f"{view}[{', '.join(idx)}] = {val}")
+        sec.add(f"{view}[{', '.join(idx)}] = {val}")  # a sum over a grid rank is whole here: the batch is one tile
 
     def add_to_tile(self, e: Einsum, code: str, sec: Section) -> None:
         view, vaxes = self.view(e.name, [i.name for i in e.target.indices], store=True)
@@ -712,9 +714,9 @@ class CpuKernel:
     backend = "cpu"
 
     def __init__(self, cascade: Cascade, block_q: int = DEFAULT_BLOCK_Q, block_s: int = DEFAULT_BLOCK_S,
-                 fp32_outputs: frozenset = frozenset()):
+                 fp32: frozenset = frozenset()):
         self.cascade = cascade
-        self.fp32_outputs = frozenset(fp32_outputs)  # outputs kept in fp32 (saved statistics)
+        self.fp32 = frozenset(fp32)  # held in fp32 whatever the dtype: saved outputs, saved inputs
         self.plan: Plan = build_plan(cascade)
         self.block_q, self.block_s = block_q, block_s
         self._source, self.emitters = emit_plan(self.plan, str(cascade))
@@ -766,11 +768,11 @@ class CpuKernel:
             kw = {n: scal[n] for n in names["scalars"]}
             fn(*targs, **kw, BLOCK_Q=self.block_q, BLOCK_S=self.block_s, DT=dt, _stats=stats)
         self.last_stats = stats
-        return collect_outputs(c, buffers, out_dtype, self.fp32_outputs)
+        return collect_outputs(c, buffers, out_dtype, self.fp32)
 
 
 def compile_cpu(cascade: Cascade, block_q: int = DEFAULT_BLOCK_Q, block_s: int = DEFAULT_BLOCK_S,
-                fp32_outputs: frozenset = frozenset()) -> CpuKernel:
+                fp32: frozenset = frozenset()) -> CpuKernel:
     """The tiled CPU kernel of `cascade`; raises LoweringError (with the reason) when the plan
     has no fused lowering for it."""
-    return CpuKernel(cascade, block_q=block_q, block_s=block_s, fp32_outputs=fp32_outputs)
+    return CpuKernel(cascade, block_q=block_q, block_s=block_s, fp32=fp32)

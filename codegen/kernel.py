@@ -51,11 +51,11 @@ class TritonKernel:
 
     backend = "triton"
 
-    def __init__(self, cascade: Cascade, fp32_outputs: frozenset = frozenset()):
+    def __init__(self, cascade: Cascade, fp32: frozenset = frozenset()):
         from einsum_ir.codegen.triton_emit import stage_emitters
 
         self.cascade = cascade
-        self.fp32_outputs = frozenset(fp32_outputs)  # outputs kept in fp32 (saved statistics)
+        self.fp32 = frozenset(fp32)  # held in fp32 whatever the dtype: saved outputs, saved inputs
         self.plan: Plan = build_plan(cascade)
         self._source = kernel_source(self.plan, cascade)
         self.emitters = stage_emitters(self.plan)
@@ -160,8 +160,7 @@ class TritonKernel:
             check_compiler()
         module = load_module(self._source, interpret=interpret)
         buffers = dict(tensors)
-        atomic = {t for s in self.plan.stages for t in s.atomic} | \
-            {e.name for s in self.plan.stages for e in s.of_kind("tile_sum")}
+        atomic = {t for s in self.plan.stages for t in s.summed_across_programs}
         tiled = {t for s in self.plan.stages for t in s.tile_stores}
         for name in c.output_names + list(self.plan.intermediates):
             shape = [extents[r] for r in c.tensors[name].ranks]
@@ -171,7 +170,7 @@ class TritonKernel:
                 fill = next(o.fill for o in c.outputs if o.name == name)
                 buffers[name] = torch.full(shape, float(fill), dtype=out_dtype, device=device)
             elif name in c.output_names:
-                dtype = torch.float32 if name in self.fp32_outputs else out_dtype
+                dtype = torch.float32 if name in self.fp32 else out_dtype
                 buffers[name] = torch.empty(shape, dtype=dtype, device=device)
             else:
                 buffers[name] = torch.empty(shape, dtype=torch.float32, device=device)
@@ -214,7 +213,7 @@ class TritonKernel:
                         fn[grid](*kargs, **kw, **opts)
                 else:
                     fn[grid](*kargs, **kw, **opts)
-        return collect_outputs(c, buffers, out_dtype, self.fp32_outputs)
+        return collect_outputs(c, buffers, out_dtype, self.fp32)
 
 
 class ReferenceKernel:

@@ -54,7 +54,7 @@ def _training(spec: str) -> Training | None:
     when no backward is derived (the reason logged at WARNING, once per spec)."""
     from einsum_ir.codegen.api import AutoKernel
 
-    t = Training(cascade_of(spec), lambda c, fp32: AutoKernel(c, fp32_outputs=fp32))
+    t = Training(cascade_of(spec), lambda c, fp32: AutoKernel(c, fp32=fp32))
     try:
         t.gradient
     except LoweringError as err:

@@ -216,12 +216,15 @@ class StageEmitter(BlockEmitter):
                 masks.append(self.align(f"({v} < {rank_of(v)})", ("S",), axes))
             elif v in self.s.features:
                 masks.append(self.align(self.feature_mask(v), (v,), axes))
-        val = t
+        val, across = t, t in self.s.atomic  # summed over a grid rank: each program adds its share
         if presence is not None:
-            fill = next(o.fill for o in self.c.outputs if o.name == t)
+            fill = 0.0 if across else next(o.fill for o in self.c.outputs if o.name == t)
             val = self.select(self.align(presence[0], presence[1], axes), t, self.number(float(fill)))
-        sec.add(f"tl.store({' + '.join(ptr)}, ({val}).to({t}_ptr.dtype.element_ty), "
-                f"mask={' & '.join(dict.fromkeys(masks))})")
+        mask = " & ".join(dict.fromkeys(masks))
+        if across:
+            sec.add(f"tl.atomic_add({' + '.join(ptr)}, {val}, mask={mask})")
+        else:
+            sec.add(f"tl.store({' + '.join(ptr)}, ({val}).to({t}_ptr.dtype.element_ty), mask={mask})")
 
     def add_to_tile(self, e: Einsum, code: str, sec: Section) -> None:
         t, axes = e.name, self.axes_of[e.name]

@@ -13,16 +13,18 @@ deferred, scores in base 2), mechanically, one Einsum at a time, in reverse orde
 - A tensor read by several Einsums sums their contributions.
 
 The forward saves the final values of its carried reductions (the running max GM and the
-denominator SD, the numerator O_num: all O(N)) and its inter-stage intermediates; the
-backward reads them instead of reducing again, and recomputes everything else (scores and
+denominator SD: O(N); a numerator such as O_num is read back from the output, O * SD, when the
+output's map of it inverts); the backward reads them instead of reducing again, and recomputes everything else (scores and
 their maps) tile by tile. A row that saw no key saves a safe value (0 for a max, 1 for a sum),
 so the backward's arithmetic stays finite there; its points are absent anyway.
 
-The gradients are split into two backward cascades that each lower to one kernel by the
-"stream keys under a query tile" strategy: a *query-side* one for the gradients of tensors
-without a key rank (dQ: its program owns a query tile and streams the keys) and a *key-side*
-one for the rest (dK, dV: a key tile per program, streaming the queries; a bias over both
-ranks is written tile by tile; a per-head scalar is summed across programs).
+The gradients that read per-query values alone (FlashAttention-2's `D = rowsum(dO * O)`,
+here `dSD_O`) form a *prologue* cascade with no key rank. Every other gradient is one
+*key-tile* cascade: the planner (lowering/stream_keys.py) streams the queries under a key tile,
+since fewer of its outputs keep the query rank. dK, dV and per-key tensors are carried sums of
+the program; dQ and other per-query gradients are summed tile by tile into their output across
+programs (plan kind `tile_sum`); a bias over both ranks is written tile by tile; a per-head
+scalar is summed across programs. docs/backward.md has the whole account.
 """
 from __future__ import annotations
 
@@ -66,6 +68,12 @@ class Gradient:
     grads: Mapping[str, str]
     zero: tuple[str, ...] = ()
     shift_only: tuple[str, ...] = ()  # maxima that only shift an exp: no gradient flows through them
+
+    @property
+    def fp32(self) -> frozenset[str]:
+        """The values the training kernels hold in fp32 whatever the element type: the saved
+        statistics, and the prologue's row values the backward kernel reads."""
+        return frozenset(self.saved) | frozenset(self.prologue.output_names if self.prologue is not None else ())
 
     @property
     def cascades(self) -> tuple[Cascade, ...]:
@@ -131,8 +139,9 @@ def diff(expr: Expr, target: Access, value: Expr | None = None) -> Expr:
         if expr.tensor != target.tensor:
             return Num(0)
         if expr != target:
-            raise LoweringError(f"the backward needs one index pattern per tensor, but {target.tensor} is "
-                                f"read as {_text(expr)} and as {_text(target)}")
+            raise LoweringError(_at(expr, f"the backward needs one index pattern per tensor, but {target.tensor} "
+                                          f"is read as {_text(expr)} and as {_text(target)}; copy it into a "
+                                          f"second tensor for the other reading"))
         return Num(1)
     if isinstance(expr, Unary):
         return Num(0) if expr.op == "not" else neg(diff(expr.operand, target))
@@ -149,7 +158,7 @@ def diff(expr: Expr, target: Access, value: Expr | None = None) -> Expr:
                 out = add(out, neg(Binary("/", mul(expr.lhs, db), mul(expr.rhs, expr.rhs))))
             return out
         if any(a.tensor == target.tensor for a in accesses(expr)) and expr.op in ("//", "%"):
-            raise LoweringError(f"{_text(expr)} is integer arithmetic on {target.tensor}: no gradient")
+            raise LoweringError(_at(expr, f"{_text(expr)} is integer arithmetic on {target.tensor}: no gradient"))
         return Num(0)  # comparisons, and, or: piecewise constant
     assert isinstance(expr, Call)
     if expr.fn not in FUNCTIONS:  # a predicate builtin
@@ -161,9 +170,16 @@ def diff(expr: Expr, target: Access, value: Expr | None = None) -> Expr:
         if _zero(d):
             continue
         if f.derivative[k] is None:
-            raise LoweringError(f"{expr.fn}(...) has no derivative in argument {k + 1}, which reads {target.tensor}")
+            raise LoweringError(_at(expr, f"{expr.fn}(...) has no derivative in argument {k + 1}, which reads "
+                                          f"{target.tensor}; add one to its entry in einsum_ir/functions.py"))
         out = add(out, mul(f.derivative[k](expr.args, value if value is not None else expr), d))
     return out
+
+
+def _at(node, message: str) -> str:
+    """`message`, prefixed with the spec location of `node` when it has one."""
+    loc = getattr(node, "loc", None)
+    return f"{loc.file}:{loc.line}:{loc.col}: {message}" if loc is not None else message
 
 
 def _text(e: Expr) -> str:
@@ -201,13 +217,14 @@ def shift_invariant(c: Cascade, name: str) -> bool:
         if form is None:
             return False
         kind, v = form
-        if e.reduced and e.reduce == "sum" and kind == "offset" and v != 0:
+        unchanged = (v - 1 if kind == "factor" else v).is_zero  # 1.0 and 0.0 too: sympy's Float(1.0) != 1
+        if e.reduced and e.reduce == "sum" and kind == "offset" and not unchanged:
             return False  # an offset summed over points grows with their count
         if e.reduced and e.reduce == "max" and kind == "factor" and not v.is_positive:
             return False
         if e.reduced and e.reduce not in ("sum", "max"):
             return False
-        if (kind, v) not in (("factor", 1), ("offset", 0)):
+        if not unchanged:
             change[e.name] = (kind, v)
     return not set(change) & set(c.output_names)
 
@@ -370,9 +387,11 @@ def _reverse(c: Cascade, seeds: dict[str, str], names: _Names) -> tuple[dict[str
         if z.name not in contributions:
             continue
         if z.recurrence_var is not None:
-            raise LoweringError(f"{z.name} is a recurrence: the backward is derived for multi-pass cascades")
+            raise LoweringError(_at(z.target, f"{z.name} is a recurrence: the backward is derived for the "
+                                              f"multi-pass form; write that instead"))
         if any(not isinstance(i, Index) for i in z.target.indices):
-            raise LoweringError(f"{z.name} is written at index expressions")
+            raise LoweringError(_at(z.target, f"{z.name} is written at index expressions; the backward needs "
+                                              f"plain target indices"))
         dz = _total(c, z, contributions.pop(z.name), names, out)
         grads[z.name] = dz.tensor
         if z.reduce == "max" and z.reduced:
@@ -382,7 +401,8 @@ def _reverse(c: Cascade, seeds: dict[str, str], names: _Names) -> tuple[dict[str
             _argmax(c, z, dz, names, out, contributions)
             continue
         if z.reduce not in ("sum",):
-            raise LoweringError(f"{z.name} is a {z.reduce} reduction: no backward yet")
+            raise LoweringError(_at(z.target, f"{z.name} is a {z.reduce} reduction; the backward is derived "
+                                              f"for sum and max"))
         for a in _reads(z):
             g = diff(z.expr, a, z.target if not z.reduced else None)
             if _zero(g):
@@ -445,10 +465,12 @@ def _reads(z: Einsum) -> list[Access]:
     seen: dict[str, Access] = {}
     for a in accesses(z.expr):
         if any(not isinstance(i, Index) for i in a.indices) or len(set(index_vars(a))) != len(a.indices):
-            raise LoweringError(f"{z.name} reads {_text(a)} at index expressions; the backward needs plain "
-                                f"reads (the gradient would scatter)")
+            raise LoweringError(_at(a, f"{z.name} reads {_text(a)} at index expressions; the backward needs "
+                                       f"plain reads (its gradient would scatter): gather the tensor before "
+                                       f"the cascade and pass it as an input"))
         if a.tensor in seen and seen[a.tensor] != a:
-            raise LoweringError(f"{z.name} reads {a.tensor} as {_text(seen[a.tensor])} and {_text(a)}")
+            raise LoweringError(_at(a, f"{z.name} reads {a.tensor} as {_text(seen[a.tensor])} and {_text(a)}; "
+                                       f"the backward needs one reading per Einsum"))
         seen[a.tensor] = a
     return list(seen.values())
 
@@ -485,7 +507,8 @@ def _input_gradient(x: str, parts: list[Access], names: _Names, out: list[Einsum
 def _argmax(c: Cascade, z: Einsum, dz: Access, names: _Names, out: list[Einsum], contributions) -> None:
     """A max whose value the outputs read: its gradient splits over the points that attain it."""
     if not isinstance(z.expr, Access):
-        raise LoweringError(f"{z.name} is a max of an expression; write the maximized tensor as its own Einsum")
+        raise LoweringError(_at(z.target, f"{z.name} is a max of an expression; write the maximized tensor as "
+                                          f"its own Einsum"))
     a = z.expr
     hit = Call("where", (Binary("==", a, z.target), Num(1.0), Num(0.0)))
     count = names(f"n{z.name}")

@@ -69,6 +69,11 @@ class Stage:
     def of_kind(self, *kinds: str) -> tuple[Einsum, ...]:
         return tuple(e for e in self.einsums if self.kinds[e.name] in kinds)
 
+    @property
+    def summed_across_programs(self) -> frozenset[str]:
+        """Outputs several programs add into (atomic carried sums and tile sums): they start at 0, in fp32."""
+        return self.atomic | {e.name for e in self.of_kind("tile_sum")}
+
     def group_of(self, name: str) -> PresenceGroup | None:
         return next((g for g in self.groups if name in g.members), None)
 

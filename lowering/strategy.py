@@ -6,8 +6,9 @@ with the reasons of those that declined before it; `build_plan` is the same but 
 every strategy declines, naming each one's reason.
 
 Today: "stream keys under a query tile" (lowering.stream_keys), the FlashAttention-shaped
-forward. The backward, the chunked scan, split-KV decode and the ring are to come, each as
-one more module in `STRATEGIES`.
+forward; it lowers the backward's cascades too (lowering.grad), streaming the queries under a
+key tile. The chunked scan, split-KV decode and the ring are to come, each as one more module
+in `STRATEGIES`.
 """
 from __future__ import annotations
 

@@ -217,7 +217,6 @@ REDUCTIONS = ("carried", "tile_sum")  # what the key loop's skipped tiles must n
 def _stage(c: Cascade, graph: CascadeGraph, index: int, d: _Draft, owner: dict[str, _Draft]) -> Stage:
     local = {e.name for e in d.einsums}
     kinds = _classify(c, graph, d, local)
-    atomic = _atomic(d, kinds)
     online = _online(c, d, kinds)
     in_loop = [e for e in d.einsums if kinds[e.name] in IN_LOOP]
     depends = {e.name: frozenset(graph.ancestors[e.name] & local) for e in d.einsums}
@@ -240,6 +239,7 @@ def _stage(c: Cascade, graph: CascadeGraph, index: int, d: _Draft, owner: dict[s
         for t in tensors_read(e.expr) + tensors_read(e.where):
             if t not in local and t not in loads:
                 loads.append(t)
+    atomic = _atomic(d, kinds, tile_stores)
     predicate = _stage_predicate(d, kinds, depends)
     loop = key_loop(predicate, d.query, d.stream, c.dims)
     undecided = _undecided_wheres(d, kinds, predicate)
@@ -249,6 +249,13 @@ def _stage(c: Cascade, graph: CascadeGraph, index: int, d: _Draft, owner: dict[s
     if undecided:
         loop = masked_everywhere(loop)
     guards = _guards(d, kinds, local)
+    stored_guards = {t: tuple(g for g in guards if g in depends[t] | {t}) for t in tile_stores}
+    for t in set(tile_stores) & atomic:
+        e = next(e for e in d.einsums if e.name == t)
+        if e.reduce != "sum" or any(set(index_vars(guards[g])) & set(e.reduced) for g in stored_guards[t]):
+            raise LoweringError(f"{t} is written tile by tile and reduces {','.join(e.reduced)} across "
+                                f"programs; that is done for sums whose presence does not depend on "
+                                f"{','.join(e.reduced)}: reduce it after the cascade instead")
     carried = [e for e in in_loop if kinds[e.name] == "carried"]
     sums = {n: "carried" if k == "tile_sum" else k for n, k in kinds.items()}  # both take identities
     sentinels = place_sentinels(in_loop, sums, list(guards), set(online), depends) if guards else {}
@@ -262,7 +269,7 @@ def _stage(c: Cascade, graph: CascadeGraph, index: int, d: _Draft, owner: dict[s
                 self_masked[e.name] = _conjunction(parts)
     return Stage(index, d.stream, d.query, d.grid, _features(d), tuple(d.einsums), kinds, tuple(online),
                  rescale, tuple(loads), tuple(stores), frozenset(atomic),
-                 {t: tuple(g for g in guards if g in depends[t] | {t}) for t in tile_stores}, predicate, loop,
+                 stored_guards, predicate, loop,
                  guards, sentinels, self_masked, _groups(carried, guards, depends, online, d),
                  _last_use(in_loop))
 
@@ -305,12 +312,14 @@ def _classify(c: Cascade, graph: CascadeGraph, d: _Draft, local: set[str]) -> di
     return kinds
 
 
-def _atomic(d: _Draft, kinds: dict[str, str]) -> set[str]:
+def _atomic(d: _Draft, kinds: dict[str, str], tile_stores: list[str]) -> set[str]:
     """Values summed across programs: an epilogue over a grid rank (MoH's sum over heads), a
-    carried sum that also reduces a query or grid rank (a per-head scalar's gradient)."""
+    carried sum that also reduces a query or grid rank (a per-head scalar's gradient), a value
+    written tile by tile that reduces a grid rank (a bias gradient broadcast over the batch)."""
     across = set(d.grid) | set(d.query)
     return {e.name for e in d.einsums if (kinds[e.name] == "epilogue" and set(e.reduced) & set(d.grid))
-            or (kinds[e.name] == "carried" and set(e.reduced) & across)}
+            or (kinds[e.name] == "carried" and set(e.reduced) & across)
+            or (e.name in tile_stores and set(e.reduced) & set(d.grid))}
 
 
 def _online(c: Cascade, d: _Draft, kinds: dict[str, str]) -> list[str]:

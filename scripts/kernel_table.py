@@ -1,7 +1,8 @@
 """Write docs/kernels.md: per catalog variant, fused or not, and each generated kernel's
 registers, spills, shared memory and software pipelining (async copies into shared memory and
 async warpgroup MMAs on sm_90, cp.async on sm_80) at head dims 64 and 128, ahead of time with
-no GPU. A test runs `table()` and compares it with the committed file.
+no GPU; then the same on sm_90 for the fused backward kernels (`ei.grad`). A test compares the
+forward table with the committed file, recomputes a few backward rows and checks them there.
 
     .venv/bin/python scripts/kernel_table.py [--out docs/kernels.md] [--check]
 """
@@ -13,6 +14,7 @@ import sys
 
 import einsum_ir as ei
 from einsum_ir.codegen.aot import resource_usage_batch
+from einsum_ir.codegen.autograd import Training
 from einsum_ir.codegen.kernel import TritonKernel
 from einsum_ir.codegen.report import default_shapes
 
@@ -28,19 +30,44 @@ def _cell(u: dict, target: str) -> str:
     return base + (" / cp.async" if u["cp_async"] else " / -")
 
 
-def table(progress=None) -> str:
-    """The whole of docs/kernels.md."""
+def _kernels(make, names) -> tuple[dict, list[tuple[str, str]]]:
+    """name -> make(variant) for the variants it builds, and (name, reason) for the others."""
+    kernels, failed = {}, []
+    for name in names:
+        try:
+            kernels[name] = make(ei.variants.load(name))
+        except ei.LoweringError as err:
+            failed.append((name, str(err)))
+    return kernels, failed
+
+
+def backward_kernel(c) -> TritonKernel:
+    """The key-tile backward kernel of `c` (LoweringError when it has none)."""
+    (kern,) = Training(c, lambda b, fp32: TritonKernel(b, fp32)).backward
+    return kern
+
+
+def backward_rows(names, progress=None) -> tuple[list[str], list[tuple[str, str]]]:
+    """Table rows of the backward kernels of `names`, and (name, reason) for those without one."""
+    kernels, none = _kernels(backward_kernel, names)
+    items = [(kern, default_shapes(kern.cascade, d), "bf16", "sm_90") for kern in kernels.values() for d in DIMS]
+    usage = iter(resource_usage_batch(items))
+    rows = []
+    for name, kern in kernels.items():
+        rows.append("| " + " | ".join([name] + [_cell(next(usage), "sm_90") for _ in DIMS]) + " |")
+        if progress:
+            progress(rows[-1])
+    return rows, none
+
+
+def table(progress=None, backward: bool = True) -> str:
+    """The whole of docs/kernels.md (without its backward section when `backward` is False)."""
     import triton
 
-    rows, unfused, items, kernels = [], [], [], {}
-    for name in ei.variants.names():
-        c = ei.variants.load(name)
-        try:
-            kernels[name] = TritonKernel(c)
-        except ei.LoweringError as err:
-            unfused.append((name, str(err)))
-            continue
-        items += [(kernels[name], default_shapes(c, d), "bf16", t) for t in TARGETS for d in DIMS]
+    rows = []
+    kernels, unfused = _kernels(TritonKernel, ei.variants.names())
+    items = [(kern, default_shapes(kern.cascade, d), "bf16", t) for kern in kernels.values() for t in TARGETS
+             for d in DIMS]
     usage = iter(resource_usage_batch(items))
     for name, kern in kernels.items():
         launches = sum(1 + (em.list_emitter is not None) for em in kern.emitters)
@@ -68,7 +95,31 @@ def table(progress=None) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", "## Not fused", "", "| variant | why (LoweringError) |", "|---|---|"]
     lines += [f"| {n} | {why} |" for n, why in unfused]
+    if backward:
+        lines += backward_section(progress)
     return "\n".join(lines) + "\n"
+
+
+BACKWARD_HEADER = "## Backward kernels"
+
+
+def backward_section(progress=None) -> list[str]:
+    rows, none = backward_rows(ei.variants.names(), progress)
+    lines = [
+        "",
+        BACKWARD_HEADER,
+        "",
+        "The fused backward of each variant that has one (docs/backward.md): one program per key "
+        "tile (128 keys) streaming the query tiles (64 queries), 8 warps, 2 stages; same cells, "
+        "sm_90 only. Saved statistics and the prologue's row values are fp32 inputs; dQ is summed "
+        "in fp32 with atomic adds.",
+        "",
+        "| variant | sm_90 d=64 | sm_90 d=128 |",
+        "|---|---|---|",
+    ] + rows
+    lines += ["", "Without a fused backward:", "", "| variant | why |", "|---|---|"]
+    lines += [f"| {n} | {why} |" for n, why in none]
+    return lines
 
 
 def main() -> None:

@@ -63,3 +63,14 @@ def test_the_roof_kernel_is_pipelined_like_the_generated_ones():
     for row in rows:  # registers, spills, shared, async loads, async mma: last five columns
         regs, spills, _, loads, mma = map(int, row[-5:])
         assert spills == 0 and loads > 0 and mma > 0, row
+
+
+@pytest.mark.parametrize("name", ["softmax_causal", "bias_tensor"])
+def test_the_training_check_passes_on_the_fused_backward(gpu_bench, name):
+    """Phase 3's gradient check, on CPU tensors (Triton's interpreter, or the GPU if there is one)."""
+    from support import KERNEL_DEVICE, TOLERANCE
+
+    kern = ei.compile(ei.variants.load(name), backend="triton")
+    status, msg = gpu_bench.check_training(kern, name, KERNEL_DEVICE, torch.float32, tol=TOLERANCE)
+    assert status == "PASS", msg
+    assert "Q" in msg and "V" in msg

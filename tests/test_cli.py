@@ -79,3 +79,31 @@ def test_analyze_without_a_param_keeps_counts_symbolic(capsys):
     assert main(["analyze", "softmax_window", "--shapes", "B=1,H=2,P=256,M=256,E=64,F=64"]) == 0
     out = capsys.readouterr().out
     assert "Passes over M: 2" in out and "roofline: needs W" in out
+
+
+def test_grad_prints_the_backward_its_saved_values_and_one_pass(capsys):
+    assert main(["grad", "softmax_causal"]) == 0
+    out = capsys.readouterr().out
+    assert "dQ[b,h,p,e]" in out and "output dQ, dK, dV" in out
+    assert "saved by the forward: GM, SD" in out
+    assert "Passes over P: 1" in out
+    assert "tile_sum  dQ" in out and "carried   dK" in out
+    assert "backward  " not in out  # no shapes: no cost table
+
+
+def test_grad_with_shapes_adds_a_cost_row_per_cascade(capsys):
+    assert main(["grad", "softmax_causal", "--shapes", "B=1,H=2,P=256,M=256,E=16,F=16"]) == 0
+    out = capsys.readouterr().out
+    assert "dQ" in out and "saved by the forward: GM, SD" in out and "Passes over P: 1" in out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] in (["forward"], ["prologue"],
+                                                                                        ["backward"])}
+    assert set(rows) == {"forward", "prologue", "backward"}, out
+    assert "TC FLOPs" in out and "bound on" in out
+    assert rows["backward"].rstrip().endswith(")")  # its roofline bound, e.g. "0.0 us (memory)"
+
+
+def test_grad_of_a_two_stage_forward_is_a_clean_error(capsys):
+    assert main(["grad", "agent_attention"]) != 0
+    captured = capsys.readouterr()
+    assert "2 stages" in captured.err and captured.err.startswith("einsum-ir: ")
+    assert "Traceback" not in captured.err and captured.out == ""

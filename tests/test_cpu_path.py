@@ -219,3 +219,130 @@ output O
     kern = compile_cpu(c, 1, 1)  # one point per tile: two thirds of the visited tiles are empty
     assert_outputs_close(kern(Q=q, K=k, V=v, D=3), ei.interpret(c, Q=q, K=k, V=v, D=3), atol=1e-5, rtol=1e-5)
     assert kern.last_stats["empty"] > kern.last_stats["partial"] // 2
+
+
+# --------------------------------------------------------------------------- signs of carried terms
+# Carried sums whose terms have mixed signs, or are all negative: the division deferral gives one
+# numerator per term, scalars (-1 included) fold into the matrix products, and the online
+# rescale must apply to each numerator whatever its sign.
+
+SIGNED_HEAD = """dims B H P M E F
+param scale = 1/sqrt(E)
+input Q[b,h,p,e], K[b,h,m,e], V[b,h,m,f], U[b,h,m,f]
+S[b,h,p,m]  = Q[b,h,p,e] * K[b,h,m,e] * scale where m <= p
+"""
+SIGNED_SOFTMAX = SIGNED_HEAD + """GM[b,h,p]   = max[m] S[b,h,p,m]
+SN[b,h,p,m] = exp(S[b,h,p,m] - GM[b,h,p])
+SD[b,h,p]   = SN[b,h,p,m]
+"""
+SIGNED = {
+    "sn_v_minus_sn_u": SIGNED_SOFTMAX + "O[b,h,p,f] = (SN[b,h,p,m] * V[b,h,m,f] - SN[b,h,p,m] * U[b,h,m,f]) "
+                                        "/ SD[b,h,p]\noutput O\n",
+    "normalized_terms_minus": SIGNED_SOFTMAX + "O[b,h,p,f] = SN[b,h,p,m] * V[b,h,m,f] / SD[b,h,p] - "
+                                               "SN[b,h,p,m] * U[b,h,m,f] / SD[b,h,p]\noutput O\n",
+    "all_negative": SIGNED_SOFTMAX + "O[b,h,p,f] = -(SN[b,h,p,m] * V[b,h,m,f]) / SD[b,h,p]\noutput O\n",
+    "all_negative_two_terms": SIGNED_SOFTMAX + "O[b,h,p,f] = (-(SN[b,h,p,m] * V[b,h,m,f]) - SN[b,h,p,m] * U[b,h,m,f]) "
+                                               "/ SD[b,h,p]\noutput O\n",
+    "mixed_sign_denominator": SIGNED_SOFTMAX.replace("SD[b,h,p]   = SN[b,h,p,m]",
+                                                     "SD[b,h,p]   = 2 * SN[b,h,p,m] - SN[b,h,p,m] * 0.5")
+                              + "O[b,h,p,f] = SN[b,h,p,m] * V[b,h,m,f] / SD[b,h,p]\noutput O\n",
+    # a row sum of a difference of maps, and a difference of weighted values, with no max at all
+    "row_sum_a_minus_c": SIGNED_HEAD + """A[b,h,p,m] = sigmoid(S[b,h,p,m])
+C[b,h,p,m] = softplus(S[b,h,p,m])
+X[b,h,p]   = A[b,h,p,m] - C[b,h,p,m]
+O[b,h,p,f] = A[b,h,p,m] * V[b,h,m,f] - C[b,h,p,m] * U[b,h,m,f]
+output O, X
+""",
+    "row_sum_all_negative": SIGNED_HEAD + """A[b,h,p,m] = sigmoid(S[b,h,p,m])
+C[b,h,p,m] = softplus(S[b,h,p,m])
+X[b,h,p]   = -A[b,h,p,m] - C[b,h,p,m]
+O[b,h,p,f] = -(A[b,h,p,m] * V[b,h,m,f])
+output O, X
+""",
+}
+# carried sums each cascade must keep (so the terms are summed in the key loop, not after it)
+SIGNED_CARRIED = {"sn_v_minus_sn_u": {"SD", "O_num0", "O_num1"}, "normalized_terms_minus": {"SD", "O_num0", "O_num1"},
+                  "all_negative": {"SD", "O_num"}, "mixed_sign_denominator": {"SD", "O_num"},
+                  "all_negative_two_terms": {"SD", "O_num0", "O_num1"},
+                  "row_sum_a_minus_c": {"X", "O"}, "row_sum_all_negative": {"X", "O"}}
+
+
+def _signed_args(dtype, P=21, M=17):
+    g = torch.Generator().manual_seed(5)
+    return {n: torch.randn(2, 2, P if n == "Q" else M, 8 if n in "QK" else 5, generator=g).to(dtype) for n in "QKVU"}
+
+
+@pytest.mark.parametrize("tiles", [(4, 3), (1, 1), None], ids=["q4s3", "q1s1", "default"])
+@pytest.mark.parametrize("name", SIGNED)
+def test_carried_sums_of_mixed_and_negative_terms_match_interpreter(name, tiles):
+    c = ei.parse(SIGNED[name])
+    kern = compile_cpu(c) if tiles is None else compile_cpu(c, *tiles)
+    assert isinstance(kern, CpuKernel)  # the fused CPU path (compile_cpu raises where it has none)
+    carried = {e.name for e in kern.plan.stages[0].of_kind("carried")}
+    assert SIGNED_CARRIED[name] <= carried, carried
+    args = _signed_args(torch.float32)
+    assert_outputs_close(kern(**args), ei.interpret(c, **args), atol=1e-5, rtol=1e-5)
+    if tiles != (1, 1):  # one point per tile: no tile is partly present
+        assert kern.last_stats["partial"] > 0  # the causal diagonal ran masked
+
+
+@pytest.mark.parametrize("name", SIGNED)
+def test_gradients_of_mixed_and_negative_terms_match_autograd(name):
+    """The fused CPU backward of the same cascades, in fp64, against autograd through the interpreter.
+    `mixed_sign_denominator` once lost its fused backward (a factor of 1.0 was not taken for 1);
+    `row_sum_all_negative` once multiplied a broadcast row gradient in place."""
+    c = ei.parse(SIGNED[name])
+    args = _signed_args(torch.float64, P=11, M=9)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in args.items()}
+    outs = compile_cpu(c, 4, 3)(**leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    assert all(type(o.grad_fn).__name__ == "_FusedBackward" for o in outs)
+    seeds = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+             for i, o in enumerate(outs)]
+    got = torch.autograd.grad(outs, list(leaves.values()), seeds, allow_unused=True)
+    ref = {k: v.clone().requires_grad_(True) for k, v in args.items()}
+    want_outs = ei.interpret(c, **ref)
+    want = torch.autograd.grad(want_outs if isinstance(want_outs, tuple) else (want_outs,), list(ref.values()), seeds,
+                               allow_unused=True)
+    for k, gk, wk in zip(leaves, got, want):  # an input nothing reads (U in all_negative): zero
+        gk, wk = (torch.zeros_like(args[k]) if t is None else t for t in (gk, wk))
+        torch.testing.assert_close(gk, wk, atol=1e-10, rtol=1e-9, msg=lambda t: f"{name}, d{k}: {t}")
+
+
+def test_cpu_backward_of_a_row_sum_output():
+    """An output that sums a map of the scores over the keys: its gradient reaches every key as a
+    broadcast row, a view that must not be updated in place."""
+    c = ei.parse("""dims B H P M E
+input Q[b,h,p,e], K[b,h,m,e]
+S[b,h,p,m] = Q[b,h,p,e] * K[b,h,m,e]
+A[b,h,p,m] = sigmoid(S[b,h,p,m])
+X[b,h,p]   = A[b,h,p,m]
+output X
+""")
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 9, 4, generator=g, dtype=torch.float64).requires_grad_(True) for _ in range(2))
+    dq, dk = torch.autograd.grad(compile_cpu(c)(Q=q, K=k).sum(), [q, k])
+    rq, rk = torch.autograd.grad(ei.interpret(c, Q=q, K=k).sum(), [q, k])
+    torch.testing.assert_close((dq, dk), (rq, rk))
+
+
+def test_a_guarded_copy_of_an_input_is_never_updated_in_place():
+    """`B2 = Bias where m <= p` is a view of the input's tile; the score built from it must not
+    add into it (that once changed the caller's Bias)."""
+    c = ei.parse("""dims B H P M E F
+input Q[b,h,p,e], K[b,h,m,e], Bias[b,h,p,m], V[b,h,m,f]
+S0[b,h,p,m] = Q[b,h,p,e] * K[b,h,m,e]
+B2[b,h,p,m] = Bias[b,h,p,m] where m <= p
+S[b,h,p,m]  = B2[b,h,p,m] + S0[b,h,p,m]
+A[b,h,p,m]  = sigmoid(S[b,h,p,m])
+O[b,h,p,f]  = A[b,h,p,m] * V[b,h,m,f]
+output O
+""")
+    g = torch.Generator().manual_seed(0)
+    args = {d.name: torch.randn([9 if i in "pm" else 2 if i in "bh" else 4 for i in d.indices], generator=g,
+                                dtype=torch.float64) for d in c.inputs}
+    kept = {n: t.clone() for n, t in args.items()}
+    out = compile_cpu(c, 4, 3)(**args)
+    for n in args:
+        assert torch.equal(args[n], kept[n]), f"{n} was changed"
+    torch.testing.assert_close(out, ei.interpret(c, **kept))

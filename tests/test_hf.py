@@ -4,7 +4,8 @@ Mistral (sliding window), Gemma 2 (softcap, alternating window), GPT-2 and ViT.
 Each runs two ways against eager attention: `attn_implementation="einsum_ir"` (the
 attention interface) and `torch.compile(model, backend="einsum_ir")` (the Dynamo backend on
 the model's own SDPA or eager attention). Both must match eager and replace every attention
-site; a training step through the custom op must give eager's gradients."""
+site; a training step through the custom op, by either route, must give eager's gradients
+through the fused backward (the recomputation fallback is made to fail)."""
 from __future__ import annotations
 
 import pytest
@@ -112,17 +113,60 @@ def test_padding_mask_stays_exact(specs):
     assert len(specs) == LAYERS and all("Msk[b,p,m]" in s for s in specs)
 
 
+@pytest.fixture
+def fused_backward(monkeypatch) -> list[int]:
+    """Every backward through the custom op must be the fused one: the fallback (recomputation
+    through the interpreter) raises, and each fused backward call is counted."""
+    calls: list[int] = []
+    run_backward = torch_op.run_backward
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the custom op fell back to recomputing the forward through the interpreter")
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return run_backward(*args, **kwargs)
+
+    monkeypatch.setattr(torch_op, "recompute_gradients", refuse)
+    monkeypatch.setattr(torch_op, "run_backward", counted)
+    return calls
+
+
+def _eager_grads(name: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Parameter gradients of one training step with eager attention (the baseline)."""
+    model = _model(name, "eager").train()
+    model(ids, labels=ids).loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_grads(model: torch.nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys()
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_training_configs_exercise_gqa_window_and_softcap():
+    """The training steps run GQA, and a window and a softcap that are in play at SEQ tokens."""
+    for name in ("llama", "mistral", "gemma2"):
+        kwargs = MODELS[name][2]
+        assert kwargs["num_key_value_heads"] < kwargs["num_attention_heads"], name  # GQA
+    assert MODELS["mistral"][2]["sliding_window"] < SEQ and MODELS["gemma2"][2]["sliding_window"] < SEQ
+    assert MODELS["gemma2"][2]["attn_logit_softcapping"]
+
+
 @pytest.mark.parametrize("name", MODELS)
-def test_training_step_matches_eager(name):
+def test_training_step_matches_eager(name, specs, fused_backward):
+    """attn_implementation="einsum_ir": eager's gradients, through the fused backward (one call
+    per layer; the recomputation fallback would fail the test)."""
     ids = _ids()
-    grads = []
-    for impl in ("eager", "einsum_ir"):
-        model = _model(name, impl).train()
-        model(ids, labels=ids).loss.backward()
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
-    for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4, msg=n)
+    expected = _eager_grads(name, ids)
+    model = _model(name, "einsum_ir").train()
+    model(ids, labels=ids).loss.backward()
+    _assert_same_grads(model, expected)
+    assert len(specs) == LAYERS and len(fused_backward) == LAYERS
+    for spec, needles in zip(specs, EXPECTED[name]):
+        assert all(n in spec for n in needles), spec
 
 
 @pytest.mark.parametrize("name,impl", [("llama", "sdpa"), ("mistral", "sdpa"), ("gemma2", "eager"),
@@ -156,17 +200,23 @@ def test_compile_backend_vit(fresh_dynamo):
     assert sum(s.replaced for s in fresh_dynamo) == LAYERS
 
 
-def test_compile_backend_training_step(fresh_dynamo):
+@pytest.mark.parametrize("name,impl", [("llama", "sdpa"), ("mistral", "sdpa"), ("gemma2", "eager")])
+def test_compile_backend_training_step(name, impl, fresh_dynamo, fused_backward):
+    """torch.compile(backend="einsum_ir") on the model's own attention: eager attention's
+    gradients, through the fused backward of the custom op (one call per layer)."""
     ids = _ids()
-    grads = []
-    for compiled in (False, True):
-        model = _model("llama", "sdpa").train()
-        run = torch.compile(model, backend="einsum_ir", options={"inner": "aot_eager"}) if compiled else model
-        run(ids, labels=ids).loss.backward()
-        grads.append({n: p.grad for n, p in model.named_parameters()})
-    for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4, msg=n)
-    assert sum(s.replaced for s in fresh_dynamo) == LAYERS
+    expected = _eager_grads(name, ids)
+    model = _model(name, impl).train()
+    torch.compile(model, backend="einsum_ir", options={"inner": "aot_eager"})(ids, labels=ids).loss.backward()
+    _assert_same_grads(model, expected)
+    replaced = [s for s in fresh_dynamo if s.replaced]
+    assert len(replaced) == LAYERS, [s.describe() for s in fresh_dynamo]
+    assert len(fused_backward) == LAYERS
+    assert all(s.pattern.causal and s.pattern.gqa for s in replaced)
+    if name in ("mistral", "gemma2"):
+        assert replaced[0].pattern.window and replaced[0].scalars["window"] == 8
+    if name == "gemma2":
+        assert all(s.scalars["softcap"] == 2.0 for s in replaced)
 
 
 def test_dropout_is_refused():

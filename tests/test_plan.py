@@ -216,3 +216,87 @@ def test_derived_facts_are_computed_once_per_cascade():
     with mock.patch.object(graph, "dependency_graph", lambda c: calls.append(c) or real(c)):
         plan = build_plan(ei.variants.load("softmax_causal"))
     assert len(calls) == 1 + len(plan.rewrites)  # the cascade as written, then once per rewrite
+
+
+# --------------------------------------------------------------------------- stream choice and the backward
+
+
+def test_forward_streams_the_keys_under_a_query_tile():
+    (s,) = build_plan(ei.variants.load("softmax_causal")).stages
+    assert s.stream == ("m",) and s.query == ("p",)
+    assert s.kind("GM") == "carried" and s.kind("O_num") == "carried" and s.kind("O") == "epilogue"
+    assert "tile_sum" not in s.kinds.values()  # only a backward adds into another program's tile
+
+
+def test_backward_streams_the_queries_and_sums_dq_tile_by_tile():
+    """dK and dV keep the keys, dQ the queries: the backward streams the side fewer outputs keep
+    (p), so dK and dV are carried sums of a key-tile program and dQ a `tile_sum`."""
+    g = ei.grad(ei.variants.load("softmax_causal"))
+    (s,) = build_plan(g.backward[0]).stages
+    assert s.stream == ("p",) and s.query == ("m",)
+    assert s.kind(g.grads["Q"]) == "tile_sum"
+    assert s.kind(g.grads["K"]) == "carried" and s.kind(g.grads["V"]) == "carried"
+    assert [e.name for e in s.of_kind("tile_sum")] == ["dQ"]
+    assert s.summed_across_programs == {"dQ"}  # added into by every key-tile program, from 0
+    assert "tile_sum  dQ" in s.summary()
+
+
+# A `where` on a carried reduction only: the scores are dense, the denominator (and in the second
+# form the numerator too) sums the causal part. Nothing about the key loop can come from the
+# scores' predicate (there is none); the carried sums must still drop m > p.
+CARRIED_WHERE = """dims B H P M E F
+param scale = 1/sqrt(E)
+input Q[b,h,p,e], K[b,h,m,e], V[b,h,m,f]
+S[b,h,p,m]  = Q[b,h,p,e] * K[b,h,m,e] * scale
+GM[b,h,p]   = max[m] S[b,h,p,m]
+SN[b,h,p,m] = exp(S[b,h,p,m] - GM[b,h,p])
+SD[b,h,p]   = SN[b,h,p,m] where m <= p
+O[b,h,p,f]  = SN[b,h,p,m] * V[b,h,m,f] / SD[b,h,p]{o_where}
+output O
+"""
+
+
+@pytest.mark.parametrize("tiles", [None, (4, 3), (1, 1)], ids=["default", "q4s3", "q1s1"])
+@pytest.mark.parametrize("o_where", ["", " where m <= p"], ids=["sd_only", "sd_and_o"])
+def test_a_where_on_a_carried_reduction_alone_still_masks(o_where, tiles):
+    from einsum_ir.codegen.cpu_emit import compile_cpu
+
+    c = ei.parse(CARRIED_WHERE.format(o_where=o_where))
+    assert c.einsum("S").where is None and c.einsum("SD").where is not None
+    g = torch.Generator().manual_seed(4)
+    args = dict(Q=torch.randn(2, 2, 13, 4, generator=g), K=torch.randn(2, 2, 11, 4, generator=g),
+                V=torch.randn(2, 2, 11, 3, generator=g))
+    want = ei.interpret(c, **args)
+    dense = ei.interpret(ei.parse(CARRIED_WHERE.format(o_where="").replace(" where m <= p", "")), **args)
+    assert float((want - dense).abs().max()) > 1e-2  # the mask changes the answer
+    kern = ei.compile(c, backend="cpu") if tiles is None else compile_cpu(c, *tiles)
+    torch.testing.assert_close(kern(**args), want, atol=1e-5, rtol=1e-5)
+
+
+def test_an_opaque_predicate_on_both_token_ranks_masks_every_backward_tile():
+    """nbhd_2d's backward streams (px, py) under a (mx, my) key tile; seen from a key, its
+    predicate is opaque (docs/backward.md), so every visited tile is a masked one, and the
+    gradients are still exact."""
+    from einsum_ir.codegen.cpu_emit import compile_cpu
+    from support import make_inputs
+
+    c = ei.variants.load("nbhd_2d")
+    (b,) = ei.grad(c).backward
+    (s,) = build_plan(b).stages
+    assert s.stream == ("px", "py") and s.query == ("mx", "my")
+    assert "0 of them unmasked" in s.summary()
+    assert all(seg.masked for seg in s.loop.tile_segments) and all(seg.masked for seg in s.loop.key_segments)
+    args = make_inputs("nbhd_2d", c, dtype=torch.float64)
+    leaves = {k: (v.clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    kern = compile_cpu(c, 4, 3)  # small tiles: many (query tile, key tile) pairs
+    out = kern(**leaves)
+    assert type(out.grad_fn).__name__ == "_FusedBackward"
+    seed = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    names = [k for k, v in leaves.items() if isinstance(v, torch.Tensor)]
+    got = torch.autograd.grad(out, [leaves[k] for k in names], seed)
+    stats = kern.training.backward[0].last_stats  # the backward kernel's run
+    assert stats["full"] == 0 and stats["partial"] > 1, stats
+    ref = {k: (v.clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    want = torch.autograd.grad(ei.interpret(c, **ref), [ref[k] for k in names], seed)
+    for k, gk, wk in zip(names, got, want):
+        torch.testing.assert_close(gk, wk, atol=1e-10, rtol=1e-9, msg=lambda t: f"d{k}: {t}")

@@ -199,19 +199,45 @@ def test_aot_compiles_without_spills(name, head_dim, target, aot_usage):
         assert u["cp_async"], "expected cp.async in the sm_80 PTX"
 
 
-def test_kernel_table_is_current(aot_usage):
-    """docs/kernels.md is what scripts/kernel_table.py writes (the compiles above are cached)."""
+def _kernel_table_script():
     import importlib.util
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("kernel_table", root / "scripts" / "kernel_table.py")
+    path = Path(__file__).resolve().parent.parent / "scripts" / "kernel_table.py"
+    spec = importlib.util.spec_from_file_location("kernel_table", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    committed = (root / "docs" / "kernels.md").read_text()
+    return script, (path.parent.parent / "docs" / "kernels.md").read_text()
+
+
+def test_kernel_table_is_current(aot_usage):
+    """docs/kernels.md's forward table is what scripts/kernel_table.py writes (the compiles above
+    are cached)."""
+    script, committed = _kernel_table_script()
     if f"Triton {triton.__version__}:" not in committed:
         pytest.skip(f"docs/kernels.md was made with another Triton than {triton.__version__}")
-    assert script.table() == committed, "run scripts/kernel_table.py to regenerate docs/kernels.md"
+    forward, _ = committed.split("\n" + script.BACKWARD_HEADER + "\n")
+    assert script.table(backward=False) == forward.rstrip("\n") + "\n", \
+        "run scripts/kernel_table.py to regenerate docs/kernels.md"
+
+
+def test_backward_kernel_table_rows_are_current_and_pipelined():
+    """Two backward rows recompiled here match docs/kernels.md (all of them take minutes); every
+    committed backward row has 0 spills and pipelined loops at both head dims."""
+    script, committed = _kernel_table_script()
+    if f"Triton {triton.__version__}:" not in committed:
+        pytest.skip(f"docs/kernels.md was made with another Triton than {triton.__version__}")
+    section = committed.split("\n" + script.BACKWARD_HEADER + "\n")[1].split("Without a fused backward")[0]
+    rows = [r for r in section.splitlines() if r.startswith("| ") and not r.startswith("| variant")]
+    assert len(rows) >= 19, section
+    for row in rows:
+        for cell in row.strip("| ").split(" | ")[1:]:
+            regs, spills, _, pipelined = cell.split(" / ")
+            assert int(regs) <= 255 and int(spills) == 0, row
+            assert all(int(n) > 0 for n in pipelined.split(", ")), row
+    fresh, _ = script.backward_rows(["softmax_causal", "bias_tensor"])
+    for row in fresh:
+        assert row in rows, f"{row} is not in docs/kernels.md: run scripts/kernel_table.py"
 
 
 def test_extra_outputs_max_scores_and_lse_in_output_order():
