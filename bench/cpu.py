@@ -7,30 +7,29 @@
     python bench/cpu.py --backward     # forward + backward (a training step's attention)
 
 Cases: causal, sliding window (W=512) and softplus-L1 attention at N in {2048, 8192}, B=1,
-H=8, D=64, fp32. Each (case, N) runs in its own fresh subprocess, which builds every
-implementation and then:
+H=8, D=64, fp32. Each implementation of each (case, N) runs in its own fresh subprocess,
+ours first, so that no process holds two OpenMP runtimes: FlexAttention's Inductor-compiled
+code brings a second one, and the idle threads of one runtime then steal the cores of the
+other (or, with OMP_WAIT_POLICY=PASSIVE, every op of the other pays to wake its threads);
+either way a shared process skews the comparison by 1.5-7x. Each worker builds its
+implementation and then measures:
 
-* peak memory: for each implementation in turn (ours first), one warm-up call (it compiles
-  FlexAttention and initializes thread pools and libraries), then one measured call: the
-  process's peak resident set during it (VmHWM, reset through /proc/self/clear_refs after a
-  malloc_trim) minus the resident set just before it, plus the bytes of anything built for it
-  beforehand (SDPA's and eager's N x N boolean masks, FlexAttention's block mask). The Q, K, V
-  inputs are not counted. This is RSS, so it sees torch's CPU allocations (which tracemalloc
-  does not).
-* time: the measured call above, then R rounds (R=3 at N<=2048, 2 above); each round calls
-  every implementation once, in turn, so that load from other processes on a shared machine
-  hits all of them alike; the table shows each one's best time.
-* error: max |output - einsum-ir's output| (with --backward, over the output and dQ, dK, dV).
+* peak memory: one warm-up call (it compiles FlexAttention and initializes thread pools and
+  libraries), then one measured call: the process's peak resident set during it (VmHWM, reset
+  through /proc/self/clear_refs after a malloc_trim) minus the resident set just before it,
+  plus the bytes of anything built for it beforehand (SDPA's and eager's N x N boolean masks,
+  FlexAttention's block mask). The Q, K, V inputs are not counted. This is RSS, so it sees
+  torch's CPU allocations (which tracemalloc does not).
+* time: the measured call above, then R more calls (R=3 at N<=2048, 2 above); the table shows
+  the best.
+* error: max |output - einsum-ir's output| (with --backward, over the output and dQ, dK, dV);
+  ours saves its results to a temporary file that the other workers compare with.
 
 With --backward every call is forward plus backward: Q, K, V require grad, the output's
 backward runs with a fixed random gradient, and the gradients are part of the call (their
 3 x N x D floats count in the peak memory of every implementation alike). Ours is the fused
 backward derived by `ei.grad` (docs/backward.md). FlexAttention has no CPU backward in torch
 2.13 (it raises "FlexAttention does not support backward on CPU"); the table says so.
-
-Workers run with OMP_WAIT_POLICY=PASSIVE (unless set): FlexAttention's Inductor-compiled code
-brings a second OpenMP runtime into the process, and busy-waiting threads of one runtime slow
-down whatever runs next on the other (seen as 5-7x swings on 2 cores).
 
 The implementations:
   ours   `codegen.cpu_emit.compile_cpu(variant)`: generated tiled PyTorch (O(N) memory).
@@ -180,55 +179,44 @@ def with_backward(fn, q, k, v, dout):
     return step
 
 
-def worker(case: str, n: int, impls: list[str], rounds: int, backward: bool = False) -> dict:
+def worker(case: str, n: int, impl: str, rounds: int, backward: bool, ref: str) -> dict:
+    """One implementation's measurements. Ours writes its results to `ref`; the others compare
+    with them there."""
     import torch
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, n, D, generator=g).requires_grad_(backward) for _ in range(3))
     dout = torch.randn(B, H, n, D, generator=g)
-    res: dict = {}
-    fns = {}
-    outs = {}
-    for impl in impls:
-        try:
-            fn, setup_bytes = build(impl, case, n, q, k, v)
-            if backward:
-                fn = with_backward(fn, q, k, v, dout)
-        except NotImplementedError as err:
-            res[impl] = {"status": f"n/a ({err})"}
-            continue
-        try:
-            outs[impl] = fn()  # warm-up: compiles flex, initializes thread pools and libraries
-            _malloc_trim()
-            have_hwm = _reset_hwm()
-            base = _rss_kb()
-            t0 = time.perf_counter()
-            fn()
-            first = time.perf_counter() - t0
-            peak = _hwm_kb() - base if have_hwm else None
-        except Exception as err:  # noqa: BLE001 - report, don't crash the table
-            res[impl] = {"status": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}"}
-            continue
-        fns[impl] = fn
-        res[impl] = {"status": "ok", "times": [first],
-                     "peak_mb": None if peak is None else (peak * 1024 + setup_bytes) / 2**20}
-        print(f"    {impl}: built; measured call {first * 1e3:.0f} ms, peak {res[impl]['peak_mb']:.0f} MiB",
-              file=sys.stderr, flush=True)
-    ref = outs.get("ours")
-    for impl, out in outs.items():
-        if ref is not None:
-            pairs = zip(out, ref) if isinstance(out, tuple) else [(out, ref)]
-            res[impl]["err"] = max(float((a.float() - b.float()).abs().max()) for a, b in pairs)
-    del outs, ref
-    for r in range(rounds):
-        for impl, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            res[impl]["times"].append(time.perf_counter() - t0)
-        print(f"    round {r + 1}/{rounds}: " + ", ".join(f"{i} {res[i]['times'][-1] * 1e3:.0f} ms" for i in fns),
-              file=sys.stderr, flush=True)
-    for impl in fns:
-        res[impl]["time"] = min(res[impl]["times"])
+    try:
+        fn, setup_bytes = build(impl, case, n, q, k, v)
+    except NotImplementedError as err:
+        return {"status": f"n/a ({err})"}
+    if backward:
+        fn = with_backward(fn, q, k, v, dout)
+    try:
+        out = fn()  # warm-up: compiles flex, initializes thread pools and libraries
+        _malloc_trim()
+        have_hwm = _reset_hwm()
+        base = _rss_kb()
+        t0 = time.perf_counter()
+        fn()
+        times = [time.perf_counter() - t0]
+        peak = _hwm_kb() - base if have_hwm else None
+    except Exception as err:  # noqa: BLE001 - report, don't crash the table
+        return {"status": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}"}
+    res = {"status": "ok", "peak_mb": None if peak is None else (peak * 1024 + setup_bytes) / 2**20}
+    print(f"    {impl}: measured call {times[0] * 1e3:.0f} ms, peak {res['peak_mb']:.0f} MiB", file=sys.stderr,
+          flush=True)
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    res["time"] = min(times)
+    out = out if isinstance(out, tuple) else (out,)
+    if impl == "ours":
+        torch.save([t.detach() for t in out], ref)
+    elif os.path.exists(ref):
+        res["err"] = max(float((a.detach().float() - b.float()).abs().max()) for a, b in zip(out, torch.load(ref)))
     return res
 
 
@@ -255,24 +243,30 @@ def profile(case: str, n: int, impls: list[str]) -> None:
 # ----------------------------------------------------------------------------- the parent
 
 def run_case(case, n, impls, rounds, backward=False) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", case, str(n), ",".join(impls), str(rounds)]
-    cmd += ["--backward"] if backward else []
+    """Each implementation in its own fresh worker process, ours first (the others compare with
+    its results)."""
+    import tempfile
+
     t0 = time.time()
     print(f"  {case} N={n}:", file=sys.stderr, flush=True)
-    try:
-        env = dict(os.environ)
-        # torch's OpenMP pool and the one in Inductor's compiled FlexAttention code are two
-        # runtimes in one process; spinning idle threads of one steal the cores of the other
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=1800, env=env,
-                              check=False)
-    except subprocess.TimeoutExpired:
-        return {i: {"status": "timed out (1800 s)"} for i in impls}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not lines:
-        why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
-        return {i: {"status": f"failed: {why}"} for i in impls}
-    res = json.loads(lines[-1][len("RESULT "):])
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = os.path.join(tmp, "ours.pt")
+        for impl in impls:
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", case, str(n), impl, str(rounds), ref]
+            cmd += ["--backward"] if backward else []
+            try:
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=1800,
+                                      check=False)
+            except subprocess.TimeoutExpired:
+                res[impl] = {"status": "timed out (1800 s)"}
+                continue
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if not lines:
+                why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
+                res[impl] = {"status": f"failed: {why}"}
+                continue
+            res[impl] = json.loads(lines[-1][len("RESULT "):])
     print(f"  {case} N={n} done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     return res
 
@@ -289,15 +283,15 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="N=2048 only")
     ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 3 at N<=2048, else 2)")
     ap.add_argument("--backward", action="store_true", help="time forward + backward (dQ, dK, dV)")
-    ap.add_argument("--worker", nargs=4, metavar=("CASE", "N", "IMPLS", "ROUNDS"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=5, metavar=("CASE", "N", "IMPL", "ROUNDS", "REF"), help=argparse.SUPPRESS)
     ap.add_argument("--profile", nargs=2, metavar=("CASE", "N"), help="print torch profiler tables of one case")
     args = ap.parse_args(argv)
     if args.profile:
         profile(args.profile[0], int(args.profile[1]), [i for i in args.impls if i in ("ours", "flex")])
         return
     if args.worker:
-        case, n, impls, rounds = args.worker
-        res = worker(case, int(n), impls.split(","), int(rounds), args.backward)
+        case, n, impl, rounds, ref = args.worker
+        res = worker(case, int(n), impl, int(rounds), args.backward, ref)
         print("RESULT " + json.dumps(res), flush=True)
         return
     import torch
@@ -352,9 +346,8 @@ def print_table(results, ns, cases, impls) -> None:
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
     print()
-    print("ms: best of the measured call and the rounds (3 at N<=2048, 2 at N=8192; implementations")
-    print("    called in turn within a round), after a warm-up call (FlexAttention's compile excluded).")
-    print("    One fresh subprocess per (case, N).")
+    print("ms: best of the measured call and the next ones (3 more at N<=2048, 2 at N=8192), after a")
+    print("    warm-up call (FlexAttention's compile excluded). One fresh subprocess per implementation.")
     print("x/ours: that implementation's time divided by ours (>1: ours is faster).")
     print("MiB: peak RSS during one call (after a warm-up call) above the RSS before it, plus")
     print("     masks/block masks built beforehand; Q, K, V are not counted.")

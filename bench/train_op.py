@@ -69,13 +69,11 @@ def main(argv=None) -> None:
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker[0], int(args.worker[1]))), flush=True)
         return
-    env = dict(os.environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     print(f"custom-op training step, causal softmax, B={B} H={H} N={args.n} D={D} fp32")
     print(f"{'impl':6s} {'forward s':>10s} {'backward s':>11s} {'RSS before MiB':>15s} {'peak MiB':>9s} {'peak - before':>14s}")
     for impl in IMPLS:
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", impl, str(args.n)],
-                              stdout=subprocess.PIPE, text=True, env=env, check=False)
+                              stdout=subprocess.PIPE, text=True, check=False)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if not lines:
             print(f"{impl:6s} failed (exit code {proc.returncode})")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import linecache
+import math
 import re
 import string
 from functools import cached_property
@@ -47,7 +48,8 @@ from einsum_ir.lowering.strategy import build_plan
 from einsum_ir.params import bind_arguments
 
 DEFAULT_BLOCK_Q = 128
-DEFAULT_BLOCK_S = 640
+DEFAULT_BLOCK_S = 640  # the most keys per tile; fewer when the outputs are small (CpuKernel.key_tile)
+MIN_BLOCK_S = 128
 
 HELPERS = '''
 def _tiles(lo, hi, block):
@@ -713,7 +715,7 @@ class CpuKernel:
 
     backend = "cpu"
 
-    def __init__(self, cascade: Cascade, block_q: int = DEFAULT_BLOCK_Q, block_s: int = DEFAULT_BLOCK_S,
+    def __init__(self, cascade: Cascade, block_q: int = DEFAULT_BLOCK_Q, block_s: int | None = None,
                  fp32: frozenset = frozenset()):
         self.cascade = cascade
         self.fp32 = frozenset(fp32)  # held in fp32 whatever the dtype: saved outputs, saved inputs
@@ -729,8 +731,20 @@ class CpuKernel:
     def source(self, shapes: dict | None = None, device: str = "cpu") -> str:
         text = self._source
         if shapes:
-            text = f"# tiles for {shapes}: BLOCK_Q={self.block_q}, BLOCK_S={self.block_s}\n" + text
+            text = f"# tiles for {shapes}: BLOCK_Q={self.block_q}, BLOCK_S={self.key_tile(shapes)}\n" + text
         return text
+
+    def key_tile(self, extents: dict) -> int:
+        """BLOCK_S of a call: the one asked for, else DEFAULT_BLOCK_S, or fewer keys when the
+        outputs are small, so that a score tile (grid x BLOCK_Q x BLOCK_S) holds at most a
+        quarter of the outputs' elements: at short sequences the few MiB of a large tile would
+        otherwise outweigh the result."""
+        if self.block_s is not None:
+            return self.block_s
+        c = self.plan.cascade
+        grid = math.prod(extents.get(rank_of(v), 1) for v in self.plan.stages[0].grid)
+        outputs = sum(math.prod(extents.get(r, 1) for r in c.tensors[o].ranks) for o in c.output_names)
+        return max(MIN_BLOCK_S, min(DEFAULT_BLOCK_S, outputs // (4 * max(grid, 1) * self.block_q)))
 
     def resource_usage(self, shapes, dtype="bf16", target="sm_90"):
         raise LoweringError("the CPU backend generates PyTorch code; it has no compiled GPU kernel")
@@ -761,17 +775,18 @@ class CpuKernel:
             buffers[name] = torch.full(shape, float(fill), dtype=dt, device=device)
         stats = {"full": 0, "partial": 0, "empty": 0}
         scal = {**extents, **params}
+        block_s = self.key_tile(extents)
         for em in self.emitters:
             names = em.arg_names()
             fn = self._ns[em.name]
             targs = [buffers[n[:-4]] for n in names["tensors"]]
             kw = {n: scal[n] for n in names["scalars"]}
-            fn(*targs, **kw, BLOCK_Q=self.block_q, BLOCK_S=self.block_s, DT=dt, _stats=stats)
+            fn(*targs, **kw, BLOCK_Q=self.block_q, BLOCK_S=block_s, DT=dt, _stats=stats)
         self.last_stats = stats
         return collect_outputs(c, buffers, out_dtype, self.fp32)
 
 
-def compile_cpu(cascade: Cascade, block_q: int = DEFAULT_BLOCK_Q, block_s: int = DEFAULT_BLOCK_S,
+def compile_cpu(cascade: Cascade, block_q: int = DEFAULT_BLOCK_Q, block_s: int | None = None,
                 fp32: frozenset = frozenset()) -> CpuKernel:
     """The tiled CPU kernel of `cascade`; raises LoweringError (with the reason) when the plan
     has no fused lowering for it."""

@@ -346,3 +346,16 @@ output O
     for n in args:
         assert torch.equal(args[n], kept[n]), f"{n} was changed"
     torch.testing.assert_close(out, ei.interpret(c, **kept))
+
+
+def test_the_key_tile_shrinks_with_small_outputs_unless_one_is_asked_for():
+    """A score tile holds at most a quarter of the outputs' elements (down to 128 keys), so the
+    tile does not set the peak memory of a short sequence; an explicit BLOCK_S is kept."""
+    from einsum_ir.codegen.cpu_emit import DEFAULT_BLOCK_S, MIN_BLOCK_S
+
+    c = ei.variants.load("softmax_causal")
+    shapes = lambda n: dict(B=1, H=8, P=n, M=n, E=64, F=64)  # noqa: E731
+    kern = compile_cpu(c)
+    tiles = [kern.key_tile(shapes(n)) for n in (64, 2048, 4096, 8192, 65536)]
+    assert tiles == [MIN_BLOCK_S, 256, 512, DEFAULT_BLOCK_S, DEFAULT_BLOCK_S]
+    assert compile_cpu(c, block_s=96).key_tile(shapes(8192)) == 96
