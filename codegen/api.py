@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from einsum_ir.codegen.partial import HasPartials
 from einsum_ir.errors import LoweringError
 from einsum_ir.ir import Cascade
 
@@ -23,7 +24,7 @@ def _cpu_kernel(cascade: Cascade, fp32: frozenset = frozenset()):
     return compile_cpu(cascade, fp32=fp32)
 
 
-class AutoKernel:
+class AutoKernel(HasPartials):
     """backend="auto": per call, Triton on CUDA tensors, the CPU path on CPU tensors, the
     reference interpreter where the matching fused kernel does not exist."""
 
@@ -93,6 +94,9 @@ class AutoKernel:
 
     def __call__(self, **args):
         return self.kernel_for(args)(**args)
+
+    def same_backend(self, cascade: Cascade) -> "AutoKernel":
+        return AutoKernel(cascade)
 
     def source(self, shapes=None, device="h100") -> str:
         """The generated Triton source (the CPU path's Python with device="cpu")."""

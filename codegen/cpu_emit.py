@@ -39,6 +39,7 @@ import torch
 from einsum_ir.codegen.autograd import Training, record, wants_grad
 from einsum_ir.codegen.block_emit import BlockEmitter, Section, Val, accesses, is_simple, join_terms, module_header, paren
 from einsum_ir.codegen.outputs import collect_outputs
+from einsum_ir.codegen.partial import HasPartials
 from einsum_ir.codegen.scalar_code import PYTHON, print_int
 from einsum_ir.errors import LoweringError
 from einsum_ir.functions import FUNCTIONS
@@ -373,11 +374,17 @@ class StageEmitter(BlockEmitter):
                 c, ax = ops[cover]
                 ops[cover] = (self.select(self.align(m, max_, ax), c, "0.0"), ax)
         term_axes = self.canon([x for _, ax in ops for x in ax if x not in red])
+        # a reduced axis no factor has sums identical values: as many as the tile holds
+        have = {x for _, ax in ops for x in ax}
+        count = "".join(f" * {f'_n_{x}' if x in self.qset | self.kset else rank_of(x)}" for x in sorted(red - have))
+        if not ops:
+            return f"(1.0{count})", term_axes, outer
         if len(ops) == 1:
             c, ax = ops[0]
             dims = [ax.index(x) for x in ax if x in red]
-            return f"{paren(c)}.sum({dims[0] if len(dims) == 1 else tuple(dims)})", term_axes, outer
-        return self.contraction(ops, term_axes), term_axes, outer
+            total = f"{paren(c)}.sum({dims[0] if len(dims) == 1 else tuple(dims)})" if dims else c
+            return total + count, term_axes, outer
+        return self.contraction(ops, term_axes) + count, term_axes, outer
 
     def contraction(self, ops: list[tuple[str, tuple]], out: tuple[str, ...]) -> str:
         """A sum of a product: `torch.matmul` when it is a batched matrix product (same leading
@@ -707,7 +714,7 @@ def emit_plan(plan: Plan, cascade_text: str) -> tuple[str, list[StageEmitter]]:
 _COUNTER = itertools.count()
 
 
-class CpuKernel:
+class CpuKernel(HasPartials):
     """`kern(**tensors_and_params)` -> one tensor or a tuple in output order, like `ei.interpret`.
 
     `kern.source()` is the generated Python; `kern.last_stats` counts the key tiles of the
@@ -753,6 +760,9 @@ class CpuKernel:
         if wants_grad(args):
             return record(self, self.training, self.run, args)
         return self.run(args)
+
+    def same_backend(self, cascade: Cascade) -> "CpuKernel":
+        return CpuKernel(cascade, self.block_q, self.block_s)
 
     @cached_property
     def training(self) -> Training:

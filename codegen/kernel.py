@@ -13,6 +13,7 @@ from einsum_ir.codegen.autograd import Training, record, wants_grad
 from einsum_ir.codegen.dispatch import INTERPRETER_CONFIG, Config, DispatchKey
 from einsum_ir.codegen.modules import check_compiler, check_interpreter, interpret_env, load_module
 from einsum_ir.codegen.outputs import collect_outputs
+from einsum_ir.codegen.partial import HasPartials
 from einsum_ir.codegen.tiles import launch_options, query_tiles, stage_tiles
 from einsum_ir.errors import BindError, LoweringError
 from einsum_ir.ir import Cascade, rank_of
@@ -42,7 +43,7 @@ def kernel_source(plan: Plan, cascade: Cascade) -> str:
     return _SOURCES[text]
 
 
-class TritonKernel:
+class TritonKernel(HasPartials):
     """`kern(**tensors_and_params)` -> one tensor or a tuple in output order.
 
     Each call is dispatched on (device kind, dtype, shape bucket): the launch config comes from
@@ -116,6 +117,9 @@ class TritonKernel:
         if wants_grad(args):
             return record(self, self.training, self.run, args)
         return self.run(args)
+
+    def same_backend(self, cascade: Cascade) -> "TritonKernel":
+        return TritonKernel(cascade)
 
     @cached_property
     def training(self) -> Training:
@@ -216,7 +220,7 @@ class TritonKernel:
         return collect_outputs(c, buffers, out_dtype, self.fp32)
 
 
-class ReferenceKernel:
+class ReferenceKernel(HasPartials):
     """The interpreter behind the kernel interface."""
 
     backend = "reference"
@@ -228,6 +232,9 @@ class ReferenceKernel:
         from einsum_ir.interpreter import interpret
 
         return interpret(self.cascade, **args)
+
+    def same_backend(self, cascade: Cascade) -> "ReferenceKernel":
+        return ReferenceKernel(cascade)
 
     def source(self, shapes=None, device="h100") -> str:
         raise LoweringError("the reference backend runs the interpreter; it has no generated source")

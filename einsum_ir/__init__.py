@@ -15,7 +15,8 @@ from einsum_ir.parser import load, parse
 
 __all__ = [
     "BindError", "Cascade", "Einsum", "LoweringError", "SpecError",
-    "compile", "counts", "from_torch", "grad", "interpret", "load", "parse", "passes", "roofline", "simulate",
+    "compile", "counts", "from_torch", "grad", "interpret", "load", "merge", "parse", "passes", "roofline",
+    "simulate",
     "variants",
 ]
 
@@ -58,6 +59,14 @@ def grad(cascade: Cascade):
     from einsum_ir.lowering.grad import grad as run
 
     return run(cascade)
+
+
+def merge(cascade: Cascade, states):
+    """The partial state over the union of `states` (each from `kern.partial(keys=(lo, hi), ...)`
+    of a kernel of `cascade`, over disjoint key ranges), merged exactly; `.finalize()` it."""
+    from einsum_ir.codegen.partial import merge as run
+
+    return run(cascade, states)
 
 
 def compile(cascade: Cascade, backend: str = "auto"):  # noqa: A001 - the API's chosen name

@@ -531,10 +531,10 @@ def _backward_cascade(lowered: Cascade, saved, inputs, grad_einsums: list[Einsum
     c = prune(c)
     used = {t for e in c.einsums for t in tensors_read(e.expr) + tensors_read(e.where)}
     c = c.replace(inputs=tuple(d for d in c.inputs if d.name in used))
-    return _trimmed(c)
+    return trimmed(c)
 
 
-def _trimmed(c: Cascade) -> Cascade:
+def trimmed(c: Cascade) -> Cascade:
     """`c` without the params and dims nothing in it reads (a prologue over rows needs neither
     the keys' extent nor the score scale)."""
     names = {n.name for e in c.einsums for x in (e.expr, e.where) if x is not None for n in walk(x)

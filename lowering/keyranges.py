@@ -320,6 +320,7 @@ def key_loop(pred: Expr | None, qs: tuple[str, ...], ks: tuple[str, ...], dims: 
              for i, rs in enumerate(named)]
     key_segments = _segments(named, ks, keys)
     tile_segments = _segments(tiled, ks, tiles)
+    block_list = block_list and bool(key_segments)  # an empty hull: no tile to test, nothing visited
     return KeyLoop(tuple(keys.defs), tuple(tiles.defs), key_segments, tile_segments, block_list,
                    not opaque, tuple(tuple(a.kind for a in conj) for conj in dnf), heavy_last)
 
