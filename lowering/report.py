@@ -6,6 +6,8 @@ from __future__ import annotations
 from einsum_ir.cost_model.passes import analyze as passes
 from einsum_ir.errors import LoweringError
 from einsum_ir.ir import Cascade
+from einsum_ir.lowering.grad import grad
+from einsum_ir.lowering.merge import derive
 from einsum_ir.lowering.online import online
 from einsum_ir.lowering.strategy import STRATEGIES, choose
 
@@ -17,9 +19,20 @@ def strategy_cell(c: Cascade) -> str:
     return plan.strategy
 
 
+def derived_cell(derive, c: Cascade) -> str:
+    """"yes" when the derivation (ei.grad, the partial-state merge) applies, else "no: why"."""
+    try:
+        derive(c)
+    except LoweringError as err:
+        return f"no: {err}"
+    return "yes"
+
+
 def report_columns(name: str, cascade: Cascade) -> dict[str, str]:
-    """The `strategy` column of the catalog report."""
-    return {"strategy": strategy_cell(cascade)}
+    """The `strategy`, `backward` (a fused backward, lowering/grad.py) and `merge` (partial
+    states over key ranges, lowering/merge.py) columns of the catalog report."""
+    return {"strategy": strategy_cell(cascade), "backward": derived_cell(grad, cascade),
+            "merge": derived_cell(derive, cascade)}
 
 
 def online_passes(c: Cascade, rank: str = "M") -> str:
@@ -41,6 +54,8 @@ def analyze_section(c: Cascade) -> str:
     else:
         lines.append(f"  strategy {plan.strategy!r} (tried in order: {', '.join(tried)})")
         lines += ["  " + line for line in plan.summary().splitlines()[1 + len(declined):]]
+    lines.append(f"  fused backward (einsum-ir grad): {derived_cell(grad, c)}")
+    lines.append(f"  partial states (kern.partial, ei.merge): {derived_cell(derive, c)}")
     if "M" in c.dims:
         try:
             written = passes(c, rank="M").count

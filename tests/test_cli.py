@@ -107,3 +107,15 @@ def test_grad_of_a_two_stage_forward_is_a_clean_error(capsys):
     captured = capsys.readouterr()
     assert "2 stages" in captured.err and captured.err.startswith("einsum-ir: ")
     assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_analyze_and_report_say_whether_a_backward_and_partial_states_are_derived(capsys):
+    from einsum_ir.lowering.report import report_columns
+
+    assert main(["analyze", "softmax_causal", "--shapes", "B=1,H=2,P=256,M=256,E=64,F=64"]) == 0
+    out = capsys.readouterr().out
+    assert "fused backward (einsum-ir grad): yes" in out and "partial states (kern.partial, ei.merge): yes" in out
+    cols = report_columns("agent_attention", ei.variants.load("agent_attention"))
+    assert cols["backward"].startswith("no: the forward runs 2 stages")
+    assert cols["merge"].startswith("no: the forward runs 2 stages")
+    assert report_columns("nbhd_2d", ei.variants.load("nbhd_2d"))["merge"].startswith("no: the keys span 2 ranks")
