@@ -498,12 +498,24 @@ def print_tables(results, rows, training=None) -> None:
             fh.write(text.getvalue())
 
 
-def _tables(results, rows) -> None:
+def _tflops(ms, flops) -> str:
+    return f"{flops / (ms * 1e-3) / 1e12:9.1f}" if isinstance(ms, float) else f"{(ms or '-'):>9s}"
+
+
+def _speedup(other, ours) -> str:
+    return f"{other / ours:8.2f}x" if isinstance(other, float) and isinstance(ours, float) else f"{'-':>9s}"
+
+
+def _checks(title: str, results: dict) -> None:
     print()
-    print("Correctness (Triton kernel vs ei.interpret, bf16 inputs, P=200 M=333 E=F=64)")
+    print(title)
     print("-" * 100)
     for name, (status, msg) in results.items():
         print(f"{name:28s} {status:10s} {msg}")
+
+
+def _tables(results, rows) -> None:
+    _checks("Correctness (Triton kernel vs ei.interpret, bf16 inputs, P=200 M=333 E=F=64)", results)
     passed = sum(1 for s, _ in results.values() if s == "PASS")
     failed = [n for n, (s, _) in results.items() if s == "FAIL"]
     print(f"{passed} passed, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
@@ -514,31 +526,20 @@ def _tables(results, rows) -> None:
            f"{'roof TF/s':>9s} {'ours/sdpa':>9s} {'ours/flex':>9s} {'ours/roof':>9s}"
     print(head)
     print("-" * len(head))
-
-    def tf(ms, flops):
-        return f"{flops / (ms * 1e-3) / 1e12:9.1f}" if isinstance(ms, float) else f"{(ms or '-'):>9s}"
-
-    def speedup(other, ours):
-        return f"{other / ours:8.2f}x" if isinstance(other, float) and isinstance(ours, float) else f"{'-':>9s}"
-
     for name, r in rows.items():
         if r.get("ours") is None:
             print(f"{name:28s} {r.get('note', '-')}")
             continue
-        fl = r["flops"]
-        print(f"{name:28s} {fl / 1e9:8.1f} {r['ours']:8.3f} {tf(r['ours'], fl)} {tf(r['sdpa'], fl)} "
-              f"{tf(r['flex'], fl)} {tf(r['roof'], fl)} {speedup(r['sdpa'], r['ours'])} "
-              f"{speedup(r['flex'], r['ours'])} {speedup(r['roof'], r['ours'])}")
+        fl, ours = r["flops"], r["ours"]
+        print(f"{name:28s} {fl / 1e9:8.1f} {ours:8.3f} " +
+              " ".join([_tflops(r[k], fl) for k in ("ours", "sdpa", "flex", "roof")] +
+                       [_speedup(r[k], ours) for k in ("sdpa", "flex", "roof")]))
     print("ours/x > 1: the generated kernel is faster than x. n/a: the library cannot express the variant;")
     print("roof: the hand-written FlashAttention-2 kernel of bench/roof.py (softmax, causal softmax).")
 
 
 def _training_tables(checks, rows) -> None:
-    print()
-    print("Training: fused backward vs autograd through ei.interpret (bf16 inputs, P=200 M=333 E=F=64)")
-    print("-" * 100)
-    for name, (status, msg) in checks.items():
-        print(f"{name:28s} {status:10s} {msg}")
+    _checks("Training: fused backward vs autograd through ei.interpret (bf16 inputs, P=200 M=333 E=F=64)", checks)
     b = BENCH
     print()
     print(f"Forward + backward (bf16, B={b['B']} H={b['H']} N={b['N']} D={b['D']} unless noted; TFLOP/s of 3.5x "
@@ -552,10 +553,8 @@ def _training_tables(checks, rows) -> None:
             print(f"{name:28s} {r.get('note', '-')}")
             continue
         fl, ours = r["flops"], r["ours"]
-        cells = [f"{fl / (ms * 1e-3) / 1e12:9.1f}" if isinstance(ms, float) else f"{(ms or '-'):>9s}"
-                 for ms in (ours, r["sdpa"], r["flex"])]
-        ratios = [f"{other / ours:8.2f}x" if isinstance(other, float) else f"{'-':>9s}" for other in (r["sdpa"], r["flex"])]
-        print(f"{name:28s} {ours:8.3f} " + " ".join(cells + ratios))
+        print(f"{name:28s} {ours:8.3f} " + " ".join([_tflops(r[k], fl) for k in ("ours", "sdpa", "flex")] +
+                                                    [_speedup(r[k], ours) for k in ("sdpa", "flex")]))
 
 
 def dry_run(names) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from einsum_ir.codegen.partial import HasPartials
+from einsum_ir.codegen.derived import DerivedKernels
 from einsum_ir.errors import LoweringError
 from einsum_ir.ir import Cascade
 
@@ -24,7 +24,7 @@ def _cpu_kernel(cascade: Cascade, fp32: frozenset = frozenset()):
     return compile_cpu(cascade, fp32=fp32)
 
 
-class AutoKernel(HasPartials):
+class AutoKernel(DerivedKernels):
     """backend="auto": per call, Triton on CUDA tensors, the CPU path on CPU tensors, the
     reference interpreter where the matching fused kernel does not exist."""
 
@@ -95,8 +95,8 @@ class AutoKernel(HasPartials):
     def __call__(self, **args):
         return self.kernel_for(args)(**args)
 
-    def same_backend(self, cascade: Cascade) -> "AutoKernel":
-        return AutoKernel(cascade)
+    def same_backend(self, cascade: Cascade, fp32: frozenset = frozenset()) -> "AutoKernel":
+        return AutoKernel(cascade, fp32)
 
     def source(self, shapes=None, device="h100") -> str:
         """The generated Triton source (the CPU path's Python with device="cpu")."""

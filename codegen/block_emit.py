@@ -447,10 +447,7 @@ class BlockEmitter:
     def tile_sum(self, e: Einsum, sec: Section) -> None:
         """This program's share of a sum over the query rank, added to the key tile's rows."""
         red = {x for v in e.reduced for x in self.var_axes(v)}
-        mask = self.carried_mask(e, sec)
-        if self.summed_rows:
-            mask = self.conjunction([m for m in (mask, self.summed_rows) if m])
-        self.add_to_tile(e, self.reduce_sum(e, sec, red, mask), sec)
+        self.add_to_tile(e, self.reduce_sum(e, sec, red, self.summand_mask(e, sec)), sec)
 
     def add_to_tile(self, e: Einsum, code: str, sec: Section) -> None:
         """`e[key tile rows] += code`, across programs."""
@@ -505,6 +502,14 @@ class BlockEmitter:
         """A value over fewer axes materialized over `to` (a map whose left side has more axes)."""
         return self.align(code, frm, to)
 
+    def summand_mask(self, e: Einsum, sec: Section) -> tuple | None:
+        """The points a reduction in the loop must leave out: `carried_mask`, and the rows past
+        the last query when it sums over the program's query rows (in full tiles too)."""
+        mask = self.carried_mask(e, sec)
+        if self.summed_rows:
+            mask = self.conjunction([m for m in (mask, self.summed_rows) if m])
+        return mask
+
     def carried_mask(self, e: Einsum, sec: Section) -> tuple | None:
         """The points a carried reduction must leave out in a masked tile."""
         if not self.masked:
@@ -536,9 +541,7 @@ class BlockEmitter:
 
     def carried_einsum(self, e: Einsum, sec: Section) -> None:
         red = {x for v in e.reduced for x in self.var_axes(v)}
-        mask = self.carried_mask(e, sec)
-        if self.summed_rows:  # summed over query rows too
-            mask = self.conjunction([m for m in (mask, self.summed_rows) if m])
+        mask = self.summand_mask(e, sec)
         if e.reduce == "max":
             self.carried_max(e, red, mask, sec)
             return

@@ -32,14 +32,13 @@ import linecache
 import math
 import re
 import string
-from functools import cached_property
 
 import torch
 
-from einsum_ir.codegen.autograd import Training, record, wants_grad
+from einsum_ir.codegen.autograd import record, wants_grad
 from einsum_ir.codegen.block_emit import BlockEmitter, Section, Val, accesses, is_simple, join_terms, module_header, paren
 from einsum_ir.codegen.outputs import collect_outputs
-from einsum_ir.codegen.partial import HasPartials
+from einsum_ir.codegen.derived import DerivedKernels
 from einsum_ir.codegen.scalar_code import PYTHON, print_int
 from einsum_ir.errors import LoweringError
 from einsum_ir.functions import FUNCTIONS
@@ -679,9 +678,7 @@ class StageEmitter(BlockEmitter):
         self.current, self.scratch = None, None
 
     def arg_names(self) -> dict:
-        sums = tuple(e.name for e in self.s.of_kind("tile_sum"))
-        tensors = list(dict.fromkeys(f"{t}_all" for t in self.s.loads + self.s.stores + tuple(self.s.tile_stores) + sums))
-        return {"tensors": tensors, "scalars": list(self.c.dims) + [p.name for p in self.c.params]}
+        return {"tensors": [f"{t}_all" for t in self.s.tensors], "scalars": list(self.c.dims) + [p.name for p in self.c.params]}
 
 
 def _block_split(pad: str, block: str, prefix: str, ranks: tuple[str, ...]) -> list[str]:
@@ -714,7 +711,7 @@ def emit_plan(plan: Plan, cascade_text: str) -> tuple[str, list[StageEmitter]]:
 _COUNTER = itertools.count()
 
 
-class CpuKernel(HasPartials):
+class CpuKernel(DerivedKernels):
     """`kern(**tensors_and_params)` -> one tensor or a tuple in output order, like `ei.interpret`.
 
     `kern.source()` is the generated Python; `kern.last_stats` counts the key tiles of the
@@ -761,13 +758,8 @@ class CpuKernel(HasPartials):
             return record(self, self.training, self.run, args)
         return self.run(args)
 
-    def same_backend(self, cascade: Cascade) -> "CpuKernel":
-        return CpuKernel(cascade, self.block_q, self.block_s)
-
-    @cached_property
-    def training(self) -> Training:
-        """The training forward and the fused backward, on this backend with these tiles."""
-        return Training(self.cascade, lambda c, fp32: CpuKernel(c, self.block_q, self.block_s, fp32))
+    def same_backend(self, cascade: Cascade, fp32: frozenset = frozenset()) -> "CpuKernel":
+        return CpuKernel(cascade, self.block_q, self.block_s, fp32)
 
     def run(self, args: dict):
         tensors, extents, params = bind_arguments(self.cascade, dict(args))

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import cached_property
 
 import torch
 
 from einsum_ir.codegen import cache, dispatch
-from einsum_ir.codegen.autograd import Training, record, wants_grad
+from einsum_ir.codegen.autograd import record, wants_grad
 from einsum_ir.codegen.dispatch import INTERPRETER_CONFIG, Config, DispatchKey
 from einsum_ir.codegen.modules import check_compiler, check_interpreter, interpret_env, load_module
 from einsum_ir.codegen.outputs import collect_outputs
-from einsum_ir.codegen.partial import HasPartials
+from einsum_ir.codegen.derived import DerivedKernels
 from einsum_ir.codegen.tiles import launch_options, query_tiles, stage_tiles
 from einsum_ir.errors import BindError, LoweringError
 from einsum_ir.ir import Cascade, rank_of
@@ -43,7 +42,7 @@ def kernel_source(plan: Plan, cascade: Cascade) -> str:
     return _SOURCES[text]
 
 
-class TritonKernel(HasPartials):
+class TritonKernel(DerivedKernels):
     """`kern(**tensors_and_params)` -> one tensor or a tuple in output order.
 
     Each call is dispatched on (device kind, dtype, shape bucket): the launch config comes from
@@ -118,13 +117,8 @@ class TritonKernel(HasPartials):
             return record(self, self.training, self.run, args)
         return self.run(args)
 
-    def same_backend(self, cascade: Cascade) -> "TritonKernel":
-        return TritonKernel(cascade)
-
-    @cached_property
-    def training(self) -> Training:
-        """The training forward and the fused backward, as Triton kernels."""
-        return Training(self.cascade, lambda c, fp32: TritonKernel(c, fp32))
+    def same_backend(self, cascade: Cascade, fp32: frozenset = frozenset()) -> "TritonKernel":
+        return TritonKernel(cascade, fp32)
 
     def run(self, args: dict, config: Config | None = None):
         """One call; `config` forces a launch config (the autotuner times candidates this way)."""
@@ -220,7 +214,7 @@ class TritonKernel(HasPartials):
         return collect_outputs(c, buffers, out_dtype, self.fp32)
 
 
-class ReferenceKernel(HasPartials):
+class ReferenceKernel(DerivedKernels):
     """The interpreter behind the kernel interface."""
 
     backend = "reference"
@@ -233,7 +227,7 @@ class ReferenceKernel(HasPartials):
 
         return interpret(self.cascade, **args)
 
-    def same_backend(self, cascade: Cascade) -> "ReferenceKernel":
+    def same_backend(self, cascade: Cascade, fp32: frozenset = frozenset()) -> "ReferenceKernel":
         return ReferenceKernel(cascade)
 
     def source(self, shapes=None, device="h100") -> str:

@@ -147,20 +147,3 @@ def _evaluate(e: sympy.Expr, env: Mapping[sympy.Symbol, torch.Tensor]):
         return torch.exp(_evaluate(e.args[0], env))
     raise ValueError(f"cannot evaluate the rescale factor {e}")
 
-
-class HasPartials:
-    """`kern.partial(keys=(lo, hi), **args)` for a kernel class with `cascade` and
-    `same_backend(cascade)` (a kernel of another cascade on the kernel's own backend)."""
-
-    cascade: Cascade
-
-    def same_backend(self, cascade: Cascade) -> Callable:
-        raise NotImplementedError
-
-    @cached_property
-    def partials(self) -> Partials:
-        return Partials(self.cascade, self.same_backend)
-
-    def partial(self, keys: tuple[int, int], **args) -> PartialState:
-        """The state over keys keys[0] <= k < keys[1]; `finalize()` it, or `ei.merge` several."""
-        return self.partials(keys, args)

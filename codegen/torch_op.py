@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -30,6 +30,9 @@ from einsum_ir.errors import BindError, LoweringError
 from einsum_ir.frontends.attention import AttentionPattern, is_default_scale
 from einsum_ir.ir import Cascade
 from einsum_ir.parser import parse
+
+if TYPE_CHECKING:
+    from einsum_ir.codegen.api import AutoKernel
 
 log = logging.getLogger("einsum_ir")
 
@@ -41,20 +44,19 @@ def cascade_of(spec: str) -> Cascade:
 
 
 @lru_cache(maxsize=None)
-def _kernel(spec: str) -> Callable[..., torch.Tensor]:
-    """The compiled forward for `spec` (backend "auto"), built once per distinct text."""
-    from einsum_ir.codegen.api import compile as compile_cascade
+def _kernel(spec: str) -> "AutoKernel":
+    """The compiled forward for `spec` (backend "auto"), built once per distinct text; its
+    `.training` is the fused backward's."""
+    from einsum_ir.codegen.api import AutoKernel
 
-    return compile_cascade(cascade_of(spec), backend="auto")
+    return AutoKernel(cascade_of(spec))
 
 
 @lru_cache(maxsize=None)
 def _training(spec: str) -> Training | None:
     """The training forward and fused backward of `spec` (backend "auto" per cascade), or None
     when no backward is derived (the reason logged at WARNING, once per spec)."""
-    from einsum_ir.codegen.api import AutoKernel
-
-    t = Training(cascade_of(spec), lambda c, fp32: AutoKernel(c, fp32=fp32))
+    t = _kernel(spec).training
     try:
         t.gradient
     except LoweringError as err:

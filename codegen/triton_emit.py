@@ -207,36 +207,33 @@ class StageEmitter(BlockEmitter):
     def query_bound(self) -> tuple | None:
         return ("q_valid", ("Q",))
 
-    def tile_store(self, e: Einsum, presence: tuple | None, sec: Section) -> None:
+    def tile_pointers(self, e: Einsum, masks: list[str]) -> tuple[str, str]:
+        """(pointers, mask) of this tile of an output written inside the loop; `masks` start the mask."""
         t, axes = e.name, self.axes_of[e.name]
-        ptr, masks = [f"{t}_ptr"], [self.align("q_valid", ("Q",), axes)]
+        ptr = [f"{t}_ptr"]
         for k, v in enumerate(i.name for i in e.target.indices):
             ptr.append(f"{self.align(v, self.var_axes(v), axes)} * stride_{t}_{k}")
             if v in self.s.stream and self.masked:
                 masks.append(self.align(f"({v} < {rank_of(v)})", ("S",), axes))
             elif v in self.s.features:
                 masks.append(self.align(self.feature_mask(v), (v,), axes))
+        return " + ".join(ptr), " & ".join(dict.fromkeys(masks))
+
+    def tile_store(self, e: Einsum, presence: tuple | None, sec: Section) -> None:
+        t, axes = e.name, self.axes_of[e.name]
+        ptr, mask = self.tile_pointers(e, [self.align("q_valid", ("Q",), axes)])
         val, across = t, t in self.s.atomic  # summed over a grid rank: each program adds its share
         if presence is not None:
             fill = 0.0 if across else next(o.fill for o in self.c.outputs if o.name == t)
             val = self.select(self.align(presence[0], presence[1], axes), t, self.number(float(fill)))
-        mask = " & ".join(dict.fromkeys(masks))
         if across:
-            sec.add(f"tl.atomic_add({' + '.join(ptr)}, {val}, mask={mask})")
+            sec.add(f"tl.atomic_add({ptr}, {val}, mask={mask})")
         else:
-            sec.add(f"tl.store({' + '.join(ptr)}, ({val}).to({t}_ptr.dtype.element_ty), mask={mask})")
+            sec.add(f"tl.store({ptr}, ({val}).to({t}_ptr.dtype.element_ty), mask={mask})")
 
     def add_to_tile(self, e: Einsum, code: str, sec: Section) -> None:
-        t, axes = e.name, self.axes_of[e.name]
-        ptr, masks = [f"{t}_ptr"], []
-        for k, v in enumerate(i.name for i in e.target.indices):
-            ptr.append(f"{self.align(v, self.var_axes(v), axes)} * stride_{t}_{k}")
-            if v in self.s.stream and self.masked:
-                masks.append(self.align(f"({v} < {rank_of(v)})", ("S",), axes))
-            elif v in self.s.features:
-                masks.append(self.align(self.feature_mask(v), (v,), axes))
-        tail = f", mask={' & '.join(dict.fromkeys(masks))})" if masks else ")"
-        sec.add(f"tl.atomic_add({' + '.join(ptr)}, {code}{tail}")
+        ptr, mask = self.tile_pointers(e, [])
+        sec.add(f"tl.atomic_add({ptr}, {code}" + (f", mask={mask})" if mask else ")"))
 
     def feature_mask(self, v: str) -> str:
         """`v < extent` over a feature rank's block, folded away when the block is the extent."""
@@ -553,9 +550,8 @@ class StageEmitter(BlockEmitter):
     def arg_names(self) -> list[tuple[str, str]]:
         """Kernel arguments as (name, kind): ptr, stride, dim, param, blist_ptr, blist_dim, constexpr."""
         c, s = self.c, self.s
-        tensors = s.loads + s.stores + tuple(s.tile_stores) + tuple(e.name for e in s.of_kind("tile_sum"))
-        args = [(f"{t}_ptr", "ptr") for t in tensors]
-        for t in tensors:
+        args = [(f"{t}_ptr", "ptr") for t in s.tensors]
+        for t in s.tensors:
             args += [(f"stride_{t}_{k}", "stride") for k in range(len(c.tensors[t].ranks))]
         feats = {rank_of(f) for f in s.features}
         args += [(d, "dim") for d in c.dims if d not in feats]

@@ -28,12 +28,12 @@ scalar is summed across programs. docs/backward.md has the whole account.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import sympy
 
+from einsum_ir.cost_model.predicates import conjuncts
 from einsum_ir.errors import LoweringError
 from einsum_ir.functions import FUNCTIONS
 from einsum_ir.graph import cascade_graph
@@ -242,7 +242,9 @@ def _form(old: sympy.Expr, new: sympy.Expr, t: sympy.Symbol) -> tuple[str, sympy
 # ---------------------------------------------------------------------------- the derivation
 
 
-class _Names:
+class FreshNames:
+    """`names(base)`: base, or base2, base3, ... whichever no tensor, dim or param takes yet."""
+
     def __init__(self, taken):
         self.taken = set(taken)
 
@@ -266,7 +268,7 @@ def grad(c: Cascade) -> Gradient:
     lowered = plan.cascade
     (stage,) = plan.stages
     saved = tuple(e.name for e in stage.einsums if stage.kind(e.name) == "carried")
-    names = _Names(list(lowered.tensors) + list(lowered.dims) + [p.name for p in lowered.params])
+    names = FreshNames(list(lowered.tensors) + list(lowered.dims) + [p.name for p in lowered.params])
     seeds = {o: names("d" + o) for o in lowered.output_names}
     floating = [d.name for d in lowered.inputs if (d.dtype or "fp32") in FLOAT_DTYPES]
     grads_of, einsums, shift_only = _reverse(lowered, seeds, names)
@@ -374,7 +376,7 @@ def _backward_inputs(lowered: Cascade, saved, seeds) -> tuple[InputDecl, ...]:
     return tuple(decls)
 
 
-def _reverse(c: Cascade, seeds: dict[str, str], names: _Names) -> tuple[dict[str, str], list[Einsum], tuple[str, ...]]:
+def _reverse(c: Cascade, seeds: dict[str, str], names: FreshNames) -> tuple[dict[str, str], list[Einsum], tuple[str, ...]]:
     """Gradient Einsums of every tensor that receives one, in an order the cascade can run, and
     the maxima that get no gradient because they only shift an exponential."""
     graph = cascade_graph(c)
@@ -443,21 +445,13 @@ def _conjunction(parts: list[Expr | None]) -> Expr | None:
     """`a and b and ...` of the distinct conjuncts of `parts` (None: no predicate)."""
     seen: list[Expr] = []
     for p in parts:
-        for q in _conjuncts(p):
+        for q in conjuncts(p):
             if q not in seen:
                 seen.append(q)
     out = seen[0] if seen else None
     for q in seen[1:]:
         out = Binary("and", out, q)
     return out
-
-
-def _conjuncts(e: Expr | None) -> list[Expr]:
-    if e is None:
-        return []
-    if isinstance(e, Binary) and e.op == "and":
-        return _conjuncts(e.lhs) + _conjuncts(e.rhs)
-    return [e]
 
 
 def _reads(z: Einsum) -> list[Access]:
@@ -475,19 +469,23 @@ def _reads(z: Einsum) -> list[Access]:
     return list(seen.values())
 
 
-def _total(c: Cascade, z: Einsum, parts: list[Access], names: _Names, out: list[Einsum]) -> Access:
+def _total(c: Cascade, z: Einsum, parts: list[Access], names: FreshNames, out: list[Einsum]) -> Access:
     """The gradient of an intermediate: its one contribution, or their sum as one more Einsum."""
     if len(parts) == 1:
         return parts[0]
-    total: Expr = Num(0)
-    for p in parts:
-        total = add(total, p)
     name = names("d" + z.name)
-    out.append(Einsum(Access(name, z.target.indices), total))
+    out.append(_sum_of(name, z.target.indices, parts))
     return Access(name, z.target.indices)
 
 
-def _input_gradient(x: str, parts: list[Access], names: _Names, out: list[Einsum]) -> str:
+def _sum_of(name: str, indices, parts: list[Access]) -> Einsum:
+    total: Expr = Num(0)
+    for p in parts:
+        total = add(total, p)
+    return Einsum(Access(name, indices), total)
+
+
+def _input_gradient(x: str, parts: list[Access], names: FreshNames, out: list[Einsum]) -> str:
     """An input's gradient gets its own name (an output of the backward): its one contribution
     renamed, or the sum of several."""
     name = names("d" + x)
@@ -497,14 +495,11 @@ def _input_gradient(x: str, parts: list[Access], names: _Names, out: list[Einsum
         e = out[own[0]]
         out[own[0]] = Einsum(Access(name, e.target.indices), e.expr, e.reduce, e.where)
         return name
-    total: Expr = Num(0)
-    for p in parts:
-        total = add(total, p)
-    out.append(Einsum(Access(name, parts[0].indices), total))
+    out.append(_sum_of(name, parts[0].indices, parts))
     return name
 
 
-def _argmax(c: Cascade, z: Einsum, dz: Access, names: _Names, out: list[Einsum], contributions) -> None:
+def _argmax(c: Cascade, z: Einsum, dz: Access, names: FreshNames, out: list[Einsum], contributions) -> None:
     """A max whose value the outputs read: its gradient splits over the points that attain it."""
     if not isinstance(z.expr, Access):
         raise LoweringError(_at(z.target, f"{z.name} is a max of an expression; write the maximized tensor as "

@@ -28,7 +28,7 @@ from einsum_ir.ir import (
 )
 from einsum_ir.lowering.defer import prune
 from einsum_ir.lowering.exprs import tensors_read
-from einsum_ir.lowering.grad import trimmed
+from einsum_ir.lowering.grad import FreshNames, trimmed
 from einsum_ir.lowering.strategy import build_plan
 
 IDENTITY = {"max": float("-inf"), "min": float("inf"), "sum": 0.0}
@@ -78,8 +78,8 @@ def derive(c: Cascade) -> Merge:
         if set(e.reduced) - {k}:
             raise LoweringError(f"{e.name} also reduces {', '.join(sorted(set(e.reduced) - {k}))}: its per-row "
                                 f"state is not kept")
-    taken = set(lowered.tensors) | set(lowered.dims) | {p.name for p in lowered.params}
-    key_lo, key_hi, count = (_fresh(n, taken) for n in ("key_lo", "key_hi", "n_seen"))
+    names = FreshNames(list(lowered.tensors) + list(lowered.dims) + [p.name for p in lowered.params])
+    key_lo, key_hi, count = (names(n) for n in ("key_lo", "key_hi", "n_seen"))
     in_range = Binary("and", Binary(">=", Index(k), Name(key_lo)), Binary("<", Index(k), Name(key_hi)))
     rows = carried[0].target.indices
     seen = Binary("and", stage.predicate, in_range) if stage.predicate is not None else in_range
@@ -103,7 +103,7 @@ def derive(c: Cascade) -> Merge:
 def _finish(lowered: Cascade, stage, carried: list[Einsum]) -> Cascade:
     names = {e.name for e in carried}
     epilogue = [e for e in lowered.einsums if stage.kind(e.name) == "epilogue"]
-    decls = [d for d in lowered.inputs] + [InputDecl(e.name, tuple(i.name for i in e.target.indices))
+    decls = list(lowered.inputs) + [InputDecl(e.name, tuple(i.name for i in e.target.indices))
                                            for e in carried]
     outs = lowered.outputs
     for o in outs:
@@ -113,10 +113,3 @@ def _finish(lowered: Cascade, stage, carried: list[Einsum]) -> Cascade:
     finish = lowered.replace(einsums=tuple(epilogue), inputs=tuple(d for d in decls if d.name in read), doc="")
     return trimmed(finish) if epilogue else finish
 
-
-def _fresh(base: str, taken: set[str]) -> str:
-    name, k = base, 2
-    while name in taken:
-        name, k = f"{base}{k}", k + 1
-    taken.add(name)
-    return name

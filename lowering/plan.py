@@ -70,6 +70,12 @@ class Stage:
         return tuple(e for e in self.einsums if self.kinds[e.name] in kinds)
 
     @property
+    def tensors(self) -> tuple[str, ...]:
+        """The tensors the stage's kernel reads or writes outside itself, in argument order."""
+        sums = tuple(e.name for e in self.of_kind("tile_sum"))
+        return tuple(dict.fromkeys(self.loads + self.stores + tuple(self.tile_stores) + sums))
+
+    @property
     def summed_across_programs(self) -> frozenset[str]:
         """Outputs several programs add into (atomic carried sums and tile sums): they start at 0, in fp32."""
         return self.atomic | {e.name for e in self.of_kind("tile_sum")}

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import sympy
 
+from einsum_ir.cost_model.predicates import conjuncts
 from einsum_ir.errors import LoweringError
 from einsum_ir.graph import CascadeGraph, cascade_graph
 from einsum_ir.ir import (
@@ -378,15 +379,9 @@ def _stage_predicate(d: _Draft, kinds, depends) -> Expr | None:
 def _undecided_wheres(d: _Draft, kinds, predicate: Expr | None) -> list[Einsum]:
     """In-loop Einsums whose predicate is not part of the skip predicate: a tile the loop calls
     full may still hold their absent points."""
-    decided = set(_conjuncts(predicate)) if predicate is not None else set()
+    decided = set(conjuncts(predicate))
     return [e for e in d.einsums if kinds[e.name] in IN_LOOP and e.where is not None
-            and not set(_conjuncts(e.where)) <= decided]
-
-
-def _conjuncts(e: Expr) -> list[Expr]:
-    if isinstance(e, Binary) and e.op == "and":
-        return _conjuncts(e.lhs) + _conjuncts(e.rhs)
-    return [e]
+            and not set(conjuncts(e.where)) <= decided]
 
 
 def _conjunction(parts: list[Expr]) -> Expr:

@@ -14,7 +14,6 @@ import sys
 
 import einsum_ir as ei
 from einsum_ir.codegen.aot import resource_usage_batch
-from einsum_ir.codegen.autograd import Training
 from einsum_ir.codegen.kernel import TritonKernel
 from einsum_ir.codegen.report import default_shapes
 
@@ -43,7 +42,7 @@ def _kernels(make, names) -> tuple[dict, list[tuple[str, str]]]:
 
 def backward_kernel(c) -> TritonKernel:
     """The key-tile backward kernel of `c` (LoweringError when it has none)."""
-    (kern,) = Training(c, lambda b, fp32: TritonKernel(b, fp32)).backward
+    (kern,) = TritonKernel(c).training.backward
     return kern
 
 
