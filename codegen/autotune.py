@@ -166,6 +166,8 @@ def prune(plan, extents: dict, device: str | Device, dtype: str = "bf16",
           usage: dict[Config, dict] | None = None) -> list[Verdict]:
     """Every candidate with its verdict, survivors first (fastest estimate first). Pure: no
     compile, no GPU; `usage` maps configs to AOT facts already measured."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k {top_k!r}: keep at least one candidate (a positive integer)")
     dev = get(device)
     usage = usage or {}
     verdicts = [estimate(plan, extents, cfg, dev, dtype, usage.get(cfg))

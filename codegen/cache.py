@@ -6,13 +6,19 @@ Layout: `<cache_dir()>/<kind>/<key>.entry`, one file per entry. `kind` names wha
 
 An entry is one header line and the payload:
 
-    einsum-ir-cache/1 json 123 <sha256 of the payload>\\n<payload: 123 bytes>
+    einsum-ir-cache/2 json 123 <HMAC-SHA256 of kind, key, encoding and payload>\\n<payload: 123 bytes>
+
+Generated source from here is imported and run, so an entry must be one this user wrote. The
+cache folder is private (`private_dir`: this user's, 0700), and every entry carries an HMAC
+keyed by `<cache_dir()>/secret`, 32 random bytes in a 0600 file made on first use. An entry
+someone else wrote, copied from another key, or damaged fails its check and is rebuilt; a
+folder another user owns is not used at all.
 
 Writers put the whole entry in a temporary file in the same directory, then `os.replace` it
 over the final name, so a reader sees either the old entry or the new one, never a mix, even
 with many processes writing the same key. Temporary names carry the pid, thread and a random
-part so concurrent writers never share one. A reader that finds a truncated, garbled or
-foreign-version entry logs a warning, deletes it and reports a miss, so the caller rebuilds;
+part so concurrent writers never share one. A reader that finds a truncated, garbled, forged
+or foreign-version entry logs a warning, deletes it and reports a miss, so the caller rebuilds;
 the cache never raises because of its own files. Nothing is locked: two processes that miss
 the same key at once both build it, and the last write wins (both values are valid).
 
@@ -24,12 +30,15 @@ Environment:
 from __future__ import annotations
 
 import hashlib
+import hmac
 import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
 import re
+import secrets
+import stat
 import threading
 import uuid
 from functools import lru_cache
@@ -38,10 +47,12 @@ from typing import Callable, Mapping, Union
 
 Value = Union[str, dict]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: entries carry an HMAC, not a plain sha256 anyone could recompute
 MAGIC = "einsum-ir-cache"
 SUFFIX = ".entry"
 TMP_SUFFIX = ".tmp"
+SECRET = "secret"
+SECRET_BYTES = 32
 MIN_TOKEN_BUCKET = 16
 
 log = logging.getLogger(__name__)
@@ -59,6 +70,90 @@ def cache_dir() -> Path:
         return Path(explicit).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "einsum_ir"
+
+
+class UnsafeCacheDir(PermissionError):
+    """The cache folder belongs to another user, so anything in it may be theirs: nothing is
+    read from it, written to it or imported from it."""
+
+
+def _private(folder: Path) -> Path:
+    """`folder`, made 0700 when missing. One of ours with looser permissions (einsum-ir before
+    0700 folders made them 0755) is tightened; one another user owns is refused."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = folder.stat()  # follows a symlink: the folder it names is what must be private
+    if info.st_uid != os.getuid():
+        raise UnsafeCacheDir(
+            f"refusing the einsum-ir cache folder {folder}: it belongs to uid {info.st_uid}, not "
+            f"to you (uid {os.getuid()}), so its files could be anyone's; remove it or set "
+            f"EINSUM_IR_CACHE_DIR to a folder of your own")
+    if info.st_mode & 0o077:
+        os.chmod(folder, 0o700)
+    return folder
+
+
+def private_dir(*sub: str) -> Path:
+    """`cache_dir()` (and its subfolders `sub`), each checked private to this user as in
+    `_private`; raises UnsafeCacheDir (an OSError) otherwise."""
+    folder = _private(cache_dir())
+    for name in sub:
+        folder = _private(folder / name)
+    return folder
+
+
+def _read_secret(path: Path) -> bytes | None:
+    """The key in `path`, or None when there is none we can trust (then the file is removed):
+    it must be a plain file of ours, 0600, of the right size."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError:  # a symlink (ELOOP) or unreadable: not a key we made
+        data, trusted = b"", False
+    else:
+        with os.fdopen(fd, "rb") as f:
+            info, data = os.fstat(f.fileno()), f.read(SECRET_BYTES + 1)
+        trusted = (stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid()
+                   and not info.st_mode & 0o077 and len(data) == SECRET_BYTES)
+    if trusted:
+        return data
+    log.warning("einsum-ir cache: replacing %s, which is not a private key file of yours", path)
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _secret() -> bytes:
+    """This user's key for the entries' HMACs, made on first use. It is written whole to a
+    temporary file and then linked into place, so a concurrent reader never sees a partial key
+    and of two processes that make one at once, both end up using the first."""
+    path = private_dir() / SECRET
+    key = _read_secret(path)
+    if key is None:
+        tmp = temporary_path(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(SECRET_BYTES))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process made one first: use theirs
+        finally:
+            tmp.unlink()
+        key = _read_secret(path)
+    if key is None:
+        raise UnsafeCacheDir(f"cannot make a private key file {path}")
+    return key
+
+
+def temporary_path(path: Path) -> Path:
+    """A name next to `path` that no other writer (process or thread) uses at the same time."""
+    return path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}."
+                          f"{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+
+
+def _mac(secret: bytes, kind: str, key: str, encoding: str, payload: bytes) -> str:
+    """Binds the payload to its kind and key too, so a valid entry moved to another name fails."""
+    return hmac.new(secret, f"{kind}/{key} {encoding}\n".encode() + payload, hashlib.sha256).hexdigest()
 
 
 def enabled() -> bool:
@@ -134,31 +229,33 @@ def _path(kind: str, key: str) -> Path:
     return cache_dir() / kind / (key + SUFFIX)
 
 
-def _encode(value: Value) -> bytes:
+def _payload(value: Value) -> tuple[str, bytes]:
     if isinstance(value, str):
-        encoding, payload = "text", value.encode()
-    elif isinstance(value, dict):
-        encoding = "json"
-        payload = json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=False).encode()
-    else:
-        raise TypeError(f"cache values are str or dict, got {type(value).__name__}")
-    digest = hashlib.sha256(payload).hexdigest()
-    return f"{MAGIC}/{FORMAT_VERSION} {encoding} {len(payload)} {digest}\n".encode() + payload
+        return "text", value.encode()
+    if isinstance(value, dict):
+        return "json", json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=False).encode()
+    raise TypeError(f"cache values are str or dict, got {type(value).__name__}")
 
 
-def _decode(data: bytes) -> Value:
-    """The value in an entry's bytes; ValueError saying what is wrong with a bad entry."""
+def _encode(kind: str, key: str, encoding: str, payload: bytes, secret: bytes) -> bytes:
+    mac = _mac(secret, kind, key, encoding, payload)
+    return f"{MAGIC}/{FORMAT_VERSION} {encoding} {len(payload)} {mac}\n".encode() + payload
+
+
+def _decode(data: bytes, kind: str, key: str, secret: bytes) -> Value:
+    """The value in the bytes of entry (kind, key); ValueError saying what is wrong with a bad
+    entry."""
     header, newline, payload = data.partition(b"\n")
     fields = header.decode("ascii", errors="replace").split(" ")
     if not newline or len(fields) != 4 or not fields[0].startswith(MAGIC + "/"):
         raise ValueError("not an einsum-ir cache entry")
-    tag, encoding, length, digest = fields
+    tag, encoding, length, mac = fields
     if tag != f"{MAGIC}/{FORMAT_VERSION}":
         raise ValueError(f"format {tag.partition('/')[2]!r}, expected {FORMAT_VERSION}")
     if length != str(len(payload)):
         raise ValueError(f"payload is {len(payload)} bytes, header says {length} (truncated?)")
-    if hashlib.sha256(payload).hexdigest() != digest:
-        raise ValueError("checksum mismatch")
+    if not hmac.compare_digest(_mac(secret, kind, key, encoding, payload), mac):
+        raise ValueError("checksum mismatch (damaged, or not written by this user's einsum-ir)")
     if encoding == "text":
         return payload.decode()
     if encoding == "json":
@@ -179,13 +276,14 @@ def load(kind: str, key: str) -> Value | None:
         with open(path, "rb") as f:
             data = f.read()
             inode = os.fstat(f.fileno()).st_ino
+        secret = _secret()  # checks that the folder is private before anything in it is trusted
     except FileNotFoundError:
         return None
     except OSError as err:
         log.warning("einsum-ir cache: cannot read %s (%s); rebuilding", path, err)
         return None
     try:
-        return _decode(data)
+        return _decode(data, kind, key, secret)
     except ValueError as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors too
         log.warning("einsum-ir cache: bad entry %s (%s); deleting and rebuilding", path, err)
         _discard(path, inode)
@@ -208,11 +306,11 @@ def store(kind: str, key: str, value: Value) -> None:
     if not enabled():
         return
     path = _path(kind, key)
-    data = _encode(value)
-    tmp = path.with_name(f".{key}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}"
-                         f"{TMP_SUFFIX}")
+    encoding, payload = _payload(value)
+    tmp = temporary_path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _encode(kind, key, encoding, payload, _secret())
+        private_dir(kind)
         # No fsync: an entry torn by a power loss fails its checksum and is rebuilt.
         tmp.write_bytes(data)
         os.replace(tmp, path)

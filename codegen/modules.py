@@ -1,9 +1,10 @@
 """Loading generated Triton modules, interpreted (CPU tensors) or compiled (CUDA).
 
 Triton's JIT reads a kernel's source back from its file, so a generated module is written to a
-file and imported from it. The files live in this user's private cache folder (0700), and a
-file is imported only after its content is checked against the source it must hold, so no
-file another user planted can run.
+file and imported from it. The files live in this user's private cache folder
+(`cache.private_dir("modules")`: 0700, refused when another user owns it), a file is rewritten
+unless it already holds exactly the generated source, and what runs is that source itself,
+compiled from memory (no bytecode cache is read), so no file another user planted can run.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import hashlib
 import importlib.util
 import os
 import sys
+from pathlib import Path
 from types import ModuleType
 
 from einsum_ir.codegen import cache, dispatch
@@ -19,13 +21,16 @@ from einsum_ir.codegen import cache, dispatch
 _MODULES: dict[str, object] = {}
 
 
-def module_folder():
-    """This user's folder of generated modules: inside the kernel cache, created 0700."""
-    folder = cache.cache_dir() / "modules"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if folder.stat().st_uid != os.getuid() or folder.stat().st_mode & 0o077:
-        os.chmod(folder, 0o700)  # raises when another user owns it: never import from there
-    return folder
+def module_folder() -> Path:
+    """This user's folder of generated modules, inside the kernel cache."""
+    return cache.private_dir("modules")
+
+
+def _holds(path: Path, source: str) -> bool:
+    try:
+        return path.read_text() == source
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def import_source(source: str, prefix: str, interpret: bool) -> ModuleType:
@@ -35,13 +40,9 @@ def import_source(source: str, prefix: str, interpret: bool) -> ModuleType:
     tensors in Triton's interpreter; otherwise they compile for the GPU."""
     key = hashlib.sha256(source.encode()).hexdigest()[:24]
     path = module_folder() / f"{prefix}_{key}.py"
-    try:
-        same = path.read_text() == source
-    except (OSError, UnicodeDecodeError):
-        same = False
-    if not same:
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # written whole, then renamed
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    if not _holds(path, source):
+        tmp = cache.temporary_path(path)  # written whole, then renamed
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(source)
         os.replace(tmp, path)
@@ -49,10 +50,10 @@ def import_source(source: str, prefix: str, interpret: bool) -> ModuleType:
     os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
     try:
         name = f"einsum_ir_{prefix}_{key}" + ("_interp" if interpret else "")
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
+        mod = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path))
+        sys.modules[name] = mod
+        # `source`, not the file: what runs is the text we generated, whatever the file holds
+        exec(compile(source, str(path), "exec"), mod.__dict__)  # noqa: S102 - our own generated code
     finally:
         if old is None:
             os.environ.pop("TRITON_INTERPRET", None)

@@ -10,6 +10,7 @@ from einsum_ir.ir import Cascade
 
 DEFAULT_SHAPES = {"B": 1, "H": 8, "G": 2, "R": 4, "N": 64, "P": 4096, "M": 4096,
                   "PX": 64, "PY": 64, "MX": 64, "MY": 64, "PB": 64, "MB": 64}
+OTHER_DIM = 16
 
 
 def default_shapes(cascade: Cascade, head_dim: int) -> dict:
@@ -18,11 +19,22 @@ def default_shapes(cascade: Cascade, head_dim: int) -> dict:
         if d in ("E", "F"):
             shapes[d] = head_dim
         else:
-            shapes[d] = DEFAULT_SHAPES.get(d, 16)
+            shapes[d] = DEFAULT_SHAPES.get(d, OTHER_DIM)
     return shapes
 
 
 CONFIG_COLUMN = "config (h100, pruned-best)"
+COLUMN_LEGEND = {
+    "cpu path": "max abs error of the tiled CPU path against the interpreter on small inputs, "
+                "or why it does not apply",
+    "fused": "whether a generated Triton kernel exists, or why not",
+    "sm90_d64": "registers/spills per thread of that kernel compiled ahead of time for sm_90, "
+                "head dims 64, at " + " ".join(f"{d}={n}" for d, n in DEFAULT_SHAPES.items())
+                + f" (the dims a variant has; any other dim {OTHER_DIM})",
+    "sm90_d128": "the same at head dims 128",
+    CONFIG_COLUMN: "the launch config (query x key tile, warps, stages) the autotuner's pruning "
+                   "picks for H100 at head dims 64, untimed",
+}
 
 
 def cpu_path_cell(name: str, cascade: Cascade) -> str:

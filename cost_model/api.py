@@ -1,6 +1,8 @@
 """The cost model's public entry points; `einsum_ir`'s facade delegates to exactly these."""
 from __future__ import annotations
 
+from numbers import Integral
+
 from einsum_ir.ir import Cascade
 
 from einsum_ir.cost_model import counts as _counts
@@ -29,4 +31,11 @@ def roofline(cascade: Cascade, shapes: dict, device: str | dict | Device = "h100
 def simulate(cascade: Cascade, shapes: dict, device: str | dict | Device = "h100", q_tile: dict | None = None,
              kv_tile: dict | None = None, dtype: str = "bf16") -> _simulate.SimResult:
     """Tile-level sparsity: `.tile_speedup`, `.flop_speedup`, `.estimated_speedup`, `.classes`."""
+    for option, tile in (("q_tile", q_tile), ("kv_tile", kv_tile)):
+        for rank, size in (tile or {}).items():
+            if rank not in cascade.dims:
+                raise ValueError(f"{option} {rank}={size}: {rank} is not a dim of the cascade "
+                                 f"({', '.join(cascade.dims)})")
+            if isinstance(size, bool) or not isinstance(size, Integral) or size < 1:
+                raise ValueError(f"{option} {rank}={size}: a tile size is a positive integer")
     return _simulate.simulate(cascade, shapes, device, q_tile, kv_tile, dtype)

@@ -320,6 +320,8 @@ def _value_nodes(expr):
 
 
 def count(c: Cascade, shapes: dict | None, dtype: str = "bf16") -> Counts:
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
     b = bind(c, shapes)
     notes: list[str] = []
     rows = []

@@ -19,6 +19,7 @@ import sympy
 import torch
 
 from einsum_ir.builtins import PREDICATES
+from einsum_ir.errors import TensorValuesNeeded
 from einsum_ir.functions import torch_function, torch_operator
 from einsum_ir.graph import einsum_reads, is_carried_read, topological_einsums
 from einsum_ir.ir import (
@@ -140,8 +141,9 @@ def _truth(v: torch.Tensor) -> torch.Tensor:
 
 def _access(a: Access, env: Env) -> torch.Tensor:
     if a.tensor not in env.tensors:
-        raise PredicateError(f"the predicate reads tensor {a.tensor}, so the mask depends on its "
-                             f"values; pass it with the shapes, e.g. shapes={{'{a.tensor}': tensor}}")
+        raise TensorValuesNeeded(f"the predicate reads tensor {a.tensor}, so the mask depends on its "
+                                 f"values; pass it with the shapes, e.g. shapes={{'{a.tensor}': tensor}}",
+                                 a.tensor)
     t = env.tensors[a.tensor]
     idx = torch.broadcast_tensors(*[evaluate(i, env).long() for i in a.indices])
     inside = torch.ones(idx[0].shape, dtype=torch.bool)

@@ -14,6 +14,14 @@ OTHER_DIM = 128  # any other dim (e.g. selection blocks PB, MB)
 INT_PARAM = 64  # runtime int params: windows, strides, block sizes, sink counts
 FLOAT_PARAM = 1.0
 
+COLUMN_LEGEND = {
+    "passes (M)": "FuseMax passes over the keys M, as written",
+    "H100 bound": "roofline lower bound on H100 in bf16, at " + " ".join(f"{d}={n}" for d, n in DEFAULT_DIMS.items())
+                  + f" (the dims a variant has; any other dim {OTHER_DIM}, int params {INT_PARAM}, "
+                    f"float params {FLOAT_PARAM:g})",
+    "binds": "the unit that sets the bound (tensor, vector, sfu, memory), or why there is none",
+}
+
 
 def default_shapes(c: Cascade) -> dict:
     shapes = {d: DEFAULT_DIMS.get(d, OTHER_DIM) for d in c.dims}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from einsum_ir import variants
 from einsum_ir.errors import BindError, LoweringError, SpecError
-from einsum_ir.interpreter import interpret
 from einsum_ir.ir import Cascade, Einsum
 from einsum_ir.parser import load, parse
 
@@ -23,6 +22,14 @@ __all__ = [
 
 # The facade: one call per job. Upper layers are imported on first use, so `import einsum_ir`
 # stays light and the layering (einsum_ir <- cost_model <- lowering <- codegen) holds.
+
+def interpret(cascade: Cascade, **args):
+    """The reference interpreter (`einsum_ir.interpreter`; imported on first use, since it
+    needs torch): inputs and runtime params by name; one tensor, or a tuple in output order."""
+    from einsum_ir.interpreter import interpret as run
+
+    return run(cascade, **args)
+
 
 def passes(cascade: Cascade, rank: str = "M"):
     """FuseMax pass analysis over `rank`: `.count`, `.boundaries`, `.explanation`."""

@@ -39,5 +39,14 @@ class BindError(ValueError):
     """Call-time arguments that do not fit the cascade (shapes, missing tensors or params)."""
 
 
+class TensorValuesNeeded(BindError):
+    """Shapes alone were given where the result depends on the values of input tensor
+    `tensor` (a mask that reads it)."""
+
+    def __init__(self, message: str, tensor: str):
+        super().__init__(message)
+        self.tensor = tensor
+
+
 class LoweringError(Exception):
     """A cascade has no fused lowering for the requested backend; the message says why."""

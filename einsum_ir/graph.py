@@ -3,15 +3,20 @@
 An edge `A -> B` means an Einsum writing B reads A. A read of an iterative tensor at the
 previous step (`RD[m1]` inside the recurrence that writes `RD[m1+1]`) is marked `carried`:
 it is the loop-carried dependency of a recurrence and is not a cycle.
+
+networkx is imported by the functions that build or walk a graph, not with the module: it
+takes a quarter of a second, which `import einsum_ir` need not spend.
 """
 from __future__ import annotations
 
-import networkx as nx
-
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from einsum_ir.ir import Access, Cascade, Einsum, Index, accesses, index_vars
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 
 def recurrence_position(e: Einsum) -> int | None:
@@ -42,6 +47,8 @@ def einsum_reads(e: Einsum) -> list[Access]:
 
 
 def dependency_graph(c: Cascade) -> nx.DiGraph:
+    import networkx as nx
+
     g = nx.DiGraph()
     for d in c.inputs:
         g.add_node(d.name, role="input")
@@ -64,11 +71,15 @@ def dependency_graph(c: Cascade) -> nx.DiGraph:
 
 def acyclic_view(g: nx.DiGraph) -> nx.DiGraph:
     """The graph without carried edges: what must be a DAG."""
+    import networkx as nx
+
     return nx.subgraph_view(g, filter_edge=lambda a, b: not g.edges[a, b]["carried"])
 
 
 def topological_einsums(c: Cascade, graph: nx.DiGraph | None = None) -> list[Einsum]:
     """Einsums in an order where every tensor is written before it is read (within a step)."""
+    import networkx as nx
+
     graph = dependency_graph(c) if graph is None else graph
     order = {name: i for i, name in enumerate(nx.lexicographical_topological_sort(
         acyclic_view(graph), key=lambda n: f"{_first_index(c, n) + 1:06d}"))}
@@ -97,6 +108,8 @@ class CascadeGraph:
 
 
 def cascade_graph(c: Cascade) -> CascadeGraph:
+    import networkx as nx
+
     g = dependency_graph(c)
     dag = acyclic_view(g)
     readers: dict[str, list[str]] = {}

@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
-import sympy
+if TYPE_CHECKING:  # sympy takes most of a second to import; parsing and checking never need it
+    import sympy
 
 REDUCE_OPS = ("sum", "max", "min", "prod")
 REDUCE_IDENTITY = {"sum": 0.0, "max": -math.inf, "min": math.inf, "prod": 1.0}
@@ -312,8 +313,15 @@ class Cascade:
     # -- derived views (cheap, cached; the dataclass itself stays plain data)
 
     @cached_property
+    def rank_names(self) -> tuple[str, ...]:
+        """The names of `ranks`, in its order, without building their sympy extents."""
+        return tuple(dict.fromkeys([*self.dims, *(r for s in self.splits for r in (s.outer, s.inner))]))
+
+    @cached_property
     def ranks(self) -> dict[str, Rank]:
         """Every rank with its symbolic extent; split ranks get M1 = ceil(M/M0)."""
+        import sympy
+
         ranks = {d: Rank(d, sympy.Symbol(d, positive=True, integer=True)) for d in self.dims}
         for s in self.splits:
             inner = sympy.Symbol(s.inner, positive=True, integer=True)

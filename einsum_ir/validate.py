@@ -1,8 +1,6 @@
 """Semantic checks on a parsed or built cascade. Each failure is a located SpecError."""
 from __future__ import annotations
 
-import networkx as nx
-
 from einsum_ir.errors import SpecError
 from einsum_ir.builtins import PREDICATES
 from einsum_ir.functions import FUNCTIONS, INDEX_FUNCTIONS
@@ -33,7 +31,7 @@ def _fail(message: str, loc: Loc | None, context: str | None = None) -> SpecErro
 
 
 def _check_names(c: Cascade) -> None:
-    ranks = set(c.ranks)
+    ranks = set(c.rank_names)
     names = ranks | {p.name for p in c.params}
     indices = {r.lower() for r in ranks}
     for s in c.splits:
@@ -236,6 +234,8 @@ def _check_contraction_in_nonlinear(e: Einsum) -> None:
 
 
 def _check_cycles(c: Cascade) -> None:
+    import networkx as nx  # not at import time: see einsum_ir/graph.py
+
     g = acyclic_view(dependency_graph(c))
     try:
         cycle = nx.find_cycle(g)

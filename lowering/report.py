@@ -12,6 +12,14 @@ from einsum_ir.lowering.online import online
 from einsum_ir.lowering.strategy import STRATEGIES, choose
 
 
+COLUMN_LEGEND = {
+    "strategy": "the lowering strategy chosen (docs/lowering.md), or why none applies",
+    "backward": "whether ei.grad derives a fused backward (einsum-ir grad), or why not",
+    "merge": "whether partial states over key ranges and their exact merge are derived "
+             "(kern.partial, ei.merge), or why not",
+}
+
+
 def strategy_cell(c: Cascade) -> str:
     plan, declined = choose(c)
     if plan is None:

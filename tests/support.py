@@ -1,8 +1,9 @@
-"""Helpers shared by the kernel tests: random inputs built from a cascade's declarations, and
-the output comparison every backend is held to."""
+"""Helpers shared by the kernel tests: random inputs built from a cascade's declarations, the
+output comparison every backend is held to, and an empty kernel cache (`fresh`)."""
 from __future__ import annotations
 
 
+import pytest
 import torch
 
 # Where generated Triton kernels run in the tests: the GPU when there is one (compiled), else
@@ -84,3 +85,16 @@ def assert_outputs_close(got, want, atol: float | None = None, rtol: float | Non
         assert torch.equal(torch.isinf(g), torch.isinf(w)), "fills (+-inf) differ"
         finite = torch.isfinite(w)
         torch.testing.assert_close(g[finite], w[finite], atol=atol, rtol=rtol)
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """An empty on-disk cache and empty in-process memos, so counters start from nothing."""
+    from einsum_ir.codegen import dispatch, kernel, modules
+
+    monkeypatch.setenv("EINSUM_IR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("EINSUM_IR_CACHE", raising=False)
+    monkeypatch.setattr(kernel, "_SOURCES", {})
+    monkeypatch.setattr(modules, "_MODULES", {})
+    monkeypatch.setattr(dispatch, "STATS", dispatch.STATS.__class__())
+    return tmp_path / "cache"

@@ -1,5 +1,6 @@
-"""The on-disk kernel cache: round trips, atomic writes under several processes, bad entries
-rebuilt without exceptions, relocation by environment, shape buckets, and `einsum-ir cache`."""
+"""The on-disk kernel cache: round trips, atomic writes under several processes, bad or forged
+entries rebuilt without exceptions, a private folder, relocation by environment, shape buckets,
+and `einsum-ir cache`."""
 import hashlib
 import json
 import logging
@@ -104,50 +105,66 @@ def test_new_triton_version_changes_every_key(monkeypatch):
 
 # ------------------------------------------------------------------------------ bad entries
 
-def _truncate(data):
+def _truncate(data, kind, k):
     return data[:-7]
 
 
-def _header_only(data):
+def _header_only(data, kind, k):
     return data[:data.index(b"\n")]
 
 
-def _empty(data):
+def _empty(data, kind, k):
     return b""
 
 
-def _garbage(data):
+def _garbage(data, kind, k):
     return bytes(range(256)) * 3
 
 
-def _wrong_version(data):
-    return data.replace(b"einsum-ir-cache/1 ", b"einsum-ir-cache/99 ", 1)
+def _wrong_version(data, kind, k):
+    return data.replace(f"einsum-ir-cache/{cache.FORMAT_VERSION} ".encode(), b"einsum-ir-cache/99 ", 1)
 
 
-def _checksum_mismatch(data):
+def _checksum_mismatch(data, kind, k):
     return data[:-1] + bytes([data[-1] ^ 0x01])  # same length, one bit flipped
 
 
-def _json_not_an_object(data):
-    payload = b"[1, 2]"
+def _signed_as(kind, k, encoding, payload):
+    """An entry signed with this user's key: what only einsum-ir itself can write."""
+    return cache._encode(kind, k, encoding, payload, cache._secret())
+
+
+def _json_not_an_object(data, kind, k):
+    return _signed_as(kind, k, "json", b"[1, 2]")
+
+
+def _forged(data, kind, k):
+    """What another user can write: a well-formed entry with a plain sha256, as format 1 had."""
+    payload = b"import os; os.environ['PLANTED'] = '1'"
     digest = hashlib.sha256(payload).hexdigest()
-    return f"einsum-ir-cache/1 json {len(payload)} {digest}\n".encode() + payload
+    return f"einsum-ir-cache/{cache.FORMAT_VERSION} text {len(payload)} {digest}\n".encode() + payload
+
+
+def _moved(data, kind, k):
+    """A valid entry of another key, copied over this one."""
+    return _signed_as(kind, cache.key("another spec"), "text", b"another kernel")
 
 
 @pytest.mark.parametrize("damage, diagnosis", [
     (_truncate, "truncated?"), (_header_only, "not an einsum-ir cache entry"),
     (_empty, "not an einsum-ir cache entry"), (_garbage, "not an einsum-ir cache entry"),
-    (_wrong_version, "format '99', expected 1"), (_checksum_mismatch, "checksum mismatch"),
-    (_json_not_an_object, "not an object")],
+    (_wrong_version, f"format '99', expected {cache.FORMAT_VERSION}"),
+    (_checksum_mismatch, "checksum mismatch"), (_json_not_an_object, "not an object"),
+    (_forged, "not written by this user"), (_moved, "not written by this user")],
     ids=["truncated", "header-only", "empty", "garbage", "wrong-version", "checksum-mismatch",
-         "json-not-an-object"])
+         "json-not-an-object", "forged", "moved"])
 @pytest.mark.parametrize("kind, value", [("source", "def kernel():\n    pass\n" * 20),
                                          ("choice", {"BLOCK_M": 64, "num_stages": 3})])
 def test_bad_entry_is_detected_deleted_and_rebuilt(damage, diagnosis, kind, value, caplog):
     k = cache.key(SPEC, kind)
     cache.store(kind, k, value)
     path = cache.cache_dir() / kind / f"{k}.entry"
-    path.write_bytes(damage(path.read_bytes()))
+    path.write_bytes(damage(path.read_bytes(), kind, k))
     build = counting(value)
     with caplog.at_level(logging.WARNING, logger="einsum_ir.codegen.cache"):
         assert cache.get_or_build(kind, k, build) == value

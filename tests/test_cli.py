@@ -1,7 +1,11 @@
-"""The command line: located errors and non-zero exits, never a traceback for a bad spec."""
+"""The command line: located errors and non-zero exits, never a traceback for a bad spec or a
+bad option; `--version`, `--debug` anywhere, the report's legend, and a quick start."""
+import os
+import re
 import subprocess
 import sys
 
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import einsum_ir as ei
@@ -119,3 +123,99 @@ def test_analyze_and_report_say_whether_a_backward_and_partial_states_are_derive
     assert cols["backward"].startswith("no: the forward runs 2 stages")
     assert cols["merge"].startswith("no: the forward runs 2 stages")
     assert report_columns("nbhd_2d", ei.variants.load("nbhd_2d"))["merge"].startswith("no: the keys span 2 ranks")
+
+
+def _error_line(argv, capsys, code=2) -> str:
+    """The one line `einsum-ir ARGV` prints on stderr, after checking its exit code."""
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+SHAPES = "B=1,H=2,P=256,M=256,E=64,F=64,W=64"
+
+
+def test_os_errors_are_one_line(tmp_path, capsys):
+    assert _error_line(["check", str(tmp_path)], capsys) == f"einsum-ir: error: {tmp_path}: Is a directory"
+    assert _error_line(["print", str(tmp_path / "missing.ein")], capsys).startswith(
+        "einsum-ir: error: no such spec file: ")
+
+
+def test_unreadable_spec_is_one_line(tmp_path, capsys):
+    path = tmp_path / "locked.ein"
+    path.write_text(BROKEN)
+    path.chmod(0)
+    if os.access(path, os.R_OK):
+        pytest.skip("running as root: every file is readable")
+    assert _error_line(["check", str(path)], capsys) == f"einsum-ir: error: {path}: Permission denied"
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--q-tile", "P=0", "q_tile P=0: a tile size is a positive integer"),
+    ("--q-tile", "P=-1", "q_tile P=-1: a tile size is a positive integer"),
+    ("--kv-tile", "Q=8", "kv_tile Q=8: Q is not a dim of the cascade"),
+    ("--shapes", SHAPES + ",Z=3", "--shapes Z=3: softmax_window has no dim or runtime param Z"),
+    ("--params", "V=3", "--params V=3: softmax_window has no dim or runtime param V"),
+    ("--dtype", "int4", "dtype 'int4' is not one of fp64, fp32"),
+])
+def test_bad_simulate_options_are_one_located_line(option, value, message, capsys):
+    argv = {"--shapes": SHAPES, "--q-tile": "P=64", "--kv-tile": "M=64", option: value}
+    line = _error_line(["simulate", "softmax_window", *(x for kv in argv.items() for x in kv)], capsys)
+    assert line.startswith("einsum-ir: error: ") and message in line, line
+
+
+@pytest.mark.parametrize("top_k", ["0", "-3"])
+def test_tune_top_k_must_be_positive(top_k, capsys):
+    line = _error_line(["tune", "softmax_window", "--shapes", SHAPES, "--top-k", top_k, "--no-aot"], capsys)
+    assert line == f"einsum-ir: error: top_k {top_k}: keep at least one candidate (a positive integer)"
+
+
+def test_simulate_of_a_tensor_mask_gives_shell_advice(capsys):
+    line = _error_line(["simulate", "moba", "--shapes", "B=1,H=2,P=256,M=256,E=64,F=64,PB=4,MB=4,BS=64",
+                        "--q-tile", "P=64", "--kv-tile", "M=64"], capsys)
+    assert "input tensor Sel" in line and "einsum-ir analyze moba" in line
+    assert "shapes={" not in line  # no Python advice for a shell user
+
+
+def test_version_and_debug_anywhere(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert re.fullmatch(r"einsum-ir \S+\n", capsys.readouterr().out)
+    path = tmp_path / "missing.ein"
+    for argv in (["--debug", "print", str(path)], ["print", str(path), "--debug"], ["print", "--debug", str(path)]):
+        with pytest.raises(FileNotFoundError):
+            main(argv)
+    assert main(["print", "--", "--debug"]) == 2  # after `--`, a name like any other
+
+
+def test_help_lists_every_command_without_importing_the_upper_layers():
+    """`einsum-ir --help` lists the upper layers' commands from einsum_ir.cli's table, which must
+    say what the layers themselves register."""
+    from einsum_ir.cli import build_parser
+
+    assert build_parser(providers=()).format_help() == build_parser().format_help(), \
+        "einsum_ir.cli.PROVIDED_COMMANDS must name every upper-layer command with its help line"
+    code = ("import sys\nfrom einsum_ir.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'sympy', 'networkx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "analyze" in out and "tune" in out and out.strip().endswith("[]"), out
+
+
+def test_check_imports_neither_torch_nor_sympy():
+    code = ("import sys\nfrom einsum_ir.cli import main\nassert main(['check', 'softmax_causal']) == 0\n"
+            "print(sorted(m for m in ('torch', 'sympy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("[]"), out
+
+
+def test_report_has_a_legend_for_every_column(capsys):
+    assert main(["report", "--quiet", "softmax_causal"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[1]
+    legend = out[out.index("columns:"):]
+    for column in re.split(r"\s{2,}", header.strip()):
+        assert re.search(rf"^  {re.escape(column)}  ", legend, re.M), (column, legend)
+    assert "P=8192" in legend  # the shapes the bound uses

@@ -4,25 +4,14 @@ import logging
 
 import pytest
 import torch
-from support import KERNEL_DEVICE, assert_outputs_close, make_inputs
+from support import KERNEL_DEVICE, assert_outputs_close, fresh, make_inputs  # noqa: F401 - fresh: a fixture
 
 import einsum_ir as ei
-from einsum_ir.codegen import autotune, cache, dispatch, kernel, modules
+from einsum_ir.codegen import autotune, cache, dispatch, kernel
 from einsum_ir.codegen.dispatch import Config
 from einsum_ir.params import evaluate_params
 
 triton = pytest.importorskip("triton")
-
-
-@pytest.fixture
-def fresh(monkeypatch, tmp_path):
-    """An empty on-disk cache and empty in-process memos, so counters start from nothing."""
-    monkeypatch.setenv("EINSUM_IR_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("EINSUM_IR_CACHE", raising=False)
-    monkeypatch.setattr(kernel, "_SOURCES", {})
-    monkeypatch.setattr(modules, "_MODULES", {})
-    monkeypatch.setattr(dispatch, "STATS", dispatch.STATS.__class__())
-    return tmp_path / "cache"
 
 
 def _close(out, ref):

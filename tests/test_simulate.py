@@ -120,10 +120,11 @@ def test_3d_layout_scales():
 
 
 def test_tensor_mask_needs_data():
-    from einsum_ir.cost_model.predicates import PredicateError
+    from einsum_ir.errors import TensorValuesNeeded
 
-    with pytest.raises(PredicateError, match="Sel"):
+    with pytest.raises(TensorValuesNeeded, match="shapes={'Sel': tensor}") as err:
         ei.simulate(ei.variants.load("moba"), dict(B=1, H=1, P=64, M=64, E=4, F=4, PB=4, MB=4, BS=16))
+    assert err.value.tensor == "Sel"
 
 
 def test_plot_tile_map(tmp_path):
