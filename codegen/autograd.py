@@ -71,12 +71,13 @@ def run_backward(t: Training, args: Mapping, outputs: tuple, saved: Mapping, see
     for o, out, seed in zip(g.outputs, outputs, seeds):
         values[g.seeds[o]] = torch.zeros_like(out) if seed is None else seed
     runtime = {n: args[n] for n in (p.name for p in t.cascade.params if p.type is not None)}
+    declared = lambda c: {p.name: runtime[p.name] for p in c.params if p.type is not None}  # noqa: E731
     if g.prologue is not None:  # per-row values: a few tensor ops over (rows x head dim), in fp32 or finer
         result = interpret(g.prologue, **{d.name: _at_least_fp32(values[d.name]) for d in g.prologue.inputs},
-                           **{p.name: runtime[p.name] for p in g.prologue.params if p.type is not None})
+                           **declared(g.prologue))
         values.update(zip(g.prologue.output_names, result if isinstance(result, tuple) else (result,)))
     for kern, b in zip(t.backward, g.backward):
-        result = kern(**{d.name: values[d.name] for d in b.inputs}, **runtime)
+        result = kern(**{d.name: values[d.name] for d in b.inputs}, **declared(b))
         values.update(zip(b.output_names, result if isinstance(result, tuple) else (result,)))
     grads = {x: values[name].to(args[x].dtype) for x, name in g.grads.items()}
     for x in g.zero:

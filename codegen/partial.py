@@ -20,6 +20,7 @@ from functools import cached_property
 import sympy
 import torch
 
+from einsum_ir.errors import BindError
 from einsum_ir.interpreter import interpret
 from einsum_ir.ir import Cascade
 from einsum_ir.lowering.merge import Merge, Rule, derive
@@ -40,17 +41,21 @@ class PartialState:
             runtime = {p.name: self.args[p.name] for p in m.finish.params if p.type is not None}
             result = interpret(m.finish, **given, **runtime)
             values.update(zip(m.finish.output_names, result if isinstance(result, tuple) else (result,)))
-        rows = m.partial.tensors[m.count].ranks
         outs = []
         for o in m.cascade.outputs:
             v = values[o.name]
             ranks = (m.finish if o.name in m.finish.tensors else m.partial).tensors[o.name].ranks
-            # a row of the output is present where a point of some row it sums was
-            count = values[m.count].sum([k for k, r in enumerate(rows) if r not in ranks]) if set(rows) - set(ranks) \
-                else values[m.count]
-            present = _aligned(count, tuple(r for r in rows if r in ranks), ranks) > 0
-            outs.append(torch.where(present, v, torch.full((), o.fill, dtype=v.dtype)).to(self._dtype()))
+            outs.append(torch.where(self.present(ranks), v, torch.full((), o.fill, dtype=v.dtype)).to(self._dtype()))
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def present(self, ranks: tuple[str, ...]) -> torch.Tensor:
+        """Where a value over `ranks` is present: a point of some row it covers was seen (a
+        bool tensor broadcasting over `ranks`)."""
+        rows = self.merge.partial.tensors[self.merge.count].ranks
+        count = self.values[self.merge.count]
+        if set(rows) - set(ranks):
+            count = count.sum([k for k, r in enumerate(rows) if r not in ranks])
+        return _aligned(count, tuple(r for r in rows if r in ranks), ranks) > 0
 
     def _dtype(self) -> torch.dtype:
         floats = [v.dtype for v in self.args.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
@@ -74,9 +79,17 @@ class Partials:
     def __call__(self, keys: tuple[int, int], args: Mapping) -> PartialState:
         m = self.merge
         lo, hi = (int(k) for k in keys)
-        result = self.kernel(**args, **{m.key_lo: lo, m.key_hi: max(lo, hi)})
+        unknown = [k for k in args if k not in _declared(self.cascade)]
+        if unknown:
+            raise BindError(f"unexpected argument(s) {', '.join(unknown)}")
+        wanted = _declared(m.partial)  # the partial kernel reads no more than the forward: pass it what it declares
+        result = self.kernel(**{k: v for k, v in args.items() if k in wanted}, **{m.key_lo: lo, m.key_hi: max(lo, hi)})
         result = result if isinstance(result, tuple) else (result,)
         return PartialState(m, dict(zip(m.partial.output_names, result)), dict(args))
+
+
+def _declared(c: Cascade) -> set[str]:
+    return set(c.input_names) | set(c.dims) | {p.name for p in c.params}
 
 
 def merge(cascade: Cascade, states: Sequence[PartialState]) -> PartialState:

@@ -11,6 +11,8 @@ from einsum_ir.variants import load_spec
 
 from einsum_ir.cost_model import api
 from einsum_ir.cost_model.counts import fmt
+from einsum_ir.cost_model.devices import links
+from einsum_ir.cost_model.ring import LAYOUTS, ring_cost
 
 ASSIGN_HELP = ("comma-separated NAME=INT bindings of dims and runtime params, e.g. "
                "B=1,H=16,P=8192,M=8192,E=128,F=128,W=512 (params may also go in --params)")
@@ -22,6 +24,13 @@ def add_commands(subparsers) -> None:
                                           "roofline lower bound with its binding unit.")
     _common(a)
     a.add_argument("--rank", default="M", help="rank whose passes are counted (default M; 'MX,MY' for several)")
+    a.add_argument("--cp", type=_positive, metavar="N",
+                   help="also cost a context-parallel ring over N ranks: per-rank work, compute against the "
+                        "transfer of one key shard per step, per-rank memory")
+    a.add_argument("--layout", default="zigzag", choices=LAYOUTS, help="the ring's sharding (default zigzag)")
+    a.add_argument("--link", default="nvlink4",
+                   help=f"the ring's interconnect: {', '.join(links())} (default nvlink4)")
+    a.add_argument("--query-rank", default="P", help="the query rank the ring shards (default P; keys: --rank)")
     a.set_defaults(func=run_analyze)
     s = subparsers.add_parser("simulate", help="tile-level sparsity simulation of a cascade's predicates",
                               description="Classify every (Q tile, KV tile) pair as full, partial or skipped "
@@ -40,6 +49,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="h100", help="device key (a100, h100, h200, b200, l4, rtx4090, cpu) "
                                                     "or a YAML file of device entries")
     p.add_argument("--dtype", default="bf16", help="element type of inputs and outputs (default bf16)")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
 
 
 def parse_assignments(text: str) -> dict[str, int | float]:
@@ -79,6 +95,10 @@ def run_analyze(args) -> int:
         _sections(args, c)
         return 0
     print(api.roofline(c, shapes, device=args.device, dtype=args.dtype))
+    if args.cp:
+        print()
+        print(ring_cost(c, shapes, args.cp, args.layout, args.device, args.link, args.dtype, args.query_rank,
+                        args.rank))
     _sections(args, c)
     return 0
 

@@ -111,3 +111,33 @@ def get(device: str | dict | Device) -> Device:
     if Path(device).suffix in (".yaml", ".yml") and Path(device).exists():
         return add_device(device)[0]
     raise KeyError(f"unknown device {device!r}; known: {', '.join(table())} (or pass a dict / YAML file)")
+
+
+@dataclass(frozen=True)
+class Link:
+    """An interconnect between two devices: peak bytes/s per direction, with its source."""
+
+    key: str
+    name: str
+    bandwidth: float
+    source: str
+    aliases: tuple[str, ...] = ()
+
+
+@cache
+def links() -> dict[str, Link]:
+    """The built-in interconnects (links.yaml)."""
+    entries = yaml.safe_load((resources.files(__package__) / "links.yaml").read_text())
+    return {key: Link(key, e["name"], float(e["bandwidth"]), e["source"], tuple(e.get("aliases", ())))
+            for key, e in entries.items()}
+
+
+def get_link(link: str | Link) -> Link:
+    """An interconnect by key or alias (case-insensitive)."""
+    if isinstance(link, Link):
+        return link
+    name = str(link).lower()
+    for entry in links().values():
+        if name == entry.key or name in entry.aliases:
+            return entry
+    raise KeyError(f"unknown interconnect {link!r}; known: {', '.join(links())}")

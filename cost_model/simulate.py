@@ -34,6 +34,7 @@ class SimResult:
     q_axes: tuple[tuple[str, int, int], ...]  # (rank, extent, tile) of each Q-side axis
     kv_axes: tuple[tuple[str, int, int], ...]
     classes: torch.Tensor  # n_q_tiles x n_kv_tiles, SKIPPED / PARTIAL / FULL
+    points: torch.Tensor  # n_q_tiles x n_kv_tiles: present points of each pair (one batch copy)
     copies: int  # identical CTAs per Q tile (batch ranks the mask does not read)
     present: float  # present points over the token ranks (and masked batch ranks)
     dense: float
@@ -150,7 +151,8 @@ def simulate(c: Cascade, shapes: dict, device: str | dict | Device = "h100", q_t
     cta = n_full * cost_full + n_part * cost_partial + epilogue
     dense_cta = torch.full((n_q,), classes.shape[1] * cost_full + epilogue, dtype=torch.float64)
     return SimResult(d, tuple((rank_of(v), extent[v], tiles[v]) for v in q_axes_vars),
-                     tuple((rank_of(v), extent[v], tiles[v]) for v in kv_axes_vars), classes, copies,
+                     tuple((rank_of(v), extent[v], tiles[v]) for v in kv_axes_vars), classes,
+                     present.reshape(n_q, -1), copies,
                      float(present.sum()), dense, _makespan(cta, copies, d.sms), _makespan(dense_cta, copies, d.sms))
 
 

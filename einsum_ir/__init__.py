@@ -14,8 +14,8 @@ from einsum_ir.parser import load, parse
 
 __all__ = [
     "BindError", "Cascade", "Einsum", "LoweringError", "SpecError",
-    "compile", "counts", "from_torch", "grad", "interpret", "load", "merge", "parse", "passes", "roofline",
-    "simulate",
+    "compile", "context_parallel", "counts", "from_torch", "grad", "interpret", "load", "merge", "parse", "passes",
+    "roofline", "simulate",
     "variants",
 ]
 
@@ -81,6 +81,17 @@ def compile(cascade: Cascade, backend: str = "auto"):  # noqa: A001 - the API's 
     from einsum_ir.codegen.api import compile as run
 
     return run(cascade, backend=backend)
+
+
+def context_parallel(cascade: Cascade, group=None, layout: str = "zigzag", query: str | None = None,
+                     backend: str = "auto"):
+    """Ring attention over the ranks of a torch.distributed `group`: `cp(**local_shards)` gives this
+    rank's output shard; `cp.shard(name, full)` and `cp.unshard(out)` do the layout
+    ("zigzag" or "contiguous"). Any cascade whose partial states merge; trains through its
+    fused backward."""
+    from einsum_ir.codegen.ring import ContextParallel
+
+    return ContextParallel(cascade, group=group, layout=layout, query=query, backend=backend)
 
 
 def from_torch(module_or_fn, *example_inputs, **options) -> Cascade:

@@ -50,3 +50,9 @@ class TensorValuesNeeded(BindError):
 
 class LoweringError(Exception):
     """A cascade has no fused lowering for the requested backend; the message says why."""
+
+
+def located(node, message: str) -> str:
+    """`message`, prefixed with `file:line:col:` when `node` has a spec location."""
+    loc = getattr(node, "loc", None)
+    return f"{loc.file}:{loc.line}:{loc.col}: {message}" if loc is not None else message

@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 import sympy
 
 from einsum_ir.cost_model.predicates import conjuncts
-from einsum_ir.errors import LoweringError
+from einsum_ir.errors import LoweringError, located
 from einsum_ir.functions import FUNCTIONS
 from einsum_ir.graph import cascade_graph
 from einsum_ir.ir import (
@@ -139,7 +139,7 @@ def diff(expr: Expr, target: Access, value: Expr | None = None) -> Expr:
         if expr.tensor != target.tensor:
             return Num(0)
         if expr != target:
-            raise LoweringError(_at(expr, f"the backward needs one index pattern per tensor, but {target.tensor} "
+            raise LoweringError(located(expr, f"the backward needs one index pattern per tensor, but {target.tensor} "
                                           f"is read as {_text(expr)} and as {_text(target)}; copy it into a "
                                           f"second tensor for the other reading"))
         return Num(1)
@@ -158,7 +158,7 @@ def diff(expr: Expr, target: Access, value: Expr | None = None) -> Expr:
                 out = add(out, neg(Binary("/", mul(expr.lhs, db), mul(expr.rhs, expr.rhs))))
             return out
         if any(a.tensor == target.tensor for a in accesses(expr)) and expr.op in ("//", "%"):
-            raise LoweringError(_at(expr, f"{_text(expr)} is integer arithmetic on {target.tensor}: no gradient"))
+            raise LoweringError(located(expr, f"{_text(expr)} is integer arithmetic on {target.tensor}: no gradient"))
         return Num(0)  # comparisons, and, or: piecewise constant
     assert isinstance(expr, Call)
     if expr.fn not in FUNCTIONS:  # a predicate builtin
@@ -170,16 +170,11 @@ def diff(expr: Expr, target: Access, value: Expr | None = None) -> Expr:
         if _zero(d):
             continue
         if f.derivative[k] is None:
-            raise LoweringError(_at(expr, f"{expr.fn}(...) has no derivative in argument {k + 1}, which reads "
+            raise LoweringError(located(expr, f"{expr.fn}(...) has no derivative in argument {k + 1}, which reads "
                                           f"{target.tensor}; add one to its entry in einsum_ir/functions.py"))
         out = add(out, mul(f.derivative[k](expr.args, value if value is not None else expr), d))
     return out
 
-
-def _at(node, message: str) -> str:
-    """`message`, prefixed with the spec location of `node` when it has one."""
-    loc = getattr(node, "loc", None)
-    return f"{loc.file}:{loc.line}:{loc.col}: {message}" if loc is not None else message
 
 
 def _text(e: Expr) -> str:
@@ -389,10 +384,10 @@ def _reverse(c: Cascade, seeds: dict[str, str], names: FreshNames) -> tuple[dict
         if z.name not in contributions:
             continue
         if z.recurrence_var is not None:
-            raise LoweringError(_at(z.target, f"{z.name} is a recurrence: the backward is derived for the "
+            raise LoweringError(located(z.target, f"{z.name} is a recurrence: the backward is derived for the "
                                               f"multi-pass form; write that instead"))
         if any(not isinstance(i, Index) for i in z.target.indices):
-            raise LoweringError(_at(z.target, f"{z.name} is written at index expressions; the backward needs "
+            raise LoweringError(located(z.target, f"{z.name} is written at index expressions; the backward needs "
                                               f"plain target indices"))
         dz = _total(c, z, contributions.pop(z.name), names, out)
         grads[z.name] = dz.tensor
@@ -403,7 +398,7 @@ def _reverse(c: Cascade, seeds: dict[str, str], names: FreshNames) -> tuple[dict
             _argmax(c, z, dz, names, out, contributions)
             continue
         if z.reduce not in ("sum",):
-            raise LoweringError(_at(z.target, f"{z.name} is a {z.reduce} reduction; the backward is derived "
+            raise LoweringError(located(z.target, f"{z.name} is a {z.reduce} reduction; the backward is derived "
                                               f"for sum and max"))
         for a in _reads(z):
             g = diff(z.expr, a, z.target if not z.reduced else None)
@@ -459,11 +454,11 @@ def _reads(z: Einsum) -> list[Access]:
     seen: dict[str, Access] = {}
     for a in accesses(z.expr):
         if any(not isinstance(i, Index) for i in a.indices) or len(set(index_vars(a))) != len(a.indices):
-            raise LoweringError(_at(a, f"{z.name} reads {_text(a)} at index expressions; the backward needs "
+            raise LoweringError(located(a, f"{z.name} reads {_text(a)} at index expressions; the backward needs "
                                        f"plain reads (its gradient would scatter): gather the tensor before "
                                        f"the cascade and pass it as an input"))
         if a.tensor in seen and seen[a.tensor] != a:
-            raise LoweringError(_at(a, f"{z.name} reads {a.tensor} as {_text(seen[a.tensor])} and {_text(a)}; "
+            raise LoweringError(located(a, f"{z.name} reads {a.tensor} as {_text(seen[a.tensor])} and {_text(a)}; "
                                        f"the backward needs one reading per Einsum"))
         seen[a.tensor] = a
     return list(seen.values())
@@ -502,7 +497,7 @@ def _input_gradient(x: str, parts: list[Access], names: FreshNames, out: list[Ei
 def _argmax(c: Cascade, z: Einsum, dz: Access, names: FreshNames, out: list[Einsum], contributions) -> None:
     """A max whose value the outputs read: its gradient splits over the points that attain it."""
     if not isinstance(z.expr, Access):
-        raise LoweringError(_at(z.target, f"{z.name} is a max of an expression; write the maximized tensor as "
+        raise LoweringError(located(z.target, f"{z.name} is a max of an expression; write the maximized tensor as "
                                           f"its own Einsum"))
     a = z.expr
     hit = Call("where", (Binary("==", a, z.target), Num(1.0), Num(0.0)))

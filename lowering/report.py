@@ -9,6 +9,7 @@ from einsum_ir.ir import Cascade
 from einsum_ir.lowering.grad import grad
 from einsum_ir.lowering.merge import derive
 from einsum_ir.lowering.online import online
+from einsum_ir.lowering.ring import derive as derive_ring
 from einsum_ir.lowering.strategy import STRATEGIES, choose
 
 
@@ -64,6 +65,7 @@ def analyze_section(c: Cascade) -> str:
         lines += ["  " + line for line in plan.summary().splitlines()[1 + len(declined):]]
     lines.append(f"  fused backward (einsum-ir grad): {derived_cell(grad, c)}")
     lines.append(f"  partial states (kern.partial, ei.merge): {derived_cell(derive, c)}")
+    lines.append(f"  context-parallel ring (ei.context_parallel): {derived_cell(derive_ring, c)}")
     if "M" in c.dims:
         try:
             written = passes(c, rank="M").count

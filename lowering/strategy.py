@@ -7,8 +7,9 @@ every strategy declines, naming each one's reason.
 
 Today: "stream keys under a query tile" (lowering.stream_keys), the FlashAttention-shaped
 forward; it lowers the backward's cascades too (lowering.grad), streaming the queries under a
-key tile. The chunked scan, split-KV decode and the ring are to come, each as one more module
-in `STRATEGIES`.
+key tile. The chunked scan and split-KV decode are to come, each as one more module in
+`STRATEGIES`. The context-parallel ring (lowering/ring.py) is not a strategy of its own: it
+runs the chosen plan's partial-state kernels once per pair of shards and merges their states.
 """
 from __future__ import annotations
 

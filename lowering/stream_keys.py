@@ -368,8 +368,8 @@ def _stage_predicate(d: _Draft, kinds, depends) -> Expr | None:
     """The predicate guarding every carried reduction of the stage (what tiles may be skipped by)."""
     guarded = [e for e in d.einsums if kinds[e.name] in IN_LOOP and e.where is not None]
     common: list[Expr] | None = None
-    for cr in (e for e in d.einsums if kinds[e.name] in REDUCTIONS):
-        mine = [g.where for g in guarded if g.name in depends[cr.name] | {cr.name}]
+    for cr in (e for e in d.einsums if kinds[e.name] in REDUCTIONS):  # by conjunct: `A and B` shares A with `A`
+        mine = [a for g in guarded if g.name in depends[cr.name] | {cr.name} for a in conjuncts(g.where)]
         common = mine if common is None else [w for w in common if w in mine]
     if not common:
         return None

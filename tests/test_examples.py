@@ -33,3 +33,16 @@ def test_example_runs(name, capsys):
 def test_hf_example_runs(capsys):
     pytest.importorskip("transformers", reason="transformers is not installed (extra 'hf')")
     assert "2 attention sites replaced" in _run("hf_llama", capsys)
+
+
+def test_context_parallel_example_runs():
+    """Its ranks are spawned processes, so it runs as the script it is."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(EXAMPLES / "context_parallel.py")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    errors = [float(x) for x in re.findall(r"max \|[^|]*\| [^=]*= ([-+0-9.e]+)", done.stdout)]
+    assert len(errors) == 2 and max(errors) < 1e-4, done.stdout
+    assert "communication is hidden" in done.stdout
