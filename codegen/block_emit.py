@@ -27,6 +27,7 @@ import sympy
 
 from einsum_ir.builtins import PREDICATES
 from einsum_ir.errors import LoweringError
+from einsum_ir.functions import FUNCTIONS
 from einsum_ir.ir import Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, Num, Unary, product_terms, walk
 from einsum_ir.lowering.plan import Plan, Stage
 
@@ -40,6 +41,7 @@ class Val:
     pres: str | None = None  # presence mask (code) over `pres_axes`
     pres_axes: tuple[str, ...] = ()
     fresh: bool = False  # a new temporary of the value's own shape (a target may reuse it in place)
+    bound: float | None = None  # |value| <= bound where present (a number, a map the plan bounds)
 
     @property
     def scalar(self) -> bool:
@@ -155,9 +157,20 @@ class BlockEmitter:
         raise NotImplementedError
 
     def call(self, fn: str, args: list[Val], axes: tuple[str, ...], pres: str | None, pax: tuple,
-             sec: Section) -> Val:
-        """A registry function of the arguments."""
+             sec: Section, spelling: str | None = None) -> Val:
+        """A registry function of the arguments (`spelling`: its `special` one for these arguments)."""
         raise NotImplementedError
+
+    def fill_spelling(self, spelling: str, codes: list[str], sec: Section) -> str:
+        """`spelling` over the argument codes; one it uses more than once is bound to a name first."""
+        named = []
+        for k, x in enumerate(codes):
+            if spelling.count("{%d}" % k) > 1 and not is_simple(x):
+                name = self.fresh("t")
+                sec.add(f"{name} = {x}")
+                x = name
+            named.append(x)
+        return spelling.format(*named)
 
     def select(self, cond: str, a: str, b: str) -> str:
         """Elementwise `a if cond else b`."""
@@ -175,7 +188,7 @@ class BlockEmitter:
             pres, pax = self.summed_rows  # rows past the last query: a sum over them must not see them
         if pres is None:
             return v
-        return Val(self.select(self.align(pres, pax, v.axes), self.num(v), "0.0"), v.axes, "float")
+        return Val(self.select(self.align(pres, pax, v.axes), self.num(v), "0.0"), v.axes, "float", bound=v.bound)
 
     def reduce(self, op: str, code: str, axes: tuple[str, ...], red) -> tuple[str, tuple[str, ...]]:
         """`op` (max | sum | any) of `code` over those of its `axes` in `red`; code, axes left."""
@@ -309,7 +322,7 @@ class BlockEmitter:
         """The value of `expr`; statements it needs first (loads, temporaries) go to `sec`."""
         if isinstance(expr, Num):
             v = expr.value
-            return Val(self.number(v), (), "float" if isinstance(v, float) else "int")
+            return Val(self.number(v), (), "float" if isinstance(v, float) else "int", bound=abs(v))
         if isinstance(expr, Name):
             p = self.c.param(expr.name)
             return Val(expr.name, (), "int" if p is None or p.type == "int" else "float")
@@ -350,7 +363,8 @@ class BlockEmitter:
         pres, pax = self.combine_pres(args)
         if expr.fn == "where":
             return self.where(args, axes, pres, pax)
-        return self.call(expr.fn, args, axes, pres, pax, sec)
+        special = FUNCTIONS[expr.fn].special
+        return self.call(expr.fn, args, axes, pres, pax, sec, special(expr.args) if special else None)
 
     def access(self, a: Access, sec: Section) -> Val:
         """A read of a tensor: a value of this stage (with its presence) or a load."""
@@ -369,7 +383,7 @@ class BlockEmitter:
             pres, pax = self.mask_of[t]
         if kind in ("carried", "epilogue", "prologue") and not self.in_loop:
             pres, pax = self.pres_after.get(t, (None, ()))
-        return Val(code, self.axes_of[t], "float", pres, pax)
+        return Val(code, self.axes_of[t], "float", pres, pax, bound=self.s.bounds.get(t))
 
     def reduce_sum(self, e: Einsum, sec: Section, red: set[str], mask: tuple | None) -> str:
         """Code for the sum over tile axes `red` of e.expr, term by term (division deferral
@@ -614,6 +628,13 @@ class BlockEmitter:
         if isinstance(e, sympy.Mul) and e.args[0] == -1:
             v = self.rescale_code(sympy.Mul(*e.args[1:]), sec)
             return Val(f"(-{paren(v.code)})", v.axes)
+        if isinstance(e, (sympy.Max, sympy.Min)):  # a row scale's max(-G, 0) (lowering.underflow)
+            out = self.rescale_code(e.args[0], sec)
+            for a in e.args[1:]:
+                b = self.rescale_code(a, sec)
+                out = self.call("max" if isinstance(e, sympy.Max) else "min", [out, b],
+                                self.canon(out.axes + b.axes), None, (), sec)
+            return out
         if isinstance(e, sympy.Mul):
             vals = [self.rescale_code(a, sec) for a in e.args]
             axes = self.canon([x for v in vals for x in v.axes])

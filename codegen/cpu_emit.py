@@ -240,7 +240,7 @@ class StageEmitter(BlockEmitter):
         return Val(self.select(c, x, y), axes, "int" if ints else "float", pres, pax, fresh=True)
 
     def call(self, fn: str, args: list[Val], axes: tuple[str, ...], pres: str | None, pax: tuple,
-             sec: Section) -> Val:
+             sec: Section, spelling: str | None = None) -> Val:
         if fn in ("min", "max") and all(a.kind == "int" for a in args):  # index arithmetic
             codes = [self.align(a.code, a.axes, axes) for a in args]
             if not axes:
@@ -253,11 +253,11 @@ class StageEmitter(BlockEmitter):
             if a.kind == "int" or not a.axes:  # torch functions take tensors of the compute dtype
                 x = f"torch.as_tensor({x}, dtype=DT)"
             codes.append(x)
-        spelling = FUNCTIONS[fn].torch
+        spelling = spelling or FUNCTIONS[fn].torch
         method = _METHOD.fullmatch(spelling)
         if method and hasattr(torch.Tensor, method.group(1) + "_") and self._reusable(args[0], axes):
             return Val(f"{paren(codes[0])}.{method.group(1)}_()", axes, "float", pres, pax, fresh=True)
-        return Val(spelling.format(*codes), axes, "float", pres, pax, fresh=bool(axes))
+        return Val(self.fill_spelling(spelling, codes, sec), axes, "float", pres, pax, fresh=bool(axes))
 
     def select(self, cond: str, a: str, b: str) -> str:
         return f"torch.where({cond}, {a}, {b})"

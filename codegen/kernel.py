@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import cached_property
 
 import torch
 
@@ -15,9 +16,11 @@ from einsum_ir.codegen.outputs import collect_outputs
 from einsum_ir.codegen.derived import DerivedKernels
 from einsum_ir.codegen.tiles import launch_options, query_tiles, stage_tiles
 from einsum_ir.errors import BindError, LoweringError
+from einsum_ir.graph import cascade_graph
 from einsum_ir.ir import Cascade, rank_of
 from einsum_ir.lowering.plan import Plan
 from einsum_ir.lowering.strategy import build_plan
+from einsum_ir.lowering.underflow import scale_rows
 from einsum_ir.params import bind_arguments
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
@@ -215,17 +218,23 @@ class TritonKernel(DerivedKernels):
 
 
 class ReferenceKernel(DerivedKernels):
-    """The interpreter behind the kernel interface."""
+    """The interpreter behind the kernel interface, on the cascade with its normalized weights
+    scaled per row (lowering.underflow: exact, and like the fused backends it gives a row of
+    tiny weights its value instead of 0/0). `ei.interpret` runs the cascade as written."""
 
     backend = "reference"
 
     def __init__(self, cascade: Cascade):
         self.cascade = cascade
 
+    @cached_property
+    def scaled(self) -> Cascade:
+        return scale_rows(self.cascade, cascade_graph(self.cascade))
+
     def __call__(self, **args):
         from einsum_ir.interpreter import interpret
 
-        return interpret(self.cascade, **args)
+        return interpret(self.scaled, **args)
 
     def same_backend(self, cascade: Cascade, fp32: frozenset = frozenset()) -> "ReferenceKernel":
         return ReferenceKernel(cascade)

@@ -138,7 +138,8 @@ def _aligned(t: torch.Tensor, have: tuple[str, ...], want: tuple[str, ...]) -> t
 
 
 def _evaluate(e: sympy.Expr, env: Mapping[sympy.Symbol, torch.Tensor]):
-    """A rescale factor (powers of 2 or e of sums of maxima) evaluated on tensors."""
+    """A rescale factor (powers of 2 or e of sums of maxima, and their max/min with constants)
+    evaluated on tensors."""
     if e in env:
         return env[e]
     if e.is_Number:
@@ -158,5 +159,11 @@ def _evaluate(e: sympy.Expr, env: Mapping[sympy.Symbol, torch.Tensor]):
         return torch.pow(float(base), x) if base.is_Number else torch.pow(_evaluate(base, env), x)
     if isinstance(e, sympy.exp):
         return torch.exp(_evaluate(e.args[0], env))
+    if isinstance(e, (sympy.Max, sympy.Min)):  # a row scale's max(-G, 0) (lowering.underflow)
+        pick = torch.maximum if isinstance(e, sympy.Max) else torch.minimum
+        out = torch.as_tensor(_evaluate(e.args[0], env))
+        for a in e.args[1:]:
+            out = pick(out, torch.as_tensor(_evaluate(a, env)))
+        return out
     raise ValueError(f"cannot evaluate the rescale factor {e}")
 

@@ -22,10 +22,12 @@ everything else is elementwise code from the expression tree and the function re
 """
 from __future__ import annotations
 
-from einsum_ir.codegen.block_emit import BlockEmitter, Section, Val, is_simple, module_header, paren
+import re
+
+from einsum_ir.codegen.block_emit import BlockEmitter, Section, Val, module_header, paren
 from einsum_ir.codegen.scalar_code import TRITON, print_int
 from einsum_ir.errors import LoweringError
-from einsum_ir.functions import FUNCTIONS
+from einsum_ir.functions import FUNCTIONS, TRITON_HELPERS
 from einsum_ir.ir import Access, Einsum, Index, product_terms, rank_of
 from einsum_ir.lowering.keyranges import Segment
 from einsum_ir.lowering.plan import Plan, Stage
@@ -126,20 +128,18 @@ class StageEmitter(BlockEmitter):
         return Val(self.select(c, a, b), axes, "int" if ints else "float", pres, pax)
 
     def call(self, fn: str, args: list[Val], axes: tuple[str, ...], pres: str | None, pax: tuple,
-             sec: Section) -> Val:
+             sec: Section, spelling: str | None = None) -> Val:
         if fn in ("min", "max") and all(a.kind == "int" for a in args):  # index arithmetic
             codes = [self.align(a.code, a.axes, axes) for a in args]
             return Val(f"tl.{'minimum' if fn == 'min' else 'maximum'}({codes[0]}, {codes[1]})", axes, "int")
-        spelling = FUNCTIONS[fn].triton
         codes = []
-        for k, a in enumerate(args):
-            x = self.align(self.float_quotient(a.code) if a.kind == "int" else self.num(a), a.axes, axes)
-            if spelling.count("{%d}" % k) > 1 and not is_simple(x):  # an argument used twice: name it
-                name = self.fresh("t")
-                sec.add(f"{name} = {x}")
-                x = name
-            codes.append(x)
-        return Val(spelling.format(*codes), axes, "float", pres, pax)
+        for a in args:
+            if a.kind == "int":  # index positions convert; an int scalar (2, a param) may be a Python int
+                x = self.float_quotient(a.code) if a.axes else f"({a.code} * 1.0)"
+            else:
+                x = self.num(a)
+            codes.append(self.align(x, a.axes, axes))
+        return Val(self.fill_spelling(spelling or FUNCTIONS[fn].triton, codes, sec), axes, "float", pres, pax)
 
     # ------------------------------------------------------------------ loads
     def _plain_stream(self, a: Access) -> bool:
@@ -294,6 +294,7 @@ class StageEmitter(BlockEmitter):
 
         a_code, a_nat = operand(A, a_axes)
         b_code, b_nat = operand(B, b_axes)
+        a_bound, b_bound = _bound(A), _bound(B)  # a mask's select keeps them: absent points are 0
         if mask is not None:
             m, max_ = mask
             if set(max_) <= set(a_axes):
@@ -303,9 +304,9 @@ class StageEmitter(BlockEmitter):
             else:
                 return None
         if a_nat is None and b_nat is not None:
-            a_code = f"({a_code}).to({b_nat.code}.dtype)"
+            a_code, b_code = _mixed_operands(a_code, a_bound, b_code, b_nat)
         elif b_nat is None and a_nat is not None:
-            b_code = f"({b_code}).to({a_nat.code}.dtype)"
+            b_code, a_code = _mixed_operands(b_code, b_bound, a_code, a_nat)
         if a_axes != (x, r):
             a_code = f"tl.trans({a_code})"
         if b_axes != (r, y):
@@ -589,6 +590,29 @@ class StageEmitter(BlockEmitter):
         return "\n".join(out + lines) + "\n"
 
 
+FP16_MAX = 65504.0
+
+
+def _bound(vals: list[Val]) -> float | None:
+    """A bound on |product of vals|, when each factor has one."""
+    out = 1.0
+    for v in vals:
+        if v.bound is None:
+            return None
+        out *= v.bound
+    return out
+
+
+def _mixed_operands(computed: str, bound: float | None, loaded: str, load: Val) -> tuple[str, str]:
+    """A dot of a computed fp32 tile with a loaded one, as (computed, loaded) operand code. The
+    computed tile goes to the load's dtype when its values fit fp16 (softmax probabilities);
+    otherwise `_wide` keeps it fp32 beside an fp16 load (widened: the dot runs in fp32, TF32 on
+    a GPU) and casts it only to dtypes with fp32's exponent range (bf16)."""
+    if bound is not None and bound <= FP16_MAX:
+        return f"({computed}).to({load.code}.dtype)", loaded
+    return f"_wide({computed}, {load.code})", f"_partner({loaded})"
+
+
 def stage_emitters(plan: Plan) -> list[StageEmitter]:
     """One emitter per stage (with its block-list emitter), not yet generated: enough to know
     each kernel's name and arguments, which is all a launch needs when the source is cached."""
@@ -611,15 +635,50 @@ def _below(i, n: tl.constexpr, block: tl.constexpr):
         return i < n
 '''
 
+# Called helpers a module carries (with the registry's, einsum_ir.functions.TRITON_HELPERS).
+DOT_HELPERS = {
+    "_wide": '''@triton.jit
+def _wide(x, like):
+    """An fp32 tile for a dot with `like`: in like's dtype when that has fp32's exponent range
+    (bf16), kept fp32 beside fp16 (whose 65504 it may exceed)."""
+    if like.dtype == tl.float16:
+        return x
+    else:
+        return x.to(like.dtype)
+''',
+    "_partner": '''@triton.jit
+def _partner(y):
+    """The loaded partner of a `_wide` tile: fp16 widened to fp32, so the dot runs in fp32."""
+    if y.dtype == tl.float16:
+        return y.to(tl.float32)
+    else:
+        return y
+''',
+}
+
+
+def called_helpers(code: str) -> str:
+    """The jit helpers `code` calls, with the helpers they call, in dependency order."""
+    table = {**TRITON_HELPERS, **DOT_HELPERS}
+    need: set[str] = set()
+    frontier = code
+    while True:
+        new = {n for n in table if n not in need and re.search(rf"\b{n}\(", frontier)}
+        if not new:
+            return "\n\n".join(table[n] for n in table if n in need)
+        need |= new
+        frontier = "".join(table[n] for n in new)
+
 
 def emit_plan(plan: Plan, cascade_text: str) -> tuple[str, list[StageEmitter]]:
     """The whole module: header comment with the cascade and plan, one kernel per stage."""
     head = module_header(plan, cascade_text, "Generated by einsum-ir (codegen/triton_emit.py) from the cascade:",
                          ["import triton", "import triton.language as tl", ""])
-    parts = [head, HELPERS]
+    kernels = []
     emitters = stage_emitters(plan)
     for em in emitters:
         if em.list_emitter is not None:
-            parts.append("\n" + em.list_emitter.generate())
-        parts.append("\n" + em.generate())
-    return "\n".join(parts), emitters
+            kernels.append("\n" + em.list_emitter.generate())
+        kernels.append("\n" + em.generate())
+    called = called_helpers("".join(kernels))
+    return "\n".join([head, HELPERS] + (["\n" + called] if called else []) + kernels), emitters

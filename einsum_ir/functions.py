@@ -13,6 +13,17 @@ An entry says everything the compiler needs to know about a function, so adding 
   and of the call itself (what reverse-mode differentiation multiplies by).
 - `mlir`: the linalg body op that computes it, or a `decompose` into functions that have one.
 - `finite`: finite arguments always give a finite result in fp32 (exp does not: it overflows).
+- `increasing`: non-decreasing in every argument, so an interval of arguments maps to the
+  interval of the values at its ends (the range analysis of lowering.bounds).
+- `scaled`: for a positive function with an exponential tail (f(x) ~ e^x as x -> -inf), the
+  function that computes e^s * f(x) without forming either factor: what lowering.underflow
+  multiplies a row of normalized weights by, so that an all-tiny row does not underflow.
+- `special`: a cheaper exact spelling for particular constant arguments, in arithmetic that is
+  valid torch and Triton alike (`pow(x, 2)` is `x * x`), used by both emitters; None otherwise.
+
+A Triton spelling may call the `@triton.jit` helpers of `TRITON_HELPERS` (a generated module
+carries the ones its kernels call): accurate log1p and softplus from plain `tl.exp`/`tl.log`
+and arithmetic, since `tl.math` has no log1p and libdevice differs between Triton versions.
 
 Operators (`+`, `<`, `and`, ...) are a table here too (`OPERATORS`, torch spelling). Neither
 torch nor sympy is imported with this module: the spellings are resolved on first use.
@@ -46,6 +57,9 @@ class Function:
     mlir: str | None = None
     decompose: Callable[..., Expr] | None = None  # the function in terms of others, for MLIR
     finite: bool = False
+    increasing: bool = False
+    scaled: str | None = None  # the registry function e^s * f(x)
+    special: Callable[[tuple[Expr, ...]], str | None] | None = None  # arguments -> a spelling, or None
 
     @property
     def min_args(self) -> int:
@@ -93,35 +107,115 @@ def _sympy_where(c, a, b):
     return _sympy().Piecewise((a, c), (b, True))
 
 
+def _small_power(args: tuple[Expr, ...]) -> str | None:
+    """pow(x, n) for a constant n in 2..4 as n - 1 multiplies: exact in sign for a negative x,
+    and cheaper than exp2(n * log2|x|). Other exponents take the general spelling."""
+    n = args[1]
+    if isinstance(n, Num) and float(n.value).is_integer() and 2 <= n.value <= 4:
+        return "(" + " * ".join(["{0}"] * int(n.value)) + ")"
+    return None
+
+
+def _log1p_ratio_source(terms: int = 8) -> str:
+    """The Triton helper log1p(w) / w for -0.5 <= w <= 1, from the atanh series with no log:
+    log1p(w) = 2 atanh(z) = 2 z sum_k z^(2k) / (2k + 1), z = w / (2 + w), so |z| <= 1/3 and the
+    first term left out, below (1/9)^terms / (2 terms + 1), is 1.4e-9 relative for 8 terms."""
+    coeffs = [1.0 / (2 * k + 1) for k in reversed(range(terms))]
+    horner = [f"    s = {coeffs[0]!r}"] + [f"    s = s * z2 + {c!r}" for c in coeffs[1:]]
+    return "\n".join(["@triton.jit", "def _log1p_ratio(w):",
+                      '    """log1p(w) / w for -0.5 <= w <= 1 (atanh series; 1 at w = 0)."""',
+                      "    r = 1.0 / (2.0 + w)", "    z = w * r", "    z2 = z * z", *horner,
+                      "    return 2.0 * r * s", ""])
+
+
+# Helpers the Triton spellings call, in dependency order (a module carries the ones it calls).
+TRITON_HELPERS: dict[str, str] = {
+    "_log1p_ratio": _log1p_ratio_source(),
+    "_log1p": '''@triton.jit
+def _log1p(x):
+    """log(1 + x): the series where 1 + x would lose x's low bits, log(1 + x) elsewhere (there 1 + x
+    is exact, -1 <= x <= -0.5, or its rounding is at most an ulp of a log >= log 2, x >= 1)."""
+    near = tl.abs(x - 0.25) <= 0.75  # -0.5 <= x <= 1
+    return tl.where(near, x * _log1p_ratio(tl.where(near, x, 0.0)), tl.log(1.0 + x))
+''',
+    "_softplus": '''@triton.jit
+def _softplus(x):
+    """max(x, 0) + log1p(exp(-|x|)), as accurate for very negative x as exp(x) itself."""
+    w = tl.exp(-tl.abs(x))
+    return tl.maximum(x, 0.0) + w * _log1p_ratio(w)
+''',
+    "_softplus_scaled": '''@triton.jit
+def _softplus_scaled(x, s):
+    """e^s * softplus(x) = exp(min(x, 0) + s) * (log1p(w)/w for x <= 0, x + log1p(w) for x > 0),
+    w = exp(-|x|): no factor underflows or overflows unless the result does."""
+    w = tl.exp(-tl.abs(x))
+    q = _log1p_ratio(w)
+    return tl.exp(tl.minimum(x, 0.0) + s) * tl.where(x > 0, x + w * q, q)
+''',
+    "_pow": '''@triton.jit
+def _pow(a, b):
+    """a ** b as torch.pow: |a| ** b with a's sign for an odd integer b, NaN for a negative a and a
+    non-integer b, 1 for b == 0 or a == 1. log2 is taken of a in its own shape (a decay's scalar
+    base once, not per element of its exponent tile); selects, not & or |, which fail on a
+    scalar beside a tile in Triton's interpreter."""
+    v = tl.exp2(b * tl.log2(tl.abs(a)))
+    odd = tl.floor(0.5 * b) != 0.5 * b
+    v = tl.where(a < 0, tl.where(tl.floor(b) == b, tl.where(odd, -v, v), float("nan")), v)
+    return tl.where(b == 0, 1.0, tl.where(a == 1, 1.0, v))
+''',
+}
+
+
 FUNCTIONS: dict[str, Function] = {f.name: f for f in [
     Function("exp", (1, 1), "torch.exp({0})", "tl.exp({0})", lambda x: _sympy().exp(x), "sfu", 1,
-             (lambda a, out: out,), mlir="math.exp"),
+             (lambda a, out: out,), mlir="math.exp", increasing=True),
     Function("exp2", (1, 1), "torch.exp2({0})", "tl.exp2({0})", lambda x: _sympy().Integer(2) ** x, "sfu", 1,
-             (lambda a, out: _mul(out, _num(math.log(2.0))),), mlir="math.exp2"),
+             (lambda a, out: _mul(out, _num(math.log(2.0))),), mlir="math.exp2", increasing=True),
     Function("log", (1, 1), "torch.log({0})", "tl.log({0})", lambda x: _sympy().log(x), "sfu", 1,
-             (lambda a, out: _div(_num(1.0), a[0]),), mlir="math.log"),
-    Function("log1p", (1, 1), "torch.log1p({0})", "tl.log(1.0 + {0})", lambda x: _sympy().log(1 + x), "sfu", 1,
-             (lambda a, out: _div(_num(1.0), Binary("+", _num(1.0), a[0])),), mlir="math.log1p"),
+             (lambda a, out: _div(_num(1.0), a[0]),), mlir="math.log", increasing=True),
+    Function("log1p", (1, 1), "torch.log1p({0})", "_log1p({0})", lambda x: _sympy().log(1 + x), "sfu", 2,
+             (lambda a, out: _div(_num(1.0), Binary("+", _num(1.0), a[0])),), mlir="math.log1p",
+             increasing=True),
     Function("sqrt", (1, 1), "torch.sqrt({0})", "tl.sqrt({0})", lambda x: _sympy().sqrt(x), "sfu", 1,
-             (lambda a, out: _div(_num(0.5), out),), mlir="math.sqrt"),
+             (lambda a, out: _div(_num(0.5), out),), mlir="math.sqrt", increasing=True),
     Function("rsqrt", (1, 1), "torch.rsqrt({0})", "tl.rsqrt({0})", lambda x: 1 / _sympy().sqrt(x), "sfu", 1,
              (lambda a, out: _mul(_num(-0.5), _div(out, a[0])),), mlir="math.rsqrt"),
     Function("tanh", (1, 1), "torch.tanh({0})", "(2.0 * tl.sigmoid(2.0 * {0}) - 1.0)", lambda x: _sympy().tanh(x), "sfu", 1,
-             (lambda a, out: _sub(_num(1.0), _mul(out, out)),), mlir="math.tanh", finite=True),
+             (lambda a, out: _sub(_num(1.0), _mul(out, out)),), mlir="math.tanh", finite=True,
+             increasing=True),
     Function("sigmoid", (1, 1), "torch.sigmoid({0})", "tl.sigmoid({0})", lambda x: 1 / (1 + _sympy().exp(-x)),
              "sfu", 2, (lambda a, out: _mul(out, _sub(_num(1.0), out)),),
              decompose=lambda x: _div(_num(1.0), Binary("+", _num(1.0), _call("exp", Unary("-", x)))),
-             finite=True),
-    # max(x, 0) + log(1 + exp(-|x|)): no overflow for large x, no NaN for very negative x
-    Function("softplus", (1, 1), "torch.nn.functional.softplus({0})",
-             "(tl.maximum({0}, 0.0) + tl.log(1.0 + tl.exp(-tl.abs({0}))))",
+             finite=True, increasing=True, scaled="sigmoid_scaled"),
+    # max(x, 0) + log1p(exp(-|x|)): no overflow for large x, and exp(x)'s relative accuracy for
+    # very negative x (log(1 + exp(x)) would round to 0 below x = -17 in fp32)
+    Function("softplus", (1, 1), "torch.nn.functional.softplus({0})", "_softplus({0})",
              lambda x: _sympy().log(1 + _sympy().exp(x)), "sfu", 2, (lambda a, out: _call("sigmoid", a[0]),),
              decompose=lambda x: Binary("+", _call("max", x, _num(0.0)),
                                         _call("log1p", _call("exp", Unary("-", _call("abs", x))))),
-             finite=True),
+             finite=True, increasing=True, scaled="softplus_scaled"),
+    # e^s * softplus(x). torch: log softplus(x) is x to 2e-18 below -40, where softplus itself
+    # may underflow (clamped there, so that autograd through the other branch sees no 0/0);
+    # Triton: exp(min(x, 0) + s) times log1p(w)/w (x <= 0) or x + log1p(w) (x > 0),
+    # w = exp(-|x|), which neither underflows nor overflows before the result does
+    Function("softplus_scaled", (2, 2),
+             "torch.exp({1} + torch.where({0} < -40.0, {0}, "
+             "torch.log(torch.nn.functional.softplus(torch.clamp({0}, min=-40.0)))))",
+             "_softplus_scaled({0}, {1})",
+             lambda x, s: _sympy().exp(s) * _sympy().log(1 + _sympy().exp(x)), "sfu", 3,
+             (lambda a, out: _call("sigmoid_scaled", *a), lambda a, out: out),
+             decompose=lambda x, s: _mul(_call("exp", s), _call("softplus", x)), increasing=True),
+    # e^s * sigmoid(x) = 1 / (e^-s + e^(-x-s))
+    Function("sigmoid_scaled", (2, 2), "(1.0 / (torch.exp(-({1})) + torch.exp(-({0}) - ({1}))))",
+             "(1.0 / (tl.exp(-({1})) + tl.exp(-({0}) - ({1}))))",
+             lambda x, s: _sympy().exp(s) / (1 + _sympy().exp(-x)), "sfu", 3,
+             (lambda a, out: _mul(out, _sub(_num(1.0), _call("sigmoid", a[0]))), lambda a, out: out),
+             decompose=lambda x, s: _div(_num(1.0), Binary("+", _call("exp", Unary("-", s)),
+                                                          _call("exp", _sub(Unary("-", x), s)))),
+             increasing=True),
     Function("relu", (1, 1), "torch.relu({0})", "tl.maximum({0}, 0.0)", lambda x: _sympy().Max(x, 0), "vector", 0,
              (lambda a, out: _step(Binary(">", a[0], _num(0.0))),),
-             decompose=lambda x: _call("max", x, _num(0.0)), finite=True),
+             decompose=lambda x: _call("max", x, _num(0.0)), finite=True, increasing=True),
     Function("elu", (1, 1), "torch.nn.functional.elu({0})",
              "tl.where({0} > 0, {0}, tl.exp(tl.minimum({0}, 0.0)) - 1.0)",
              lambda x: _sympy().Piecewise((x, x > 0), (_sympy().exp(x) - 1, True)), "sfu", 1,
@@ -133,15 +227,15 @@ FUNCTIONS: dict[str, Function] = {f.name: f for f in [
     Function("abs", (1, 1), "torch.abs({0})", "tl.abs({0})", lambda x: _sympy().Abs(x), "vector", 0,
              (lambda a, out: _call("where", Binary(">=", a[0], _num(0.0)), _num(1.0), _num(-1.0)),),
              mlir="math.absf", finite=True),
-    Function("pow", (2, 2), "torch.pow({0}, {1})", "tl.exp({1} * tl.log({0}))", lambda a, b: a ** b, "sfu", 2,
+    Function("pow", (2, 2), "torch.pow({0}, {1})", "_pow({0}, {1})", lambda a, b: a ** b, "sfu", 2,
              (lambda a, out: _mul(a[1], _call("pow", a[0], _sub(a[1], _num(1.0)))),
-              lambda a, out: _mul(out, _call("log", a[0]))), mlir="math.powf"),
+              lambda a, out: _mul(out, _call("log", a[0]))), mlir="math.powf", special=_small_power),
     Function("max", (2, 2), "torch.maximum({0}, {1})", "tl.maximum({0}, {1})", lambda a, b: _sympy().Max(a, b), "vector", 0,
              (lambda a, out: _step(Binary(">=", a[0], a[1])), lambda a, out: _step(Binary("<", a[0], a[1]))),
-             mlir="arith.maximumf", finite=True),
+             mlir="arith.maximumf", finite=True, increasing=True),
     Function("min", (2, 2), "torch.minimum({0}, {1})", "tl.minimum({0}, {1})", lambda a, b: _sympy().Min(a, b), "vector", 0,
              (lambda a, out: _step(Binary("<=", a[0], a[1])), lambda a, out: _step(Binary(">", a[0], a[1]))),
-             mlir="arith.minimumf", finite=True),
+             mlir="arith.minimumf", finite=True, increasing=True),
     Function("where", (3, 3), "torch.where({0}, {1}, {2})", "tl.where({0}, {1}, {2})", _sympy_where, "vector", 0,
              (None, lambda a, out: _step(a[0]), lambda a, out: _step(Unary("not", a[0]))),
              mlir="arith.select", finite=True),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from functools import cache
 
 from einsum_ir.functions import FUNCTIONS, value_at
 from einsum_ir.ir import Access, Binary, Call, Einsum, Expr, Index, Name, Num, Unary
@@ -84,9 +85,29 @@ def _call(fn: str, args: list[Value]) -> Value:
     if len(args) == 1 and exact:
         v = value_at(fn, args[0])
         return UNKNOWN if v is None else (v if v == 0.0 or math.isinf(v) else FINITE)
+    if exact and all(_exact(a) or a == FINITE for a in args):
+        v = _value_for_any_finite(fn, tuple(a if _exact(a) else None for a in args))
+        if v is not None:
+            return v if v == 0.0 or math.isinf(v) else FINITE
     if all(map(_finite, args)):
         return FINITE if f.finite else UNKNOWN
     return UNKNOWN
+
+
+@cache
+def _value_for_any_finite(fn: str, args: tuple[float | None, ...]) -> float | None:
+    """The function's value at the exact arguments with every None argument any finite number
+    (its registry algebra, with those as real symbols), when that is one number; else None.
+    `softplus_scaled(-inf, s)` is 0 for every s, as `exp(-inf - G)` is."""
+    import sympy
+
+    f = FUNCTIONS[fn]
+    exact = {0.0: sympy.Integer(0), math.inf: sympy.oo, -math.inf: -sympy.oo}
+    v = f.sympy(*[sympy.Symbol(f"x{k}", real=True) if a is None else exact.get(a, sympy.Float(a))
+                  for k, a in enumerate(args)])
+    if v.free_symbols or v is sympy.nan or not v.is_number:
+        return None
+    return float(v) if v.is_finite else (math.inf if v == sympy.oo else -math.inf if v == -sympy.oo else None)
 
 
 def abstract(expr: Expr, values: Mapping[str, Value]) -> Value:

@@ -189,12 +189,34 @@ def _text(e: Expr) -> str:
 def shift_invariant(c: Cascade, name: str) -> bool:
     """Whether every output of `c` stays the same when the max `name` is shifted by any t.
 
-    Each tensor's shifted value is tracked as its own value times a factor of t, or plus an
-    offset in t (sympy decides which form an Einsum keeps); a sum passes a factor through, a
-    max passes an offset or a positive factor; an output must come back unchanged."""
+    The shift reaches the outputs as an offset or a factor of t (`exp2(S - Z)`), or as a factor
+    of t and of the max itself: the scale argument of a scaled function (lowering.underflow's
+    `softplus_scaled(S, max(-Z, 0))`), a factor of the row that cancels in a normalization."""
     t = sympy.Symbol("_shift", real=True)
+    z = sympy.Symbol("T_" + name)
+    rows = tuple(i.name for i in c.einsum(name).target.indices if isinstance(i, Index))
+    return _invariant(c, name, ("offset", t), {t, z}, {z}, rows)
+
+
+def scale_invariant(c: Cascade, name: str, rows: tuple[str, ...]) -> bool:
+    """Whether every output of `c` stays the same when `name` is multiplied by any positive
+    factor that depends on the index variables `rows` alone (a normalization over the others)."""
+    lam = sympy.Symbol("_scale", positive=True)
+    return _invariant(c, name, ("factor", lam), {lam}, {lam}, rows)
+
+
+def _invariant(c: Cascade, name: str, start: tuple[str, sympy.Expr], allowed: set, per_row: set,
+               rows: tuple[str, ...]) -> bool:
+    """Whether the outputs are unchanged when `name` changes by `start` (an offset or a factor).
+
+    Each tensor's changed value is tracked as its own value times a factor, or plus an offset,
+    in the symbols `allowed` (sympy decides which form an Einsum keeps); a sum passes a factor
+    through, a max passes an offset or a positive factor; an output must come back unchanged.
+    A change in a `per_row` symbol differs from row to row (`rows`, the index variables it
+    depends on): it may not be reduced over a row rank, and it is read only at the tensor's own
+    index variables, so that one symbol means the same row everywhere."""
     graph = cascade_graph(c)
-    change: dict[str, tuple[str, sympy.Expr]] = {name: ("offset", t)}
+    change: dict[str, tuple[str, sympy.Expr]] = {name: start}
     for e in graph.order:
         if e.name == name or not (graph.ancestors[e.name] & set(change)):
             continue
@@ -208,10 +230,18 @@ def shift_invariant(c: Cascade, name: str) -> bool:
             return s * v if kind == "factor" else s + v
 
         new = to_sympy(e.expr, shifted)
-        form = _form(old, new, t)
+        form = _form(old, new, allowed)
         if form is None:
             return False
         kind, v = form
+        row_wise = {t for t, (_, w) in change.items() if w.free_symbols & per_row}
+        if v.free_symbols & per_row:  # the row's own value of `name` entered here
+            row_wise.add(name)
+        if set(tensors_read(e.expr)) & row_wise and (
+                set(e.reduced) & set(rows)
+                or any(a.tensor in row_wise and a.indices != c.einsum(a.tensor).target.indices
+                       for a in accesses(e.expr))):
+            return False
         unchanged = (v - 1 if kind == "factor" else v).is_zero  # 1.0 and 0.0 too: sympy's Float(1.0) != 1
         if e.reduced and e.reduce == "sum" and kind == "offset" and not unchanged:
             return False  # an offset summed over points grows with their count
@@ -224,12 +254,12 @@ def shift_invariant(c: Cascade, name: str) -> bool:
     return not set(change) & set(c.output_names)
 
 
-def _form(old: sympy.Expr, new: sympy.Expr, t: sympy.Symbol) -> tuple[str, sympy.Expr] | None:
+def _form(old: sympy.Expr, new: sympy.Expr, allowed: set) -> tuple[str, sympy.Expr] | None:
     ratio = sympy.simplify(sympy.powsimp(new / old, force=True)) if old != 0 else None
-    if ratio is not None and ratio.free_symbols <= {t}:
+    if ratio is not None and ratio.free_symbols <= allowed:
         return "factor", ratio
     offset = sympy.simplify(new - old)
-    if offset.free_symbols <= {t}:
+    if offset.free_symbols <= allowed:
         return "offset", offset
     return None
 

@@ -62,6 +62,8 @@ class Stage:
     self_masked: Mapping[str, Expr]  # carried reductions that apply their own mask in masked tiles
     groups: tuple[PresenceGroup, ...]
     last_use: Mapping[str, str]  # in-loop value -> the last in-loop Einsum that reads it
+    bounds: Mapping[str, float] = field(default_factory=dict)  # in-loop map -> a bound on |value|
+    # where present (lowering.bounds): what may be cast to fp16 for a dot
 
     def kind(self, name: str) -> str:
         return self.kinds[name]

@@ -1,7 +1,8 @@
 """Strategy "stream keys under a query tile": the FlashAttention-shaped forward kernel.
 
-The cascade is first rewritten: division deferral (`O = O_num / SD`), then base-2 scores
-(lowering.base2). Then:
+The cascade is first rewritten: division deferral (`O = O_num / SD`), normalized weights
+scaled per row against underflow (lowering.underflow), then base-2 scores (lowering.base2).
+Then:
 
 1. **Score contractions** are sums over ranks of a product of two operands where each operand
    keeps a rank the other lacks (`S[p,m] = Q[p,e]*K[m,e]`). The kept ranks that some later
@@ -37,11 +38,13 @@ from einsum_ir.ir import (
 )
 from einsum_ir.lowering.absence import place_sentinels
 from einsum_ir.lowering.base2 import fold_log2e
+from einsum_ir.lowering.bounds import magnitudes
 from einsum_ir.lowering.defer import defer_division
 from einsum_ir.lowering.exprs import tensors_read, to_sympy
 from einsum_ir.lowering.keyranges import key_loop, masked_everywhere
 from einsum_ir.lowering.online import rescale_ratio
 from einsum_ir.lowering.plan import Plan, PresenceGroup, Stage
+from einsum_ir.lowering.underflow import scale_rows
 
 NAME = "stream keys under a query tile"
 
@@ -67,6 +70,10 @@ def lower(c: Cascade) -> Plan:
     if deferred is not c:
         rewrites.append("division deferral")
         c, graph = deferred, cascade_graph(deferred)
+    scaled = scale_rows(c, graph)
+    if scaled is not c:
+        rewrites.append("row scaling against underflow")
+        c, graph = scaled, cascade_graph(scaled)
     base2 = fold_log2e(c, graph)
     if base2 is not c:
         rewrites.append("base-2 scores")
@@ -268,11 +275,13 @@ def _stage(c: Cascade, graph: CascadeGraph, index: int, d: _Draft, owner: dict[s
                 parts.append(_key_bound(d))
             if parts:
                 self_masked[e.name] = _conjunction(parts)
+    maps = {e.name for e in in_loop if kinds[e.name] in ("stream", "key_side") and not e.reduced}
+    maxima = {t: c.einsum(t).expr for t in online if isinstance(c.einsum(t).expr, Access)}
     return Stage(index, d.stream, d.query, d.grid, _features(d), tuple(d.einsums), kinds, tuple(online),
                  rescale, tuple(loads), tuple(stores), frozenset(atomic),
                  stored_guards, predicate, loop,
                  guards, sentinels, self_masked, _groups(carried, guards, depends, online, d),
-                 _last_use(in_loop))
+                 _last_use(in_loop), magnitudes(in_loop, maps, maxima))
 
 
 def _classify(c: Cascade, graph: CascadeGraph, d: _Draft, local: set[str]) -> dict[str, str]:

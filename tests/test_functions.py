@@ -18,7 +18,8 @@ from einsum_ir.printer import print_expr
 
 # each function's arguments, kept inside its domain: a score s and its positive form
 ARGS = {"pow": "abs(S0[b,h,p,m]) + 0.5, 1.5", "where": "S0[b,h,p,m] > 0, S0[b,h,p,m], 0.5 * S0[b,h,p,m]",
-        "max": "S0[b,h,p,m], 0.25", "min": "S0[b,h,p,m], 0.25"}
+        "max": "S0[b,h,p,m], 0.25", "min": "S0[b,h,p,m], 0.25",
+        "softplus_scaled": "S0[b,h,p,m], 0.75", "sigmoid_scaled": "S0[b,h,p,m], 0.75"}
 POSITIVE = {"log", "sqrt", "rsqrt", "log1p"}
 
 SPEC = """dims B H P M E F
@@ -54,7 +55,8 @@ def test_every_backend_computes_the_function(name):
     s0 = (args["Q"] @ args["K"].transpose(-1, -2)) * 0.25
     mask = torch.arange(13)[None, :] <= torch.arange(11)[:, None] + 2
     x = s0.abs() + 0.5 if name in POSITIVE else s0
-    extra = {"pow": (torch.tensor(1.5),), "max": (torch.tensor(0.25),), "min": (torch.tensor(0.25),)}
+    extra = {"pow": (torch.tensor(1.5),), "max": (torch.tensor(0.25),), "min": (torch.tensor(0.25),),
+             "softplus_scaled": (torch.tensor(0.75),), "sigmoid_scaled": (torch.tensor(0.75),)}
     if name == "where":
         a = torch.where(s0 > 0, s0, 0.5 * s0)
     elif name == "pow":
