@@ -37,7 +37,7 @@ import torch
 
 from einsum_ir.codegen.autograd import record, wants_grad
 from einsum_ir.codegen.block_emit import BlockEmitter, Section, Val, accesses, is_simple, join_terms, module_header, paren
-from einsum_ir.codegen.outputs import collect_outputs
+from einsum_ir.codegen.outputs import collect_outputs, interpreted
 from einsum_ir.codegen.derived import DerivedKernels
 from einsum_ir.codegen.scalar_code import PYTHON, print_int
 from einsum_ir.errors import LoweringError
@@ -762,7 +762,9 @@ class CpuKernel(DerivedKernels):
         return CpuKernel(cascade, self.block_q, self.block_s, fp32)
 
     def run(self, args: dict):
-        tensors, extents, params = bind_arguments(self.cascade, dict(args))
+        tensors, extents, params = bind_arguments(self.cascade, dict(args), self.fp32)
+        if 0 in extents.values():
+            return interpreted(self.cascade, args, self.fp32)
         c = self.plan.cascade
         floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
         out_dtype = floats[0] if floats else torch.float32

@@ -12,7 +12,7 @@ from einsum_ir.codegen import cache, dispatch
 from einsum_ir.codegen.autograd import record, wants_grad
 from einsum_ir.codegen.dispatch import INTERPRETER_CONFIG, Config, DispatchKey
 from einsum_ir.codegen.modules import check_compiler, check_interpreter, interpret_env, load_module
-from einsum_ir.codegen.outputs import collect_outputs
+from einsum_ir.codegen.outputs import collect_outputs, interpreted
 from einsum_ir.codegen.derived import DerivedKernels
 from einsum_ir.codegen.tiles import launch_options, query_tiles, stage_tiles
 from einsum_ir.errors import BindError, LoweringError
@@ -109,7 +109,7 @@ class TritonKernel(DerivedKernels):
 
     # -- launch
     def bind(self, args: dict):
-        tensors, extents, params = bind_arguments(self.cascade, args)
+        tensors, extents, params = bind_arguments(self.cascade, args, self.fp32)
         for name, t in tensors.items():
             if t.dtype == torch.bool:  # Triton loads a bool mask as int8
                 tensors[name] = t.to(torch.int8)
@@ -126,6 +126,8 @@ class TritonKernel(DerivedKernels):
     def run(self, args: dict, config: Config | None = None):
         """One call; `config` forces a launch config (the autotuner times candidates this way)."""
         tensors, extents, params = self.bind(dict(args))
+        if 0 in extents.values():
+            return interpreted(self.cascade, args, self.fp32)
         first = next(iter(tensors.values()))
         floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
         out_dtype = floats[0] if floats else torch.float32

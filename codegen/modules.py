@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import os
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -99,13 +100,19 @@ def check_compiler() -> None:
 
 
 class interpret_env:
-    """TRITON_INTERPRET=1 while a CPU launch runs (the interpreter reads it lazily)."""
+    """TRITON_INTERPRET=1 while a CPU launch runs (the interpreter reads it lazily), without the
+    interpreter's numpy RuntimeWarnings: it evaluates masked-off lanes too (1/0 past the last
+    row), whose values never reach an output, so the warning is noise to the caller."""
 
     def __enter__(self):
         self.old = os.environ.get("TRITON_INTERPRET")
         os.environ["TRITON_INTERPRET"] = "1"
+        self.quiet = warnings.catch_warnings()
+        self.quiet.__enter__()
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
 
     def __exit__(self, *exc):
+        self.quiet.__exit__(*exc)
         if self.old is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:

@@ -15,3 +15,14 @@ def collect_outputs(cascade: Cascade, buffers: dict, out_dtype: torch.dtype, fp3
         want = torch.promote_types(out_dtype, torch.float32) if name in fp32 else out_dtype
         outs.append(t.to(want) if t.dtype != want else t)
     return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def interpreted(cascade: Cascade, args: dict, fp32: frozenset = frozenset()):
+    """A call's outputs from the interpreter, as a kernel returns them. For a call with an empty
+    rank (P=0, M=0, E=0, ...): it has nothing to launch, and the reference semantics say which
+    outputs are absent (their fill) and which are empty, so every backend agrees."""
+    from einsum_ir.interpreter import interpret
+
+    outs = interpret(cascade, **args)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    return collect_outputs(cascade, dict(zip(cascade.output_names, outs)), outs[0].dtype, fp32)

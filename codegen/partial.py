@@ -23,6 +23,7 @@ import torch
 from einsum_ir.errors import BindError
 from einsum_ir.interpreter import interpret
 from einsum_ir.ir import Cascade
+from einsum_ir.params import result_dtype
 from einsum_ir.lowering.merge import Merge, Rule, derive
 
 
@@ -58,8 +59,7 @@ class PartialState:
         return _aligned(count, tuple(r for r in rows if r in ranks), ranks) > 0
 
     def _dtype(self) -> torch.dtype:
-        floats = [v.dtype for v in self.args.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
-        return floats[0] if floats else torch.float32
+        return result_dtype({n: v for n, v in self.args.items() if isinstance(v, torch.Tensor)})
 
 
 class Partials:

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 from numbers import Integral
+from typing import TYPE_CHECKING
 
 from einsum_ir.ir import Cascade
 
 from einsum_ir.cost_model import counts as _counts
 from einsum_ir.cost_model import passes as _passes
 from einsum_ir.cost_model import roofline as _roofline
-from einsum_ir.cost_model import simulate as _simulate
 from einsum_ir.cost_model.devices import Device
+
+if TYPE_CHECKING:  # the simulator needs torch; analyze does not, so it is imported when called
+    from einsum_ir.cost_model import simulate as _simulate
 
 
 def passes(cascade: Cascade, rank: str = "M") -> _passes.PassReport:
@@ -38,4 +41,6 @@ def simulate(cascade: Cascade, shapes: dict, device: str | dict | Device = "h100
                                  f"({', '.join(cascade.dims)})")
             if isinstance(size, bool) or not isinstance(size, Integral) or size < 1:
                 raise ValueError(f"{option} {rank}={size}: a tile size is a positive integer")
+    from einsum_ir.cost_model import simulate as _simulate
+
     return _simulate.simulate(cascade, shapes, device, q_tile, kv_tile, dtype)

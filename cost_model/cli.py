@@ -5,6 +5,7 @@ The lead's entry point (einsum_ir/cli.py) calls `add_commands(subparsers)`.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 from einsum_ir.variants import load_spec
@@ -16,6 +17,10 @@ from einsum_ir.cost_model.ring import LAYOUTS, ring_cost
 
 ASSIGN_HELP = ("comma-separated NAME=INT bindings of dims and runtime params, e.g. "
                "B=1,H=16,P=8192,M=8192,E=128,F=128,W=512 (params may also go in --params)")
+TENSOR_HELP = ("the values of an input tensor that a mask reads, NAME=SPEC (repeat for several): a comma "
+               "list of numbers in row-major order (Len=3,5,7), random:P[:SEED] for entries that are 1 "
+               "(true) with probability P at a fixed seed (default 0; Sel=random:0.1), or a file saved "
+               "with torch.save (Sel=mask.pt); the shape is the declared one, at --shapes")
 
 
 def add_commands(subparsers) -> None:
@@ -49,6 +54,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="h100", help="device key (a100, h100, h200, b200, l4, rtx4090, cpu) "
                                                     "or a YAML file of device entries")
     p.add_argument("--dtype", default="bf16", help="element type of inputs and outputs (default bf16)")
+    p.add_argument("--tensor", action="append", default=[], metavar="NAME=SPEC", help=TENSOR_HELP)
 
 
 def _positive(text: str) -> int:
@@ -58,19 +64,86 @@ def _positive(text: str) -> int:
     return value
 
 
-def parse_assignments(text: str) -> dict[str, int | float]:
+def parse_assignments(text: str, option: str = "--shapes") -> dict[str, int | float]:
+    """`NAME=NUMBER,...` -> {NAME: int or float}; an integer stays exact (`P=9007199254740993`),
+    `1e12` is an int too. Raises ValueError, naming the option, on anything else."""
     out: dict[str, int | float] = {}
     for item in filter(None, (x.strip() for x in text.split(","))):
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"error: expected NAME=VALUE, got {item!r}")
-        number = float(value)
-        out[name.strip()] = int(number) if number.is_integer() else number
+        name, sep, value = (x.strip() for x in item.partition("="))
+        if not sep or not name:
+            raise ValueError(f"{option}: expected NAME=VALUE, got {item!r}")
+        out[name] = _number(value, f"{option} {item}")
     return out
 
 
-def _shapes(args) -> dict:
-    return {**parse_assignments(args.shapes), **parse_assignments(args.params)}
+def _number(text: str, what: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        raise ValueError(f"{what}: {text!r} is not a number") from None
+    return int(number) if number.is_integer() else number
+
+
+def _shapes(args, c) -> dict:
+    shapes = {**parse_assignments(args.shapes), **parse_assignments(args.params, "--params")}
+    return {**shapes, **tensor_values(c, shapes, args.tensor)}
+
+
+def tensor_values(c, shapes: dict, specs: list[str]) -> dict:
+    """`--tensor NAME=SPEC` options -> {NAME: torch tensor} of the declared shape and dtype
+    (TENSOR_HELP says what SPEC may be). torch is imported only when there are some. Raises
+    ValueError naming the option on a bad one."""
+    if not specs:
+        return {}
+    import torch
+
+    from einsum_ir.interpreter import TORCH_DTYPES
+
+    out = {}
+    for spec in specs:
+        name, sep, value = (x.strip() for x in spec.partition("="))
+        decl = next((d for d in c.inputs if d.name == name), None)
+        if not sep or decl is None:
+            raise ValueError(f"--tensor {spec}: expected NAME=SPEC for an input of the spec "
+                             f"({', '.join(c.input_names) or 'it has none'})")
+        unbound = [i.upper() for i in decl.indices if i.upper() not in shapes]
+        if unbound:
+            raise ValueError(f"--tensor {spec}: --shapes must give {', '.join(unbound)}, the extents of {name}")
+        shape = [int(shapes[i.upper()]) for i in decl.indices]
+        dtype = TORCH_DTYPES[decl.dtype or "fp32"]
+        if value.startswith("random:"):
+            p, _, seed = value[len("random:"):].partition(":")
+            try:
+                prob, seed_value = float(p), int(seed or 0)
+            except ValueError:
+                raise ValueError(f"--tensor {spec}: random:P[:SEED] takes a probability and an integer seed") from None
+            if not 0 <= prob <= 1:
+                raise ValueError(f"--tensor {spec}: the probability {prob} is not between 0 and 1")
+            t = torch.rand(shape, generator=torch.Generator().manual_seed(seed_value)) < prob
+        elif value.endswith(".pt"):
+            try:  # weights_only: a file holds tensors, never code to run
+                t = torch.load(value, weights_only=True)
+            except OSError:
+                raise  # a missing or unreadable file: the command line's one-line OS error
+            except Exception as err:  # torch.load fails on other bytes with KeyError, pickle errors, ...
+                first = (str(err).splitlines() or [""])[0][:120]  # torch's own messages run to pages
+                raise ValueError(f"--tensor {spec}: {value} is not a tensor saved with torch.save "
+                                 f"({type(err).__name__}: {first})") from None
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"--tensor {spec}: {value} holds a {type(t).__name__}, not a tensor")
+        else:
+            t = torch.tensor([_number(x.strip(), f"--tensor {spec}") for x in value.split(",")])
+            if t.numel() == math.prod(shape):
+                t = t.reshape(shape)
+        if list(t.shape) != shape:
+            raise ValueError(f"--tensor {spec}: {name}[{','.join(decl.indices)}] has shape {tuple(shape)} at "
+                             f"--shapes, but the values give {tuple(t.shape)}")
+        out[name] = t != 0 if dtype == torch.bool else t.to(dtype)
+    return out
 
 
 def _unbound(c, shapes: dict) -> list[str]:
@@ -81,10 +154,10 @@ def _unbound(c, shapes: dict) -> list[str]:
 
 def run_analyze(args) -> int:
     c = load_spec(args.spec)
-    shapes = _shapes(args)
+    shapes = _shapes(args, c)
+    counts = api.counts(c, shapes, dtype=args.dtype)  # first: a bad shape is an error before any output
     print(api.passes(c, rank=args.rank))
     print()
-    counts = api.counts(c, shapes, dtype=args.dtype)
     print(counts)
     print(f"tensor-core FLOPs {fmt(counts.flops)}, vector ops {fmt(counts.vector_ops)}, "
           f"SFU ops {fmt(counts.sfu_ops)}, compulsory bytes {fmt(counts.compulsory_bytes)}")
@@ -112,13 +185,14 @@ def _sections(args, c) -> None:
 
 def run_simulate(args) -> int:
     c = load_spec(args.spec)
-    missing = _unbound(c, _shapes(args))
+    shapes = _shapes(args, c)
+    missing = _unbound(c, shapes)
     if missing:
         raise ValueError(f"--shapes lacks {', '.join(missing)}: the simulator needs every dim and "
                          f"runtime param of {args.spec} ({', '.join([*c.dims, *(p.name for p in c.params if p.type)])})")
     start = time.perf_counter()
-    result = api.simulate(c, _shapes(args), device=args.device, q_tile=parse_assignments(args.q_tile),
-                          kv_tile=parse_assignments(args.kv_tile), dtype=args.dtype)
+    result = api.simulate(c, shapes, device=args.device, q_tile=parse_assignments(args.q_tile, "--q-tile"),
+                          kv_tile=parse_assignments(args.kv_tile, "--kv-tile"), dtype=args.dtype)
     print(result)
     print(f"  simulated in {time.perf_counter() - start:.2f} s")
     if args.plot:

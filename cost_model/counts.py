@@ -7,29 +7,37 @@
 - Compulsory bytes: every input read once, every output written once.
 - Footprints: the full size of every intermediate, at fp32 (the accumulation precision).
 
-Points removed by a `where` predicate are not counted. The count is exact: numerically by rows
-(cost_model.predicates), and symbolically by fitting a polynomial in the free dims to exact
-counts at sample sizes, kept only when it reproduces further exact counts.
+Points removed by a `where` predicate are not counted. The count is exact: in closed form per
+piece for index arithmetic (cost_model.lattice: no enumeration, so any extent up to int64),
+row by row for what that does not cover (tensor reads: cost_model.predicates), and
+symbolically by fitting a polynomial in the free dims to exact counts at sample sizes, kept
+only when it reproduces further exact counts. torch is imported only for a tensor passed in
+the shapes or a row-by-row count.
 """
 from __future__ import annotations
 
 import itertools
 import random
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, replace
 from functools import reduce
 from operator import mul
+from typing import TYPE_CHECKING
 
 import sympy
-import torch
 
 from einsum_ir.functions import FUNCTIONS
-from einsum_ir.interpreter import DEFAULT_TILE
 from einsum_ir.ir import (
-    Access, Binary, Call, Cascade, Einsum, Name, Unary, index_vars, product_terms, rank_of, walk,
+    DEFAULT_TILE, Access, Binary, Call, Cascade, Einsum, Name, Num, Unary, index_vars, product_terms, rank_of,
+    walk,
 )
 
+from einsum_ir.cost_model import lattice
 from einsum_ir.cost_model import predicates as pr
 from einsum_ir.printer import print_expr
+
+if TYPE_CHECKING:
+    import torch
 
 
 DTYPE_BYTES = {"fp64": 8, "fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int64": 8,
@@ -104,7 +112,8 @@ def fmt(x) -> str:
     x = sympy.sympify(x)
     if x.is_number:
         v = float(x)
-        for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        for unit, scale in (("Y", 1e24), ("Z", 1e21), ("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9),
+                            ("M", 1e6), ("k", 1e3)):
             if abs(v) >= scale:
                 return f"{v / scale:.3f}{unit}"
         return f"{v:g}"
@@ -135,10 +144,47 @@ class Binding:
         return all(v.is_number for v in self.scalars.values())
 
 
+def is_tensor(value: object) -> bool:
+    """A torch tensor, asked without importing torch: one exists only if torch is imported."""
+    return "torch" in sys.modules and isinstance(value, sys.modules["torch"].Tensor)
+
+
+INT64_MAX = (1 << 63) - 1  # the kernels index with int64: a larger extent has no kernel
+
+
+def _value(c: Cascade, name: str, value: object) -> sympy.Expr:
+    """A shape entry as sympy, checked: a dim is an integer in [0, 2^63), a tile one in [1, 2^63),
+    an int param an integer, a float param a finite number; a symbol is left symbolic, and a
+    name the cascade does not bind is not read."""
+    param = c.param(name)
+    kind = ("param" if param is not None and param.type else "tile" if name in {s.inner for s in c.splits}
+            else "dim" if name in c.dims else None)
+    if kind is None:
+        return sympy.sympify(value)
+    try:
+        v = sympy.sympify(value)
+    except (sympy.SympifyError, TypeError):
+        raise ValueError(f"{name}={value!r}: a {kind} takes a number") from None
+    if not v.is_number:
+        return v
+    if isinstance(value, bool) or v.is_real is not True or v.is_finite is not True:
+        raise ValueError(f"{name}={value!r}: a {kind} takes a finite number")
+    if kind == "param" and param.type == "float":
+        return v
+    if v != sympy.floor(v):
+        raise ValueError(f"{name}={value!r}: a {'int param' if kind == 'param' else kind} takes an integer")
+    v = sympy.Integer(sympy.floor(v))
+    low = 1 if kind == "tile" else 0
+    if kind != "param" and not low <= int(v) <= INT64_MAX:
+        want = "a positive integer" if low else "an integer >= 0"
+        raise ValueError(f"{name}={value!r}: a {kind} size is {want} that fits in int64 (at most {INT64_MAX})")
+    return v
+
+
 def bind(c: Cascade, shapes: dict | None) -> Binding:
     shapes = dict(shapes or {})
-    tensors = {k: v for k, v in shapes.items() if isinstance(v, torch.Tensor)}
-    values = {k: sympy.sympify(v) for k, v in shapes.items() if k not in tensors}
+    tensors = {k: v for k, v in shapes.items() if is_tensor(v)}
+    values = {k: _value(c, k, v) for k, v in shapes.items() if k not in tensors}
     for s in c.splits:
         values.setdefault(s.inner, sympy.Integer(DEFAULT_TILE))
     subs = {r.extent: values[name] for name, r in c.ranks.items() if name in values}
@@ -179,7 +225,8 @@ def _known(name: str, pred, b: Binding, notes: list[str]):
         missing = sorted({a.tensor for a in walk(clause) if isinstance(a, Access)} - set(b.tensors))
         if missing:
             notes.append(f"{name}: the clause reading {', '.join(missing)} depends on data; counted "
-                         f"as all present (upper bound); pass the tensor with the shapes to count it")
+                         f"as all present (upper bound); pass its values to count it (shapes="
+                         f"{{'{missing[0]}': tensor}}, or --tensor {missing[0]}=... on the command line)")
         else:
             keep.append(clause)
     return reduce(lambda x, y: Binary("and", x, y), keep) if keep else None
@@ -209,6 +256,12 @@ def _needed_scalars(comp: pr.Component, b: Binding, parts: dict[str, pr.Part]) -
 
 def _count_numeric(comp: pr.Component, scalars: dict[str, int], b: Binding, parts: dict[str, pr.Part]) -> int:
     extents = {v: scalars[rank_of(v)] for v in comp.vars}
+    try:
+        return lattice.count(comp.clauses, comp.vars, extents, scalars, parts)
+    except lattice.Unsupported:
+        pass  # e.g. a tensor read: count row by row, within the row limit
+    import torch
+
     key = max(comp.vars, key=lambda v: extents[v])  # enumerate the shorter ranks as rows
     rows = pr.grid({v: n for v, n in extents.items() if v != key})
     env = pr.Env(rows, scalars, parts, b.tensors)
@@ -329,9 +382,11 @@ def count(c: Cascade, shapes: dict | None, dtype: str = "bf16") -> Counts:
     for e in c.einsums:
         dense = _prod(b.extents[rank_of(v)] for v in e.space)
         points = present_points(c, e, preds[e.name], b, notes) if preds[e.name] is not None else dense
-        reduced = _prod(b.extents[rank_of(v)] for v in e.reduced)
         masked_lhs = preds[e.name] is not None and set(index_vars(preds[e.name])) <= set(e.lhs_vars)
-        out_points = points / reduced if masked_lhs else _prod(b.extents[rank_of(v)] for v in e.lhs_vars)
+        # Present output elements: counted over the left side alone (dividing the points by the
+        # reduced extent is 0/0 when a reduced rank is empty, E=0).
+        out_points = (present_points(c, replace(e, expr=Num(0), where=None), preds[e.name], b, notes)
+                      if masked_lhs else _prod(b.extents[rank_of(v)] for v in e.lhs_vars))
         macs, vec, sfu = einsum_ops(e, points, out_points)
         rows.append(EinsumCounts(e.name, sympy.expand(points), dense, sympy.expand(macs),
                                  sympy.expand(vec), sympy.expand(sfu)))

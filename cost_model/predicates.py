@@ -12,11 +12,12 @@ dilation) fall back to evaluating every key of every row, in chunks, up to DENSE
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import reduce
+from typing import TYPE_CHECKING
 
 import sympy
-import torch
 
 from einsum_ir.builtins import PREDICATES
 from einsum_ir.errors import TensorValuesNeeded
@@ -27,8 +28,12 @@ from einsum_ir.ir import (
     walk,
 )
 
+if TYPE_CHECKING:  # torch is imported by the functions that evaluate rows: the structure
+    import torch   # (conjuncts, components, effective predicates) serves torch-free callers
+
 DENSE_LIMIT = 1 << 25  # points the dense fallback may evaluate, in chunks of CHUNK points
 CHUNK = 1 << 22
+ROW_LIMIT = 1 << 25  # rows x segments one evaluation by segments may hold
 
 
 class PredicateError(ValueError):
@@ -106,6 +111,8 @@ class Env:
 
 def evaluate(expr: Expr | RowBound, env: Env) -> torch.Tensor:
     """An index expression or predicate, broadcast over the env's index tensors."""
+    import torch
+
     if isinstance(expr, RowBound):
         return expr.value
     if isinstance(expr, Num):
@@ -127,7 +134,8 @@ def evaluate(expr: Expr | RowBound, env: Env) -> torch.Tensor:
             return _truth(a) & _truth(b)
         if expr.op == "or":
             return _truth(a) | _truth(b)
-        return torch_operator(expr.op)(a, b)
+        out = torch_operator(expr.op)(a, b)
+        return out & _inside(expr, env) if expr.op in COMPARISON_OPS else out
     if isinstance(expr, Access):
         return _access(expr, env)
     if expr.fn in PREDICATES:
@@ -136,20 +144,48 @@ def evaluate(expr: Expr | RowBound, env: Env) -> torch.Tensor:
 
 
 def _truth(v: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return v if v.dtype == torch.bool else v != 0
 
 
 def _access(a: Access, env: Env) -> torch.Tensor:
+    import torch
+
     if a.tensor not in env.tensors:
         raise TensorValuesNeeded(f"the predicate reads tensor {a.tensor}, so the mask depends on its "
                                  f"values; pass it with the shapes, e.g. shapes={{'{a.tensor}': tensor}}",
                                  a.tensor)
     t = env.tensors[a.tensor]
+    idx, inside = _indices(a, env)
+    values = t[tuple(i.clamp(0, max(t.shape[k] - 1, 0)) for k, i in enumerate(idx))]
+    # A boolean tensor is a predicate, false where the read is outside it; an integer one is a
+    # value (`m < Len[b]`), and the comparison that reads it is false there (`_inside`).
+    return _truth(values) & inside if t.dtype == torch.bool else values
+
+
+def _indices(a: Access, env: Env) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The read's index tensors and where they lie inside the tensor."""
+    import torch
+
+    t = env.tensors[a.tensor]
     idx = torch.broadcast_tensors(*[evaluate(i, env).long() for i in a.indices])
     inside = torch.ones(idx[0].shape, dtype=torch.bool)
     for k, i in enumerate(idx):
         inside &= (i >= 0) & (i < t.shape[k])
-    return _truth(t[tuple(i.clamp(0, t.shape[k] - 1) for k, i in enumerate(idx))]) & inside
+    return list(idx), inside
+
+
+def _inside(expr: Expr, env: Env):
+    """Where every value read of an integer tensor in `expr` lies inside it (True if none): a
+    comparison with an absent operand is false, as in the interpreter."""
+    import torch
+
+    inside = True
+    for node in walk(expr):
+        if isinstance(node, Access) and node.tensor in env.tensors and env.tensors[node.tensor].dtype != torch.bool:
+            inside = inside & _indices(node, env)[1]
+    return inside
 
 
 # ---------------------------------------------------------------------------- breakpoints
@@ -193,6 +229,8 @@ def _coefficient(e: sympy.Expr, k: str) -> int | None:
 
 
 def breakpoints(clauses: tuple[Expr, ...], k: str, extent: int, env: Env) -> list[torch.Tensor] | None:
+    import torch
+
     """Per-row key values around which some clause may change truth, or None when a clause
     is not piecewise constant in the key (then the caller evaluates every key).
 
@@ -262,10 +300,17 @@ def _interval_breakpoints(node: Call, k: str, env: Env, piecewise) -> bool:
 def cumulative(clauses: tuple[Expr, ...], k: str, extent: int, env: Env, edges: torch.Tensor) -> torch.Tensor:
     """For every row of `env` (its index tensors broadcast to rows x 1) and every edge x:
     the number of keys `0 <= k < x` where all clauses hold. Shape: rows x len(edges)."""
+    import torch
+
     rows = torch.broadcast_shapes(*[t.shape for t in env.index.values()])[0] if env.index else 1
     bps = breakpoints(clauses, k, extent, env)
     if bps is None:
         return _dense_cumulative(clauses, k, extent, env, edges, rows)
+    segments = 2 + sum(1 if b.dim() == 0 else b.shape[-1] for b in bps)
+    if rows * segments > ROW_LIMIT:
+        raise PredicateError(f"counting the predicate row by row would hold {rows:.3g} rows x {segments} "
+                             f"segments (limit {ROW_LIMIT:.3g}); it reads a tensor or is not "
+                             f"index arithmetic, so it has no closed form here")
     cuts = [torch.zeros(rows, 1, dtype=torch.long), torch.full((rows, 1), extent)]
     cuts += [(b.reshape(1, 1) if b.dim() == 0 else b).long().expand(rows, -1) for b in bps]
     cuts = torch.cat(cuts, dim=1).clamp(0, extent).sort(dim=1).values
@@ -284,6 +329,8 @@ def cumulative(clauses: tuple[Expr, ...], k: str, extent: int, env: Env, edges: 
 
 
 def _dense_cumulative(clauses, k, extent, env, edges, rows) -> torch.Tensor:
+    import torch
+
     if rows * extent > DENSE_LIMIT:
         raise PredicateError(f"the predicate is not piecewise affine along {k} (e.g. it uses //, %, "
                              f"dilation or a tensor read) and evaluating it point by point would "
@@ -305,9 +352,15 @@ def _dense_cumulative(clauses, k, extent, env, edges, rows) -> torch.Tensor:
 
 def grid(extents: dict[str, int]) -> dict[str, torch.Tensor]:
     """Every combination of the named indices, flattened to rows (each a rows x 1 tensor)."""
+    import torch
+
     names = list(extents)
     if not names:
         return {}
+    rows = math.prod(extents.values())
+    if rows > ROW_LIMIT:
+        raise PredicateError(f"evaluating the predicate row by row would take {rows:.3g} rows of "
+                             f"{', '.join(names)} (limit {ROW_LIMIT:.3g}); use smaller shapes")
     mesh = torch.meshgrid(*[torch.arange(extents[n]) for n in names], indexing="ij")
     return {n: m.reshape(-1, 1) for n, m in zip(names, mesh)}
 

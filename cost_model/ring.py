@@ -27,7 +27,6 @@ from einsum_ir.ir import Access, Cascade, Index, rank_of, walk
 from einsum_ir.cost_model import counts as cm
 from einsum_ir.cost_model.devices import Device, Link, get, get_link
 from einsum_ir.cost_model.roofline import roofline
-from einsum_ir.cost_model.simulate import simulate
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -174,6 +173,8 @@ def ring_cost(c: Cascade, shapes: dict, ranks: int, layout: str = "zigzag", devi
     n_q, n_k = int(shapes[query]), int(shapes[key])
     q_chunks, k_chunks = chunks(n_q, ranks, layout), chunks(n_k, ranks, layout)
     cq, ck = chunk_size(n_q, ranks, layout), chunk_size(n_k, ranks, layout)
+    from einsum_ir.cost_model.simulate import simulate  # torch: only for --cp, not every analyze
+
     sim = simulate(c, shapes, d, q_tile={query: cq}, kv_tile={key: ck}, dtype=dtype)
     tiles_q = math.ceil(n_q / cq) if n_q else 0
     grid = sim.points.reshape(-1, tiles_q, sim.n_kv_tiles).sum(0) if tiles_q and sim.n_kv_tiles else None

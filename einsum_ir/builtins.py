@@ -59,6 +59,11 @@ class PredicateBuiltin:
     def key_interval(self, args: tuple[Expr, ...]) -> KeyInterval | None:
         return None
 
+    def check(self, args: tuple[Expr, ...], values: tuple[float | int | None, ...]) -> str | None:
+        """What is wrong with a call's scalar arguments at call time (`values`: each argument's
+        value, None where it reads an index), or None. Every backend binds through this."""
+        return None
+
 
 class Neighborhood(PredicateBuiltin):
     """`nbhd(q, k, L, w[, s[, d]])`: key `k` lies in the Generalized Neighborhood Attention window
@@ -104,6 +109,20 @@ class Neighborhood(PredicateBuiltin):
         in_group = Binary("==", Binary("%", k, d), group)
         window = Binary("and", Binary(">=", kk, start), Binary("<", kk, _add(start, w)))
         return Binary("and", in_group, window)
+
+    def check(self, args: tuple[Expr, ...], values: tuple[float | int | None, ...]) -> str | None:
+        """GNA's rule: window w >= 1, stride 1 <= s <= w, dilation d >= 1 (integers)."""
+        w, s, d = (list(values[3:]) + [1, 1])[:3]
+        for name, v in (("window", w), ("stride", s), ("dilation", d)):
+            if v is not None and not float(v).is_integer():
+                return f"the {name} is {v}; it must be an integer"
+        if w is not None and w < 1:
+            return f"the window is {w}; it must be at least 1"
+        if s is not None and (s < 1 or w is not None and s > w):
+            return f"the stride is {s}; it must be at least 1 and at most the window ({w})"
+        if d is not None and d < 1:
+            return f"the dilation is {d}; it must be at least 1"
+        return None
 
     def key_interval(self, args: tuple[Expr, ...]) -> KeyInterval | None:
         q, k, length, w, s, d = self._parts(args)

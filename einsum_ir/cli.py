@@ -224,7 +224,7 @@ def check_bindings(args: argparse.Namespace) -> None:
     c = load_spec(args.spec)
     known = [*c.dims, *(p.name for p in c.params if p.type is not None)]
     for option in ("shapes", "params"):
-        for name, value in parse_assignments(getattr(args, option, "") or "").items():
+        for name, value in parse_assignments(getattr(args, option, "") or "", f"--{option}").items():
             if name not in known:
                 raise ValueError(f"--{option} {name}={value}: {args.spec} has no dim or runtime "
                                  f"param {name} (it has {', '.join(known)})")
@@ -237,8 +237,9 @@ def describe(err: Exception, args: argparse.Namespace) -> str:
     if isinstance(err, TensorValuesNeeded):
         spec = getattr(args, "spec", "the spec")
         message = (f"{args.command} needs the values of {spec}'s input tensor {err.tensor} (its "
-                   f"mask reads them), and the command line cannot pass tensors; `einsum-ir "
-                   f"analyze {spec} --shapes ...` bounds it as if every entry were true")
+                   f"mask reads them): pass them with --tensor {err.tensor}=random:0.5 (a fixed-seed "
+                   f"random mask), --tensor {err.tensor}=1,0,... or --tensor {err.tensor}=file.pt; "
+                   f"without them `einsum-ir analyze` bounds it as if every entry were true")
     elif isinstance(err, OSError) and err.filename is not None:
         message = f"{err.filename}: {err.strerror}"
     elif isinstance(err, KeyError) and err.args:

@@ -274,9 +274,27 @@ def torch_operator(op: str) -> Callable:
     return eval(OPERATORS[op], {"torch": torch})  # noqa: S307 - our table
 
 
+# value_at for the built-in one-argument functions, as torch computes them in float64 (None:
+# NaN); tests/test_limits.py checks every entry against torch. The lowering's absence analysis
+# asks for these, and with them `einsum-ir analyze` runs without importing torch (seconds and
+# a few hundred MB). A function not listed is evaluated with torch.
+LIMITS: dict[tuple[str, float], float | None] = {
+    (name, point): value
+    for name, values in {
+        "exp": (1.0, math.inf, 0.0), "exp2": (1.0, math.inf, 0.0), "log": (-math.inf, math.inf, None),
+        "log1p": (0.0, math.inf, None), "sqrt": (0.0, math.inf, None), "rsqrt": (math.inf, 0.0, None),
+        "tanh": (0.0, 1.0, -1.0), "sigmoid": (0.5, 1.0, 0.0), "softplus": (math.log(2.0), math.inf, 0.0),
+        "relu": (0.0, math.inf, 0.0), "elu": (0.0, math.inf, -1.0), "abs": (0.0, math.inf, math.inf),
+    }.items()
+    for point, value in zip((0.0, math.inf, -math.inf), values)
+}
+
+
 @cache
 def value_at(name: str, point: float) -> float | None:
     """The function's value at `point` (0 or -inf) by its torch semantics; None for NaN."""
+    if (name, point) in LIMITS:
+        return LIMITS[name, point]
     import torch
 
     f = FUNCTIONS[name]

@@ -9,6 +9,7 @@ vectorized evaluation per step, never per point).
 """
 from __future__ import annotations
 
+import math
 import string
 from dataclasses import dataclass
 
@@ -20,13 +21,12 @@ from einsum_ir.builtins import PREDICATES
 from einsum_ir.functions import torch_function, torch_operator
 from einsum_ir.graph import dependency_graph, recurrence_position, topological_einsums
 from einsum_ir.ir import (
-    REDUCE_IDENTITY,
+    DEFAULT_TILE, REDUCE_IDENTITY,
     COMPARISON_OPS, Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, Num, Unary, product_terms,
     rank_of,
 )
 from einsum_ir.params import bind_shapes, evaluate_params
 
-DEFAULT_TILE = 64  # extent of a split's inner rank (M0) when the caller does not bind it
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
                 "fp64": torch.float64, "bool": torch.bool, "int8": torch.int8,
                 "int16": torch.int16, "int32": torch.int32, "int64": torch.int64}
@@ -108,11 +108,11 @@ class _Run:
         if missing:
             raise BindError(f"missing input tensor(s) {', '.join(missing)}; the cascade takes "
                             f"{', '.join(given)}")
-        floats = [args[n].dtype for n in given if args[n].is_floating_point()]
+        inputs, self.extent = bind_shapes(c, args)  # tensors of one floating dtype, extents agree
+        floats = [t.dtype for t in inputs.values() if t.is_floating_point()]
         self.result_dtype = floats[0] if floats else torch.float32
         self.dtype = torch.float64 if torch.float64 in floats else torch.float32
-        self.device = args[given[0]].device if given else torch.device("cpu")
-        inputs, self.extent = bind_shapes(c, args)
+        self.device = inputs[given[0]].device if given else torch.device("cpu")
         for d in c.inputs:
             t = inputs[d.name]
             want = TORCH_DTYPES[d.dtype] if d.dtype else None
@@ -124,9 +124,9 @@ class _Run:
             data = t.to(self.dtype) if t.is_floating_point() else t
             self.tensors[d.name] = _Stored(data, None)
         for s in c.splits:
-            tile = int(args.pop(s.inner, DEFAULT_TILE))
-            if tile < 1:
-                raise BindError(f"tile {s.inner} must be positive, got {tile}")
+            tile = args.pop(s.inner, DEFAULT_TILE)
+            if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+                raise BindError(f"tile {s.inner}={tile!r}: a tile is a positive integer")
             self.extent[s.inner] = tile
             if s.rank in self.extent:
                 self.extent[s.outer] = -(-self.extent[s.rank] // tile)
@@ -209,6 +209,8 @@ class _Run:
             return Labeled(stored.data, tuple(plain), stored.mask)
         positions = [self.eval(i) for i in a.indices]
         labels = _union(*(p.labels for p in positions))
+        if stored.data.numel() == 0:  # every read of an empty tensor is outside it: absent
+            return self._absent(labels)
         index_tensors, inside = [], None
         for pos, p in enumerate(positions):
             idx = _align(p.data.long(), p.labels, labels)
@@ -250,16 +252,26 @@ class _Run:
             return Labeled(data, space, mask)
         shape = [self.extent[rank_of(v)] for v in space]
         neutral = REDUCE_IDENTITY[e.reduce]
+        if math.prod(shape[len(lhs):]) == 0:  # a reduction over an empty rank: no point, absent
+            return self._absent(lhs)
         if mask is not None:
             data = torch.where(mask, data, torch.tensor(neutral, dtype=data.dtype, device=self.device))
-        flat = data.expand(shape).reshape(shape[:len(lhs)] + [-1])  # reduced dims as one
+        flat = data.expand(shape).reshape(shape[:len(lhs)] + [math.prod(shape[len(lhs):])])  # reduced as one
         out = {"max": torch.amax, "min": torch.amin, "prod": torch.prod}[e.reduce](flat, -1)
         out_mask = None if mask is None else mask.any(dim=tuple(range(len(lhs), len(space))))
         return Labeled(out, lhs, out_mask)
 
+    def _absent(self, labels: tuple[str, ...]) -> Labeled:
+        """Every point of `labels`' space absent."""
+        shape = [self.extent[rank_of(v)] for v in labels]
+        return Labeled(torch.zeros(shape, dtype=self.dtype, device=self.device), labels,
+                       torch.zeros(shape, dtype=torch.bool, device=self.device))
+
     def _contract(self, expr: Expr, pred: Labeled | None, lhs: tuple[str, ...],
                   reduced: tuple[str, ...]) -> Labeled:
         """Sum over `reduced` of a sum of products, one torch.einsum per term."""
+        if any(self.extent[rank_of(v)] == 0 for v in reduced):  # E=0: a sum over no point is absent
+            return self._absent(lhs)
         terms = [(sign, [self._factor(f) for f in factors]) for sign, factors in product_terms(expr)]
         # A point is absent if any operand of the whole map is absent, across all terms.
         mask_parts = [Labeled(f.mask, f.labels) for _, fs in terms for f in fs if f.mask is not None]
@@ -349,6 +361,8 @@ class _Run:
         if body:
             for init in c.inits:
                 self.write(init.target, self.eval(init.expr), carry=False)
+            for name in iterative:  # no step present yet; with no step at all (M=0), none ever is
+                self.touched[name] = torch.zeros_like(self.tensors[name].mask)
             for step in range(self.extent[rank_of(var)]):
                 self.fixed = {var: step}
                 for e in body:

@@ -20,6 +20,7 @@ FLOAT_DTYPES = ("fp32", "fp16", "bf16", "fp64")
 INT_DTYPES = ("bool", "int8", "int16", "int32", "int64")
 DTYPES = FLOAT_DTYPES + INT_DTYPES
 DEFAULT_DTYPE = "fp32"
+DEFAULT_TILE = 64  # extent of a split's inner rank (M0) when the caller does not bind it
 
 
 @dataclass(frozen=True)
@@ -96,23 +97,44 @@ ARITHMETIC_OPS = ("+", "-", "*", "/", "//", "%")
 COMPARISON_OPS = ("<", "<=", ">", ">=", "==", "!=")
 
 
+_CHILDREN: dict[type, Callable[..., tuple]] = {
+    Access: lambda e: e.indices, Unary: lambda e: (e.operand,), Binary: lambda e: (e.lhs, e.rhs),
+    Call: lambda e: e.args,
+}
+
+
 def children(expr: Expr) -> tuple[Expr, ...]:
-    if isinstance(expr, Access):
-        return expr.indices
-    if isinstance(expr, Unary):
-        return (expr.operand,)
-    if isinstance(expr, Binary):
-        return (expr.lhs, expr.rhs)
-    if isinstance(expr, Call):
-        return expr.args
-    return ()
+    # A lookup by type, not a chain of isinstance tests: every walk calls this once per node.
+    get = _CHILDREN.get(type(expr))
+    return get(expr) if get else ()
+
+
+# Expressions nest at most this deep (tree depth, checked by validation; the parser also counts
+# parentheses). Every stage after validation walks expressions recursively, a few frames per
+# level, so this keeps them all well inside Python's default recursion limit of 1,000.
+MAX_DEPTH = 100
+NESTED_TOO_DEEPLY = (f"nested too deeply: an expression nests at most {MAX_DEPTH} levels (parentheses, "
+                     f"calls, brackets, unary operators, chains of // or %); compute a part in an "
+                     f"Einsum of its own")
 
 
 def walk(expr: Expr) -> Iterator[Expr]:
-    """Every node of an expression tree, parents before children."""
-    yield expr
-    for child in children(expr):
-        yield from walk(child)
+    """Every node of an expression tree, parents before children (left to right). With a
+    stack, not recursion: any depth, and no chain of generators for each node to climb."""
+    stack = [expr]
+    while stack:
+        node = stack.pop()
+        yield node
+        kind = type(node)  # inline `children`: every check of a spec walks every node a few times
+        if kind is Binary:
+            stack.append(node.rhs)
+            stack.append(node.lhs)
+        elif kind is Access:
+            stack.extend(reversed(node.indices))
+        elif kind is Call:
+            stack.extend(reversed(node.args))
+        elif kind is Unary:
+            stack.append(node.operand)
 
 
 def rebuild(expr: Expr, replace: Callable[[Expr], Expr | None]) -> Expr:
@@ -357,15 +379,23 @@ class Cascade:
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
 
+    @cached_property
+    def _writers(self) -> dict[str, list[Einsum]]:
+        # Built once: graph building and validation ask per read, and a scan per question made
+        # checking a 10,000-line spec quadratic.
+        writers: dict[str, list[Einsum]] = {}
+        for e in self.einsums:
+            writers.setdefault(e.name, []).append(e)
+        return writers
+
     def einsum(self, name: str) -> Einsum:
         """The (last) Einsum that writes `name`."""
-        found = [e for e in self.einsums if e.name == name]
-        if not found:
+        if name not in self._writers:
             raise KeyError(f"no Einsum writes {name!r}")
-        return found[-1]
+        return self._writers[name][-1]
 
     def writers(self, name: str) -> list[Einsum]:
-        return [e for e in self.einsums if e.name == name]
+        return list(self._writers.get(name, ()))
 
     def replace(self, **changes) -> "Cascade":
         from dataclasses import replace

@@ -1,51 +1,127 @@
 """Argument binding shared by the interpreter and the generated kernels: one check of the
-inputs' shapes and one definition of what a derived param (`param scale = 1/sqrt(E)`) evaluates
-to, so every backend sees the same extents and scalars.
+inputs' shapes and of their dtype (one, by torch's promotion), of the runtime params by their declared type, and one definition of
+what a derived param (`param scale = 1/sqrt(E)`) evaluates to, so every backend sees the same
+extents and scalars and rejects the same arguments (docs/spec.md, "Calling a cascade").
 """
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
+from functools import reduce
 
 import torch
 
-from einsum_ir.errors import BindError
+from einsum_ir.builtins import PREDICATES
+from einsum_ir.errors import BindError, located
 from einsum_ir.functions import FUNCTIONS, torch_function, torch_operator
-from einsum_ir.ir import Binary, Call, Cascade, Expr, Name, Num, Unary, rank_of
+from einsum_ir.ir import Access, Binary, Call, Cascade, Expr, Index, Name, Num, Param, Unary, rank_of, walk
+from einsum_ir.printer import print_expr
+
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def runtime_value(p: Param, value: object) -> int | float:
+    """A runtime param's call-time value (a number or a one-element tensor), checked by its
+    declared type: `int` takes an integer (8 or 8.0, never 2.5: nothing is truncated) that fits
+    in int64, `float` a finite number. Raises BindError naming the param otherwise."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise BindError(f"param {p.name} ({p.type}) takes one number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise BindError(f"param {p.name} ({p.type}) takes a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise BindError(f"param {p.name}={value!r}: param {p.name}: {p.type} takes a finite number")
+    if p.type == "float":
+        return float(value)
+    if not isinstance(value, numbers.Integral) and not float(value).is_integer():
+        raise BindError(f"param {p.name}={value!r}: declared int, so it takes an integer; round it "
+                        f"yourself (e.g. {p.name}={round(value)}) or declare 'param {p.name}: float'")
+    if not INT64[0] <= int(value) <= INT64[1]:
+        raise BindError(f"param {p.name}={value!r}: param {p.name}: int takes an integer that fits in int64")
+    return int(value)
 
 
 def evaluate_params(cascade: Cascade, extents: Mapping[str, int],
                     runtime: Mapping[str, object]) -> dict[str, float | int]:
-    """Every param of `cascade`: runtime ones (`param W: int`) converted from `runtime` (ints,
-    floats or 0-dim tensors), derived ones evaluated in spec order over the extents and earlier
-    params. `runtime` must hold exactly the runtime params; raises BindError otherwise."""
+    """Every param of `cascade`: runtime ones (`param W: int`) checked by `runtime_value`,
+    derived ones evaluated in spec order over the extents and earlier params, each finite (a
+    located BindError for `1/0` or `sqrt(-1)`); then the arguments of predicate builtins
+    (`nbhd`'s window, stride and dilation). `runtime` must hold exactly the runtime params;
+    raises BindError otherwise."""
     env: dict[str, float | int] = dict(extents)
     out: dict[str, float | int] = {}
     for p in cascade.params:
         if p.type is not None:
             if p.name not in runtime:
                 raise BindError(f"missing param {p.name} ({p.type})")
-            value = runtime[p.name]
-            value = value.item() if isinstance(value, torch.Tensor) else value
-            out[p.name] = int(value) if p.type == "int" else float(value)
+            out[p.name] = runtime_value(p, runtime[p.name])
         else:
             if p.name in runtime:
                 raise BindError(f"param {p.name} is derived in the spec and cannot be passed")
-            out[p.name] = _scalar(p.expr, env).item()
+            out[p.name] = _derived(p, env)
         env[p.name] = out[p.name]
+    _check_builtin_arguments(cascade, env)
     return out
 
 
-def bind_shapes(cascade: Cascade, args: dict) -> tuple[dict, dict[str, int]]:
-    """The input tensors and dims popped from `args` -> (tensors, rank extents). Raises
-    BindError on a missing input, a non-tensor, a wrong number of dims or two different extents
-    of one rank."""
+def _derived(p: Param, env: Mapping[str, float | int]) -> float | int:
+    """A derived param's value; a located BindError when it is not a finite number here."""
+    names = sorted({n.name for n in walk(p.expr) if isinstance(n, Name)})
+    where = f" with {', '.join(f'{n}={env[n]}' for n in names)}" if names else ""
+    try:
+        value = _scalar(p.expr, env).item()
+    except (RuntimeError, ZeroDivisionError) as err:  # an integer // or % by 0
+        raise BindError(located(p, f"param {p.name} = {print_expr(p.expr)} cannot be evaluated{where}: "
+                                   f"{err}")) from None
+    if not math.isfinite(value):
+        raise BindError(located(p, f"param {p.name} = {print_expr(p.expr)} is {value}{where}; a derived "
+                                   f"param must be a finite number"))
+    return value
+
+
+def _check_builtin_arguments(cascade: Cascade, env: Mapping[str, float | int]) -> None:
+    """Each predicate builtin's rule for its scalar arguments (`nbhd`: window >= 1, 1 <= stride
+    <= window, dilation >= 1), with the values of this call."""
+    for e in cascade.einsums:
+        for node in walk(e.expr) if e.where is None else [*walk(e.expr), *walk(e.where)]:
+            if not (isinstance(node, Call) and node.fn in PREDICATES):
+                continue
+            values = tuple(None if any(isinstance(x, (Index, Access)) for x in walk(a)) else _scalar(a, env).item()
+                           for a in node.args)
+            problem = PREDICATES[node.fn].check(node.args, values)
+            if problem:
+                raise BindError(located(node, f"{print_expr(node)}: {problem}"))
+
+
+def result_dtype(tensors: Mapping[str, torch.Tensor], held: frozenset = frozenset()) -> torch.dtype:
+    """The outputs' dtype: torch's promotion over the floating inputs (fp16 Q with fp32 K gives
+    fp32, as fp16 * fp32 does in torch), not counting those a derived kernel holds in fp32 by
+    design (`held`: saved row statistics beside fp16 gradients); float32 without any."""
+    floats = [t.dtype for n, t in tensors.items() if t.is_floating_point() and n not in held]
+    floats = floats or [t.dtype for t in tensors.values() if t.is_floating_point()]
+    return reduce(torch.promote_types, floats) if floats else torch.float32
+
+
+def _tensor(name: str, value: object) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    kind = type(value).__name__
+    hint = {"ndarray": "torch.from_numpy(x)", "list": "torch.tensor(x)", "tuple": "torch.tensor(x)"}.get(kind)
+    raise BindError(f"input {name} must be a torch.Tensor, got {kind}" + (f"; pass {hint}" if hint else ""))
+
+
+def bind_shapes(cascade: Cascade, args: dict, held: frozenset = frozenset()) -> tuple[dict, dict[str, int]]:
+    """The input tensors and dims popped from `args` -> (tensors, rank extents); floating inputs
+    of another dtype than `result_dtype`'s are cast to it (but those in `held`), so every backend
+    computes the same thing and Triton's dots see one dtype. Raises BindError on a missing input,
+    a non-tensor, a wrong number of dims or two different extents of one rank."""
     tensors, extents, where = {}, {}, {}
     for d in cascade.inputs:
         if d.name not in args:
             raise BindError(f"missing input tensor {d.name}; the cascade takes {', '.join(cascade.input_names)}")
-        t = args.pop(d.name)
-        if not isinstance(t, torch.Tensor):
-            raise BindError(f"input {d.name} must be a torch.Tensor, got {type(t).__name__}")
+        t = _tensor(d.name, args.pop(d.name))
         if t.dim() != len(d.indices):
             raise BindError(f"input {d.name}[{', '.join(d.indices)}] has {len(d.indices)} dims, but the "
                             f"tensor given has shape {tuple(t.shape)}")
@@ -55,19 +131,28 @@ def bind_shapes(cascade: Cascade, args: dict) -> tuple[dict, dict[str, int]]:
                 raise BindError(f"rank {r} is {extents[r]} in {where[r]} but {t.shape[k]} in {d.name} (dim {k})")
             extents[r], where[r] = int(t.shape[k]), f"{d.name} (dim {k})"
         tensors[d.name] = t
+    dtype = result_dtype(tensors, held)
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.dtype != dtype and name not in held:
+            tensors[name] = t.to(dtype)
     for d in cascade.dims:
         if d in args:
-            size = int(args.pop(d))
+            size = args.pop(d)
+            if isinstance(size, bool) or not isinstance(size, numbers.Integral) or not 0 <= size <= INT64[1]:
+                raise BindError(f"rank {d}={size!r}: an extent is an integer >= 0 that fits in int64")
+            size = int(size)
             if d in extents and extents[d] != size:
                 raise BindError(f"rank {d}={size} given, but {where[d]} has {extents[d]}")
             extents[d] = size
     return tensors, extents
 
 
-def bind_arguments(cascade: Cascade, args: dict) -> tuple[dict, dict[str, int], dict[str, float | int]]:
+def bind_arguments(cascade: Cascade, args: dict, held: frozenset = frozenset()
+                   ) -> tuple[dict, dict[str, int], dict[str, float | int]]:
     """A generated kernel's call arguments -> (input tensors, rank extents, params); `args` is
-    consumed. Raises BindError on a missing, mis-shaped or unexpected argument."""
-    tensors, extents = bind_shapes(cascade, args)
+    consumed; `held`: inputs the kernel holds in fp32 (see `bind_shapes`). Raises BindError on a
+    missing, mis-shaped or unexpected argument."""
+    tensors, extents = bind_shapes(cascade, args, held)
     unbound = [d for d in cascade.dims if d not in extents]
     if unbound:
         raise BindError(f"rank(s) {', '.join(unbound)} not bound by any input; pass e.g. {unbound[0]}=128")

@@ -6,30 +6,38 @@ name of a rank (`Index`), a tensor (followed by `[`), or a function (followed by
 """
 from __future__ import annotations
 
+import gc
 import math
 import re
 from dataclasses import dataclass
 
 from einsum_ir.errors import SpecError
 from einsum_ir.ir import (
-    COMPARISON_OPS, DTYPES, REDUCE_OPS, Access, Binary, Call, Cascade, Einsum, Expr, Index,
-    Init, InputDecl, Loc, Name, Num, Output, Param, Split, Unary,
+    DTYPES, FLOAT_DTYPES, INT_DTYPES, MAX_DEPTH, NESTED_TOO_DEEPLY, REDUCE_OPS, Access, Binary, Call, Cascade, Einsum, Expr,
+    Index, Init, InputDecl, Loc, Name, Num, Output, Param, Split, Unary,
 )
-from einsum_ir.validate import validate
+from einsum_ir.printer import CHAIN_GROUP, PRECEDENCE
+from einsum_ir.validate import check_depth, validate
 
-TOKEN = re.compile(r"""
+TOKEN = re.compile(r"""\s*(?:
     (?P<num>\d+\.\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\d+)
   | (?P<name>[A-Za-z_][A-Za-z_0-9]*)
   | (?P<op>->|//|<=|>=|==|!=|[-+*/%<>=()\[\],:])
-  | (?P<space>\s+)
+  | (?P<bad>\S))
 """, re.VERBOSE)
 
 RANK_NAME = re.compile(r"[A-Z][A-Z0-9]*$")
 KEYWORDS = {"dims", "split", "param", "input", "init", "output", "where", "fill",
             "and", "or", "not", "inf"}
+BINARY_PRECEDENCE = {op: n for op, n in PRECEDENCE.items() if op not in ("not", "neg")}
+COMPARISON_PRECEDENCE, NOT_PRECEDENCE = PRECEDENCE["<"], PRECEDENCE["not"]
+MAX_NESTING = MAX_DEPTH  # parentheses, calls, brackets and unary operators, one level each
+REGROUPABLE = {"+", "-", "*", "/", "and", "or"}  # chains that reassociate exactly
+FLIPPED = {"+": "-", "-": "+", "*": "/", "/": "*"}  # inside a run joined by - or /: a - b + c = a - (b - c)
+INVERTING = {"-", "/"}
 
 
-@dataclass
+@dataclass(slots=True)
 class Token:
     kind: str  # num | name | op | end
     text: str
@@ -37,14 +45,12 @@ class Token:
 
 
 def tokenize(line: str, lineno: int, file: str) -> list[Token]:
-    tokens, pos = [], 0
-    while pos < len(line):
-        m = TOKEN.match(line, pos)
-        if not m:
-            raise SpecError(f"unexpected character {line[pos]!r}", Loc(file, lineno, pos + 1))
-        if m.lastgroup != "space":
-            tokens.append(Token(m.lastgroup, m.group(), pos + 1))
-        pos = m.end()
+    tokens = []
+    for m in TOKEN.finditer(line):  # one scan in C; a spec of 10,000 lines has 400,000 tokens
+        kind = m.lastgroup
+        if kind == "bad":
+            raise SpecError(f"unexpected character {m.group(kind)!r}", Loc(file, lineno, m.start(kind) + 1))
+        tokens.append(Token(kind, m.group(kind), m.start(kind) + 1))
     tokens.append(Token("end", "", len(line) + 1))
     return tokens
 
@@ -60,11 +66,12 @@ class _Scope:
         self.dims: list[str] = []
         self.params: dict[str, Param] = {}
         self.ranks: list[str] = []  # dims plus split ranks
+        self.indices: set[str] = set()  # their index variables
 
     def kind(self, name: str) -> str | None:
-        if name in self.dims or name in self.params or name in self.ranks:
+        if name in self.params or name in self.ranks:
             return "name"
-        if name in {r.lower() for r in self.ranks}:
+        if name in self.indices:
             return "index"
         return None
 
@@ -72,13 +79,11 @@ class _Scope:
 class _LineParser:
     def __init__(self, tokens: list[Token], lineno: int, file: str, scope: _Scope):
         self.tokens, self.pos = tokens, 0
+        self.tok = tokens[0]  # the current token, kept in step by `advance`
         self.lineno, self.file, self.scope = lineno, file, scope
+        self.depth = 0  # nesting at the current token (see `enter`)
 
     # -- token helpers
-
-    @property
-    def tok(self) -> Token:
-        return self.tokens[self.pos]
 
     def peek(self, offset: int = 1) -> Token:
         return self.tokens[min(self.pos + offset, len(self.tokens) - 1)]
@@ -95,7 +100,8 @@ class _LineParser:
 
     def advance(self) -> Token:
         tok = self.tok
-        self.pos += 1
+        self.pos = min(self.pos + 1, len(self.tokens) - 1)  # the end token stays current
+        self.tok = self.tokens[self.pos]
         return tok
 
     def accept(self, text: str) -> Token | None:
@@ -117,52 +123,60 @@ class _LineParser:
         if self.tok.kind != "end":
             raise self.error(f"unexpected {self.describe(self.tok)} at end of statement")
 
-    # -- expressions: or > and > not > comparison > + - > * / // % > unary minus > atom
+    # -- expressions, by precedence climbing: or < and < not < comparison < + - < * / // % <
+    # unary minus < atom. The parser's own recursion grows only with nesting (parentheses,
+    # calls, brackets), never with the length of an operator chain or a run of `-`/`not`.
 
-    def expr(self) -> Expr:
-        lhs = self.and_expr()
-        while (tok := self.accept("or")):
-            lhs = Binary("or", lhs, self.and_expr(), self.loc(tok))
+    def enter(self, tok: Token) -> None:
+        """One more level of nesting at `tok`; past MAX_NESTING, a located error rather than a
+        RecursionError here or in a later stage."""
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise self.error(NESTED_TOO_DEEPLY, tok)
+
+    def binary_precedence(self) -> int:
+        """The precedence of the binary operator at the current token, or 0 when there is none."""
+        tok = self.tok
+        return BINARY_PRECEDENCE.get(tok.text, 0) if tok.kind in ("op", "name") else 0
+
+    def expr(self, min_precedence: int = 1) -> Expr:
+        lhs = self.prefix(min_precedence)
+        while (precedence := self.binary_precedence()) >= min_precedence:  # none is 0
+            operands, ops = [lhs], []
+            while self.binary_precedence() == precedence:
+                if ops and precedence == COMPARISON_PRECEDENCE:
+                    raise self.error("comparisons do not chain; join them with 'and'")
+                ops.append(self.advance())
+                operands.append(self.expr(precedence + 1))
+            lhs = self.chain(operands, ops)
         return lhs
 
-    def and_expr(self) -> Expr:
-        lhs = self.not_expr()
-        while (tok := self.accept("and")):
-            lhs = Binary("and", lhs, self.not_expr(), self.loc(tok))
-        return lhs
+    def chain(self, operands: list[Expr], ops: list[Token]) -> Expr:
+        """Operands joined by operators of one precedence, left-associative."""
+        return _chain(operands[0], [(tok.text, self.loc(tok), x) for tok, x in zip(ops, operands[1:])])
 
-    def not_expr(self) -> Expr:
-        if (tok := self.accept("not")):
-            return Unary("not", self.not_expr(), self.loc(tok))
-        return self.comparison()
-
-    def comparison(self) -> Expr:
-        lhs = self.arith()
-        if self.tok.kind == "op" and self.tok.text in COMPARISON_OPS:
-            tok = self.advance()
-            lhs = Binary(tok.text, lhs, self.arith(), self.loc(tok))
-            if self.tok.kind == "op" and self.tok.text in COMPARISON_OPS:
-                raise self.error("comparisons do not chain; join them with 'and'")
-        return lhs
-
-    def arith(self) -> Expr:
-        lhs = self.term()
-        while self.tok.kind == "op" and self.tok.text in ("+", "-"):
-            tok = self.advance()
-            lhs = Binary(tok.text, lhs, self.term(), self.loc(tok))
-        return lhs
-
-    def term(self) -> Expr:
-        lhs = self.unary()
-        while self.tok.kind == "op" and self.tok.text in ("*", "/", "//", "%"):
-            tok = self.advance()
-            lhs = Binary(tok.text, lhs, self.unary(), self.loc(tok))
-        return lhs
-
-    def unary(self) -> Expr:
-        if (tok := self.accept("-")):
-            return negate(self.unary(), self.loc(tok))
-        return self.atom()
+    def prefix(self, min_precedence: int) -> Expr:
+        """Runs of unary `-` (binding tighter than `*`) and `not` (looser than comparisons), read
+        in a loop; `not` only where the precedence allows it (`a + not b` is an error)."""
+        if self.tok.text == "not" and self.tok.kind == "name" and min_precedence <= NOT_PRECEDENCE:
+            nots = []
+            while self.tok.text == "not" and self.tok.kind == "name":
+                self.enter(self.tok)
+                nots.append(self.advance())
+            expr = self.expr(NOT_PRECEDENCE)
+            for tok in reversed(nots):
+                expr = Unary("not", expr, self.loc(tok))
+            self.depth -= len(nots)
+            return expr
+        minuses = []
+        while self.tok.text == "-" and self.tok.kind == "op":
+            self.enter(self.tok)
+            minuses.append(self.advance())
+        expr = self.atom()
+        for tok in reversed(minuses):
+            expr = negate(expr, self.loc(tok))
+        self.depth -= len(minuses)
+        return expr
 
     def atom(self) -> Expr:
         tok = self.tok
@@ -170,9 +184,11 @@ class _LineParser:
             self.advance()
             value = float(tok.text) if any(c in tok.text for c in ".eE") else int(tok.text)
             return Num(value, self.loc(tok))
-        if self.accept("("):
+        if self.tok.text == "(" and self.tok.kind == "op":
+            self.enter(self.advance())
             inner = self.expr()
             self.expect(")", "')' to close '('")
+            self.depth -= 1
             return inner
         # In operand position `where(` can only be the function, never the predicate keyword.
         is_function = tok.text == "where" and self.peek().text == "("
@@ -193,22 +209,44 @@ class _LineParser:
         raise self.error(f"unknown name {tok.text!r}: not a declared dim, param or index variable", tok)
 
     def call(self, name: Token) -> Call:
-        self.expect("(")
+        self.enter(self.expect("("))
         args: list[Expr] = []
         if not self.accept(")"):
             args.append(self.expr())
             while self.accept(","):
                 args.append(self.expr())
             self.expect(")", f"',' or ')' in the arguments of {name.text}(...)")
+        self.depth -= 1
         return Call(name.text, tuple(args), self.loc(name))
 
     def access(self, name: Token) -> Access:
-        self.expect("[")
+        self.enter(self.expect("["))
         indices = [self.expr()]
         while self.accept(","):
             indices.append(self.expr())
         self.expect("]", f"',' or ']' in the indices of {name.text}[...]")
+        self.depth -= 1
         return Access(name.text, tuple(indices), self.loc(name))
+
+
+def _chain(first: Expr, rest: list[tuple[str, Loc, Expr]]) -> Expr:
+    """`first` joined with each `(op, loc, operand)` of `rest`, left-associative.
+
+    A chain of more than CHAIN_GROUP operands whose operators reassociate exactly (+ -, * /,
+    and, or) is grouped into at most CHAIN_GROUP - 1 parenthesized runs after its first
+    operand, recursively, so a 1,000-term sum is a tree a few dozen levels deep that every
+    later stage walks within Python's recursion limit. The printer prints at most CHAIN_GROUP
+    operands flat (einsum_ir/printer.py), so what it prints parses back to the same tree.
+    """
+    if len(rest) >= CHAIN_GROUP and all(op in REGROUPABLE for op, _, _ in rest):
+        size = -(-len(rest) // (CHAIN_GROUP - 1))
+        runs = [rest[k:k + size] for k in range(0, len(rest), size)]
+        rest = [(run[0][0], run[0][1], _chain(run[0][2], [
+            (FLIPPED[op] if run[0][0] in INVERTING else op, loc, x) for op, loc, x in run[1:]]))
+            for run in runs]
+    for op, loc, x in rest:
+        first = Binary(op, first, x, loc)
+    return first
 
 
 def negate(expr: Expr, loc: Loc | None = None) -> Expr:
@@ -220,11 +258,19 @@ def negate(expr: Expr, loc: Loc | None = None) -> Expr:
 
 def parse(text: str, file: str = "<spec>") -> Cascade:
     """Parse and validate one cascade. Raises SpecError with file:line:col on any problem."""
+    # The tokens and IR nodes form no reference cycles, and a long spec makes hundreds of
+    # thousands of them, which the cyclic collector would scan again and again (a third of
+    # the time of checking a 10,000-line spec): it pauses while they are built.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         cascade = _parse(text, file)
-        validate(cascade)
+        validate(cascade, depth_checked=True)
     except SpecError as err:
         raise err.with_source(text) from None
+    finally:
+        if collecting:
+            gc.enable()
     return cascade
 
 
@@ -238,6 +284,7 @@ def _parse(text: str, file: str) -> Cascade:
     einsums: list[Einsum] = []
     outputs: list[Output] = []
     saw_dims = False
+    long_lines: set[int] = set()
 
     for lineno, raw in enumerate(text.splitlines(), 1):
         stripped = raw.strip()
@@ -250,6 +297,8 @@ def _parse(text: str, file: str) -> Cascade:
             continue
         in_doc = False
         p = _LineParser(tokenize(line, lineno, file), lineno, file, scope)
+        if len(p.tokens) > MAX_DEPTH:  # only a line this long can nest too deeply (a node per token)
+            long_lines.add(lineno)
         head = p.tok
         if head.kind == "name" and head.text == "dims" and p.peek().kind in ("name", "end"):
             p.advance()
@@ -285,7 +334,10 @@ def _parse(text: str, file: str) -> Cascade:
             if p.accept(":"):
                 typ = p.expect_name("a param type: int or float")
                 if typ.text not in ("int", "float"):
-                    raise p.error(f"param type must be int or float, not {typ.text!r}", typ)
+                    kind = "int" if typ.text in INT_DTYPES else "float" if typ.text in FLOAT_DTYPES else None
+                    hint = (f"; {typ.text} is a tensor dtype (for inputs): write 'param {name.text}: {kind}'"
+                            if kind else "")
+                    raise p.error(f"param type must be int or float, not {typ.text!r}{hint}", typ)
                 param = Param(name.text, type=typ.text, loc=p.loc(name))
             else:
                 p.expect("=", "'=' and an expression, or ': int' / ': float'")
@@ -311,7 +363,7 @@ def _parse(text: str, file: str) -> Cascade:
                 name = p.expect_name("an output tensor name")
                 fill = 0.0
                 if p.accept("fill"):
-                    fill_expr = p.unary()
+                    fill_expr = p.prefix(PRECEDENCE["neg"])
                     if not isinstance(fill_expr, Num):
                         raise p.error("fill takes a number, inf or -inf")
                     fill = float(fill_expr.value)
@@ -322,6 +374,13 @@ def _parse(text: str, file: str) -> Cascade:
         else:
             einsums.append(_einsum(p))
 
+    statements = [(x.loc, (x.expr,)) for x in scope.params.values() if x.expr is not None]
+    statements += [(e.loc, (e.target, e.expr, e.where)) for e in einsums]
+    statements += [(i.loc, (i.target, i.expr)) for i in inits]
+    for loc, exprs in statements:
+        if loc.line in long_lines:
+            for expr in filter(None, exprs):
+                check_depth(expr)
     if not saw_dims:
         raise SpecError("empty spec: expected a 'dims' line", Loc(file, 1, 1))
     if not outputs:
@@ -340,6 +399,7 @@ def _declare_rank(p: _LineParser, tok: Token, scope: _Scope, split: bool = False
     if tok.text in scope.ranks or tok.text in scope.params:
         raise p.error(f"rank {tok.text!r} declared twice", tok)
     scope.ranks.append(tok.text)
+    scope.indices.add(tok.text.lower())
     if not split:
         scope.dims.append(tok.text)
 
@@ -360,7 +420,10 @@ def _input_decl(p: _LineParser, scope: _Scope) -> InputDecl:
     if p.accept(":"):
         tok = p.expect_name("a dtype")
         if tok.text not in DTYPES:
-            raise p.error(f"unknown dtype {tok.text!r}; expected one of {', '.join(DTYPES)}", tok)
+            hint = {"int": "; an integer tensor is int32 or int64 ('int' is a param type)",
+                    "float": "; a floating tensor is fp32, fp16, bf16 or fp64 ('float' is a param type)"}
+            raise p.error(f"unknown dtype {tok.text!r}; expected one of {', '.join(DTYPES)}"
+                          f"{hint.get(tok.text, '')}", tok)
         dtype = tok.text
     return InputDecl(name.text, tuple(indices), dtype, p.loc(name))
 
@@ -397,6 +460,14 @@ def _einsum(p: _LineParser) -> Einsum:
 
 
 def load(path: str) -> Cascade:
-    """Read and parse a `.ein` file."""
-    with open(path) as f:
-        return parse(f.read(), file=str(path))
+    """Read and parse a `.ein` file (UTF-8; other bytes are a located SpecError)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        col = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise SpecError(f"byte 0x{data[err.start]:02x} is not UTF-8 text; a spec is a UTF-8 text file",
+                        Loc(str(path), line, col)) from None
+    return parse(text, file=str(path))

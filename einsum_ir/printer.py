@@ -14,6 +14,7 @@ PRECEDENCE = {
     "neg": 7,
 }
 ATOM = 8
+CHAIN_GROUP = 16  # operands one printed chain holds at most (the parser groups longer ones)
 
 
 def precedence(expr: Expr) -> int:
@@ -39,15 +40,27 @@ def print_expr(expr: Expr, compact: bool = False) -> str:
         sep = "," if compact else ", "
         return f"{expr.fn}({sep.join(print_expr(a, compact) for a in expr.args)})"
     if isinstance(expr, Unary):
-        inner = _wrap(expr.operand, precedence(expr), True, compact)
-        return f"not {inner}" if expr.op == "not" else f"-{inner}"
+        # A prefix operator's operand of equal strength needs no parentheses (`not not a`,
+        # `- -a`): they would add a level of nesting per operator to what parses back.
+        inner = _wrap(expr.operand, precedence(expr), False, compact)
+        return f"not {inner}" if expr.op == "not" else f"- {inner}" if inner.startswith("-") else f"-{inner}"
     assert isinstance(expr, Binary)
     mine = PRECEDENCE[expr.op]
-    lhs = _wrap(expr.lhs, mine, False, compact)
-    rhs = _wrap(expr.rhs, mine, True, compact)
-    if compact and expr.op in ARITHMETIC_OPS:
-        return f"{lhs}{expr.op}{rhs}"
-    return f"{lhs} {expr.op} {rhs}"
+    # A chain of one strength prints flat down its left spine (left-associative), at most
+    # CHAIN_GROUP operands: the parser groups a longer flat chain into runs (einsum_ir/parser.py),
+    # so a longer spine keeps its bottom part in parentheses and parses back to this tree.
+    spine = [expr]
+    while mine != PRECEDENCE["<"] and isinstance(spine[-1].lhs, Binary) and PRECEDENCE[spine[-1].lhs.op] == mine:
+        spine.append(spine[-1].lhs)
+    if len(spine) >= CHAIN_GROUP:
+        text = f"({print_expr(spine[CHAIN_GROUP - 1], compact)})"
+        spine = spine[:CHAIN_GROUP - 1]
+    else:
+        text = _wrap(spine[-1].lhs, mine, False, compact)
+    for node in reversed(spine):
+        rhs = _wrap(node.rhs, mine, True, compact)
+        text = f"{text}{node.op}{rhs}" if compact and node.op in ARITHMETIC_OPS else f"{text} {node.op} {rhs}"
+    return text
 
 
 def _wrap(child: Expr, parent: int, right: bool, compact: bool) -> str:

@@ -6,14 +6,19 @@ from einsum_ir.builtins import PREDICATES
 from einsum_ir.functions import FUNCTIONS, INDEX_FUNCTIONS
 from einsum_ir.graph import acyclic_view, dependency_graph, einsum_reads
 from einsum_ir.ir import (
-    INT_DTYPES, REDUCE_OPS, Access, Binary, Call, Cascade, Einsum, Expr, Index, Loc, Name, Num,
-    Unary, accesses, index_vars, rank_of, walk,
+    INT_DTYPES, MAX_DEPTH, NESTED_TOO_DEEPLY, REDUCE_OPS, Access, Binary, Call, Cascade, Einsum, Expr,
+    Index, Loc, Name, Num, Unary, accesses, children, index_vars, rank_of, walk,
 )
 from einsum_ir.printer import print_expr
 
 
-def validate(c: Cascade) -> None:
-    """Raise SpecError on the first problem found; return None for a well-formed cascade."""
+def validate(c: Cascade, depth_checked: bool = False) -> None:
+    """Raise SpecError on the first problem found; return None for a well-formed cascade.
+    `depth_checked`: the caller has run `check_depth` on every expression that may be too deep
+    (the parser does, for the long lines: a tree of n tokens is at most n deep)."""
+    if not depth_checked:
+        for expr in _expressions(c):
+            check_depth(expr)
     _check_names(c)
     arity = _tensor_ranks(c)
     for e in c.einsums:
@@ -30,6 +35,26 @@ def _fail(message: str, loc: Loc | None, context: str | None = None) -> SpecErro
     return SpecError(message if loc or not context else f"{context}: {message}", loc)
 
 
+def _expressions(c: Cascade) -> list[Expr]:
+    exprs: list[Expr] = [p.expr for p in c.params if p.expr is not None]
+    exprs += [x for e in c.einsums for x in (e.target, e.expr, e.where) if x is not None]
+    return exprs + [x for i in c.inits for x in (i.target, i.expr)]
+
+
+def check_depth(expr: Expr) -> None:
+    """A located error at the first node nested deeper than MAX_DEPTH: a built or parsed
+    expression may nest deeper than the recursive checks below, and every later stage, can
+    walk. Iterative, so it runs first on any tree."""
+    nodes, depths = [expr], [1]
+    while nodes:
+        node, depth = nodes.pop(), depths.pop()
+        if depth > MAX_DEPTH:
+            raise SpecError(NESTED_TOO_DEEPLY, node.loc)
+        kids = children(node)
+        nodes.extend(kids)
+        depths.extend([depth + 1] * len(kids))
+
+
 def _check_names(c: Cascade) -> None:
     ranks = set(c.rank_names)
     names = ranks | {p.name for p in c.params}
@@ -37,10 +62,7 @@ def _check_names(c: Cascade) -> None:
     for s in c.splits:
         if s.rank not in c.dims:
             raise SpecError(f"cannot split {s.rank!r}: not a declared rank", s.loc)
-    exprs: list[Expr] = [p.expr for p in c.params if p.expr is not None]
-    exprs += [x for e in c.einsums for x in (e.target, e.expr, e.where) if x is not None]
-    exprs += [x for i in c.inits for x in (i.target, i.expr)]
-    for expr in exprs:
+    for expr in _expressions(c):
         for node in walk(expr):
             if isinstance(node, Name) and node.name not in names:
                 raise SpecError(f"unknown name {node.name!r}: not a declared dim or param", node.loc)
@@ -163,8 +185,8 @@ def _check_einsum(c: Cascade, e: Einsum, ranks: dict[str, tuple[str, ...]]) -> N
                     f"the where-predicate reads {a.tensor}, which is {dtype or 'a float tensor'}; "
                     f"predicates read integer or boolean inputs only (declare it ': bool' or ': int32')",
                     a.loc)
-        _check_predicate(e.where)
-    _check_values(e.expr)
+        _check_predicate(c, e.where)
+    _check_values(c, e.expr)
     _check_contraction_in_nonlinear(e)
 
 
@@ -176,29 +198,33 @@ def _check_init(c: Cascade, i, ranks) -> None:
 PREDICATE_NODES = ("<", "<=", ">", ">=", "==", "!=", "and", "or")
 
 
-def _check_predicate(expr: Expr) -> None:
+def _check_predicate(c: Cascade, expr: Expr) -> None:
     if isinstance(expr, Binary) and expr.op in ("and", "or"):
-        _check_predicate(expr.lhs)
-        _check_predicate(expr.rhs)
+        _check_predicate(c, expr.lhs)
+        _check_predicate(c, expr.rhs)
     elif isinstance(expr, Unary) and expr.op == "not":
-        _check_predicate(expr.operand)
+        _check_predicate(c, expr.operand)
     elif isinstance(expr, Binary) and expr.op in PREDICATE_NODES:
         return
     elif isinstance(expr, Call) and expr.fn in PREDICATES:
         return
-    elif isinstance(expr, Access):
-        return
+    elif isinstance(expr, Access):  # a tensor as a truth value: integer or boolean inputs only
+        dtype = next((d.dtype for d in c.inputs if d.name == expr.tensor), None)
+        if dtype not in INT_DTYPES:
+            raise SpecError(f"{expr.tensor} is {dtype or 'a float tensor'} and cannot be a predicate; a predicate "
+                            f"reads integer or boolean inputs (declare it ': bool'), or compare it: "
+                            f"{print_expr(expr)} > 0", expr.loc)
     else:
         raise SpecError(f"a where-predicate must be a comparison, nbhd(...), a boolean tensor, or "
                         f"those joined by and/or/not; got {print_expr(expr)}", expr.loc)
 
 
-def _check_values(expr: Expr) -> None:
+def _check_values(c: Cascade, expr: Expr) -> None:
     """Value expressions: predicates only as where(...)'s first argument, nbhd only in predicates."""
     if isinstance(expr, Call) and expr.fn == "where":
-        _check_predicate(expr.args[0])
+        _check_predicate(c, expr.args[0])
         for arg in expr.args[1:]:
-            _check_values(arg)
+            _check_values(c, arg)
         return
     if isinstance(expr, Call) and expr.fn in PREDICATES:
         raise SpecError(f"{expr.fn}(...) is a predicate; use it after 'where' or as "
@@ -211,13 +237,15 @@ def _check_values(expr: Expr) -> None:
     for child in (expr.args if isinstance(expr, Call) else
                   (expr.lhs, expr.rhs) if isinstance(expr, Binary) else
                   (expr.operand,) if isinstance(expr, Unary) else ()):
-        _check_values(child)
+        _check_values(c, child)
 
 
 def _check_contraction_in_nonlinear(e: Einsum) -> None:
     """A reduced index shared by two reads inside exp/tanh/... is almost always a mistake:
     the map applies per point, so `S[p,m] = tanh(Q[p,e]*K[m,e])` sums tanh over e."""
     reduced = set(e.reduced)
+    if not reduced:
+        return
     for node in walk(e.expr):
         if not (isinstance(node, Call) and node.fn in FUNCTIONS and node.fn != "where"):
             continue
@@ -237,10 +265,9 @@ def _check_cycles(c: Cascade) -> None:
     import networkx as nx  # not at import time: see einsum_ir/graph.py
 
     g = acyclic_view(dependency_graph(c))
-    try:
-        cycle = nx.find_cycle(g)
-    except nx.NetworkXNoCycle:
+    if nx.is_directed_acyclic_graph(g):  # linear; find_cycle is slower and only needed to report one
         return
+    cycle = nx.find_cycle(g)
     members = {a for a, _ in cycle}
     first = next(e for e in c.einsums if e.name in members)  # report where the cycle starts in the file
     start = [a for a, _ in cycle].index(first.name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from einsum_ir.errors import LoweringError
 from einsum_ir.ir import Cascade
@@ -33,8 +34,11 @@ STRATEGIES: tuple[Strategy, ...] = (
 )
 
 
+@lru_cache(maxsize=64)
 def choose(c: Cascade) -> tuple[Plan | None, tuple[Declined, ...]]:
-    """The first strategy's plan (with the earlier ones' reasons), or None and every reason."""
+    """The first strategy's plan (with the earlier ones' reasons), or None and every reason.
+    Remembered per cascade (plans are frozen): `einsum-ir analyze` asks for the plan, the
+    backward, the merge and the ring, and each derivation starts from the same plan."""
     declined: list[Declined] = []
     for s in STRATEGIES:
         try:

@@ -59,8 +59,8 @@ def make_inputs(name: str, c, P: int = 33, M: int = 40, E: int = 24, F: int = 20
         shape = [ext[i.upper()] for i in d.indices]
         if d.dtype == "bool":
             t = torch.rand(shape, generator=g) < 0.6
-        elif d.name in ("Slope", "Lam"):
-            t = torch.rand(shape, generator=g) * 0.5 + 0.25
+        elif d.name in ("Slope", "Lam"):  # floating inputs share one dtype (docs/spec.md)
+            t = (torch.rand(shape, generator=g) * 0.5 + 0.25).to(dtype)
         else:
             t = torch.randn(shape, generator=g).to(dtype)
         args[d.name] = t.to(device)

@@ -174,7 +174,7 @@ def test_tune_top_k_must_be_positive(top_k, capsys):
 def test_simulate_of_a_tensor_mask_gives_shell_advice(capsys):
     line = _error_line(["simulate", "moba", "--shapes", "B=1,H=2,P=256,M=256,E=64,F=64,PB=4,MB=4,BS=64",
                         "--q-tile", "P=64", "--kv-tile", "M=64"], capsys)
-    assert "input tensor Sel" in line and "einsum-ir analyze moba" in line
+    assert "input tensor Sel" in line and "--tensor Sel=random:0.5" in line and "einsum-ir analyze" in line
     assert "shapes={" not in line  # no Python advice for a shell user
 
 
@@ -219,3 +219,52 @@ def test_report_has_a_legend_for_every_column(capsys):
     for column in re.split(r"\s{2,}", header.strip()):
         assert re.search(rf"^  {re.escape(column)}  ", legend, re.M), (column, legend)
     assert "P=8192" in legend  # the shapes the bound uses
+
+
+MOBA = ["--shapes", "B=1,H=2,P=256,M=256,E=64,F=64,PB=4,MB=4,BS=64"]
+VARLEN = """dims B P M E F
+input Q[b,p,e], K[b,m,e], V[b,m,f], Len[b]: int32
+S[b,p,m] = Q[b,p,e] * K[b,m,e] where m < Len[b]
+O[b,p,f] = S[b,p,m] * V[b,m,f]
+output O
+"""
+
+
+def test_tensor_values_from_the_command_line(tmp_path, capsys):
+    """--tensor NAME=1,2,3 (row-major values), NAME=random:P[:SEED] and NAME=file.pt."""
+    import torch
+
+    spec = tmp_path / "varlen.ein"
+    spec.write_text(VARLEN)
+    assert main(["analyze", str(spec), "--shapes", "B=3,P=8,M=8,E=4,F=4", "--tensor", "Len=3,5,7"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^S\s+480\s", out, re.M) and "depends on data" not in out  # 8 * 4 * (3 + 5 + 7)
+    sel = torch.zeros(1, 2, 4, 4, dtype=torch.bool)
+    sel[..., 0] = True  # every query block sees key block 0 only
+    torch.save(sel, tmp_path / "sel.pt")
+    assert main(["analyze", "moba", *MOBA, "--tensor", f"Sel={tmp_path / 'sel.pt'}"]) == 0
+    points = 2 * 64 * sum(min(p + 1, 64) for p in range(256))  # heads x E x causal keys of block 0
+    assert re.search(rf"^S\s+{points / 1e6:.3f}M\s", capsys.readouterr().out, re.M)
+    args = ["simulate", "moba", *MOBA, "--q-tile", "P=64", "--kv-tile", "M=64"]
+    assert main([*args, "--tensor", "Sel=random:0.3"]) == 0
+    first = capsys.readouterr().out.split("simulated in")[0]
+    assert main([*args, "--tensor", "Sel=random:0.3:0"]) == 0  # the default seed is 0
+    assert capsys.readouterr().out.split("simulated in")[0] == first and "tile_speedup" in first
+
+
+@pytest.mark.parametrize("value, message", [
+    ("Sel=1,0,0,1", "--tensor Sel=1,0,0,1: Sel[b,h,pb,mb] has shape (1, 2, 4, 4) at --shapes, but the values give (4,)"),
+    ("Sel=random:2", "--tensor Sel=random:2: the probability 2.0 is not between 0 and 1"),
+    ("Sel=random:x", "--tensor Sel=random:x: random:P[:SEED] takes a probability and an integer seed"),
+    ("Sel=1,a", "--tensor Sel=1,a: 'a' is not a number"),
+    ("Nope=1", "--tensor Nope=1: expected NAME=SPEC for an input of the spec (Q, K, V, Sel)"),
+    ("Sel=missing.pt", "missing.pt: No such file or directory"),
+])
+def test_bad_tensor_values_are_one_line_errors(value, message, capsys):
+    assert _error_line(["analyze", "moba", *MOBA, "--tensor", value], capsys) == f"einsum-ir: error: {message}"
+
+
+def test_a_file_that_is_not_a_tensor_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "bad.pt").write_text("not a tensor")
+    line = _error_line(["analyze", "moba", *MOBA, "--tensor", f"Sel={tmp_path / 'bad.pt'}"], capsys)
+    assert "is not a tensor saved with torch.save" in line

@@ -1,8 +1,17 @@
-"""Op, byte and present-point counts, exact and symbolic where possible."""
+"""Op, byte and present-point counts, exact and symbolic where possible; in closed form at any
+size (cost_model/lattice.py), checked against brute force."""
+import subprocess
+import sys
+
+import pytest
 import sympy
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import einsum_ir as ei
+from einsum_ir.cost_model import lattice, predicates as pr
+from einsum_ir.cost_model.counts import parts_of
+from einsum_ir.printer import print_expr
 
 N, B, H, E, F = sympy.symbols("N B H E F", positive=True, integer=True)
 
@@ -70,3 +79,110 @@ def test_tensor_predicate_is_an_upper_bound_unless_given():
 def test_counts_table_prints():
     text = str(ei.counts(ei.variants.load("softmax_1pass"), dict(B=1, H=2, P=128, M=128, E=64, F=64)))
     assert "total" in text and "compulsory" in text
+
+
+# --------------------------------------------------------------------------- closed form (issue 15)
+
+ONE_COMPONENT = "dims P M\n{params}\nS[p,m] = 1 where {pred}\noutput S"
+affine = st.one_of(
+    st.integers(-5, 5).map(lambda c: f"m <= p + {c}" if c >= 0 else f"m <= p - {-c}"),
+    st.integers(1, 9).map(lambda w: f"p - m < {w}"),
+    st.integers(0, 9).map(lambda n: f"m < {n}"),
+    st.tuples(st.integers(1, 3), st.integers(-4, 4)).map(lambda ab: f"{ab[0]} * m >= p + {ab[1]}"),
+    st.tuples(st.integers(1, 6), st.integers(1, 6)).map(lambda d: f"p // {d[0]} == m // {d[1]}"),
+    st.tuples(st.integers(2, 5), st.integers(0, 4)).map(lambda d: f"(p + m) % {d[0]} != {d[1] % d[0]}"),
+    st.tuples(st.integers(1, 9), st.integers(1, 4)).map(lambda ws: f"nbhd(p, m, M, {max(ws)}, {min(ws)})"),
+    st.tuples(st.integers(1, 7), st.integers(1, 3)).map(lambda ws: f"nbhd(p, m, M, {max(ws)}, 1, {ws[1]})"),
+    st.integers(0, 9).map(lambda n: f"min(p, m) < {n}"),
+    st.integers(0, 9).map(lambda n: f"max(p - 3, m // 2) >= {n}"),
+)
+clauses = st.recursive(affine, lambda inner: st.one_of(
+    st.tuples(inner, inner).map(lambda ab: f"({ab[0]}) and ({ab[1]})"),
+    st.tuples(inner, inner).map(lambda ab: f"({ab[0]}) or ({ab[1]})"),
+    inner.map(lambda a: f"not ({a})")), max_leaves=3)
+
+
+def _closed_form(c, sizes: dict) -> int:
+    """The lattice count of the cascade's one predicate over p and m, component by component."""
+    total, free = 1, {"p", "m"}
+    for comp in pr.components(c.einsums[0].where, parts_of(c)):
+        total *= lattice.count(comp.clauses, comp.vars, {v: sizes[v.upper()] for v in comp.vars}, sizes, parts_of(c))
+        free -= set(comp.vars)
+    for v in free:
+        total *= sizes[v.upper()]
+    return total
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pred=clauses, p=st.integers(0, 40), m=st.integers(0, 40))
+def test_closed_form_counts_match_brute_force(pred, p, m):
+    if "nbhd" in pred:
+        p = m  # a neighborhood is over one sequence
+    c = ei.parse(ONE_COMPONENT.format(params="", pred=pred))
+    want = int(ei.interpret(c, P=p, M=m).sum()) if p and m else 0
+    assert _closed_form(c, {"P": p, "M": m}) == want, pred
+
+
+@pytest.mark.parametrize("variant, params", [("softmax_window", {"W": 7}), ("sinks_window", {"W": 5, "NS": 3}),
+                                             ("nbhd_1d", {"W": 9, "ST": 4}), ("softmax_causal_bottom_right", {})])
+def test_catalog_counts_match_brute_force(variant, params):
+    c = ei.variants.load(variant)
+    brute = ei.parse(ONE_COMPONENT.format(params="\n".join(f"param {k}: int" for k in params),
+                                          pred=print_expr(c.einsum("S").where)))
+    for p, m in [(37, 41), (40, 40), (1, 13)]:
+        p = m if variant == "nbhd_1d" else p
+        want = int(ei.interpret(brute, P=p, M=m, **params).sum())
+        assert ei.counts(c, {"B": 1, "H": 1, "P": p, "M": m, "E": 1, "F": 1, **params}).einsum("S").points == want
+
+
+def test_counts_at_a_trillion_tokens_are_exact_and_closed_form():
+    n = 10 ** 12
+    r = ei.counts(ei.variants.load("softmax_causal"), dict(B=1, H=16, P=n, M=n, E=128, F=128))
+    assert r.einsum("S").points == 16 * 128 * n * (n + 1) // 2  # beyond int64: Python integers
+    w = 4096
+    r = ei.counts(ei.variants.load("softmax_window"), dict(B=1, H=1, P=n, M=n, E=1, F=1, W=w))
+    assert r.einsum("S").points == w * n - w * (w - 1) // 2
+
+
+def test_block_masks_count_by_residues():
+    n = 10 ** 9  # 1e18 points; the old row-by-row count needed a row per query
+    c = ei.parse(ONE_COMPONENT.format(params="", pred="p // 128 == m // 128 or m < 64"))
+    assert _closed_form(c, {"P": n, "M": n}) == (n // 128) * 128 * 128 + n * 64 - 128 * 64
+
+
+def test_counting_imports_no_torch():
+    code = ("import sys, einsum_ir as ei\n"
+            "r = ei.counts(ei.variants.load('nbhd_2d'), dict(B=1, H=1, PX=10**6, PY=10**6, MX=10**6, MY=10**6,"
+            " E=64, F=64, WX=81, WY=81, SX=16, SY=16))\n"
+            "assert r.einsum('S').points > 0\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("shape, message", [
+    ("P=-5", "P=-5: a dim size is an integer >= 0 that fits in int64"),
+    ("P=1e20", "P=100000000000000000000: a dim size is an integer >= 0 that fits in int64"),
+    ("P=2.5", "P=2.5: a dim takes an integer"),
+    ("P=nan", "P=nan: a dim takes a finite number"),
+    ("P=abc", "--shapes P=abc: 'abc' is not a number"),
+])
+def test_bad_sizes_are_one_line_errors(shape, message, capsys):
+    from einsum_ir.cli import main
+
+    assert main(["analyze", "softmax_causal", "--shapes", f"B=1,H=2,P=64,M=64,E=16,F=16,{shape}"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().startswith(f"einsum-ir: error: {message}") and captured.out == ""
+
+
+def test_analyze_at_a_trillion_tokens(capsys):
+    from einsum_ir.cli import main
+
+    assert main(["analyze", "softmax_causal", "--shapes", "B=1,H=16,P=1e12,M=1e12,E=128,F=128"]) == 0
+    out = capsys.readouterr().out
+    assert "S       1024.000Y" in out and "Roofline on" in out  # 16 * 128 * 1e12 * (1e12 + 1) / 2 points
+
+
+def test_an_empty_head_dim_counts_no_nan():
+    r = ei.counts(ei.variants.load("softmax_causal"), dict(B=1, H=2, P=64, M=64, E=0, F=16))
+    assert all(sympy.sympify(x).is_finite for e in r.einsums for x in (e.points, e.vector_ops, e.sfu_ops))

@@ -130,3 +130,104 @@ def test_builder_cascade_errors_have_no_location_but_a_message():
         from einsum_ir.builder import TensorRef
 
         cb.build(outputs=[TensorRef("Z")])
+
+
+# --------------------------------------------------------------------------- limits (issue 15)
+
+NESTED = "dims P M E\ninput Q[p,e], K[m,e]\nS[p,m] = {}\noutput S\n"
+
+
+@pytest.mark.parametrize("body", [
+    "(" * 200 + "Q[p,e] * K[m,e]" + ")" * 200,      # parentheses
+    "-" * 5000 + "Q[p,e] * K[m,e]",                  # a run of unary minus
+    "Q[p,e] * K[m,e] where " + "not " * 5000 + "m <= p",
+    "exp(" * 150 + "Q[p,e] * K[m,e]" + ")" * 150,   # calls
+    "Q[p,e] * K[" + "min(" * 150 + "m" + ", m)" * 150 + ",e]",  # brackets and calls in an index
+    "Q[p,e] * K[m,e] where m <= p" + " // 2" * 300,  # a chain that does not reassociate
+])
+def test_deep_nesting_is_a_located_error_not_a_recursion_error(body):
+    err = _error(NESTED.format(body))
+    assert "nested too deeply" in str(err) and err.loc.line == 3 and err.loc.col > 100, str(err)
+
+
+def test_a_1000_term_sum_parses_checks_prints_back_and_runs():
+    torch = pytest.importorskip("torch")
+    signs = [1 - 2 * ((k * 7) % 3 == 0) for k in range(1000)]  # mixed + and -
+    body = "Q[p,e] * K[m,e] * 0" + "".join(f" {'+' if s > 0 else '-'} Q[p,e] * K[m,e] * {k}"
+                                            for k, s in enumerate(signs) if k)
+    c = ei.parse(NESTED.format(body))
+    assert ei.parse(str(c)) == c and str(ei.parse(str(c))) == str(c)
+    q, k = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    want = sum(s * j for j, s in enumerate(signs) if j) * q @ k.T
+    torch.testing.assert_close(ei.interpret(c, Q=q, K=k), want)
+    assert ei.interpret(c, Q=q, K=k).shape == (3, 5)
+
+
+def test_long_chains_group_into_runs_that_print_back_as_parsed():
+    """A chain of 40 operands becomes runs of at most 16 (a shallow tree); `a - b + c` inside a
+    run joined by `-` is `a - (b - c)`, and what prints parses to the same tree."""
+    c = ei.parse("dims P\ninput X[p]\nY[p] = " + " - ".join(["X[p]"] * 40) + " * 2\noutput Y\n")
+    depth, stack = 0, [(c.einsums[0].expr, 1)]
+    while stack:
+        node, d = stack.pop()
+        depth = max(depth, d)
+        stack += [(x, d + 1) for x in (node.lhs, node.rhs)] if isinstance(node, Binary) else []
+    assert depth < 40 and ei.parse(str(c)) == c
+    x = Access("X", (Index("p"),))
+    assert ei.parse("dims P\ninput X[p]\nY[p] = X[p] - X[p] + X[p]\noutput Y\n").einsums[0].expr == \
+        Binary("+", Binary("-", x, x), x)  # short chains stay left-deep
+
+
+def test_nested_unary_operators_print_without_parentheses():
+    c = ei.parse("dims P M\ninput X[p,m]\nY[p,m] = - -X[p,m] where not not m <= p\noutput Y\n")
+    assert "- -X[p,m]" in str(c) and "not not m <= p" in str(c) and ei.parse(str(c)) == c
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("dims P\nparam W: int32\ninput X[p]\nY[p] = X[p]\noutput Y\n", "write 'param W: int'"),
+    ("dims P\nparam W: bf16\ninput X[p]\nY[p] = X[p]\noutput Y\n", "write 'param W: float'"),
+    ("dims P\ninput X[p]: int\nY[p] = X[p]\noutput Y\n", "an integer tensor is int32 or int64"),
+    ("dims P\ninput X[p], Z[p]\nY[p] = where(X[p], Z[p], 0)\noutput Y\n",
+     "X is a float tensor and cannot be a predicate"),
+])
+def test_type_names_and_float_predicates_say_what_to_write(spec, fragment):
+    assert fragment in str(_error(spec))
+
+
+def test_a_spec_that_is_not_utf8_is_a_located_error(tmp_path):
+    path = tmp_path / "bin.ein"
+    path.write_bytes(b"dims P\ninput X[p]\nY[p] = X[p] \xff\noutput Y\n")
+    with pytest.raises(ei.SpecError) as info:
+        ei.load(path)
+    assert str(info.value).startswith(f"{path}:3:13: error: byte 0xff is not UTF-8")
+
+
+def test_a_10000_line_spec_checks():
+    """Checking is linear in the spec (scripts/limits.py times it: 96.8 s before, when every
+    read scanned every writer)."""
+    lines = ["dims P M E", "input Q[p,e], K[m,e]", "S0[p,m] = Q[p,e] * K[m,e]"]
+    lines += [f"S{i}[p,m] = S{i - 1}[p,m] * 0.5 + S{max(0, i - 2)}[p,m] where m <= p" for i in range(1, 9996)]
+    c = ei.parse("\n".join(lines + ["output S9995"]) + "\n")
+    assert len(c.einsums) == 9996 and c.writers("S42")[0].name == "S42"
+
+
+def _deeper(frames: int, fn):
+    """`fn()` called `frames` Python frames further down the stack (a caller's own depth)."""
+    return fn() if frames == 0 else _deeper(frames - 1, fn)
+
+
+def test_the_deepest_accepted_spec_runs_through_every_stage():
+    """At the nesting limit, from 200 frames down, printing, the interpreter, the CPU path, the
+    counts and the gradient all stay within Python's recursion limit."""
+    torch = pytest.importorskip("torch")
+    spec = ("dims P M E\ninput Q[p,e], K[m,e]\nS0[p,m] = Q[p,e] * K[m,e]\n"
+            f"S[p,m] = {'tanh(' * 97}S0[p,m]{')' * 97} where {'(' * 95}m <= p{')' * 95}\n"
+            "GM[p] = max[m] S[p,m]\nSN[p,m] = exp(S[p,m] - GM[p])\nSD[p] = SN[p,m]\nO[p] = SN[p,m] / SD[p]\n"
+            "output O\n")
+    c = _deeper(200, lambda: ei.parse(spec))
+    args = {"Q": torch.randn(9, 4), "K": torch.randn(11, 4)}
+    assert _deeper(200, lambda: ei.parse(str(c))) == c
+    want = _deeper(200, lambda: ei.interpret(c, **args))
+    torch.testing.assert_close(_deeper(200, lambda: ei.compile(c, backend="cpu")(**args)), want)
+    assert _deeper(200, lambda: ei.counts(c, {"P": 9, "M": 11, "E": 4})).einsum("S").points == 45  # m <= p
+    assert _deeper(200, lambda: ei.grad(c)) is not None
