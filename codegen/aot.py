@@ -57,9 +57,9 @@ def specialization(kern, stage_index: int, shapes: dict, dtype: str = "bf16",
         if k == "ptr":
             t = n[:-4]
             decl = c.tensors[t].dtype if t in c.input_names else None
-            if t in c.input_names and t not in kern.fp32:
+            if t in c.input_names and t not in kern.fp32_spelled:
                 ty = INT_SIG.get(decl) or DTYPE_SIG[dtype if decl in (None, "fp32", "fp16", "bf16") else decl]
-            elif t in c.output_names and t not in stage.summed_across_programs and t not in kern.fp32:
+            elif t in c.output_names and t not in stage.summed_across_programs and t not in kern.fp32_spelled:
                 ty = DTYPE_SIG[dtype]
             else:
                 ty = "fp32"

@@ -39,6 +39,7 @@ from einsum_ir.codegen.autograd import record, wants_grad
 from einsum_ir.codegen.block_emit import BlockEmitter, Section, Val, accesses, is_simple, join_terms, module_header, paren
 from einsum_ir.codegen.outputs import collect_outputs, interpreted
 from einsum_ir.codegen.derived import DerivedKernels
+from einsum_ir.codegen.names import spell
 from einsum_ir.codegen.scalar_code import PYTHON, print_int
 from einsum_ir.errors import LoweringError
 from einsum_ir.functions import FUNCTIONS
@@ -723,9 +724,10 @@ class CpuKernel(DerivedKernels):
                  fp32: frozenset = frozenset()):
         self.cascade = cascade
         self.fp32 = frozenset(fp32)  # held in fp32 whatever the dtype: saved outputs, saved inputs
-        self.plan: Plan = build_plan(cascade)
+        self.spelled = spell(cascade)  # the names generated code uses (codegen/names.py)
+        self.plan: Plan = build_plan(self.spelled.cascade)
         self.block_q, self.block_s = block_q, block_s
-        self._source, self.emitters = emit_plan(self.plan, str(cascade))
+        self._source, self.emitters = emit_plan(self.plan, str(self.spelled.cascade))
         filename = f"<einsum-ir cpu kernel {next(_COUNTER)}>"
         linecache.cache[filename] = (len(self._source), None, self._source.splitlines(True), filename)
         self._ns: dict = {"__name__": "einsum_ir_cpu_kernel"}
@@ -735,7 +737,8 @@ class CpuKernel(DerivedKernels):
     def source(self, shapes: dict | None = None, device: str = "cpu") -> str:
         text = self._source
         if shapes:
-            text = f"# tiles for {shapes}: BLOCK_Q={self.block_q}, BLOCK_S={self.key_tile(shapes)}\n" + text
+            text = (f"# tiles for {shapes}: BLOCK_Q={self.block_q}, "
+                    f"BLOCK_S={self.key_tile(self.spelled.args(shapes))}\n" + text)
         return text
 
     def key_tile(self, extents: dict) -> int:
@@ -762,7 +765,7 @@ class CpuKernel(DerivedKernels):
         return CpuKernel(cascade, self.block_q, self.block_s, fp32)
 
     def run(self, args: dict):
-        tensors, extents, params = bind_arguments(self.cascade, dict(args), self.fp32)
+        tensors, extents, params = (self.spelled.args(x) for x in bind_arguments(self.cascade, dict(args), self.fp32))
         if 0 in extents.values():
             return interpreted(self.cascade, args, self.fp32)
         c = self.plan.cascade
@@ -787,7 +790,7 @@ class CpuKernel(DerivedKernels):
             kw = {n: scal[n] for n in names["scalars"]}
             fn(*targs, **kw, BLOCK_Q=self.block_q, BLOCK_S=block_s, DT=dt, _stats=stats)
         self.last_stats = stats
-        return collect_outputs(c, buffers, out_dtype, self.fp32)
+        return collect_outputs(c, buffers, out_dtype, self.spelled.set(self.fp32))
 
 
 def compile_cpu(cascade: Cascade, block_q: int = DEFAULT_BLOCK_Q, block_s: int | None = None,

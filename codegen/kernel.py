@@ -11,6 +11,7 @@ import torch
 from einsum_ir.codegen import cache, dispatch
 from einsum_ir.codegen.autograd import record, wants_grad
 from einsum_ir.codegen.dispatch import INTERPRETER_CONFIG, Config, DispatchKey
+from einsum_ir.codegen.names import spell
 from einsum_ir.codegen.modules import check_compiler, check_interpreter, interpret_env, load_module
 from einsum_ir.codegen.outputs import collect_outputs, interpreted
 from einsum_ir.codegen.derived import DerivedKernels
@@ -59,8 +60,10 @@ class TritonKernel(DerivedKernels):
 
         self.cascade = cascade
         self.fp32 = frozenset(fp32)  # held in fp32 whatever the dtype: saved outputs, saved inputs
-        self.plan: Plan = build_plan(cascade)
-        self._source = kernel_source(self.plan, cascade)
+        self.spelled = spell(cascade)  # the names generated code uses (codegen/names.py)
+        self.fp32_spelled = self.spelled.set(self.fp32)  # the same, as the plan names them
+        self.plan: Plan = build_plan(self.spelled.cascade)
+        self._source = kernel_source(self.plan, self.spelled.cascade)
         self.emitters = stage_emitters(self.plan)
         self.token_ranks = dispatch.token_ranks(self.plan)
         self.configs: dict[DispatchKey, Config] = {}
@@ -105,11 +108,11 @@ class TritonKernel(DerivedKernels):
         missing = [d for d in self.cascade.dims if d not in ext]
         if missing:
             raise BindError(f"shapes must bind every dim; missing {', '.join(missing)}")
-        return ext
+        return self.spelled.args(ext)
 
     # -- launch
     def bind(self, args: dict):
-        tensors, extents, params = bind_arguments(self.cascade, args, self.fp32)
+        tensors, extents, params = (self.spelled.args(x) for x in bind_arguments(self.cascade, args, self.fp32))
         for name, t in tensors.items():
             if t.dtype == torch.bool:  # Triton loads a bool mask as int8
                 tensors[name] = t.to(torch.int8)
@@ -173,7 +176,7 @@ class TritonKernel(DerivedKernels):
                 fill = next(o.fill for o in c.outputs if o.name == name)
                 buffers[name] = torch.full(shape, float(fill), dtype=out_dtype, device=device)
             elif name in c.output_names:
-                dtype = torch.float32 if name in self.fp32 else out_dtype
+                dtype = torch.float32 if name in self.fp32_spelled else out_dtype
                 buffers[name] = torch.empty(shape, dtype=dtype, device=device)
             else:
                 buffers[name] = torch.empty(shape, dtype=torch.float32, device=device)
@@ -216,7 +219,7 @@ class TritonKernel(DerivedKernels):
                         fn[grid](*kargs, **kw, **opts)
                 else:
                     fn[grid](*kargs, **kw, **opts)
-        return collect_outputs(c, buffers, out_dtype, self.fp32)
+        return collect_outputs(c, buffers, out_dtype, self.fp32_spelled)
 
 
 class ReferenceKernel(DerivedKernels):

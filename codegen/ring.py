@@ -329,7 +329,7 @@ class ContextParallel:
             self.stats.wait_s.append(time.perf_counter() - start)
             if step > 0:
                 arriving = received[-1]
-            finished = {n: mine[n] + arriving[n] if arriving else mine[n] for n in key_grads}
+            finished = {n: mine[n].add_(arriving[n]) if arriving else mine[n] for n in key_grads}
             if step < self.world - 1:
                 travel = received[0]
         if self.world > 1 and key_grads:  # one more hop brings each shard's gradients home
