@@ -29,6 +29,7 @@ TOKEN = re.compile(r"""\s*(?:
 RANK_NAME = re.compile(r"[A-Z][A-Z0-9]*$")
 KEYWORDS = {"dims", "split", "param", "input", "init", "output", "where", "fill",
             "and", "or", "not", "inf"}
+STATEMENT_KEYWORDS = KEYWORDS - {"inf"}  # never an operand (`inf` is a number)
 BINARY_PRECEDENCE = {op: n for op, n in PRECEDENCE.items() if op not in ("not", "neg")}
 COMPARISON_PRECEDENCE, NOT_PRECEDENCE = PRECEDENCE["<"], PRECEDENCE["not"]
 MAX_NESTING = MAX_DEPTH  # parentheses, calls, brackets and unary operators, one level each
@@ -90,7 +91,7 @@ class _LineParser:
 
     def loc(self, tok: Token | None = None) -> Loc:
         tok = tok or self.tok
-        return Loc(self.file, self.lineno, tok.col, max(1, len(tok.text)))
+        return Loc(self.file, self.lineno, tok.col, len(tok.text) or 1)
 
     def error(self, message: str, tok: Token | None = None) -> SpecError:
         return SpecError(message, self.loc(tok))
@@ -100,8 +101,9 @@ class _LineParser:
 
     def advance(self) -> Token:
         tok = self.tok
-        self.pos = min(self.pos + 1, len(self.tokens) - 1)  # the end token stays current
-        self.tok = self.tokens[self.pos]
+        if tok.kind != "end":  # the end token stays current
+            self.pos += 1
+            self.tok = self.tokens[self.pos]
         return tok
 
     def accept(self, text: str) -> Token | None:
@@ -192,7 +194,7 @@ class _LineParser:
             return inner
         # In operand position `where(` can only be the function, never the predicate keyword.
         is_function = tok.text == "where" and self.peek().text == "("
-        if tok.kind != "name" or tok.text in KEYWORDS - {"inf"} and not is_function:
+        if tok.kind != "name" or tok.text in STATEMENT_KEYWORDS and not is_function:
             raise self.error(f"expected a number, name, tensor access or '(', found {self.describe(tok)}")
         self.advance()
         if tok.text == "inf":

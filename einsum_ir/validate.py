@@ -243,12 +243,9 @@ def _check_values(c: Cascade, expr: Expr) -> None:
 def _check_contraction_in_nonlinear(e: Einsum) -> None:
     """A reduced index shared by two reads inside exp/tanh/... is almost always a mistake:
     the map applies per point, so `S[p,m] = tanh(Q[p,e]*K[m,e])` sums tanh over e."""
-    reduced = set(e.reduced)
-    if not reduced:
-        return
-    for node in walk(e.expr):
-        if not (isinstance(node, Call) and node.fn in FUNCTIONS and node.fn != "where"):
-            continue
+    calls = [n for n in walk(e.expr) if isinstance(n, Call) and n.fn in FUNCTIONS and n.fn != "where"]
+    reduced = set(e.reduced) if calls else set()  # most Einsums call nothing: skip the walks
+    for node in calls if reduced else ():
         reads = accesses(Call(node.fn, node.args))
         for var in sorted(reduced):
             users = [a for a in reads if var in index_vars(a)]
