@@ -33,7 +33,7 @@ EMITTER_NAMES = ("DT", "KT", "NQT", "alpha", "block", "buf", "bufs", "clamped", 
                  "i", "idx", "itertools", "k", "last", "live", "lo", "masked", "math", "name", "numel", "ok", "out",
                  "pos", "run", "runs", "segments", "shape", "some", "t", "tl", "torch", "triton", "valid", "np")
 RESERVED = frozenset((*keyword.kwlist, *keyword.softkwlist, *dir(builtins), *EMITTER_NAMES))
-_NUMBERED = re.compile(r"stage\d+$", re.I)  # the CPU path's per-stage functions
+NUMBERED = re.compile(r"stage\d+$", re.I)  # the CPU path's per-stage functions
 
 
 def spelled(name: str, rank: bool = False) -> str:
@@ -42,7 +42,7 @@ def spelled(name: str, rank: bool = False) -> str:
     if "_" in name:
         return name.replace("_", "__")
     forms = {name.lower(), name.upper()} if rank else {name}
-    return name + "_" if forms & RESERVED or _NUMBERED.match(name) else name
+    return name + "_" if forms & RESERVED or NUMBERED.match(name) else name
 
 
 def spell_cascade(c: Cascade) -> Cascade:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from einsum_ir.codegen.api import compile as compile_kernel
 from einsum_ir.codegen.autograd import run_backward, wants_grad
 from einsum_ir.codegen.partial import PartialState, merge
-from einsum_ir.cost_model.ring import LAYOUTS, chunks, ring_cost
+from einsum_ir.cost_model.ring import LAYOUTS, chunks, ring_cost, shard_length
 from einsum_ir.errors import BindError, LoweringError
 from einsum_ir.ir import Cascade, rank_of
 from einsum_ir.lowering.ring import Ring, derive, visits
@@ -49,12 +49,14 @@ class RingStats:
 
 @dataclass(frozen=True)
 class _Layout:
-    """One call's shards: global lengths and each rank's chunks of queries and keys."""
+    """One call's shards: global lengths, each rank's chunks of queries and keys, and the
+    (query chunk, key chunk) pairs the mask leaves some point in (forward and backward run those)."""
 
     q_total: int
     k_total: int
     q_chunks: list[list[tuple[int, int]]]
     k_chunks: list[list[tuple[int, int]]]
+    visited: frozenset[tuple[tuple[int, int], tuple[int, int]]]
 
 
 class ContextParallel:
@@ -105,7 +107,7 @@ class ContextParallel:
         axis, spans = self.ring.output_axes[name], self._last.q_chunks
         if self.world == 1:
             return local
-        longest = max(sum(hi - lo for lo, hi in s) for s in spans)
+        longest = max(map(shard_length, spans))
         padded = torch.zeros(_with_length(local.shape, axis, longest), dtype=local.dtype, device=local.device)
         padded.narrow(axis, 0, local.shape[axis]).copy_(local)
         gathered = [torch.empty_like(padded) for _ in range(self.world)]
@@ -156,24 +158,26 @@ class ContextParallel:
             every = [torch.empty_like(mine) for _ in range(self.world)]
             dist.all_gather(every, mine, group=self.group)
         q_total, k_total = (int(sum(int(t[i]) for t in every)) for i in (0, 1))
-        layout = _Layout(q_total, k_total, chunks(q_total, self.world, self.layout),
-                         chunks(k_total, self.world, self.layout))
-        for kind, spans, have in (("query", layout.q_chunks, 0), ("key", layout.k_chunks, 1)):
-            want = [sum(hi - lo for lo, hi in s) for s in spans]
+        q_chunks, k_chunks = chunks(q_total, self.world, self.layout), chunks(k_total, self.world, self.layout)
+        for kind, spans, have in (("query", q_chunks, 0), ("key", k_chunks, 1)):
+            want = [shard_length(s) for s in spans]
             got = [int(t[have]) for t in every]
             if want != got:
                 raise BindError(f"the {kind} shards have lengths {got} over the ranks; the {self.layout} layout of "
                                 f"{sum(got)} gives {want}: cut them with cp.shard")
-        return layout
+        scalars = self._scalars(args, q_total, k_total)
+        visited = frozenset((a, b) for a in q_chunks[self.rank] for spans in k_chunks for b in spans
+                            if visits(self.ring, a, b, scalars))
+        return _Layout(q_total, k_total, q_chunks, k_chunks, visited)
 
-    def _scalars(self, args: Mapping, layout: _Layout) -> dict[str, int]:
+    def _scalars(self, args: Mapping, q_total: int, k_total: int) -> dict[str, int]:
         """Dims (the sequence ranks at their global length) and runtime params, for `visits`."""
         c = self.ring.cascade
         scalars = {}
         for d in c.inputs:
             for axis, index in enumerate(d.indices):
                 scalars[rank_of(index)] = int(args[d.name].shape[axis])
-        scalars[rank_of(self.ring.query)], scalars[rank_of(self.ring.key)] = layout.q_total, layout.k_total
+        scalars[rank_of(self.ring.query)], scalars[rank_of(self.ring.key)] = q_total, k_total
         scalars.update({p.name: args[p.name] for p in c.params if p.type is not None and p.name in args})
         return scalars
 
@@ -182,19 +186,18 @@ class ContextParallel:
         r = self.ring
         layout = self._layout(args)
         self._last, self.stats = layout, RingStats()
-        scalars = self._scalars(args, layout)
         q_spans = layout.q_chunks[self.rank]
         query = [self._query_args(args, q_spans, i) for i in range(len(q_spans))]
         states: list[PartialState | None] = [None] * len(q_spans)
         travel = self._travelling(args)
         for step in range(self.world):
             src = (self.rank - step) % self.world
-            pending = self._send_keys(travel, src) if step < self.world - 1 else None
+            pending = self._send_keys(travel, layout, src) if step < self.world - 1 else None
             start = time.perf_counter()
             k_spans = layout.k_chunks[src]
             for i, a in enumerate(q_spans):
                 for j, b in enumerate(k_spans):
-                    if not visits(r, a, b, scalars):
+                    if (a, b) not in layout.visited:
                         self.stats.pairs_skipped += 1
                         continue
                     self.stats.pairs_run += 1
@@ -252,9 +255,9 @@ class ContextParallel:
                 ops.append(dist.P2POp(dist.irecv, buf, peer(prev), self.group))
         return (dist.batch_isend_irecv(ops) if ops else []), buffers
 
-    def _send_keys(self, travel: dict[str, torch.Tensor], src: int):
+    def _send_keys(self, travel: dict[str, torch.Tensor], layout: _Layout, src: int):
         """Start passing the key shard of rank `src` on; the next step holds rank src-1's."""
-        length = _length(self._last.k_chunks[(src - 1) % self.world])
+        length = shard_length(layout.k_chunks[(src - 1) % self.world])
         axes = {n: self.ring.sides[n].axis for n in travel}
         return self._exchange(travel, {n: length for n in travel}, axes)
 
@@ -267,7 +270,8 @@ class ContextParallel:
 
     # ------------------------------------------------------------------ backward
 
-    def _backward(self, args: Mapping, outputs: tuple, states: list[PartialState], seeds: tuple) -> dict:
+    def _backward(self, args: Mapping, layout: _Layout, outputs: tuple, states: list[PartialState],
+                  seeds: tuple) -> dict:
         r = self.ring
         training = self.kernel.training
         try:
@@ -279,8 +283,6 @@ class ContextParallel:
         missing = [n for n in g.saved if n not in r.merge.partial.output_names]
         if missing:
             raise LoweringError(f"the backward saves {', '.join(missing)}, which the partial states do not carry")
-        layout = self._last
-        scalars = self._scalars(args, layout)
         fills = {o.name: o.fill for o in g.forward.outputs}
         q_spans = layout.q_chunks[self.rank]
         query = []
@@ -302,15 +304,15 @@ class ContextParallel:
             k_spans = layout.k_chunks[src]
             requests = []
             if step < self.world - 1:
-                requests.append(self._send_keys(travel, src))
+                requests.append(self._send_keys(travel, layout, src))
             if step > 0:  # pass on the gradients of the previous step's shard; receive this one's
-                requests.append(self._exchange(finished, {n: _length(k_spans) for n in finished},
+                requests.append(self._exchange(finished, {n: shard_length(k_spans) for n in finished},
                                                {n: r.sides[n].axis for n in finished}))
             start = time.perf_counter()
             mine = {n: _accumulator(travel[n]) for n in key_grads}
             for i, a in enumerate(q_spans):
                 for j, b in enumerate(k_spans):
-                    if not visits(r, a, b, scalars):
+                    if (a, b) not in layout.visited:
                         continue
                     chunk, outs, saved, seed = query[i]
                     pair = {**chunk, **_narrowed(travel, r, k_spans, j), **self._offsets(a, b, layout)}
@@ -333,7 +335,7 @@ class ContextParallel:
             if step < self.world - 1:
                 travel = received[0]
         if self.world > 1 and key_grads:  # one more hop brings each shard's gradients home
-            own = _length(layout.k_chunks[self.rank])
+            own = shard_length(layout.k_chunks[self.rank])
             finished = self._wait(self._exchange(finished, {n: own for n in finished},
                                                  {n: r.sides[n].axis for n in finished}))
         grads.update(finished)
@@ -359,9 +361,8 @@ class _RingFunction(torch.autograd.Function):
         stored = ctx.saved_tensors
         n = len(ctx.names)
         args = {**ctx.static, **dict(zip(ctx.names, stored[:n]))}
-        cp = ctx.cp
-        cp._last = ctx.layout
-        grads = cp._backward(args, stored[n:], ctx.states, tuple(None if s is None else s.contiguous() for s in seeds))
+        grads = ctx.cp._backward(args, ctx.layout, stored[n:], ctx.states,
+                                 tuple(None if s is None else s.contiguous() for s in seeds))
         return (None, None, None, *(grads.get(x) if t.requires_grad else None for x, t in zip(ctx.names, stored[:n])))
 
 
@@ -370,17 +371,13 @@ def _accumulator(t: torch.Tensor) -> torch.Tensor:
     return torch.zeros(t.shape, dtype=torch.promote_types(t.dtype, torch.float32), device=t.device)
 
 
-def _length(spans: list[tuple[int, int]]) -> int:
-    return sum(hi - lo for lo, hi in spans)
-
-
 def _with_length(shape: torch.Size, axis: int, length: int) -> list[int]:
     return [length if i == axis else s for i, s in enumerate(shape)]
 
 
 def _cut(t: torch.Tensor, axis: int, spans: list[tuple[int, int]], j: int) -> torch.Tensor:
     """Chunk j of a shard made of `spans`, as a view of `t`."""
-    return t.narrow(axis, _length(spans[:j]), spans[j][1] - spans[j][0])
+    return t.narrow(axis, shard_length(spans[:j]), spans[j][1] - spans[j][0])
 
 
 def _narrowed(travel: dict[str, torch.Tensor], ring: Ring, spans: list[tuple[int, int]], j: int) -> dict:

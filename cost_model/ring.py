@@ -38,7 +38,7 @@ def chunks(n: int, ranks: int, layout: str) -> list[list[tuple[int, int]]]:
     if ranks < 1:
         raise ValueError(f"a ring needs at least one rank, got {ranks}")
     count = ranks * (2 if layout == "zigzag" else 1)
-    size = -(-n // count) if n else 0
+    size = chunk_size(n, ranks, layout)
     span = [(min(i * size, n), min((i + 1) * size, n)) for i in range(count)]
     if layout == "contiguous":
         return [[span[r]] for r in range(ranks)]
@@ -48,6 +48,11 @@ def chunks(n: int, ranks: int, layout: str) -> list[list[tuple[int, int]]]:
 def chunk_size(n: int, ranks: int, layout: str) -> int:
     """C: the length of every chunk but the trailing ones."""
     return max(1, -(-n // (ranks * (2 if layout == "zigzag" else 1))))
+
+
+def shard_length(spans: list[tuple[int, int]]) -> int:
+    """How many positions a shard (or the first chunks of one) holds."""
+    return sum(hi - lo for lo, hi in spans)
 
 
 @dataclass(frozen=True)
@@ -201,8 +206,8 @@ def ring_cost(c: Cascade, shapes: dict, ranks: int, layout: str = "zigzag", devi
     by_side = {kind: sum(float(b) for n, b in counts.input_bytes.items() if side[n].kind == kind)
                for kind in ("query", "key", "replicated")}
     outputs = float(sum(counts.output_bytes.values()))
-    longest_k = max(sum(hi - lo for lo, hi in spans) for spans in k_chunks) / n_k if n_k else 0.0
-    longest_q = max(sum(hi - lo for lo, hi in spans) for spans in q_chunks) / n_q if n_q else 0.0
+    longest_k = max(map(shard_length, k_chunks)) / n_k if n_k else 0.0
+    longest_q = max(map(shard_length, q_chunks)) / n_q if n_q else 0.0
     shard = by_side["key"] * longest_k
     rank_bytes = (by_side["query"] + outputs) * longest_q + 3 * shard + by_side["replicated"]
     return RingCost(ranks, layout, d, net, tuple(points), tuple(pairs), tuple(compute), shard / net.bandwidth,

@@ -24,7 +24,7 @@ import sympy
 
 from einsum_ir.cost_model.ring import Side, sides
 from einsum_ir.errors import LoweringError, located
-from einsum_ir.ir import Access, Binary, Cascade, Expr, Index, Name, Param, index_vars, rank_of, rebuild
+from einsum_ir.ir import Access, Binary, Cascade, Einsum, Expr, Index, Name, Param, index_vars, rank_of, rebuild
 from einsum_ir.lowering.grad import FreshNames
 from einsum_ir.lowering.keyranges import KeyLoop
 from einsum_ir.lowering.merge import Merge, derive as derive_merge
@@ -112,8 +112,8 @@ def _shift(c: Cascade, offsets: dict[str, str], totals: dict[str, str]) -> Casca
             return Name(totals[node.name])
         return None
 
-    einsums = tuple(e.__class__(e.target, rebuild(e.expr, value), e.reduce,
-                                e.where and rebuild(e.where, value), e.loc) for e in c.einsums)
+    einsums = tuple(Einsum(e.target, rebuild(e.expr, value), e.reduce, e.where and rebuild(e.where, value), e.loc)
+                    for e in c.einsums)
     params = tuple(Param(p.name, rebuild(p.expr, value), p.type, p.loc) if p.expr is not None else p
                    for p in c.params)
     return c.replace(einsums=einsums, params=params)
