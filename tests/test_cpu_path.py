@@ -14,8 +14,8 @@ from einsum_ir.codegen.cpu_emit import CpuKernel, compile_cpu
 from einsum_ir.variants import formulas
 from support import assert_outputs_close
 
-LOWERED = ["agent_attention", "alibi", "bias_tensor", "flashbias_lowrank", "lightning_causal", "moba",
-           "moh", "nbhd_1d", "nbhd_2d", "sigmoid_bias", "sinks_window", "softcap", "softmax",
+LOWERED = ["agent_attention", "alibi", "bias_tensor", "flashbias_lowrank", "lightning2", "lightning_causal",
+           "moba", "moh", "nbhd_1d", "nbhd_2d", "retnet", "sigmoid_bias", "sinks_window", "softcap", "softmax",
            "softmax_causal", "softmax_causal_bottom_right", "softmax_deferred", "softmax_gqa",
            "softmax_lse", "softmax_window", "softplus_l1"]
 NOT_LOWERED = {"flowformer": "no query-key score contraction",

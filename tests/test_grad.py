@@ -26,8 +26,8 @@ from support import KERNEL_DEVICE, make_inputs, on_kernel_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
-WITH_BACKWARD = ["alibi", "bias_tensor", "flashbias_lowrank", "lightning_causal", "moba", "moh", "nbhd_1d",
-                 "nbhd_2d", "sigmoid_bias", "sinks_window", "softcap", "softmax", "softmax_causal",
+WITH_BACKWARD = ["alibi", "bias_tensor", "flashbias_lowrank", "lightning2", "lightning_causal", "moba", "moh",
+                 "nbhd_1d", "nbhd_2d", "retnet", "sigmoid_bias", "sinks_window", "softcap", "softmax", "softmax_causal",
                  "softmax_causal_bottom_right", "softmax_deferred", "softmax_gqa", "softmax_lse",
                  "softmax_window", "softplus_l1"]
 # forward lowers, backward is not derived: the reason (docs/backward.md lists the same)
@@ -132,7 +132,7 @@ def test_softmax_saves_row_statistics_only_and_its_max_gets_no_gradient():
 
 def test_gradients_of_biases_gates_decays_and_factors_exist():
     expected = {"bias_tensor": {"Bias"}, "flashbias_lowrank": {"U", "W"}, "alibi": {"Slope"},
-                "lightning_causal": {"Lam"}, "moh": {"Gate"}}
+                "lightning_causal": {"Lam"}, "moh": {"Gate"}, "retnet": {"Lam"}, "lightning2": {"Slope"}}
     for name, extra in expected.items():
         g = ei.grad(ei.variants.load(name))
         assert extra <= set(g.grads), name

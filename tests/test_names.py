@@ -123,7 +123,7 @@ def _arguments(c: ei.Cascade) -> set[str]:
     return set(c.tensors) | set(c.dims) | {p.name for p in c.params}
 
 
-FUSED = [n for n in ei.variants.names() if n not in ("linear_elu", "linear_elu_causal", "flowformer", "softmax_1pass")]
+FUSED = [n for n in ei.variants.names() if n not in ("linear_elu", "linear_elu_causal", "flowformer")]
 
 
 @pytest.mark.parametrize("name", FUSED)
@@ -137,7 +137,13 @@ def test_the_emitters_own_names_hold_an_underscore_or_are_reserved(name):
     except ei.LoweringError:
         pass
     for cc in cascades:
-        for kern in (TritonKernel(cc), compile_cpu(cc)):
+        for make in (TritonKernel, compile_cpu):
+            try:
+                kern = make(cc)
+            except ei.LoweringError:  # a derived backward no emitter takes (retnet) recomputes
+                if cc is c:
+                    raise
+                continue
             lowered = kern.plan.cascade
             ir = _arguments(lowered) | {d.lower() for d in lowered.dims}
             own = _identifiers(kern.source(), _arguments(lowered)) - ir

@@ -40,7 +40,7 @@ def test_catalog_is_complete():
         "softmax_causal_bottom_right", "softmax_window", "softmax_gqa", "softmax_lse",
         "alibi", "bias_tensor", "flashbias_lowrank", "softcap", "softplus_l1", "sigmoid_bias",
         "linear_elu", "linear_elu_causal", "lightning_causal", "agent_attention", "flowformer",
-        "moh", "moba", "sinks_window", "nbhd_1d", "nbhd_2d",
+        "moh", "moba", "sinks_window", "nbhd_1d", "nbhd_2d", "retnet", "lightning2",
     }
     assert expected <= set(NAMES)
     assert set(NAMES) == set(F.FORMULAS), "every catalog variant needs a formula, and only those"
@@ -201,9 +201,62 @@ def _mutate(text: str, old: str, new: str) -> str:
     ("nbhd_1d", "nbhd(p, m, M, W, ST)", "nbhd(p, m, M, W, 1)", "rect"),
     ("moba", "m <= p", "m < p + BS", "rect"),
     ("lightning_causal", "p - m", "m - p", "rect"),
+    ("lightning2", "p - m", "m - p", "rect"),
+    ("retnet", "p - m", "m - p", "rect"),
+    ("retnet", "/ sqrt(DS[h,p])", "/ DS[h,p]", "rect"),
+    ("retnet", "max(abs(RS[b,h,p]), 1)", "abs(RS[b,h,p])", "rect"),
+    ("retnet", "* scale", "", "rect"),
 ])
 def test_formula_catches_a_small_spec_mistake(name, old, new, size):
     wrong = ei.parse(_mutate(ei.variants.source(name), old, new))
     args = F.example_args(name, size=size)
     want = F.FORMULAS[name](**args)
     assert F.max_error(ei.interpret(wrong, **args), want) > 100 * _tolerance(want)
+
+
+# ---------------------------------------------------------------------------- decayed forms
+
+DECAYED = sorted(F.DECAY_INPUTS)
+
+
+@pytest.mark.parametrize("lam", [1.0, 1e-3], ids=["lam1", "lam1e-3"])
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("name", DECAYED)
+def test_decay_at_its_extremes_matches_formula(name, size, lam):
+    args = F.with_decay(name, F.example_args(name, size=size), lam)
+    want = F.FORMULAS[name](**args)
+    got = ei.interpret(ei.variants.load(name), **args)
+    assert not torch.isnan(got).any() and want.abs().max() > 1e-2
+    assert F.max_error(got, want) <= _tolerance(want)
+
+
+@pytest.mark.parametrize("name", [n for n in DECAYED if n != "retnet"])
+def test_decay_one_is_causal_linear_attention_and_near_zero_keeps_the_diagonal(name):
+    args = F.example_args(name, size="rect")
+    q, k, v = args["Q"], args["K"], args["V"]
+    s = (q @ k.transpose(-1, -2)).tril()                      # m <= p, no decay
+    c = ei.variants.load(name)
+    assert F.max_error(ei.interpret(c, **F.with_decay(name, args, 1.0)), s @ v) < 1e-4
+    diag = torch.diagonal(s, dim1=-2, dim2=-1)[..., None] * v[..., :q.shape[-2], :]
+    got = ei.interpret(c, **F.with_decay(name, args, 1e-6))
+    assert F.max_error(got, diag) < 1e-4 * max(1.0, diag.abs().max().item())
+
+
+def test_retnet_normalizes_rows_both_below_and_above_one():
+    # max(|row sum|, 1) must divide some rows and leave others alone, or the check is idle.
+    args = F.example_args("retnet", size="rect")
+    q, k, lam = args["Q"], args["K"], args["Lam"]
+    p, m = q.shape[-2], k.shape[-2]
+    dist = (torch.arange(p)[:, None] - torch.arange(m)[None, :]).to(q.dtype)
+    d = torch.where(dist >= 0, lam[:, None, None] ** dist.clamp(min=0), torch.zeros(()))
+    rows = ((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) * d / d.sum(-1, keepdim=True).sqrt()).sum(-1)
+    assert (rows.abs() < 1).any() and (rows.abs() > 1).any()
+
+
+@pytest.mark.parametrize("name", DECAYED)
+def test_fp16_inputs(name):
+    args = F.example_args(name, size="rect", dtype=torch.float16)
+    got = ei.interpret(ei.variants.load(name), **args)
+    assert got.dtype == torch.float16
+    want = F.FORMULAS[name](**{k: v.float() if isinstance(v, torch.Tensor) else v for k, v in args.items()})
+    assert F.max_error(got, want) <= 2e-3 * max(1.0, want.abs().max().item())

@@ -173,6 +173,43 @@ def lightning_causal(Q: Tensor, K: Tensor, V: Tensor, Lam: Tensor, **_: object) 
     return ((Q @ K.transpose(-1, -2)) * decay) @ V
 
 
+def _decay_matrix(rate: Tensor, p: int, m: int) -> Tensor:
+    """[h, p, m]: exp(-rate[h] * (i - j)) for key j <= query i, else 0 (a per-head decay)."""
+    i, j = _positions(p, m)
+    dist = (i - j).clamp(min=0).to(rate.dtype)
+    return torch.where(j <= i, torch.exp(-rate[:, None, None] * dist), torch.zeros((), dtype=rate.dtype))
+
+
+def retnet(Q: Tensor, K: Tensor, V: Tensor, Lam: Tensor, **_: object) -> Tensor:
+    # The paper's parallel form with its three normalizations (Sun et al. 2023, section 2.2).
+    d = _decay_matrix(-torch.log(Lam), Q.shape[-2], K.shape[-2])
+    d = d / d.sum(dim=-1, keepdim=True).sqrt()
+    r = _scores(Q, K) * d
+    return (r / r.sum(dim=-1, keepdim=True).abs().clamp(min=1.0)) @ V
+
+
+def lightning2(Q: Tensor, K: Tensor, V: Tensor, Slope: Tensor, block: int = 3,
+               **_: object) -> Tensor:
+    # Lightning Attention-2's tiled algorithm (Qin et al. 2024, as in the authors' kernel),
+    # lambda = exp(-Slope): for the block starting at s, intra = ((q k^T) * lambda^(i-j), j <= i) v
+    # and inter = lambda^(p-s) q kv, where kv = sum_{m<s} lambda^(s-m) k_m^T v_m. A top-left
+    # causal layout with P != M is the same sequence padded with zeros to max(P, M).
+    p, m = Q.shape[-2], K.shape[-2]
+    n = max(p, m)
+    q = tfn.pad(Q, (0, 0, 0, n - p))
+    k, v = tfn.pad(K, (0, 0, 0, n - m)), tfn.pad(V, (0, 0, 0, n - m))
+    s = Slope[:, None, None]
+    kv = torch.zeros(*K.shape[:-2], K.shape[-1], V.shape[-1], dtype=Q.dtype)
+    out = []
+    for lo in range(0, n, block):
+        qb, kb, vb = q[..., lo:lo + block, :], k[..., lo:lo + block, :], v[..., lo:lo + block, :]
+        at = torch.arange(qb.shape[-2], dtype=Q.dtype)[:, None]   # offset in the block
+        intra = ((qb @ kb.transpose(-1, -2)) * _decay_matrix(Slope, len(at), len(at))) @ vb
+        out.append(intra + torch.exp(-s * at) * (qb @ kv))         # kv holds keys < lo
+        kv = torch.exp(-s * len(at)) * kv + (torch.exp(-s * (len(at) - at)) * kb).transpose(-1, -2) @ vb
+    return torch.cat(out, dim=-2)[..., :p, :]
+
+
 def agent_attention(Q: Tensor, K: Tensor, V: Tensor, A: Tensor, **_: object) -> Tensor:
     agent_v = tfn.scaled_dot_product_attention(A, K, V)       # agents aggregate K, V
     return tfn.scaled_dot_product_attention(Q, A, agent_v)    # queries read the agents
@@ -244,6 +281,8 @@ FORMULAS: dict[str, Callable[..., Tensor | tuple[Tensor, ...]]] = {
     "linear_elu": linear_elu,
     "linear_elu_causal": linear_elu_causal,
     "lightning_causal": lightning_causal,
+    "lightning2": lightning2,
+    "retnet": retnet,
     "agent_attention": agent_attention,
     "flowformer": flowformer,
     "moh": moh,
@@ -312,6 +351,12 @@ def example_args(name: str, size: str = "small", seed: int = 0,
         args.update(U=randn(b, h, p, 2) * 0.7, W=randn(b, h, m, 2) * 0.7)
     elif name == "lightning_causal":
         args["Lam"] = (0.5 + 0.5 * torch.rand(h, generator=gen)).to(dtype)
+    elif name == "retnet":
+        # The paper's schedule, steepened so that a few positions already decay visibly.
+        args["Lam"] = torch.tensor([1 - 2.0 ** (-1 - i) for i in range(h)]).to(dtype)
+    elif name == "lightning2":
+        # Decay rates of the ALiBi form 2^(-8i/H) used by the kernel, with a steeper ratio.
+        args["Slope"] = torch.tensor([2.0 ** (-1 - i) for i in range(h)]).to(dtype)
     elif name == "agent_attention":
         args["A"] = randn(b, h, 3, e)
     elif name == "moh":
@@ -325,6 +370,22 @@ def example_args(name: str, size: str = "small", seed: int = 0,
         sel[0, 0, -1, :] = False  # ... except here: a query block that selected nothing
         args["Sel"] = sel
     return args
+
+
+# The per-head (or per-step) decay input of each decayed variant, and how a decay factor
+# lambda per step is written there.
+DECAY_INPUTS: dict[str, tuple[str, Callable[[float], float]]] = {
+    "lightning_causal": ("Lam", lambda lam: lam),
+    "retnet": ("Lam", lambda lam: lam),
+    "lightning2": ("Slope", lambda lam: -math.log(lam)),
+}
+
+
+def with_decay(name: str, args: dict, lam: float) -> dict:
+    """`args` with the decay of variant `name` set to `lam` per step, 0 < lam <= 1, every head."""
+    key, value = DECAY_INPUTS[name]
+    old = args[key]
+    return {**args, key: torch.full_like(old, value(lam))}
 
 
 # ------------------------------------------------------------------------------- checking
