@@ -35,6 +35,7 @@ from einsum_ir.ir import (
 from einsum_ir.cost_model import lattice
 from einsum_ir.cost_model import predicates as pr
 from einsum_ir.printer import print_expr
+from einsum_ir.validate import cross_rank_mismatch
 
 if TYPE_CHECKING:
     import torch
@@ -189,6 +190,9 @@ def bind(c: Cascade, shapes: dict | None) -> Binding:
         values.setdefault(s.inner, sympy.Integer(DEFAULT_TILE))
     subs = {r.extent: values[name] for name, r in c.ranks.items() if name in values}
     extents = {name: sympy.sympify(r.extent).subs(subs) for name, r in c.ranks.items()}
+    problem = cross_rank_mismatch(c, extents)
+    if problem:
+        raise ValueError(problem)
     scalars: dict[str, sympy.Expr] = dict(extents)
     for p in c.params:
         if p.type is not None:

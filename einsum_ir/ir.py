@@ -312,6 +312,17 @@ def rank_of(index: str) -> str:
     return index.upper()
 
 
+@dataclass(frozen=True)
+class CrossRankRead:
+    """One index of an input read at another rank's variable, `G[b,h,m]` for `input G[b,h,p]`
+    (docs/spec.md, "Einsums"): binding checks that the two ranks have one extent."""
+
+    reader: str  # the tensor whose Einsum (or init) reads it
+    access: Access
+    var: str  # the index variable read with: m
+    declared: str  # the index variable declared at that position: p
+
+
 # ---------------------------------------------------------------------------- cascade
 
 
@@ -378,6 +389,17 @@ class Cascade:
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
+
+    @cached_property
+    def cross_rank_reads(self) -> tuple[CrossRankRead, ...]:
+        """Every index of an input read at another rank's variable, in spec order."""
+        # Built once: every call of a kernel binds its arguments against them.
+        declared = {d.name: d.indices for d in self.inputs}
+        reads = [(e.name, a) for e in self.einsums for a in accesses(e.expr) + accesses(e.where)]
+        reads += [(i.target.tensor, a) for i in self.inits for a in accesses(i.expr)]
+        return tuple(CrossRankRead(reader, a, idx.name, declared[a.tensor][pos]) for reader, a in reads
+                     if a.tensor in declared for pos, idx in enumerate(a.indices)
+                     if isinstance(idx, Index) and rank_of(idx.name) != rank_of(declared[a.tensor][pos]))
 
     @cached_property
     def _writers(self) -> dict[str, list[Einsum]]:

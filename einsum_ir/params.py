@@ -17,6 +17,7 @@ from einsum_ir.errors import BindError, located
 from einsum_ir.functions import FUNCTIONS, torch_function, torch_operator
 from einsum_ir.ir import Access, Binary, Call, Cascade, Expr, Index, Name, Num, Param, Unary, rank_of, walk
 from einsum_ir.printer import print_expr
+from einsum_ir.validate import cross_rank_mismatch
 
 INT64 = (-(1 << 63), (1 << 63) - 1)
 
@@ -116,7 +117,8 @@ def bind_shapes(cascade: Cascade, args: dict, held: frozenset = frozenset()) -> 
     """The input tensors and dims popped from `args` -> (tensors, rank extents); floating inputs
     of another dtype than `result_dtype`'s are cast to it (but those in `held`), so every backend
     computes the same thing and Triton's dots see one dtype. Raises BindError on a missing input,
-    a non-tensor, a wrong number of dims or two different extents of one rank."""
+    a non-tensor, a wrong number of dims, two different extents of one rank, or a cross-rank
+    read of two ranks with different extents."""
     tensors, extents, where = {}, {}, {}
     for d in cascade.inputs:
         if d.name not in args:
@@ -144,7 +146,19 @@ def bind_shapes(cascade: Cascade, args: dict, held: frozenset = frozenset()) -> 
             if d in extents and extents[d] != size:
                 raise BindError(f"rank {d}={size} given, but {where[d]} has {extents[d]}")
             extents[d] = size
+    _bind_cross_rank_extents(cascade, extents)
     return tensors, extents
+
+
+def _bind_cross_rank_extents(cascade: Cascade, extents: dict[str, int]) -> None:
+    """A rank that no input or keyword binds, but a cross-rank read uses, can only have the
+    extent of the input's rank it pairs with (`Q[b,h,m,e]` for `Q[b,h,p,e]` gives M = P);
+    then every pair must agree."""
+    for r in cascade.cross_rank_reads:
+        extents.setdefault(rank_of(r.var), extents[rank_of(r.declared)])
+    problem = cross_rank_mismatch(cascade, extents)
+    if problem:
+        raise BindError(problem)
 
 
 def bind_arguments(cascade: Cascade, args: dict, held: frozenset = frozenset()

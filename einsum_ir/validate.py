@@ -1,7 +1,11 @@
-"""Semantic checks on a parsed or built cascade. Each failure is a located SpecError."""
+"""Semantic checks on a parsed or built cascade. Each failure is a located SpecError; the one
+check that needs extents, `cross_rank_mismatch`, returns its message for the caller's error."""
 from __future__ import annotations
 
-from einsum_ir.errors import SpecError
+import numbers
+from collections.abc import Mapping
+
+from einsum_ir.errors import SpecError, located
 from einsum_ir.builtins import PREDICATES
 from einsum_ir.functions import FUNCTIONS, INDEX_FUNCTIONS
 from einsum_ir.graph import acyclic_view, dependency_graph, einsum_reads
@@ -144,11 +148,36 @@ def _check_access(c: Cascade, a: Access, ranks: dict[str, tuple[str, ...]], cont
                         f"but {len(a.indices)} are given here", a.loc)
     for pos, idx in enumerate(a.indices):
         if isinstance(idx, Index) and rank_of(idx.name) != want[pos]:
-            raise SpecError(
-                f"index {idx.name} is bound to rank {rank_of(idx.name)}, but position {pos + 1} of "
-                f"{a.tensor} has rank {want[pos]}; use {want[pos].lower()} or an index expression",
-                idx.loc or a.loc)
+            _check_cross_rank(c, a, pos, idx, want[pos])
         _check_index_expr(idx, a)
+
+
+def _check_cross_rank(c: Cascade, a: Access, pos: int, idx: Index, declared: str) -> None:
+    """A plain index of another rank is a cross-rank read: allowed for an input, between two
+    ranks of the dims line, whose extents `bind_shapes` then compares. An intermediate's extents
+    come from its Einsum, and a split rank's from a tile, so neither can be read that way."""
+    read = rank_of(idx.name)
+    split = next((r for r in (read, declared) if r not in c.dims), None)
+    if a.tensor in c.input_names and split is None:
+        return
+    why = ("only an input may be read at another rank's index" if split is None else
+           f"a cross-rank read pairs two ranks of the dims line, and {split} is a split rank")
+    raise SpecError(f"index {idx.name} is bound to rank {read}, but position {pos + 1} of {a.tensor} has "
+                    f"rank {declared}; {why}: use {declared.lower()} or an index expression",
+                    idx.loc or a.loc)
+
+
+def cross_rank_mismatch(cascade: Cascade, extents: Mapping[str, object]) -> str | None:
+    """The message for the first cross-rank read whose two ranks have different integer
+    extents in `extents` (ints, or sympy Integers; a symbolic extent is not compared)."""
+    for r in cascade.cross_rank_reads:
+        read, own = rank_of(r.var), rank_of(r.declared)
+        x, y = extents.get(read), extents.get(own)
+        if isinstance(x, numbers.Integral) and isinstance(y, numbers.Integral) and x != y:
+            return located(r.access, f"{r.access.tensor} is read at {r.var} (rank {read}) in {r.reader}, declared "
+                                     f"at {r.declared} (rank {own}): {read}={x} and {own}={y} differ; a "
+                                     f"cross-rank read needs equal extents")
+    return None
 
 
 def _check_index_expr(idx: Expr, a: Access) -> None:

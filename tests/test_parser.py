@@ -70,8 +70,9 @@ def _caret_under(err: ei.SpecError, token: str) -> None:
 ERRORS = {
     "undefined tensor": ("O[b,h,p,f] = X[b,h,p,f]\noutput O\n", "undefined tensor 'X'", "X"),
     "wrong number of indices": ("O[b,h,p,f] = V[b,h,m]\noutput O\n", "V has 4 indices [b, h, m, f], but 3 are given", "V"),
-    "index bound to two ranks": ("S[b,h,p,m] = Q[b,h,m,e] * K[b,h,m,e]\noutput S\n",
-                                 "index m is bound to rank M, but position 3 of Q has rank P", "m"),
+    "intermediate read at another rank": ("S[b,h,p,m] = Q[b,h,p,e] * K[b,h,m,e]\nT[b,h,p,m] = S[b,h,m,p]\noutput T\n",
+                                          "index m is bound to rank M, but position 3 of S has rank P; only an input",
+                                          "m"),
     "reassignment": ("S[b,h,p,m] = Q[b,h,p,e] * K[b,h,m,e]\nS[b,h,p,m] = Q[b,h,p,e]\noutput S\n",
                      "'S' is assigned twice", "S"),
     "cycle": ("A[b,h,p] = B[b,h,p] + 1\nB[b,h,p] = A[b,h,p] * 2\noutput B\n", "cycle: ", "A"),
