@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from einsum_ir.ir import rank_of
+
 # Where generated Triton kernels run in the tests: the GPU when there is one (compiled), else
 # CPU tensors in Triton's interpreter. A GPU's fp32 dots use TF32, hence its looser tolerance.
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,6 +56,8 @@ def make_inputs(name: str, c, P: int = 33, M: int = 40, E: int = 24, F: int = 20
     if extra:
         ext.update({k: v for k, v in extra.items() if k.isupper() and len(k) <= 2 and k in c.dims})
         params.update({k: v for k, v in extra.items() if k not in c.dims})
+    for r in c.cross_rank_reads:  # an input read at another rank's index: equal extents
+        ext[rank_of(r.var)] = ext[rank_of(r.declared)]
     args = {}
     for d in c.inputs:
         shape = [ext[i.upper()] for i in d.indices]
@@ -61,6 +65,8 @@ def make_inputs(name: str, c, P: int = 33, M: int = 40, E: int = 24, F: int = 20
             t = torch.rand(shape, generator=g) < 0.6
         elif d.name in ("Slope", "Lam"):  # floating inputs share one dtype (docs/spec.md)
             t = (torch.rand(shape, generator=g) * 0.5 + 0.25).to(dtype)
+        elif d.name == "G":  # cumulative log-gates (gla_scalar): non-increasing along the sequence
+            t = torch.cumsum(torch.nn.functional.logsigmoid(torch.randn(shape, generator=g) + 2), -1).to(dtype)
         else:
             t = torch.randn(shape, generator=g).to(dtype)
         args[d.name] = t.to(device)

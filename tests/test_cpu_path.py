@@ -14,7 +14,7 @@ from einsum_ir.codegen.cpu_emit import CpuKernel, compile_cpu
 from einsum_ir.variants import formulas
 from support import assert_outputs_close
 
-LOWERED = ["agent_attention", "alibi", "bias_tensor", "flashbias_lowrank", "lightning2", "lightning_causal",
+LOWERED = ["agent_attention", "alibi", "bias_tensor", "flashbias_lowrank", "gla_scalar", "lightning2", "lightning_causal",
            "moba", "moh", "nbhd_1d", "nbhd_2d", "retnet", "sigmoid_bias", "sinks_window", "softcap", "softmax",
            "softmax_causal", "softmax_causal_bottom_right", "softmax_deferred", "softmax_gqa",
            "softmax_lse", "softmax_window", "softplus_l1"]

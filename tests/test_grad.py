@@ -31,7 +31,8 @@ WITH_BACKWARD = ["alibi", "bias_tensor", "flashbias_lowrank", "lightning2", "lig
                  "softmax_causal_bottom_right", "softmax_deferred", "softmax_gqa", "softmax_lse",
                  "softmax_window", "softplus_l1"]
 # forward lowers, backward is not derived: the reason (docs/backward.md lists the same)
-NO_BACKWARD = {"agent_attention": "the forward runs 2 stages"}
+NO_BACKWARD = {"agent_attention": "the forward runs 2 stages",
+               "gla_scalar": "the backward needs one reading per Einsum"}
 # no fused forward at all (so no fused backward either)
 NO_FORWARD = ["flowformer", "linear_elu", "linear_elu_causal", "softmax_1pass"]
 # (P, M, E, F): P = M; P < M ragged; P > M ragged

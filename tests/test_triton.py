@@ -13,7 +13,7 @@ from support import KERNEL_DEVICE, assert_outputs_close, make_inputs, on_kernel_
 triton = pytest.importorskip("triton")
 
 
-FUSED = ["agent_attention", "alibi", "bias_tensor", "flashbias_lowrank", "lightning2", "lightning_causal",
+FUSED = ["agent_attention", "alibi", "bias_tensor", "flashbias_lowrank", "gla_scalar", "lightning2", "lightning_causal",
          "moba", "moh", "nbhd_1d", "nbhd_2d", "retnet", "sigmoid_bias", "sinks_window", "softcap", "softmax",
          "softmax_causal", "softmax_causal_bottom_right", "softmax_deferred", "softmax_gqa",
          "softmax_lse", "softmax_window", "softplus_l1"]

@@ -41,6 +41,7 @@ def test_catalog_is_complete():
         "alibi", "bias_tensor", "flashbias_lowrank", "softcap", "softplus_l1", "sigmoid_bias",
         "linear_elu", "linear_elu_causal", "lightning_causal", "agent_attention", "flowformer",
         "moh", "moba", "sinks_window", "nbhd_1d", "nbhd_2d", "retnet", "lightning2",
+        "gla_scalar",
     }
     assert expected <= set(NAMES)
     assert set(NAMES) == set(F.FORMULAS), "every catalog variant needs a formula, and only those"
@@ -206,6 +207,8 @@ def _mutate(text: str, old: str, new: str) -> str:
     ("retnet", "/ sqrt(DS[h,p])", "/ DS[h,p]", "rect"),
     ("retnet", "max(abs(RS[b,h,p]), 1)", "abs(RS[b,h,p])", "rect"),
     ("retnet", "* scale", "", "rect"),
+    ("gla_scalar", "G[b,h,p] - G[b,h,m]", "G[b,h,m] - G[b,h,p]", "rect"),
+    ("gla_scalar", "m <= p", "m < p", "rect"),
 ])
 def test_formula_catches_a_small_spec_mistake(name, old, new, size):
     wrong = ei.parse(_mutate(ei.variants.source(name), old, new))

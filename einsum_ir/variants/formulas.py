@@ -210,6 +210,19 @@ def lightning2(Q: Tensor, K: Tensor, V: Tensor, Slope: Tensor, block: int = 3,
     return torch.cat(out, dim=-2)[..., :p, :]
 
 
+def gla_scalar(Q: Tensor, K: Tensor, V: Tensor, G: Tensor, **_: object) -> Tensor:
+    # The recurrent form (GLA with one gate per head and step; Mamba-2's scalar SSM): the
+    # state decays by the step's gate alpha_t = exp(G[t] - G[t-1]) and adds k_t^T v_t, and
+    # query t reads it. One sequence, so P = M.
+    alpha = torch.exp(torch.diff(G, dim=-1, prepend=torch.zeros_like(G[..., :1])))
+    state = torch.zeros(*K.shape[:-2], K.shape[-1], V.shape[-1], dtype=Q.dtype)
+    out = []
+    for t in range(Q.shape[-2]):
+        state = alpha[..., t, None, None] * state + K[..., t, :, None] * V[..., t, None, :]
+        out.append((Q[..., t, None, :] @ state)[..., 0, :])
+    return torch.stack(out, dim=-2)
+
+
 def agent_attention(Q: Tensor, K: Tensor, V: Tensor, A: Tensor, **_: object) -> Tensor:
     agent_v = tfn.scaled_dot_product_attention(A, K, V)       # agents aggregate K, V
     return tfn.scaled_dot_product_attention(Q, A, agent_v)    # queries read the agents
@@ -283,6 +296,7 @@ FORMULAS: dict[str, Callable[..., Tensor | tuple[Tensor, ...]]] = {
     "lightning_causal": lightning_causal,
     "lightning2": lightning2,
     "retnet": retnet,
+    "gla_scalar": gla_scalar,
     "agent_attention": agent_attention,
     "flowformer": flowformer,
     "moh": moh,
@@ -338,7 +352,7 @@ def example_args(name: str, size: str = "small", seed: int = 0,
         mx, my = _GRID[size]
         args.update(Q=randn(b, h, mx, my, e), K=randn(b, h, mx, my, e), V=randn(b, h, mx, my, f))
         return args
-    if name == "nbhd_1d":
+    if name in ("nbhd_1d", "gla_scalar"):
         p = m  # self-attention layout: one sequence of length M
     args.update(Q=randn(b, h, p, e), K=randn(b, h, m, e), V=randn(b, h, m, f))
     if name == "softmax_1pass":
@@ -355,8 +369,13 @@ def example_args(name: str, size: str = "small", seed: int = 0,
         # The paper's schedule, steepened so that a few positions already decay visibly.
         args["Lam"] = torch.tensor([1 - 2.0 ** (-1 - i) for i in range(h)]).to(dtype)
     elif name == "lightning2":
-        # Decay rates of the ALiBi form 2^(-8i/H) used by the kernel, with a steeper ratio.
+        # Decay rates of the ALiBi form 2^(-8(i+1)/H) the kernel is run with, with a steeper ratio.
         args["Slope"] = torch.tensor([2.0 ** (-1 - i) for i in range(h)]).to(dtype)
+    elif name == "gla_scalar":
+        # Cumulative log-gates: G[p] = sum_{t<=p} log sigmoid(x_t), non-increasing, gates mostly
+        # near 0.8 (a visible decay over a few steps).
+        steps = tfn.logsigmoid(1.5 + torch.randn(b, h, m, generator=gen))
+        args["G"] = torch.cumsum(steps, dim=-1).to(dtype)
     elif name == "agent_attention":
         args["A"] = randn(b, h, 3, e)
     elif name == "moh":
@@ -378,6 +397,7 @@ DECAY_INPUTS: dict[str, tuple[str, Callable[[float], float]]] = {
     "lightning_causal": ("Lam", lambda lam: lam),
     "retnet": ("Lam", lambda lam: lam),
     "lightning2": ("Slope", lambda lam: -math.log(lam)),
+    "gla_scalar": ("G", math.log),
 }
 
 
@@ -385,6 +405,9 @@ def with_decay(name: str, args: dict, lam: float) -> dict:
     """`args` with the decay of variant `name` set to `lam` per step, 0 < lam <= 1, every head."""
     key, value = DECAY_INPUTS[name]
     old = args[key]
+    if key == "G":  # cumulative log-gates: G[p] = (p + 1) log lam
+        steps = torch.arange(1, old.shape[-1] + 1, dtype=old.dtype)
+        return {**args, key: (value(lam) * steps).expand(old.shape).contiguous()}
     return {**args, key: torch.full_like(old, value(lam))}
 
 
