@@ -5,9 +5,13 @@
     python bench/cpu.py --n 2048 --cases causal
     python bench/cpu.py --profile window 2048    # where the time goes: torch's profiler, ours and flex
     python bench/cpu.py --backward     # forward + backward (a training step's attention)
+    python bench/cpu.py --linear       # linear forms: the chunked scan at N in {2048, 8192, 32768}
 
 Cases: causal, sliding window (W=512) and softplus-L1 attention at N in {2048, 8192}, B=1,
-H=8, D=64, fp32. Each implementation of each (case, N) runs in its own fresh subprocess,
+H=8, D=64, fp32. With --linear: Lightning's decayed causal linear attention (`lightning_causal`,
+a decay per head in [0.9, 0.999]) and causal linear attention with elu+1 feature maps
+(`linear_elu_causal`) at N in {2048, 8192, 32768}; the table then ends with each
+implementation's time ratio t(32768)/t(2048): 16 is linear, 256 quadratic. Each implementation of each (case, N) runs in its own fresh subprocess,
 ours first, so that no process holds two OpenMP runtimes: FlexAttention's Inductor-compiled
 code brings a second one, and the idle threads of one runtime then steal the cores of the
 other (or, with OMP_WAIT_POLICY=PASSIVE, every op of the other pays to wake its threads);
@@ -39,7 +43,10 @@ The implementations:
   sdpa   `F.scaled_dot_product_attention`: `is_causal=True` for causal, a boolean N x N mask
          for the window; softplus-L1 is not a softmax, so SDPA cannot express it.
   eager  what a PyTorch user writes: scores = Q K^T * scale, masked_fill(-inf), softmax, @ V
-         (softplus-L1: softplus(Q K^T * lscale), normalize(p=1), @ V). Materializes N x N.
+         (softplus-L1: softplus(Q K^T * lscale), normalize(p=1), @ V; the linear forms: the
+         masked, decayed or feature-mapped Q K^T, @ V). Materializes N x N.
+  quadratic  (linear cases) our own key-loop kernel of the same cascade, the form the chunked
+         scan replaces: `CpuKernel(variant, plan=key_loop_plan(...))`.
 Timings on a shared machine are noisy; the ratios measured side by side in one run are the
 result, never an absolute number.
 """
@@ -60,7 +67,15 @@ if ROOT not in sys.path:
 B, H, D = 1, 8, 64
 WINDOW = 512
 CASES = {"causal": "softmax_causal", "window": "softmax_window", "softplus_l1": "softplus_l1"}
+LINEAR_CASES = {"lightning": "lightning_causal", "linear_elu": "linear_elu_causal"}
 IMPLS = ["ours", "flex", "sdpa", "eager"]
+LINEAR_IMPLS = ["ours", "quadratic", "eager"]
+LINEAR_NS = [2048, 8192, 32768]
+
+
+def decays(torch):
+    """Lightning's per-head decay rates, spread over [0.9, 0.999]."""
+    return torch.linspace(0.9, 0.999, H)
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -111,6 +126,10 @@ def build(impl: str, case: str, n: int, q, k, v):
 
     scale = 1.0 / math.sqrt(D)
     lscale = math.log(D) * math.log(n) / math.sqrt(D)
+    if case in LINEAR_CASES:
+        return build_linear(impl, case, n, q, k, v)
+    if impl == "quadratic":
+        raise NotImplementedError("ours is the key loop already")
     if impl == "ours":
         import einsum_ir as ei
         from einsum_ir.codegen.cpu_emit import compile_cpu
@@ -157,6 +176,46 @@ def build(impl: str, case: str, n: int, q, k, v):
             return torch.softmax(s, dim=-1) @ v
         return run, _tensor_bytes(mask)
     raise ValueError(impl)
+
+
+def build_linear(impl: str, case: str, n: int, q, k, v):
+    """The linear cases: the chunked scan, our quadratic key loop, and eager PyTorch."""
+    import torch
+    import torch.nn.functional as F
+
+    extra = {"Lam": decays(torch)} if case == "lightning" else {}
+    if impl in ("ours", "quadratic"):
+        import einsum_ir as ei
+        from einsum_ir.codegen.cpu_emit import CpuKernel, compile_cpu
+        from einsum_ir.codegen.names import spell
+        from einsum_ir.lowering.strategy import key_loop_plan
+
+        c = ei.variants.load(LINEAR_CASES[case])
+        if impl == "ours":
+            kern = compile_cpu(c)
+        else:
+            try:
+                kern = CpuKernel(c, plan=key_loop_plan(spell(c).cascade))
+            except ei.LoweringError as err:
+                raise NotImplementedError(f"no key loop: {str(err)[:40]}") from None
+        return (lambda: kern(Q=q, K=k, V=v, **extra)), 0
+    if impl != "eager":
+        raise NotImplementedError("not a softmax")
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    if case == "lightning":
+        weights = torch.where(j <= i, extra["Lam"][:, None, None] ** (i - j).clamp(min=0), 0.0)
+
+        def run():
+            return ((q @ k.transpose(-1, -2)) * weights) @ v
+        return run, _tensor_bytes(weights)
+    mask = j <= i
+
+    def run():
+        fq, fk = F.elu(q) + 1, F.elu(k) + 1
+        a = (fq @ fk.transpose(-1, -2)).masked_fill(~mask, 0.0)
+        return (a @ v) / a.sum(-1, keepdim=True)
+    return run, _tensor_bytes(mask)
 
 
 def _malloc_trim() -> None:
@@ -278,11 +337,12 @@ def fmt_time(r) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, nargs="+", default=[2048, 8192])
-    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    ap.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES) + list(LINEAR_CASES))
+    ap.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS + ["quadratic"])
     ap.add_argument("--quick", action="store_true", help="N=2048 only")
     ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 3 at N<=2048, else 2)")
     ap.add_argument("--backward", action="store_true", help="time forward + backward (dQ, dK, dV)")
+    ap.add_argument("--linear", action="store_true", help="the linear cases (chunked scan) at N up to 32768")
     ap.add_argument("--worker", nargs=5, metavar=("CASE", "N", "IMPL", "ROUNDS", "REF"), help=argparse.SUPPRESS)
     ap.add_argument("--profile", nargs=2, metavar=("CASE", "N"), help="print torch profiler tables of one case")
     args = ap.parse_args(argv)
@@ -298,6 +358,10 @@ def main(argv=None) -> None:
 
     ns = [2048] if args.quick else args.n
     impls = ["ours"] + [i for i in args.impls if i != "ours"]
+    if args.linear:
+        args.cases = list(LINEAR_CASES)
+        ns = [2048] if args.quick else (args.n if args.n != ap.get_default("n") else LINEAR_NS)
+        impls = LINEAR_IMPLS
     results = {}
     load0 = os.getloadavg()[0]
     t0 = time.time()
@@ -315,6 +379,22 @@ def main(argv=None) -> None:
           f"{os.getloadavg()[0]:.1f} after; {time.time() - t0:.0f} s")
     print()
     print_table(results, ns, args.cases, impls)
+    if args.linear and len(ns) > 1:
+        print_scaling(results, ns, args.cases, impls)
+
+
+def print_scaling(results, ns, cases, impls) -> None:
+    """t(largest N)/t(smallest N) per implementation and case: linear is the ratio of the Ns."""
+    lo, hi = ns[0], ns[-1]
+    print()
+    print(f"scaling t(N={hi})/t(N={lo}) (linear: {hi / lo:.0f}, quadratic: {(hi / lo) ** 2:.0f}):")
+    for case in cases:
+        cells = []
+        for i in impls:
+            a, b = results.get((i, case, lo), {}), results.get((i, case, hi), {})
+            ok = a.get("status") == b.get("status") == "ok"
+            cells.append(f"{i} {b['time'] / a['time']:.1f}" if ok else f"{i} -")
+        print(f"  {case}: " + ", ".join(cells))
 
 
 def print_table(results, ns, cases, impls) -> None:

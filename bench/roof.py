@@ -144,12 +144,12 @@ def aot(causal: bool, head_dim: int, target: str = "sm_90", block_m: int = 128, 
 def aot_table() -> str:
     """The roof and the generated softmax kernels side by side (sm_90, bf16, 128 x 64 tiles)."""
     import einsum_ir as ei
-    from einsum_ir.codegen.kernel import TritonKernel
+    from einsum_ir.codegen.kernel import compile_triton
     from einsum_ir.codegen.report import default_shapes
 
     rows = [("kernel", "d", "registers", "spills", "shared KiB", "async loads", "async mma")]
     for causal, name in ((False, "softmax"), (True, "softmax_causal")):
-        kern = TritonKernel(ei.variants.load(name))
+        kern = compile_triton(ei.variants.load(name))
         for d in (64, 128):
             r = aot(causal, d)
             g = kern.resource_usage(default_shapes(kern.cascade, d), dtype="bf16", target="sm_90")

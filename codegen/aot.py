@@ -112,21 +112,23 @@ def _usage(cubin: bytes) -> dict:
                              text=True, check=True).stdout
     finally:
         os.unlink(path)
-    regs = int(re.search(r"REG:(\d+)", out).group(1))
-    local = int(re.search(r"LOCAL:(\d+)", out).group(1))
-    shared = int(re.search(r"SHARED:(\d+)", out).group(1))
-    return {"registers": regs, "spills": local, "shared_bytes": shared}
+    # one line per function: the kernel and any device function it calls (a `.func` helper);
+    # the worst of them, not whichever the dump lists first
+    worst = lambda field: max(int(v) for v in re.findall(field + r":(\d+)", out))  # noqa: E731
+    # "stack": the STACK frame, where recent ptxas also puts spilled registers
+    return {"registers": worst("REG"), "spills": worst("LOCAL"), "stack": worst("STACK"),
+            "shared_bytes": worst("SHARED")}
 
 
-AOT_FORMAT = 2  # bump when what is measured (or how) changes
+AOT_FORMAT = 6  # bump when what is measured (or how) changes
 
 
 def usage_key(kern, shapes: dict, dtype: str, target: str, config: Config | None = None) -> str:
     """The cache key of one AOT measurement: exactly what is compiled (the source and every
-    stage's specialization), the target and Triton's version. Not `cache.key`, whose hash of
+    kernel's specialization, `kern.specializations`), the target and Triton's version. Not `cache.key`, whose hash of
     einsum-ir's own code would throw away ~100 s of compiles after any unrelated edit; the
     source text and the specialization already carry everything the result depends on."""
-    specs = [specialization(kern, i, shapes, dtype, config) for i in range(len(kern.emitters))]
+    specs = kern.specializations(shapes, dtype, config)
     for spec in specs:  # JSON needs str keys; positions are already in "divisible"
         spec["constexprs"] = sorted(spec["constexprs"].items())
     text = json.dumps([AOT_FORMAT, kern._source, specs, target, cache.versions()["triton"]],
@@ -147,6 +149,8 @@ def resource_usage_batch(items: list) -> list[dict]:
     from disk, the rest compiled here, or in one clean subprocess when this process runs
     Triton's interpreter (TRITON_INTERPRET=1 at import makes in-process compiles impossible)."""
     items = [tuple(it) + (None,) * (5 - len(it)) for it in items]
+    # no config given: the one the kernel launches with on that target
+    items = [(k, sh, dt, tg, cfg if cfg is not None else k.launch_config(sh, dt, tg)) for k, sh, dt, tg, cfg in items]
     keys = [usage_key(*it) for it in items]
     found = {k: cache.load("aot", k) for k in dict.fromkeys(keys)}
     todo = {k: it for k, it in zip(keys, items) if found[k] is None}
@@ -154,7 +158,7 @@ def resource_usage_batch(items: list) -> list[dict]:
         if _interpreting():
             results = _in_subprocess(list(todo.values()))
         else:
-            results = [_resource_usage(*it) for it in todo.values()]
+            results = [it[0].compiled_usage(*it[1:]) for it in todo.values()]
         for k, r in zip(todo, results):
             cache.store("aot", k, r)
             found[k] = r
@@ -173,19 +177,19 @@ def _interpreting() -> bool:
 _CHILD = """
 import json, sys
 import einsum_ir as ei
-from einsum_ir.codegen.kernel import TritonKernel
+from einsum_ir.codegen.kernel import compile_triton
 from einsum_ir.codegen import aot
-from einsum_ir.codegen.dispatch import Config
 out = []
 kernels = {}
 for req in json.loads(sys.stdin.read()):
     key = (req["cascade"], tuple(req["fp32"]))
     if key not in kernels:
-        kernels[key] = TritonKernel(ei.parse(req["cascade"]), frozenset(req["fp32"]))
-    config = Config(**req["config"]) if req["config"] else None
-    run = aot._resource_usage if req["what"] == "usage" else aot._asm
+        kernels[key] = compile_triton(ei.parse(req["cascade"]), frozenset(req["fp32"]))
+    kern = kernels[key]  # a TritonKernel, or the chunked scan's kernel (each its own config type)
+    config = kern.config_class(**req["config"]) if req["config"] else None
+    run = kern.compiled_usage if req["what"] == "usage" else kern.compiled_asm
     try:
-        out.append(run(kernels[key], req["shapes"], req["dtype"], req["target"], config))
+        out.append(run(req["shapes"], req["dtype"], req["target"], config))
     except Exception as err:
         out.append({"error": f"{type(err).__name__}: {str(err)[-300:]}"})
 print(json.dumps(out))
@@ -227,9 +231,10 @@ def launched(kern, stage_index: int) -> list[str]:
 def asm(kern, shapes: dict, dtype: str = "bf16", target: str = "sm_90", config: Config | None = None) -> list[dict]:
     """{"name", "ttgir", "ptx"} for every kernel the cascade launches, compiled for `target`
     (in a clean subprocess when this process runs Triton's interpreter)."""
+    config = config if config is not None else kern.launch_config(shapes, dtype, target)
     if _interpreting():
         return _in_subprocess([(kern, shapes, dtype, target, config)], "asm")[0]
-    return _asm(kern, shapes, dtype, target, config)
+    return kern.compiled_asm(shapes, dtype, target, config)
 
 
 def _asm(kern, shapes: dict, dtype: str, target: str, config: Config | None = None) -> list[dict]:
@@ -241,15 +246,32 @@ def _asm(kern, shapes: dict, dtype: str, target: str, config: Config | None = No
     return out
 
 
+def kernel_usage(ck) -> dict:
+    """One compiled kernel's registers, spills, shared memory, matrix instructions and pipelining."""
+    u = _usage(ck.asm["cubin"])
+    u["shared_bytes"] = max(u["shared_bytes"], int(getattr(ck.metadata, "shared", 0) or 0))
+    u["wgmma"] = "wgmma" in ck.asm["ptx"]
+    u["mma"] = "mma" in ck.asm["ptx"]
+    u.update(pipelining(ck.asm["ttgir"], ck.asm["ptx"]))
+    return u
+
+
+def worst_usage(stages: list[dict]) -> dict:
+    """The worst over a cascade's kernels; the matrix and pipelining facts over those kernels
+    that have a matrix product (a scan's sweep that only sums a map has none)."""
+    mma = [s for s in stages if s["mma"]] or stages
+    return {"registers": max(s["registers"] for s in stages), "spills": max(s["spills"] for s in stages),
+            "stack": max(s["stack"] for s in stages), "shared_bytes": max(s["shared_bytes"] for s in stages),
+            "wgmma": all(s["wgmma"] for s in mma),
+            "async_loads": min(s["async_loads"] for s in mma),
+            "async_mma": min(s["async_mma"] for s in mma),
+            "cp_async": all(s["cp_async"] for s in mma), "stages": stages}
+
+
 def _resource_usage(kern, shapes: dict, dtype: str, target: str, config: Config | None = None) -> dict:
     stages = []
     for i, em in enumerate(kern.emitters):
-        ck = compile_stage(kern, i, shapes, dtype, target, config=config)
-        u = _usage(ck.asm["cubin"])
-        u["shared_bytes"] = max(u["shared_bytes"], int(getattr(ck.metadata, "shared", 0) or 0))
-        u["wgmma"] = "wgmma" in ck.asm["ptx"]
-        u["mma"] = "mma" in ck.asm["ptx"]
-        u.update(pipelining(ck.asm["ttgir"], ck.asm["ptx"]))
+        u = kernel_usage(compile_stage(kern, i, shapes, dtype, target, config=config))
         if em.list_emitter is not None:  # the block-list kernel must build too
             lk = compile_stage(kern, i, shapes, dtype, target, em.list_emitter.name, config)
             lu = _usage(lk.asm["cubin"])
@@ -257,9 +279,4 @@ def _resource_usage(kern, shapes: dict, dtype: str, target: str, config: Config 
             u["registers"] = max(u["registers"], lu["registers"])
             u["spills"] = max(u["spills"], lu["spills"])
         stages.append(u)
-    return {"registers": max(s["registers"] for s in stages), "spills": max(s["spills"] for s in stages),
-            "shared_bytes": max(s["shared_bytes"] for s in stages),
-            "wgmma": all(s["wgmma"] for s in stages),
-            "async_loads": min(s["async_loads"] for s in stages),
-            "async_mma": min(s["async_mma"] for s in stages),
-            "cp_async": all(s["cp_async"] for s in stages), "stages": stages}
+    return worst_usage(stages)

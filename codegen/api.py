@@ -48,9 +48,9 @@ class AutoKernel(DerivedKernels):
             self._built.add(kind)
             try:
                 if kind == "triton":
-                    from einsum_ir.codegen.kernel import TritonKernel
+                    from einsum_ir.codegen.kernel import compile_triton
 
-                    self._triton = TritonKernel(self.cascade, self.fp32)
+                    self._triton = compile_triton(self.cascade, self.fp32)
                 else:
                     self._cpu = _cpu_kernel(self.cascade, self.fp32)
             except (LoweringError, ImportError) as err:
@@ -122,9 +122,9 @@ def compile(cascade: Cascade, backend: str = "auto"):  # noqa: A001
 
         return ReferenceKernel(cascade)
     if backend == "triton":
-        from einsum_ir.codegen.kernel import TritonKernel
+        from einsum_ir.codegen.kernel import compile_triton
 
-        return TritonKernel(cascade)
+        return compile_triton(cascade)
     if backend == "cpu":
         return _cpu_kernel(cascade)
     return AutoKernel(cascade)

@@ -57,11 +57,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """The candidate table with prune reasons; on a GPU, timings and the winner."""
     from einsum_ir.codegen import autotune
     from einsum_ir.codegen.dispatch import bucket_of
-    from einsum_ir.codegen.kernel import TritonKernel
+    from einsum_ir.codegen.kernel import compile_triton
     from einsum_ir.cost_model.cli import parse_assignments
     from einsum_ir.variants import load_spec
 
-    kern = TritonKernel(load_spec(args.spec))
+    kern = compile_triton(load_spec(args.spec))
     shapes = parse_assignments(args.shapes)
     runtime = parse_assignments(args.params)
     # tuning is per shape bucket: prune at the bucket's extents, as the runtime does

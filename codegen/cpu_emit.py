@@ -712,26 +712,56 @@ def emit_plan(plan: Plan, cascade_text: str) -> tuple[str, list[StageEmitter]]:
 _COUNTER = itertools.count()
 
 
-class CpuKernel(DerivedKernels):
+class GeneratedPython(DerivedKernels):
+    """What the CPU path's kernels share: their generated module, run in this process, and the
+    binding of a call's arguments. `self.cascade`, `spelled`, `fp32` and `_source` are set by
+    the subclass."""
+
+    backend = "cpu"
+
+    def load(self, label: str) -> None:
+        """Compile `_source` into `_ns`, registered with linecache so tracebacks show its lines."""
+        filename = f"<einsum-ir {label} {next(_COUNTER)}>"
+        linecache.cache[filename] = (len(self._source), None, self._source.splitlines(True), filename)
+        self._ns: dict = {"__name__": "einsum_ir_" + label.replace(" ", "_")}
+        exec(compile(self._source, filename, "exec"), self._ns)  # noqa: S102 - our own generated code
+
+    def resource_usage(self, shapes, dtype="bf16", target="sm_90"):
+        raise LoweringError("the CPU backend generates PyTorch code; it has no compiled GPU kernel")
+
+    def __call__(self, **args):
+        if wants_grad(args):
+            return record(self, self.training, self.run, args)
+        return self.run(args)
+
+    def bind_call(self, args: dict):
+        """(tensors, extents, params, output dtype, compute dtype) of a call, spelled; None for a
+        call with an empty rank, which `interpreted` answers."""
+        tensors, extents, params = (self.spelled.args(x) for x in bind_arguments(self.cascade, dict(args), self.fp32))
+        if 0 in extents.values():
+            return None
+        floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
+        out_dtype = floats[0] if floats else torch.float32
+        return tensors, extents, params, out_dtype, torch.float64 if torch.float64 in floats else torch.float32
+
+
+class CpuKernel(GeneratedPython):
     """`kern(**tensors_and_params)` -> one tensor or a tuple in output order, like `ei.interpret`.
 
     `kern.source()` is the generated Python; `kern.last_stats` counts the key tiles of the
     last call: `full` (no mask), `partial` (masked), `empty` (tested and skipped whole)."""
 
-    backend = "cpu"
-
     def __init__(self, cascade: Cascade, block_q: int = DEFAULT_BLOCK_Q, block_s: int | None = None,
-                 fp32: frozenset = frozenset()):
+                 fp32: frozenset = frozenset(), plan: Plan | None = None):
+        """`plan`: a key-loop plan of the spelled cascade to run instead of the chosen one (a
+        linear form's quadratic key loop, beside its chunked scan)."""
         self.cascade = cascade
         self.fp32 = frozenset(fp32)  # held in fp32 whatever the dtype: saved outputs, saved inputs
         self.spelled = spell(cascade)  # the names generated code uses (codegen/names.py)
-        self.plan: Plan = build_plan(self.spelled.cascade)
+        self.plan: Plan = plan or build_plan(self.spelled.cascade)
         self.block_q, self.block_s = block_q, block_s
         self._source, self.emitters = emit_plan(self.plan, str(self.spelled.cascade))
-        filename = f"<einsum-ir cpu kernel {next(_COUNTER)}>"
-        linecache.cache[filename] = (len(self._source), None, self._source.splitlines(True), filename)
-        self._ns: dict = {"__name__": "einsum_ir_cpu_kernel"}
-        exec(compile(self._source, filename, "exec"), self._ns)  # noqa: S102 - our own generated code
+        self.load("cpu kernel")
         self.last_stats: dict = {}
 
     def source(self, shapes: dict | None = None, device: str = "cpu") -> str:
@@ -753,25 +783,15 @@ class CpuKernel(DerivedKernels):
         outputs = sum(math.prod(extents.get(r, 1) for r in c.tensors[o].ranks) for o in c.output_names)
         return max(MIN_BLOCK_S, min(DEFAULT_BLOCK_S, outputs // (4 * max(grid, 1) * self.block_q)))
 
-    def resource_usage(self, shapes, dtype="bf16", target="sm_90"):
-        raise LoweringError("the CPU backend generates PyTorch code; it has no compiled GPU kernel")
-
-    def __call__(self, **args):
-        if wants_grad(args):
-            return record(self, self.training, self.run, args)
-        return self.run(args)
-
     def same_backend(self, cascade: Cascade, fp32: frozenset = frozenset()) -> "CpuKernel":
         return CpuKernel(cascade, self.block_q, self.block_s, fp32)
 
     def run(self, args: dict):
-        tensors, extents, params = (self.spelled.args(x) for x in bind_arguments(self.cascade, dict(args), self.fp32))
-        if 0 in extents.values():
+        bound = self.bind_call(args)
+        if bound is None:
             return interpreted(self.cascade, args, self.fp32)
+        tensors, extents, params, out_dtype, dt = bound
         c = self.plan.cascade
-        floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
-        out_dtype = floats[0] if floats else torch.float32
-        dt = torch.float64 if torch.float64 in floats else torch.float32
         device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
         buffers = dict(tensors)
         for name in list(c.output_names) + list(self.plan.intermediates):
@@ -794,7 +814,15 @@ class CpuKernel(DerivedKernels):
 
 
 def compile_cpu(cascade: Cascade, block_q: int = DEFAULT_BLOCK_Q, block_s: int | None = None,
-                fp32: frozenset = frozenset()) -> CpuKernel:
-    """The tiled CPU kernel of `cascade`; raises LoweringError (with the reason) when the plan
-    has no fused lowering for it."""
+                fp32: frozenset = frozenset()) -> "CpuKernel | ScanCpuKernel":
+    """The tiled CPU kernel of `cascade` (the chunked scan's, when that is the plan); raises
+    LoweringError (with the reason) when the plan has no fused lowering for it."""
+    from einsum_ir.lowering.chunked_scan import ScanPlan
+
+    spelled = spell(cascade)
+    plan = build_plan(spelled.cascade)
+    if isinstance(plan, ScanPlan):
+        from einsum_ir.codegen.scan_cpu import ScanCpuKernel
+
+        return ScanCpuKernel(cascade, plan, spelled, fp32=fp32)
     return CpuKernel(cascade, block_q=block_q, block_s=block_s, fp32=fp32)

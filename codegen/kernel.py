@@ -46,6 +46,31 @@ def kernel_source(plan: Plan, cascade: Cascade) -> str:
     return _SOURCES[text]
 
 
+def generated_module(source: str, device: torch.device):
+    """The generated module for tensors on `device`: run by Triton's interpreter on CPU
+    tensors, compiled for CUDA ones."""
+    interpret = device.type == "cpu"
+    if interpret:
+        check_interpreter()
+    else:
+        check_compiler()
+    return load_module(source, interpret=interpret)
+
+
+def compile_triton(cascade: Cascade, fp32: frozenset = frozenset()) -> "TritonKernel | ScanTritonKernel":
+    """The Triton kernel of the plan the lowering chose: a key loop's (TritonKernel) or a
+    chunked scan's (codegen/scan_triton.py); LoweringError with the reason when none applies."""
+    from einsum_ir.lowering.chunked_scan import ScanPlan
+
+    spelled = spell(cascade)
+    plan = build_plan(spelled.cascade)
+    if isinstance(plan, ScanPlan):
+        from einsum_ir.codegen.scan_triton import ScanTritonKernel
+
+        return ScanTritonKernel(cascade, plan, spelled, fp32)
+    return TritonKernel(cascade, fp32)
+
+
 class TritonKernel(DerivedKernels):
     """`kern(**tensors_and_params)` -> one tensor or a tuple in output order.
 
@@ -54,6 +79,7 @@ class TritonKernel(DerivedKernels):
     tensors; it is resolved once per key and kept in `configs`."""
 
     backend = "triton"
+    config_class = Config
 
     def __init__(self, cascade: Cascade, fp32: frozenset = frozenset()):
         from einsum_ir.codegen.triton_emit import stage_emitters
@@ -88,6 +114,16 @@ class TritonKernel(DerivedKernels):
             text = "\n".join(notes) + "\n" + text
         return text
 
+    def launch_config(self, shapes: dict, dtype: str, target: str) -> Config | None:
+        """The config an ahead-of-time compile uses when none is given: None, the default tiles."""
+        return None
+
+    def launch_summary(self, shapes: dict, device: str = "h100", aot: bool = True) -> str:
+        """The config the autotuner's pruning picks for `shapes` on `device` (untimed)."""
+        from einsum_ir.codegen.autotune import pruned_best
+
+        return str(pruned_best(self, shapes, device, "bf16", aot=aot))
+
     def resource_usage(self, shapes: dict, dtype: str = "bf16", target: str = "sm_90",
                        config: Config | None = None) -> dict:
         """AOT-compiled registers, spills and shared memory (the default config unless given)."""
@@ -102,6 +138,23 @@ class TritonKernel(DerivedKernels):
         from einsum_ir.codegen.aot import asm
 
         return asm(self, shapes, dtype=dtype, target=target, config=config)
+
+    def specializations(self, shapes: dict, dtype: str, config: Config | None = None) -> list[dict]:
+        """What the JIT specializes each stage's kernel on (codegen/aot.py `specialization`)."""
+        from einsum_ir.codegen.aot import specialization
+
+        return [specialization(self, i, shapes, dtype, config) for i in range(len(self.emitters))]
+
+    def compiled_usage(self, shapes: dict, dtype: str, target: str, config: Config | None = None) -> dict:
+        """`resource_usage` compiled in this process, uncached (what the AOT subprocess runs)."""
+        from einsum_ir.codegen.aot import _resource_usage
+
+        return _resource_usage(self, shapes, dtype, target, config)
+
+    def compiled_asm(self, shapes: dict, dtype: str, target: str, config: Config | None = None) -> list[dict]:
+        from einsum_ir.codegen.aot import _asm
+
+        return _asm(self, shapes, dtype, target, config)
 
     def _extents_from_shapes(self, shapes: dict) -> dict:
         ext = {r: int(v) for r, v in shapes.items()}
@@ -123,8 +176,8 @@ class TritonKernel(DerivedKernels):
             return record(self, self.training, self.run, args)
         return self.run(args)
 
-    def same_backend(self, cascade: Cascade, fp32: frozenset = frozenset()) -> "TritonKernel":
-        return TritonKernel(cascade, fp32)
+    def same_backend(self, cascade: Cascade, fp32: frozenset = frozenset()):
+        return compile_triton(cascade, fp32)
 
     def run(self, args: dict, config: Config | None = None):
         """One call; `config` forces a launch config (the autotuner times candidates this way)."""
@@ -160,11 +213,7 @@ class TritonKernel(DerivedKernels):
         c = self.plan.cascade
         device = next(iter(tensors.values())).device
         interpret = device.type == "cpu"
-        if interpret:
-            check_interpreter()
-        else:
-            check_compiler()
-        module = load_module(self._source, interpret=interpret)
+        module = generated_module(self._source, device)
         buffers = dict(tensors)
         atomic = {t for s in self.plan.stages for t in s.summed_across_programs}
         tiled = {t for s in self.plan.stages for t in s.tile_stores}

@@ -33,7 +33,8 @@ COLUMN_LEGEND = {
                 + f" (the dims a variant has; any other dim {OTHER_DIM})",
     "sm90_d128": "the same at head dims 128",
     CONFIG_COLUMN: "the launch config (query x key tile, warps, stages) the autotuner's pruning "
-                   "picks for H100 at head dims 64, untimed",
+                   "picks for H100 at head dims 64, untimed; for a chunked scan its chunk, feature "
+                   "block and warps",
 }
 
 
@@ -60,9 +61,9 @@ def report_columns(name: str, cascade: Cascade, aot: bool = True) -> dict[str, s
 
 def _triton_columns(cascade: Cascade, aot: bool) -> dict[str, str]:
     try:
-        from einsum_ir.codegen.kernel import TritonKernel
+        from einsum_ir.codegen.kernel import compile_triton
 
-        kern = TritonKernel(cascade)
+        kern = compile_triton(cascade)
     except LoweringError as err:
         return {"fused": f"no: {err}", "sm90_d64": "-", "sm90_d128": "-", CONFIG_COLUMN: "-"}
     cols = {"fused": "yes"}
@@ -83,10 +84,8 @@ def _triton_columns(cascade: Cascade, aot: bool) -> dict[str, str]:
 
 
 def _config_cell(kern, shapes: dict, aot: bool) -> str:
-    from einsum_ir.codegen.autotune import pruned_best
-
     try:
-        return str(pruned_best(kern, shapes, "h100", "bf16", aot=aot))
+        return kern.launch_summary(shapes, "h100", aot=aot)
     except ImportError:
         return "n/a"
     except Exception as err:  # noqa: BLE001 - as above: a failure is worth showing

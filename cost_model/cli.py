@@ -178,9 +178,10 @@ def run_analyze(args) -> int:
 
 def _sections(args, c) -> None:
     """The upper layers' sections (the lowering's), which the top-level CLI passes in."""
+    shapes = _shapes(args, c) if not _unbound(c, _shapes(args, c)) else None
     for section in getattr(args, "sections", ()):
         print()
-        print(section(c))
+        print(section(c, shapes, args.device, args.dtype))
 
 
 def run_simulate(args) -> int:

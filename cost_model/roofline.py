@@ -116,13 +116,17 @@ def _num(x) -> float:
 
 
 def roofline(c: Cascade, shapes: dict, device: str | dict | Device = "h100", dtype: str = "bf16",
-             rank: str = "M") -> Roofline:
+             rank: str = "M", counts: cm.Counts | None = None) -> Roofline:
+    """The bound of the cascade as written, each extra pass costed; or, given `counts` of what a
+    lowering runs (every sweep of it counted), the bound of those counts alone."""
     d = get(device)
-    counts = cm.count(c, shapes, dtype)
+    lowered = counts is not None
+    counts = counts if lowered else cm.count(c, shapes, dtype)
     report = pm.analyze(c, rank)
     base = Work(_num(counts.macs), _num(counts.vector_ops), _num(counts.sfu_ops), _num(counts.compulsory_bytes))
     extents = cm.bind(c, shapes).extents
-    costs = tuple(_pass_cost(c, counts, extents, report, k, d, dtype) for k in range(2, report.count + 1))
+    extra = () if lowered else range(2, report.count + 1)
+    costs = tuple(_pass_cost(c, counts, extents, report, k, d, dtype) for k in extra)
     total = base
     for pc in costs:
         total = total + pc.chosen

@@ -38,18 +38,29 @@ def passes(cascade: Cascade, rank: str = "M"):
     return run(cascade, rank=rank)
 
 
-def counts(cascade: Cascade, shapes: dict, dtype: str = "bf16"):
-    """Work and traffic per Einsum and in total: MACs, vector and SFU ops, bytes."""
-    from einsum_ir.cost_model.api import counts as run
+def counts(cascade: Cascade, shapes: dict, dtype: str = "bf16", as_written: bool = False):
+    """Work and traffic per Einsum and in total: MACs, vector and SFU ops, bytes. Counted as
+    the chosen lowering runs it (a chunked scan's chunks and states: linear in N), or, with
+    `as_written`, every present point of the cascade as written."""
+    if as_written:
+        from einsum_ir.cost_model.api import counts as run
 
-    return run(cascade, shapes, dtype=dtype)
+        return run(cascade, shapes, dtype=dtype)
+    from einsum_ir.lowering.scan_cost import lowered_counts
+
+    return lowered_counts(cascade, shapes, dtype)
 
 
-def roofline(cascade: Cascade, shapes: dict, device: str = "h100", dtype: str = "bf16"):
-    """Lower-bound time on `device` and the binding unit."""
+def roofline(cascade: Cascade, shapes: dict, device: str = "h100", dtype: str = "bf16", as_written: bool = False):
+    """Lower-bound time on `device` and the binding unit, of what the chosen lowering runs
+    (or, with `as_written`, of the cascade as written and its passes)."""
     from einsum_ir.cost_model.api import roofline as run
 
-    return run(cascade, shapes, device=device, dtype=dtype)
+    if as_written:
+        return run(cascade, shapes, device=device, dtype=dtype)
+    from einsum_ir.lowering.scan_cost import lowered_roofline
+
+    return lowered_roofline(cascade, shapes, device, dtype)
 
 
 def simulate(cascade: Cascade, shapes: dict, device: str = "h100", q_tile: dict | None = None,

@@ -32,7 +32,7 @@ COMMAND_PROVIDERS = tuple(dict.fromkeys(module for module, _ in PROVIDED_COMMAND
 # Modules that add report columns (`report_columns(name, cascade) -> dict[str, str]`, and
 # `COLUMN_LEGEND`, what each column means), in layer order.
 COLUMN_PROVIDERS = ("einsum_ir.cost_model.report", "einsum_ir.lowering.report", "einsum_ir.codegen.report")
-# Modules that add sections to `einsum-ir analyze` (`analyze_section(cascade) -> str`).
+# Modules that add sections to `einsum-ir analyze` (`analyze_section(cascade, shapes, device, dtype) -> str`).
 ANALYZE_PROVIDERS = ("einsum_ir.lowering.report",)
 USER_ERRORS = (SpecError, BindError, LoweringError, OSError, KeyError, ValueError)
 COLUMN_LEGEND = {

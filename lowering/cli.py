@@ -17,6 +17,7 @@ from einsum_ir.errors import LoweringError
 from einsum_ir.variants import load_spec
 
 from einsum_ir.lowering.grad import Gradient, grad
+from einsum_ir.lowering.plan import Plan
 from einsum_ir.lowering.strategy import build_plan
 
 
@@ -44,11 +45,11 @@ def run_grad(args: argparse.Namespace) -> int:
         plan = build_plan(b)
         print()
         print(f"lowering ({plan.strategy}):")
-        for stage in plan.stages:
-            print(stage.summary())
-        stream = ",".join(r.upper() for r in plan.stages[0].stream)
-        print()
-        print(cost.passes(b, rank=stream))
+        print("\n".join(plan.summary().splitlines()[1:]))
+        if isinstance(plan, Plan):  # a key loop: its passes over the streamed rank
+            stream = ",".join(r.upper() for r in plan.stages[0].stream)
+            print()
+            print(cost.passes(b, rank=stream))
     if not args.shapes:
         return 0
     shapes = parse_assignments(args.shapes)

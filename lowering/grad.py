@@ -284,9 +284,9 @@ class FreshNames:
 def grad(c: Cascade) -> Gradient:
     """The training forward and the backward cascades of `c` (LoweringError when the backward
     cannot be derived: recurrences, several forward stages, reads at shifted indices)."""
-    from einsum_ir.lowering.strategy import build_plan
+    from einsum_ir.lowering.strategy import key_loop_plan
 
-    plan = build_plan(c)
+    plan = key_loop_plan(c)
     if len(plan.stages) != 1:
         raise LoweringError(f"the forward runs {len(plan.stages)} stages (an intermediate between two key "
                             f"loops); the backward is derived for one-stage forwards")

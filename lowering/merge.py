@@ -29,7 +29,7 @@ from einsum_ir.ir import (
 from einsum_ir.lowering.defer import prune
 from einsum_ir.lowering.exprs import tensors_read
 from einsum_ir.lowering.grad import FreshNames, trimmed
-from einsum_ir.lowering.strategy import build_plan
+from einsum_ir.lowering.strategy import key_loop_plan
 
 IDENTITY = {"max": float("-inf"), "min": float("inf"), "sum": 0.0}
 
@@ -59,7 +59,7 @@ class Merge:
 def derive(c: Cascade) -> Merge:
     """The partial cascade, merge rules and finish cascade of `c` (LoweringError when the
     forward is not one key loop over one key rank)."""
-    plan = build_plan(c)
+    plan = key_loop_plan(c)
     if len(plan.stages) != 1:
         raise LoweringError(f"the forward runs {len(plan.stages)} stages; partial states are derived for "
                             f"one-stage forwards")

@@ -28,7 +28,7 @@ from einsum_ir.ir import Access, Binary, Cascade, Einsum, Expr, Index, Name, Par
 from einsum_ir.lowering.grad import FreshNames
 from einsum_ir.lowering.keyranges import KeyLoop
 from einsum_ir.lowering.merge import Merge, derive as derive_merge
-from einsum_ir.lowering.strategy import build_plan
+from einsum_ir.lowering.strategy import key_loop_plan
 from einsum_ir.lowering.symbolic import evaluate, query_hi, query_lo
 
 
@@ -52,7 +52,7 @@ class Ring:
 def derive(c: Cascade, query: str | None = None) -> Ring:
     """The ring cascade of `c`, sharding the query index `query` (default: the key loop's only
     query index, or the one the mask compares with the keys) and the key loop's key index."""
-    plan = build_plan(c)
+    plan = key_loop_plan(c)
     if len(plan.stages) != 1:
         raise LoweringError(f"the forward runs {len(plan.stages)} stages; a ring merges one key loop's states")
     (stage,) = plan.stages

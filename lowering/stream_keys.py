@@ -1,7 +1,8 @@
 """Strategy "stream keys under a query tile": the FlashAttention-shaped forward kernel.
 
-The cascade is first rewritten: division deferral (`O = O_num / SD`), normalized weights
-scaled per row against underflow (lowering.underflow), then base-2 scores (lowering.base2).
+The cascade is first rewritten: recurrences folded into reductions (lowering.recurrence),
+division deferral (`O = O_num / SD`), normalized weights scaled per row against underflow
+(lowering.underflow), then base-2 scores (lowering.base2).
 Then:
 
 1. **Score contractions** are sums over ranks of a product of two operands where each operand
@@ -44,6 +45,7 @@ from einsum_ir.lowering.exprs import tensors_read, to_sympy
 from einsum_ir.lowering.keyranges import key_loop, masked_everywhere
 from einsum_ir.lowering.online import rescale_ratio
 from einsum_ir.lowering.plan import Plan, PresenceGroup, Stage
+from einsum_ir.lowering.recurrence import fold_recurrences
 from einsum_ir.lowering.underflow import scale_rows
 
 NAME = "stream keys under a query tile"
@@ -61,10 +63,11 @@ class _Draft:
 
 def lower(c: Cascade) -> Plan:
     """The plan, or LoweringError with the reason this strategy does not apply."""
-    if c.inits or any(e.recurrence_var for e in c.einsums):
-        raise LoweringError("recurrences (iterative tensors) are not lowered; write the multi-pass "
-                            "form and the lowering derives the running reductions itself")
     rewrites = []
+    folded = fold_recurrences(c)
+    if folded is not c:
+        rewrites.append("recurrence folding")
+        c = folded
     graph = cascade_graph(c)
     deferred = defer_division(c, graph)
     if deferred is not c:
@@ -162,7 +165,7 @@ def _find_stages(c: Cascade, graph: CascadeGraph) -> list[_Draft]:
     if not drafts:
         raise LoweringError("no query-key score contraction (a sum of Q[p,e]*K[m,e]-like products "
                             "kept over two token ranks) to stream over; linear-attention states "
-                            "need the chunked-scan lowering")
+                            "are the chunked scan's, which has no derived backward yet")
     return list(drafts.values())
 
 

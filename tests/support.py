@@ -104,3 +104,12 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.setattr(modules, "_MODULES", {})
     monkeypatch.setattr(dispatch, "STATS", dispatch.STATS.__class__())
     return tmp_path / "cache"
+
+
+# A cascade no strategy lowers: linear attention under a window is no prefix for the chunked
+# scan, and its three-operand sum is no score for the key loop.
+UNLOWERED = """dims B H P M E F
+input Q[b,h,p,e], K[b,h,m,e], V[b,h,m,f]
+NUM[b,h,p,f] = Q[b,h,p,e] * K[b,h,m,e] * V[b,h,m,f] where m <= p and p - m < 4
+output NUM
+"""
