@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from fractions import Fraction
 
 from einsum_ir.variants import load_spec
 
@@ -77,15 +78,17 @@ def parse_assignments(text: str, option: str = "--shapes") -> dict[str, int | fl
 
 
 def _number(text: str, what: str) -> int | float:
+    """An integer exactly as written (`1e30` is 10**30, not the nearest double), else a float."""
     try:
-        return int(text)
+        if "/" in text:  # Fraction would read 8/2; a shape is a number, not an expression
+            raise ValueError(text)
+        exact = Fraction(text.strip())
     except ValueError:
-        pass
-    try:
-        number = float(text)
-    except ValueError:
-        raise ValueError(f"{what}: {text!r} is not a number") from None
-    return int(number) if number.is_integer() else number
+        try:
+            return float(text)  # nan, inf: the binding rejects them by name
+        except ValueError:
+            raise ValueError(f"{what}: {text!r} is not a number") from None
+    return int(exact) if exact.denominator == 1 else float(exact)
 
 
 def _shapes(args, c) -> dict:
@@ -93,15 +96,17 @@ def _shapes(args, c) -> dict:
     return {**shapes, **tensor_values(c, shapes, args.tensor)}
 
 
+MAX_TENSOR_ENTRIES = 1 << 24  # entries a --tensor value may have: the counts evaluate each block of it
+
+
 def tensor_values(c, shapes: dict, specs: list[str]) -> dict:
-    """`--tensor NAME=SPEC` options -> {NAME: torch tensor} of the declared shape and dtype
-    (TENSOR_HELP says what SPEC may be). torch is imported only when there are some. Raises
-    ValueError naming the option on a bad one."""
+    """`--tensor NAME=SPEC` options -> {NAME: numpy array} of the declared shape and dtype
+    (TENSOR_HELP says what SPEC may be). numpy is imported only when there are some, torch only
+    for a saved file. Raises ValueError naming the option on a bad one, and on a declared shape
+    of more than MAX_TENSOR_ENTRIES entries before building anything."""
     if not specs:
         return {}
-    import torch
-
-    from einsum_ir.interpreter import TORCH_DTYPES
+    import numpy as np
 
     out = {}
     for spec in specs:
@@ -114,7 +119,13 @@ def tensor_values(c, shapes: dict, specs: list[str]) -> dict:
         if unbound:
             raise ValueError(f"--tensor {spec}: --shapes must give {', '.join(unbound)}, the extents of {name}")
         shape = [int(shapes[i.upper()]) for i in decl.indices]
-        dtype = TORCH_DTYPES[decl.dtype or "fp32"]
+        entries = math.prod(shape)
+        if entries > MAX_TENSOR_ENTRIES:
+            raise ValueError(f"--tensor {spec}: {name}[{','.join(decl.indices)}] has "
+                             f"{' x '.join(map(str, shape))} = {entries:.3g} entries at --shapes, more than the "
+                             f"{MAX_TENSOR_ENTRIES:,} a command-line tensor may have; use smaller shapes or "
+                             f"larger blocks")
+        dtype = decl.dtype or "fp32"
         if value.startswith("random:"):
             p, _, seed = value[len("random:"):].partition(":")
             try:
@@ -123,27 +134,51 @@ def tensor_values(c, shapes: dict, specs: list[str]) -> dict:
                 raise ValueError(f"--tensor {spec}: random:P[:SEED] takes a probability and an integer seed") from None
             if not 0 <= prob <= 1:
                 raise ValueError(f"--tensor {spec}: the probability {prob} is not between 0 and 1")
-            t = torch.rand(shape, generator=torch.Generator().manual_seed(seed_value)) < prob
+            if seed_value < 0:
+                raise ValueError(f"--tensor {spec}: the seed {seed_value} is negative")
+            rng, t = np.random.default_rng(seed_value), np.empty(entries, dtype=bool)
+            for start in range(0, entries, 1 << 22):  # in chunks: the floats never all exist at once
+                t[start:start + (1 << 22)] = rng.random(min(1 << 22, entries - start), dtype=np.float32) < prob
+            t = t.reshape(shape)
         elif value.endswith(".pt"):
-            try:  # weights_only: a file holds tensors, never code to run
-                t = torch.load(value, weights_only=True)
-            except OSError:
-                raise  # a missing or unreadable file: the command line's one-line OS error
-            except Exception as err:  # torch.load fails on other bytes with KeyError, pickle errors, ...
-                first = (str(err).splitlines() or [""])[0][:120]  # torch's own messages run to pages
-                raise ValueError(f"--tensor {spec}: {value} is not a tensor saved with torch.save "
-                                 f"({type(err).__name__}: {first})") from None
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"--tensor {spec}: {value} holds a {type(t).__name__}, not a tensor")
+            t = _saved_tensor(spec, value, decl, shape)
         else:
-            t = torch.tensor([_number(x.strip(), f"--tensor {spec}") for x in value.split(",")])
-            if t.numel() == math.prod(shape):
+            t = np.array([_number(x.strip(), f"--tensor {spec}") for x in value.split(",")])
+            if t.size == entries:
                 t = t.reshape(shape)
         if list(t.shape) != shape:
-            raise ValueError(f"--tensor {spec}: {name}[{','.join(decl.indices)}] has shape {tuple(shape)} at "
-                             f"--shapes, but the values give {tuple(t.shape)}")
-        out[name] = t != 0 if dtype == torch.bool else t.to(dtype)
+            raise _shape_error(spec, decl, shape, t.shape)
+        out[name] = t != 0 if dtype == "bool" else t.astype(NUMPY_DTYPES.get(dtype, np.float64))
     return out
+
+
+NUMPY_DTYPES = {"int64": "int64", "int32": "int32", "int16": "int16", "int8": "int8", "fp64": "float64",
+                "fp32": "float32", "fp16": "float16"}
+
+
+def _shape_error(spec: str, decl, shape: list[int], got) -> ValueError:
+    return ValueError(f"--tensor {spec}: {decl.name}[{','.join(decl.indices)}] has shape {tuple(shape)} at "
+                      f"--shapes, but the values give {tuple(got)}")
+
+
+def _saved_tensor(spec: str, path: str, decl, shape: list[int]):
+    """A tensor saved with torch.save, as a numpy array; memory-mapped, so an oversized one is
+    refused before it is read."""
+    import torch
+
+    try:  # weights_only: a file holds tensors, never code to run
+        t = torch.load(path, weights_only=True, mmap=True)
+    except OSError:
+        raise  # a missing or unreadable file: the command line's one-line OS error
+    except Exception as err:  # torch.load fails on other bytes with KeyError, pickle errors, ...
+        first = (str(err).splitlines() or [""])[0][:120]  # torch's own messages run to pages
+        raise ValueError(f"--tensor {spec}: {path} is not a tensor saved with torch.save "
+                         f"({type(err).__name__}: {first})") from None
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"--tensor {spec}: {path} holds a {type(t).__name__}, not a tensor")
+    if list(t.shape) != shape:  # before reading it
+        raise _shape_error(spec, decl, shape, t.shape)
+    return (t.double() if t.is_floating_point() else t).numpy()
 
 
 def _unbound(c, shapes: dict) -> list[str]:
@@ -165,20 +200,20 @@ def run_analyze(args) -> int:
     missing = _unbound(c, shapes)
     if missing:  # counts stay symbolic in what is missing; a time bound needs numbers
         print(f"roofline: needs {', '.join(missing)}; add them to --shapes for a bound on {args.device}")
-        _sections(args, c)
+        _sections(args, c, None)
         return 0
     print(api.roofline(c, shapes, device=args.device, dtype=args.dtype))
     if args.cp:
         print()
         print(ring_cost(c, shapes, args.cp, args.layout, args.device, args.link, args.dtype, args.query_rank,
                         args.rank))
-    _sections(args, c)
+    _sections(args, c, shapes)
     return 0
 
 
-def _sections(args, c) -> None:
-    """The upper layers' sections (the lowering's), which the top-level CLI passes in."""
-    shapes = _shapes(args, c) if not _unbound(c, _shapes(args, c)) else None
+def _sections(args, c, shapes: dict | None) -> None:
+    """The upper layers' sections (the lowering's), which the top-level CLI passes in; `shapes`
+    when they bind every dim and runtime param."""
     for section in getattr(args, "sections", ()):
         print()
         print(section(c, shapes, args.device, args.dtype))

@@ -9,14 +9,15 @@
 
 Points removed by a `where` predicate are not counted. The count is exact: in closed form per
 piece for index arithmetic (cost_model.lattice: no enumeration, so any extent up to int64),
-row by row for what that does not cover (tensor reads: cost_model.predicates), and
-symbolically by fitting a polynomial in the free dims to exact counts at sample sizes, kept
-only when it reproduces further exact counts. torch is imported only for a tensor passed in
-the shapes or a row-by-row count.
+block by block or row by row for what that does not cover (tensor reads:
+cost_model.predicates, with numpy), and symbolically by fitting a polynomial in the free dims
+to exact counts at sample sizes, kept only when it reproduces further exact counts. torch is
+never imported here: a torch tensor in the shapes is read as a numpy array.
 """
 from __future__ import annotations
 
 import itertools
+import numbers
 import random
 import sys
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 import sympy
 
 from einsum_ir.functions import FUNCTIONS
+from einsum_ir.params import runtime_value
 from einsum_ir.ir import (
     DEFAULT_TILE, Access, Binary, Call, Cascade, Einsum, Name, Num, Unary, index_vars, product_terms, rank_of,
     walk,
@@ -38,7 +40,7 @@ from einsum_ir.printer import print_expr
 from einsum_ir.validate import cross_rank_mismatch
 
 if TYPE_CHECKING:
-    import torch
+    import numpy
 
 
 DTYPE_BYTES = {"fp64": 8, "fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int64": 8,
@@ -139,15 +141,18 @@ class Binding:
 
     extents: dict[str, sympy.Expr]  # rank -> extent
     scalars: dict[str, sympy.Expr]  # dims, tiles and params by name
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, numpy.ndarray]  # the values of inputs a predicate reads
+    memo: dict = field(default_factory=dict, compare=False)  # exact counts by (clauses, scalars)
 
     def numeric(self) -> bool:
         return all(v.is_number for v in self.scalars.values())
 
 
 def is_tensor(value: object) -> bool:
-    """A torch tensor, asked without importing torch: one exists only if torch is imported."""
-    return "torch" in sys.modules and isinstance(value, sys.modules["torch"].Tensor)
+    """A torch tensor or a numpy array, asked without importing either: one exists only if its
+    module is imported."""
+    return any(name in sys.modules and isinstance(value, getattr(sys.modules[name], kind))
+               for name, kind in (("torch", "Tensor"), ("numpy", "ndarray")))
 
 
 INT64_MAX = (1 << 63) - 1  # the kernels index with int64: a larger extent has no kernel
@@ -168,15 +173,15 @@ def _value(c: Cascade, name: str, value: object) -> sympy.Expr:
         raise ValueError(f"{name}={value!r}: a {kind} takes a number") from None
     if not v.is_number:
         return v
+    if kind == "param":  # the check every backend binds with: an int param fits in int64
+        return sympy.sympify(runtime_value(param, value if isinstance(value, (bool, numbers.Real)) else v))
     if isinstance(value, bool) or v.is_real is not True or v.is_finite is not True:
         raise ValueError(f"{name}={value!r}: a {kind} takes a finite number")
-    if kind == "param" and param.type == "float":
-        return v
     if v != sympy.floor(v):
-        raise ValueError(f"{name}={value!r}: a {'int param' if kind == 'param' else kind} takes an integer")
+        raise ValueError(f"{name}={value!r}: a {kind} takes an integer")
     v = sympy.Integer(sympy.floor(v))
     low = 1 if kind == "tile" else 0
-    if kind != "param" and not low <= int(v) <= INT64_MAX:
+    if not low <= int(v) <= INT64_MAX:
         want = "a positive integer" if low else "an integer >= 0"
         raise ValueError(f"{name}={value!r}: a {kind} size is {want} that fits in int64 (at most {INT64_MAX})")
     return v
@@ -184,7 +189,7 @@ def _value(c: Cascade, name: str, value: object) -> sympy.Expr:
 
 def bind(c: Cascade, shapes: dict | None) -> Binding:
     shapes = dict(shapes or {})
-    tensors = {k: v for k, v in shapes.items() if is_tensor(v)}
+    tensors = {k: pr.as_array(v) for k, v in shapes.items() if is_tensor(v)}
     values = {k: _value(c, k, v) for k, v in shapes.items() if k not in tensors}
     for s in c.splits:
         values.setdefault(s.inner, sympy.Integer(DEFAULT_TILE))
@@ -193,11 +198,25 @@ def bind(c: Cascade, shapes: dict | None) -> Binding:
     problem = cross_rank_mismatch(c, extents)
     if problem:
         raise ValueError(problem)
+    _check_tensor_shapes(c, tensors, extents)
     scalars: dict[str, sympy.Expr] = dict(extents)
     for p in c.params:
         if p.type is not None:
             scalars[p.name] = values.get(p.name, sympy.Symbol(p.name, positive=True, integer=True))
     return Binding(extents, scalars, tensors)
+
+
+def _check_tensor_shapes(c: Cascade, tensors: dict, extents: dict[str, sympy.Expr]) -> None:
+    """A tensor given for an input has its declared rank count and, where the shapes bind them,
+    its ranks' extents: a read past a smaller tensor would count as absent, silently."""
+    for d in c.inputs:
+        if d.name not in tensors:
+            continue
+        shape = tuple(tensors[d.name].shape)
+        want = [extents[rank_of(i)] for i in d.indices]
+        if len(shape) != len(want) or any(w.is_number and int(w) != n for w, n in zip(want, shape)):
+            raise ValueError(f"tensor {d.name}[{','.join(d.indices)}] has shape {shape}, but the shapes give "
+                             f"{tuple(int(w) if w.is_number else w for w in want)}")
 
 
 def parts_of(c: Cascade) -> dict[str, pr.Part]:
@@ -259,18 +278,26 @@ def _needed_scalars(comp: pr.Component, b: Binding, parts: dict[str, pr.Part]) -
 
 
 def _count_numeric(comp: pr.Component, scalars: dict[str, int], b: Binding, parts: dict[str, pr.Part]) -> int:
+    slot = (comp, tuple(sorted(scalars.items())))
+    if slot not in b.memo:  # one mask reaches every Einsum downstream of it: counted once
+        b.memo[slot] = _count_exact(comp, scalars, b, parts)
+    return b.memo[slot]
+
+
+def _count_exact(comp: pr.Component, scalars: dict[str, int], b: Binding, parts: dict[str, pr.Part]) -> int:
     extents = {v: scalars[rank_of(v)] for v in comp.vars}
     try:
         return lattice.count(comp.clauses, comp.vars, extents, scalars, parts)
     except lattice.Unsupported:
-        pass  # e.g. a tensor read: count row by row, within the row limit
-    import torch
-
+        pass  # e.g. a tensor read: count box by box, else row by row, within their limits
+    boxes = pr.box_count(comp.clauses, comp.vars, extents, scalars, parts, b.tensors)
+    if boxes is not None:
+        return boxes
     key = max(comp.vars, key=lambda v: extents[v])  # enumerate the shorter ranks as rows
     rows = pr.grid({v: n for v, n in extents.items() if v != key})
     env = pr.Env(rows, scalars, parts, b.tensors)
-    edges = torch.tensor([extents[key]])
-    return int(pr.cumulative(comp.clauses, key, extents[key], env, edges).sum())
+    per_row = pr.cumulative(comp.clauses, key, extents[key], env, [extents[key]])
+    return sum(per_row.ravel().tolist())  # Python integers: the total may pass int64
 
 
 def _fit(comp, needed, free, b, parts) -> sympy.Expr:

@@ -169,12 +169,12 @@ def _component_tiles(comp: pr.Component, tiles, extent, scalars, parts, tensors)
     others = [v for v in comp.vars if v != key]
     env = pr.Env(pr.grid({v: extent[v] for v in others}), scalars, parts, tensors)
     edges = torch.arange(0, extent[key] + tiles[key], tiles[key]).clamp(max=extent[key])
-    cum = pr.cumulative(comp.clauses, key, extent[key], env, edges)
+    cum = torch.from_numpy(pr.cumulative(comp.clauses, key, extent[key], env, edges.numpy()))
     per_key_tile = (cum[:, 1:] - cum[:, :-1]).double()
     n_key = per_key_tile.shape[1]
     flat = torch.zeros(per_key_tile.shape[0], dtype=torch.long)
     for v in others:  # the row's tile index over the other variables, row-major
-        flat = flat * -(-extent[v] // tiles[v]) + (env.index[v].flatten() // tiles[v])
+        flat = flat * -(-extent[v] // tiles[v]) + (torch.from_numpy(env.index[v]).flatten() // tiles[v])
     n_rows_tiles = math.prod(-(-extent[v] // tiles[v]) for v in others)
     out = torch.zeros(n_rows_tiles, n_key, dtype=torch.float64).index_add_(0, flat, per_key_tile)
     out = out.reshape([-(-extent[v] // tiles[v]) for v in others] + [n_key])

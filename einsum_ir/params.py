@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Mapping
 from functools import reduce
-
-import torch
+from typing import TYPE_CHECKING
 
 from einsum_ir.builtins import PREDICATES
 from einsum_ir.errors import BindError, located
@@ -19,6 +19,9 @@ from einsum_ir.ir import Access, Binary, Call, Cascade, Expr, Index, Name, Num, 
 from einsum_ir.printer import print_expr
 from einsum_ir.validate import cross_rank_mismatch
 
+if TYPE_CHECKING:  # torch is imported where tensors are bound: `runtime_value` serves the
+    import torch   # torch-free cost model too (einsum-ir analyze checks params the same way)
+
 INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
@@ -26,21 +29,23 @@ def runtime_value(p: Param, value: object) -> int | float:
     """A runtime param's call-time value (a number or a one-element tensor), checked by its
     declared type: `int` takes an integer (8 or 8.0, never 2.5: nothing is truncated) that fits
     in int64, `float` a finite number. Raises BindError naming the param otherwise."""
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor exists only if torch is imported
+    if torch is not None and isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise BindError(f"param {p.name} ({p.type}) takes one number, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise BindError(f"param {p.name} ({p.type}) takes a number, got {type(value).__name__} {value!r}")
     if not math.isfinite(value):
-        raise BindError(f"param {p.name}={value!r}: param {p.name}: {p.type} takes a finite number")
+        raise BindError(f"param {p.name}={value!r}: {'an int' if p.type == 'int' else 'a float'} param takes a finite number")
     if p.type == "float":
         return float(value)
     if not isinstance(value, numbers.Integral) and not float(value).is_integer():
         raise BindError(f"param {p.name}={value!r}: declared int, so it takes an integer; round it "
                         f"yourself (e.g. {p.name}={round(value)}) or declare 'param {p.name}: float'")
     if not INT64[0] <= int(value) <= INT64[1]:
-        raise BindError(f"param {p.name}={value!r}: param {p.name}: int takes an integer that fits in int64")
+        raise BindError(f"param {p.name}={value!r}: an int param takes an integer that fits in int64 "
+                        f"({INT64[0]} to {INT64[1]})")
     return int(value)
 
 
@@ -100,12 +105,16 @@ def result_dtype(tensors: Mapping[str, torch.Tensor], held: frozenset = frozense
     """The outputs' dtype: torch's promotion over the floating inputs (fp16 Q with fp32 K gives
     fp32, as fp16 * fp32 does in torch), not counting those a derived kernel holds in fp32 by
     design (`held`: saved row statistics beside fp16 gradients); float32 without any."""
+    import torch
+
     floats = [t.dtype for n, t in tensors.items() if t.is_floating_point() and n not in held]
     floats = floats or [t.dtype for t in tensors.values() if t.is_floating_point()]
     return reduce(torch.promote_types, floats) if floats else torch.float32
 
 
 def _tensor(name: str, value: object) -> torch.Tensor:
+    import torch
+
     if isinstance(value, torch.Tensor):
         return value
     kind = type(value).__name__
@@ -183,6 +192,8 @@ def bind_arguments(cascade: Cascade, args: dict, held: frozenset = frozenset()
 
 def _const(value: float) -> torch.Tensor:
     # fp64 so a derived scale is rounded once, when a backend casts it to its compute dtype
+    import torch
+
     return torch.tensor(value, dtype=torch.int64 if isinstance(value, int) else torch.float64)
 
 

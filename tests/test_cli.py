@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -268,3 +269,29 @@ def test_a_file_that_is_not_a_tensor_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "bad.pt").write_text("not a tensor")
     line = _error_line(["analyze", "moba", *MOBA, "--tensor", f"Sel={tmp_path / 'bad.pt'}"], capsys)
     assert "is not a tensor saved with torch.save" in line
+
+
+def test_a_huge_declared_tensor_is_refused_before_it_is_built(capsys):
+    """Sel at P = M = 1e6 with blocks of 64 would be 3.9e9 entries: refused at once, naming the
+    tensor, its entry count and the limit."""
+    from einsum_ir.cost_model.cli import MAX_TENSOR_ENTRIES
+
+    start = time.perf_counter()
+    line = _error_line(["analyze", "moba", "--shapes", "B=1,H=16,P=1000000,M=1000000,E=64,F=64,PB=15625,"
+                        "MB=15625,BS=64", "--tensor", "Sel=random:0.1"], capsys)
+    assert time.perf_counter() - start < 5
+    assert line == (f"einsum-ir: error: --tensor Sel=random:0.1: Sel[b,h,pb,mb] has 1 x 16 x 15625 x 15625 = "
+                    f"3.91e+09 entries at --shapes, more than the {MAX_TENSOR_ENTRIES:,} a command-line tensor "
+                    f"may have; use smaller shapes or larger blocks")
+
+
+@pytest.mark.parametrize("command", [["analyze"], ["simulate", "--q-tile", "P=64", "--kv-tile", "M=64"]])
+@pytest.mark.parametrize("value, message", [
+    ("1e30", "param W=1000000000000000000000000000000: an int param takes an integer that fits in int64"),
+    ("-9223372036854775809", "param W=-9223372036854775809: an int param takes an integer that fits in int64"),
+    ("nan", "param W=nan: an int param takes a finite number"),
+])
+def test_a_runtime_param_out_of_range_is_a_one_line_error_naming_it(command, value, message, capsys):
+    line = _error_line([command[0], "softmax_window", "--shapes", f"B=1,H=2,P=256,M=256,E=64,F=64,W={value}",
+                        *command[1:]], capsys)
+    assert line.startswith(f"einsum-ir: error: {message}"), line

@@ -186,3 +186,75 @@ def test_analyze_at_a_trillion_tokens(capsys):
 def test_an_empty_head_dim_counts_no_nan():
     r = ei.counts(ei.variants.load("softmax_causal"), dict(B=1, H=2, P=64, M=64, E=0, F=16))
     assert all(sympy.sympify(x).is_finite for e in r.einsums for x in (e.points, e.vector_ops, e.sfu_ops))
+
+
+BLOCK_MASKED = """dims H P M PB MB
+param BS: int
+param W: int
+input Sel[h,pb,mb]: bool
+S[h,p,m] = 1 where {pred}
+output S
+"""
+
+
+@pytest.mark.parametrize("pred", [
+    "Sel[h,p // BS,m // BS] and m <= p",
+    "Sel[h,p // BS,(m + 3) // BS] and m <= p and p - m < W",
+    "Sel[h,(p + 5) // BS,m // 7] and not (m > p + 2 or m < p - W)",
+    "Sel[h,p // BS,m % 3] and m <= p",
+    "Sel[h,p // BS,m // BS] and nbhd(p, m, P, W)",
+    "Sel[h,p // BS,m // BS] and 2*m <= 3*p - 1 and m != p",
+    "Sel[h,p // BS,m // BS] and (p // 5) * 5 <= m",
+    "not Sel[h,p // BS,m // BS] and m >= p",
+])
+@pytest.mark.parametrize("P, M, BS, W", [(100, 100, 16, 9), (37, 53, 8, 5), (64, 64, 64, 64), (70, 33, 7, 1)])
+def test_block_masks_are_counted_box_by_box_exactly(pred, P, M, BS, W, monkeypatch):
+    """A tensor read through block indices is counted per box of blocks, the index arithmetic
+    beside it in closed form per class of boxes: never row by row; against the interpreter."""
+    import numpy as np
+
+    c = ei.parse(BLOCK_MASKED.format(pred=pred))
+    pb, mb = -(-(P + 5) // BS) + 1, max(-(-(M + 3) // BS), -(-M // 7), 3) + 1
+    sel = np.random.default_rng(P + M + BS).random((2, pb, mb)) < 0.5
+    want = int(ei.interpret(c, Sel=torch.from_numpy(sel), P=P, M=M, BS=BS, W=W).sum())
+    monkeypatch.setattr(pr, "cumulative", lambda *a: pytest.fail("counted row by row"))
+    assert ei.counts(c, dict(H=2, P=P, M=M, PB=pb, MB=mb, BS=BS, W=W, Sel=sel)).einsum("S").points == want
+
+
+def test_a_block_mask_at_a_million_tokens_is_counted_without_torch():
+    """moba's Sel[b,h,p // BS,m // BS] and m <= p: 2 x 244^2 boxes, where rows would be 2e6 x 245
+    segments; exact (full blocks below the diagonal, the diagonal blocks' triangles)."""
+    code = ("import sys, time, numpy as np, einsum_ir as ei\n"
+            "n, bs = 10**6, 4096\n"
+            "nb = -(-n // bs)\n"
+            "sel = np.random.default_rng(0).random((1, 2, nb, nb)) < 0.3\n"
+            "start = time.perf_counter()\n"
+            "r = ei.counts(ei.variants.load('moba'), dict(B=1, H=2, P=n, M=n, E=1, F=1, PB=nb, MB=nb, BS=bs, Sel=sel))\n"
+            "took = time.perf_counter() - start\n"
+            "size = lambda i: min(bs, n - i * bs)\n"
+            "want = sum(int(sel[0, h, i, j]) * (size(i) * size(j) if j < i else size(i) * (size(i) + 1) // 2)\n"
+            "           for h in range(2) for i in range(nb) for j in range(i + 1))\n"
+            "print(r.einsum('S').points == want, 'torch' in sys.modules, took < 5)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "False", "True"]
+
+
+def test_a_tensor_of_the_wrong_shape_is_refused():
+    import numpy as np
+
+    c = ei.variants.load("moba")
+    with pytest.raises(ValueError, match=r"tensor Sel\[b,h,pb,mb\] has shape \(1, 2, 4, 3\), but the shapes give "
+                                         r"\(1, 2, 4, 4\)"):
+        ei.counts(c, dict(B=1, H=2, P=256, M=256, E=8, F=8, PB=4, MB=4, BS=64, Sel=np.ones((1, 2, 4, 3), bool)))
+
+
+@pytest.mark.parametrize("value, message", [
+    (1e30, "param W=1e+30: an int param takes an integer that fits in int64"),
+    (2 ** 63, "param W=9223372036854775808: an int param takes an integer that fits in int64"),
+    (2.5, "param W=2.5: declared int, so it takes an integer"),
+    (float("nan"), "param W=nan: an int param takes a finite number"),
+])
+def test_counts_check_runtime_params_as_every_backend_binds_them(value, message):
+    c = ei.variants.load("softmax_window")
+    with pytest.raises(ei.BindError, match="^" + message.replace("+", r"\+").replace(".", r"\.")):
+        ei.counts(c, dict(B=1, H=2, P=64, M=64, E=16, F=16, W=value))

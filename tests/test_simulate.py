@@ -2,6 +2,7 @@
 import time
 
 import pytest
+import numpy as np
 import torch
 
 import einsum_ir as ei
@@ -151,7 +152,7 @@ def test_large_block_diagonal_is_counted_by_segments_not_points():
 
     c = ei.parse(ONE_D.format(params="", pred="p // 128 == m // 128 or m < 64"))
     n = 1 << 14  # 2.7e8 points: beyond what the dense fallback may enumerate
-    env = pr.Env({"p": torch.arange(4).view(-1, 1)}, {"M": n}, {}, {})
+    env = pr.Env({"p": np.arange(4).reshape(-1, 1)}, {"M": n}, {}, {})
     assert pr.breakpoints(pr.conjuncts(c.einsums[0].where), "m", n, env) is not None
     start = time.perf_counter()
     r = ei.counts(c, dict(B=1, H=1, P=n, M=n, E=1, F=1))
