@@ -241,6 +241,76 @@ FUNCTIONS: dict[str, Function] = {f.name: f for f in [
              mlir="arith.select", finite=True),
 ]}
 
+
+@dataclass(frozen=True)
+class UnionForm:
+    """A union form, EDGE's `+(U)`: `union_sum(a, b, ...)` is present wherever *any* operand is,
+    and is the sum of the operands present there; an absent operand acts as the operation's
+    identity (0, -inf, +inf) instead of making the result absent. It is the reduction `reduce`
+    over the listed operands, so it reads exactly as a reduction over no present point does:
+    absent where every operand is absent.
+
+    Plain `+ - max min` intersect (a map is absent where any operand is); a union form is how a
+    softmax spans several masked key sets: `GM = union_max(GM0, GM1)`, `O = union_sum(N0, N1) /
+    union_sum(D0, D1)`. Subtraction is `union_sum(a, -b)`. Not a `Function`: it has no
+    meaning point by point without the operands' presence, which each backend carries (the
+    interpreter's masks, the kernels' guards), so a stage that has not learned it must refuse it
+    rather than spell it as the intersecting function."""
+
+    name: str
+    reduce: str  # the reduction it is over its operands: "sum" | "max" | "min"
+    combine: str  # two present operands combined: the operator "+" or the function "max"/"min"
+    arity: tuple[int, int] = (2, 16)
+    cost: str = "vector"
+
+    @property
+    def identity(self) -> float:
+        return {"sum": 0.0, "max": -math.inf, "min": math.inf}[self.reduce]
+
+    def present_value(self, args: tuple[Expr, ...]) -> Expr:
+        """The value where every operand is present: the intersecting form, left to right."""
+        out = args[0]
+        for a in args[1:]:
+            out = Binary("+", out, a) if self.combine == "+" else Call(self.combine, (out, a))
+        return out
+
+
+UNIONS: dict[str, UnionForm] = {u.name: u for u in [
+    UnionForm("union_sum", "sum", "+"),
+    UnionForm("union_max", "max", "max"),
+    UnionForm("union_min", "min", "min"),
+]}
+
+# The intersecting operations a union form replaces, per union: what validation points to.
+INTERSECTING: dict[str, str] = {"+": "union_sum", "-": "union_sum", "max": "union_max", "min": "union_min"}
+
+
+@cache
+def torch_union(name: str) -> Callable:
+    """A union form over (value, presence mask or None) pairs of broadcast torch tensors: the
+    value, and the presence (None when every point is present)."""
+    import torch
+
+    u = UNIONS[name]
+    combine = {"+": torch.add, "max": torch.maximum, "min": torch.minimum}[u.combine]
+
+    def run(operands):
+        masks = [m for _, m in operands]
+        value = None
+        for data, mask in operands:
+            if mask is not None:  # an absent operand is the identity
+                data = torch.where(mask, data, torch.tensor(u.identity, dtype=data.dtype, device=data.device))
+            value = data if value is None else combine(value, data)
+        if any(m is None for m in masks):
+            return value, None
+        present = masks[0]
+        for m in masks[1:]:
+            present = present | m
+        return value, present
+
+    return run
+
+
 # Functions allowed inside index expressions (integer arithmetic only).
 INDEX_FUNCTIONS = ("min", "max")
 

@@ -18,7 +18,7 @@ import torch
 
 from einsum_ir.errors import BindError
 from einsum_ir.builtins import PREDICATES
-from einsum_ir.functions import torch_function, torch_operator
+from einsum_ir.functions import UNIONS, torch_function, torch_operator, torch_union
 from einsum_ir.graph import dependency_graph, recurrence_position, topological_einsums
 from einsum_ir.ir import (
     DEFAULT_TILE, REDUCE_IDENTITY,
@@ -193,6 +193,12 @@ class _Run:
             v = self.eval(PREDICATES[e.fn].expand(e.args))
             return Labeled(self._truth(v), v.labels)
         args = [self.eval(a) for a in e.args]
+        if e.fn in UNIONS:  # absent operands are the identity: present where any operand is
+            labels = _union(*(a.labels for a in args))
+            data, mask = torch_union(e.fn)([
+                (_align(a.data if a.data.is_floating_point() else a.data.to(self.dtype), a.labels, labels),
+                 None if a.mask is None else _align(a.mask, a.labels, labels)) for a in args])
+            return Labeled(data, labels, mask)
         if e.fn == "where":
             cond = Labeled(self._truth(args[0]), args[0].labels)
             labels, (cd, ad, bd), mask = _broadcast([cond, args[1], args[2]])

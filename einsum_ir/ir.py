@@ -173,6 +173,15 @@ def index_vars(expr: Expr | None) -> list[str]:
     return list(seen)
 
 
+def conjuncts(pred: Expr | None) -> list[Expr]:
+    """The top-level `and` clauses of a predicate (none for no predicate)."""
+    if pred is None:
+        return []
+    if isinstance(pred, Binary) and pred.op == "and":
+        return conjuncts(pred.lhs) + conjuncts(pred.rhs)
+    return [pred]
+
+
 def product_terms(expr: Expr, distribute: bool = False) -> list[tuple[float, list[tuple[bool, Expr]]]]:
     """`expr` as signed terms of factors `(reciprocal?, factor)`: the top level of + - * /.
 

@@ -2,16 +2,18 @@
 check that needs extents, `cross_rank_mismatch`, returns its message for the caller's error."""
 from __future__ import annotations
 
+import itertools
 import numbers
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from einsum_ir.errors import SpecError, located
 from einsum_ir.builtins import PREDICATES
-from einsum_ir.functions import FUNCTIONS, INDEX_FUNCTIONS
-from einsum_ir.graph import acyclic_view, dependency_graph, einsum_reads
+from einsum_ir.functions import FUNCTIONS, INDEX_FUNCTIONS, INTERSECTING, UNIONS
+from einsum_ir.graph import acyclic_view, dependency_graph, einsum_reads, topological_einsums
 from einsum_ir.ir import (
     INT_DTYPES, MAX_DEPTH, NESTED_TOO_DEEPLY, REDUCE_OPS, Access, Binary, Call, Cascade, Einsum, Expr,
-    Index, Loc, Name, Num, Unary, accesses, children, index_vars, rank_of, walk,
+    Index, Loc, Name, Num, Unary, accesses, children, conjuncts, index_vars, rank_of, substitute, walk,
 )
 from einsum_ir.printer import print_expr
 
@@ -30,6 +32,7 @@ def validate(c: Cascade, depth_checked: bool = False) -> None:
     for i in c.inits:
         _check_init(c, i, arity)
     _check_cycles(c)
+    _check_unions(c)
     for o in c.outputs:
         if o.name not in arity:
             raise SpecError(f"output {o.name!r} is never assigned", o.loc)
@@ -73,12 +76,13 @@ def _check_names(c: Cascade) -> None:
             if isinstance(node, Index) and node.name not in indices:
                 raise SpecError(f"unknown index variable {node.name!r}: no rank {rank_of(node.name)!r}",
                                 node.loc)
-            if isinstance(node, Call) and node.fn not in FUNCTIONS and node.fn not in PREDICATES:
-                known = ", ".join(sorted(FUNCTIONS))
+            if isinstance(node, Call) and node.fn not in FUNCTIONS and node.fn not in PREDICATES and \
+                    node.fn not in UNIONS:
+                known = ", ".join(sorted([*FUNCTIONS, *UNIONS]))
                 raise SpecError(f"unknown function {node.fn}(...); known functions: {known}; "
                                 f"predicates: {', '.join(sorted(PREDICATES))}", node.loc)
             if isinstance(node, Call):
-                lo, hi = (FUNCTIONS.get(node.fn) or PREDICATES[node.fn]).arity
+                lo, hi = (FUNCTIONS.get(node.fn) or UNIONS.get(node.fn) or PREDICATES[node.fn]).arity
                 if not lo <= len(node.args) <= hi:
                     want = lo if lo == hi else f"{lo} to {hi}"
                     raise SpecError(f"{node.fn}(...) takes {want} arguments, got {len(node.args)}", node.loc)
@@ -300,3 +304,214 @@ def _check_cycles(c: Cascade) -> None:
     names = [a for a, _ in cycle[start:] + cycle[:start]] + [first.name]
     raise SpecError(f"cycle: {' -> '.join(names)}; a tensor cannot depend on itself (a recurrence "
                     f"reads the previous step, x, and writes x+1)", first.target.loc)
+
+
+# ---------------------------------------------------------------------------- presence
+#
+# Which points of a value are present, as a conjunction of atoms over the value's index
+# variables (docs/spec.md, "Unions"): a conjunct of a `where` predicate, `Exists` (a reduction:
+# present where some reduced point is), or `AnyOf` (a union form). The empty set is "present
+# everywhere". Out-of-bounds reads are not modeled: the check is about different predicates.
+
+
+@dataclass(frozen=True)
+class Exists:
+    bound: tuple[str, ...]  # fresh index variable names
+    body: frozenset
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    branches: tuple[frozenset, ...]
+
+
+Presence = frozenset
+
+
+def _free(atom) -> set[str]:
+    if isinstance(atom, Exists):
+        return set().union(*map(_free, atom.body)) - set(atom.bound)
+    if isinstance(atom, AnyOf):
+        return set().union(*(_free(x) for b in atom.branches for x in b))
+    return set(index_vars(atom))
+
+
+def _subst(atom, mapping: dict[str, Expr]):
+    if isinstance(atom, Exists):
+        inner = {k: v for k, v in mapping.items() if k not in atom.bound}
+        return Exists(atom.bound, frozenset(_subst(x, inner) for x in atom.body))
+    if isinstance(atom, AnyOf):
+        return AnyOf(tuple(frozenset(_subst(x, mapping) for x in b) for b in atom.branches))
+    return substitute(atom, mapping)
+
+
+def _freshen(atom, tag: str):
+    """`atom` with the variables its Exists bind renamed apart (`m'GM` -> `m'GM.SN3`)."""
+    if isinstance(atom, Exists):
+        names = {b: f"{b}.{tag}" for b in atom.bound}
+        body = frozenset(_freshen(_subst(x, {b: Index(n) for b, n in names.items()}), tag) for x in atom.body)
+        return Exists(tuple(names.values()), body)
+    if isinstance(atom, AnyOf):
+        return AnyOf(tuple(frozenset(_freshen(x, tag) for x in b) for b in atom.branches))
+    return atom
+
+
+def _flat(atoms) -> set:
+    """The atoms with every Exists opened: its bound variables then stand for one witness."""
+    out: set = set()
+    for a in atoms:
+        out |= _flat(a.body) if isinstance(a, Exists) else {a}
+    return out
+
+
+def _implies(have, atom) -> bool:
+    """`have` (a conjunction) implies `atom`: structurally, with the witnesses of an Exists
+    searched among the index variables `have` mentions (a few: one per rank, at most)."""
+    if atom in have:
+        return True
+    if isinstance(atom, AnyOf):
+        return any(all(_implies(have, x) for x in b) for b in atom.branches)
+    flat = _flat(have)
+    if atom in flat:
+        return True
+    # a union in what we have implies the atom when each of its branches does
+    if any(isinstance(a, AnyOf) and all(_implies(frozenset(b) | (flat - {a}), atom) for b in a.branches)
+           for a in flat):
+        return True
+    if isinstance(atom, Exists):
+        names = sorted(set().union(*map(_free, flat)) if flat else set())
+        for witness in itertools.islice(itertools.product(names, repeat=len(atom.bound)), 512):
+            sigma = {v: Index(w) for v, w in zip(atom.bound, witness)}
+            if all(_implies(flat, _subst(x, sigma)) for x in atom.body):
+                return True
+    return False
+
+
+def _from_reduction(atom) -> bool:
+    """The atom can fail because a reduction saw no present point (a row of no key)."""
+    if isinstance(atom, Exists):
+        return True
+    return isinstance(atom, AnyOf) and any(_from_reduction(x) for b in atom.branches for x in b)
+
+
+def _simplify(atoms: Presence) -> Presence:
+    """`atoms` without those the others imply (a union implied by one of its own branches)."""
+    if all(not isinstance(a, (Exists, AnyOf)) for a in atoms):
+        return atoms  # predicate conjuncts imply one another only when equal: a set has each once
+    out = set(atoms)
+    for a in sorted(atoms, key=lambda x: not isinstance(x, AnyOf)):  # drop unions first
+        if _implies(frozenset(out - {a}), a):
+            out.discard(a)
+    return frozenset(out)
+
+
+def _describe(atoms) -> str:
+    def one(a) -> str:
+        if isinstance(a, Exists):
+            inner = " and ".join(sorted(one(x) for x in a.body))
+            return f"some {', '.join(v.split(chr(39))[0] for v in a.bound)} has {inner}"
+        if isinstance(a, AnyOf):
+            return "(" + " or ".join(" and ".join(sorted(one(x) for x in b)) for b in a.branches) + ")"
+        plain = {v: Index(v.split("'")[0]) for v in index_vars(a) if "'" in v}  # a witness by its rank's name
+        return print_expr(substitute(a, plain) if plain else a)
+
+    return " and ".join(sorted(one(a) for a in atoms)) or "everywhere"
+
+
+class _Presence:
+    """Presence of every tensor, computed once, and the check of each intersecting operation."""
+
+    def __init__(self, c: Cascade):
+        self.c = c
+        self.fresh = itertools.count()
+        self.tensors: dict[str, Presence] = {}
+        iterative = {e.name for e in c.einsums if e.recurrence_var}
+        for e in topological_einsums(c):
+            if e.name in iterative:
+                # An iterative tensor's absent update keeps its previous value, so its reads are
+                # present (the carry is already the union with the previous step).
+                self.tensors[e.name] = frozenset()
+                continue
+            space = frozenset(conjuncts(e.where)) | self.of(e.expr)
+            self.tensors[e.name] = _simplify(self.reduce(space, e.reduced, e.name))
+
+    def reduce(self, atoms: Presence, reduced: list[str], tag: str) -> Presence:
+        if not reduced:
+            return atoms
+        inner = [a for a in atoms if _free(a) & set(reduced)]
+        outer = atoms - set(inner)
+        if not inner:
+            return outer
+        body = frozenset(_flat(inner))
+        bound = tuple(v for v in reduced) + tuple(b for a in inner if isinstance(a, Exists) for b in a.bound)
+        names = {v: f"{v}'{tag}" for v in reduced}
+        body = frozenset(_subst(x, {v: Index(n) for v, n in names.items()}) for x in body)
+        return outer | {Exists(tuple(names.get(v, v) for v in bound), body)}
+
+    def read(self, a: Access) -> Presence:
+        atoms = self.tensors.get(a.tensor, frozenset())
+        if not atoms:
+            return atoms
+        e = self.c.einsum(a.tensor)
+        lhs = [i.name for i in e.target.indices]
+        k = next(self.fresh)  # a fresh witness per read: two reads of one tensor are two rows
+        mapping = dict(zip(lhs, a.indices))
+        return frozenset(_subst(_freshen(x, f"{a.tensor}{k}"), mapping) for x in atoms)
+
+    def of(self, expr: Expr) -> Presence:
+        if isinstance(expr, Access):
+            return self.read(expr)
+        if isinstance(expr, Call) and expr.fn in UNIONS:
+            branches = tuple(dict.fromkeys(self.of(x) for x in expr.args))
+            if any(not b for b in branches):
+                return frozenset()
+            return branches[0] if len(branches) == 1 else frozenset({AnyOf(branches)})
+        if isinstance(expr, Call) and expr.fn == "where":  # the condition is read as a truth value
+            return self.of(expr.args[1]) | self.of(expr.args[2])
+        if isinstance(expr, Binary) and expr.op in PREDICATE_NODES or isinstance(expr, Call) and expr.fn in PREDICATES:
+            return frozenset()
+        return frozenset().union(*(self.of(x) for x in children(expr))) if children(expr) else frozenset()
+
+    def check(self, e: Einsum) -> None:
+        if e.recurrence_var:  # an absent update keeps the previous step: a union already
+            return
+        context = frozenset(conjuncts(e.where))  # points the Einsum drops anyway do not matter
+        for node in walk(e.expr):
+            op = node.op if isinstance(node, Binary) else node.fn if isinstance(node, Call) else None
+            if op not in INTERSECTING or isinstance(node, Call) and len(node.args) != 2:
+                continue
+            a, b = (node.lhs, node.rhs) if isinstance(node, Binary) else node.args
+            if not (accesses(a) and accesses(b)):  # a constant, param or index is present everywhere
+                continue
+            pa, pb = self.of(a), self.of(b)
+            if pa == pb:
+                continue
+            xa = {x for x in pa if not _implies(pb | context, x)}
+            xb = {x for x in pb if not _implies(pa | context, x)}
+            lost = None
+            if xa and xb:
+                lost = f"{print_expr(a)} is present where {_describe(pa)}, {print_expr(b)} where {_describe(pb)}"
+            for x, y, px, other in ((xa, b, pa, a), (xb, a, pb, b)):
+                if lost is None and any(map(_from_reduction, x)) and accesses(y):
+                    lost = (f"{print_expr(other)} is absent where {_describe(x)} fails, while "
+                            f"{print_expr(y)} is present there")
+            if lost is None:
+                continue
+            union = INTERSECTING[op]
+            fix = (f"{union}({print_expr(a)}, {print_expr(Unary('-', b))})" if op == "-" else
+                   f"{union}({print_expr(a)}, {print_expr(b)})")
+            raise SpecError(
+                f"in {e.name}, '{op}' intersects operands whose presence differs: {lost}, so the "
+                f"result is absent (its fill, 0) wherever either one is. To combine them with the "
+                f"absent one acting as the identity (a softmax over the union of key sets), write "
+                f"{fix}", node.loc or e.loc)
+
+
+def _check_unions(c: Cascade) -> None:
+    """A plain + - max min whose operands are present at different points, because of different
+    predicates, drops the points one of them lacks: reject it and name the union form."""
+    if not any(e.where is not None for e in c.einsums):
+        return  # nothing is absent by a predicate (out-of-bounds reads are not this check's)
+    presence = _Presence(c)
+    for e in c.einsums:
+        presence.check(e)

@@ -21,8 +21,8 @@ import math
 from collections.abc import Mapping
 from functools import cache
 
-from einsum_ir.functions import FUNCTIONS, value_at
-from einsum_ir.ir import Access, Binary, Call, Einsum, Expr, Index, Name, Num, Unary
+from einsum_ir.functions import FUNCTIONS, UNIONS, value_at
+from einsum_ir.ir import Access, Binary, Call, Einsum, Expr, Index, Name, Num, Unary, walk
 from einsum_ir.lowering.exprs import tensors_read
 
 FINITE, UNKNOWN = "finite", "unknown"
@@ -140,6 +140,10 @@ def abstract(expr: Expr, values: Mapping[str, Value]) -> Value:
             return UNKNOWN if not (_finite(a) and b == FINITE) or a == 0.0 else FINITE
         return FINITE  # comparisons, index arithmetic
     assert isinstance(expr, Call)
+    if expr.fn in UNIONS:
+        # a union is present where an operand is: a failing guard's sentinel does not make it
+        # absent, so no value past it can stand for absence (place_sentinels declines first)
+        return UNKNOWN
     if expr.fn not in FUNCTIONS:  # a predicate builtin
         return FINITE
     return _call(expr.fn, [abstract(a, values) for a in expr.args])
@@ -157,7 +161,11 @@ def place_sentinels(body: list[Einsum], kinds: Mapping[str, str], guards: list[s
     which some sentinel gives every reduction its identity. Guards can fail one at a time or
     together, so the placement is checked for each alone and for all at once. A carried
     reduction that depends on no guard is not judged here: it masks itself (its `where`, the
-    key bound)."""
+    key bound). A loop with a union form gets None: a union is present where any operand is, so
+    a failing guard does not make the values past it absent, which a sentinel stands for; their
+    presence masks travel with the values instead."""
+    if any(isinstance(n, Call) and n.fn in UNIONS for e in body for n in walk(e.expr)):
+        return None
     for x in [e.name for e in body if kinds[e.name] != "carried"]:  # one place for every guard: one select
         if len(guards) > 1 and all(g == x or g in depends[x] for g in guards) and \
                 all(_dominates(body, kinds, g, x) for g in guards):

@@ -1,0 +1,314 @@
+"""Union forms (docs/spec.md, "Unions"): `union_sum`, `union_max`, `union_min`, whose absent
+operands act as the identity, and the validation that rejects the intersecting `+ - max min`
+where it would silently drop the points one operand has. A softmax over several masked key
+sets is checked against a dense masked-softmax formula written here in plain PyTorch."""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+import torch
+
+import einsum_ir as ei
+from einsum_ir.errors import SpecError
+
+FILL = 1000.0  # a fill no union of the test values takes: it marks an absent output element
+
+TRUTH = """dims P
+input X[p], Y[p], Z[p], MX[p]: bool, MY[p]: bool, MZ[p]: bool
+A[p] = X[p] where MX[p]
+B[p] = Y[p] where MY[p]
+C[p] = Z[p] where MZ[p]
+U[p] = {call}
+output U fill 1000.0
+"""
+
+
+def _truth_args():
+    """Every presence pattern of three operands, one point each."""
+    rows = list(itertools.product([True, False], repeat=3))
+    mx, my, mz = (torch.tensor([r[k] for r in rows]) for k in range(3))
+    x, y, z = torch.tensor([1.5] * 8), torch.tensor([-2.0] * 8), torch.tensor([4.0] * 8)
+    return dict(X=x, Y=y, Z=z, MX=mx, MY=my, MZ=mz), rows
+
+
+@pytest.mark.parametrize("form,combine", [("union_sum", sum), ("union_max", max), ("union_min", min)])
+def test_presence_truth_table_of_two_and_three_operands(form, combine):
+    args, rows = _truth_args()
+    values = (1.5, -2.0, 4.0)
+    for arity in (2, 3):
+        names = ["A[p]", "B[p]", "C[p]"][:arity]
+        c = ei.parse(TRUTH.format(call=f"{form}({', '.join(names)})"))
+        got = ei.interpret(c, **args)
+        for k, present in enumerate(rows):
+            seen = [v for v, here in zip(values[:arity], present[:arity]) if here]
+            want = combine(seen) if seen else FILL  # absent only where every operand is
+            assert got[k].item() == want, (form, arity, present)
+
+
+def test_a_union_of_an_operand_present_everywhere_is_present_everywhere():
+    c = ei.parse(TRUTH.format(call="union_max(A[p], 0.5)"))
+    args, rows = _truth_args()
+    got = ei.interpret(c, **args)
+    assert got.tolist() == [1.5 if r[0] else 0.5 for r in rows]
+
+
+def test_union_sum_of_a_negation_subtracts():
+    c = ei.parse(TRUTH.format(call="union_sum(A[p], -B[p])"))
+    args, rows = _truth_args()
+    got = ei.interpret(c, **args)
+    want = [(1.5 if a else 0) + (2.0 if b else 0) if a or b else FILL for a, b, _ in rows]
+    assert got.tolist() == want
+
+
+@pytest.mark.parametrize("op", ["A[p] + B[p]", "A[p] - B[p]", "max(A[p], B[p])", "min(A[p], B[p])"])
+def test_the_intersecting_form_of_different_predicates_is_rejected(op):
+    with pytest.raises(SpecError) as err:
+        ei.parse(TRUTH.format(call=op), file="t.ein")
+    text = str(err.value)
+    assert text.startswith("t.ein:6:") and "in U," in text and "union_" in text
+    assert "MX[p]" in text and "MY[p]" in text  # both operands' presence
+    want = {"+": "union_sum(A[p], B[p])", "-": "union_sum(A[p], -B[p])", "max": "union_max(A[p], B[p])",
+            "min": "union_min(A[p], B[p])"}
+    assert next(v for k, v in want.items() if k in op) in text
+
+
+def test_union_forms_print_back_and_check_their_arity():
+    c = ei.parse(TRUTH.format(call="union_sum(A[p], union_max(B[p], C[p]), -A[p])"))
+    assert "union_sum(A[p], union_max(B[p], C[p]), -A[p])" in str(c)
+    assert ei.parse(str(c)) == c
+    with pytest.raises(SpecError, match=r"union_max\(\.\.\.\) takes 2 to 16 arguments, got 1"):
+        ei.parse(TRUTH.format(call="union_max(A[p])"))
+
+
+# ---------------------------------------------------------------------------- two key sets
+
+TWO_SETS = """dims B H P M E F
+param scale = 1/sqrt(E)
+param W: int
+param NS: int
+input Q[b,h,p,e], K[b,h,m,e], V[b,h,m,f]
+S0[b,h,p,m] = Q[b,h,p,e] * K[b,h,m,e] * scale where m <= p and p - m < W
+S1[b,h,p,m] = Q[b,h,p,e] * K[b,h,m,e] * scale where m < NS
+G0[b,h,p] = max[m] S0[b,h,p,m]
+G1[b,h,p] = max[m] S1[b,h,p,m]
+GM[b,h,p] = {max}(G0[b,h,p], G1[b,h,p])
+E0[b,h,p,m] = exp(S0[b,h,p,m] - GM[b,h,p])
+E1[b,h,p,m] = exp(S1[b,h,p,m] - GM[b,h,p])
+D0[b,h,p] = E0[b,h,p,m]
+D1[b,h,p] = E1[b,h,p,m]
+N0[b,h,p,f] = E0[b,h,p,m] * V[b,h,m,f]
+N1[b,h,p,f] = E1[b,h,p,m] * V[b,h,m,f]
+O[b,h,p,f] = {num} / {den}
+output O
+"""
+UNION_TWO_SETS = TWO_SETS.format(max="union_max", num="union_sum(N0[b,h,p,f], N1[b,h,p,f])",
+                                 den="union_sum(D0[b,h,p], D1[b,h,p])")
+
+
+def dense_union_softmax(q, k, v, masks: list[torch.Tensor], scale: float) -> torch.Tensor:
+    """Softmax over the multiset union of key sets (a key in two sets counts twice): one
+    maximum over every present score, each set's terms summed; a row of no key is 0."""
+    s = (q @ k.transpose(-1, -2)) * scale
+    anywhere = torch.stack(masks).any(0)
+    gm = s.masked_fill(~anywhere, -math.inf).amax(-1, keepdim=True)
+    gm = torch.where(torch.isfinite(gm), gm, torch.zeros_like(gm))
+    w = torch.exp(s - gm)
+    num = sum((w * m) @ v for m in masks)
+    den = sum((w * m).sum(-1, keepdim=True) for m in masks)
+    return torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num))
+
+
+def _qkv(P, M, E=8, F=4, seed=0, B=1, H=2):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, P, E, generator=g), torch.randn(B, H, M, E, generator=g),
+            torch.randn(B, H, M, F, generator=g))
+
+
+def _window_and_sinks(P, M, W, NS):
+    p, m = torch.arange(P)[:, None], torch.arange(M)[None, :]
+    return [(m <= p) & (p - m < W), (m < NS).expand(P, M)]
+
+
+def test_two_set_softmax_matches_the_dense_formula_with_rows_of_one_set():
+    c = ei.parse(UNION_TWO_SETS)
+    P, M = 20, 24
+    q, k, v = _qkv(P, M)
+    # W = 0: the window is empty everywhere, rows see the sinks only; NS = 0: the window only
+    for W, NS in [(4, 2), (0, 3), (5, 0), (0, 0), (30, 30)]:
+        got = ei.interpret(c, Q=q, K=k, V=v, W=W, NS=NS)
+        want = dense_union_softmax(q, k, v, _window_and_sinks(P, M, W, NS), 8 ** -0.5)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"W={W} NS={NS}")
+        if W > 0 and NS == 0 or W == 0 and NS > 0:  # one set empty: every row still has its softmax
+            assert got.abs().sum(-1).min() > 0
+
+
+def test_the_old_intersecting_two_set_form_is_rejected_with_the_fix():
+    old = TWO_SETS.format(max="union_max", num="(N0[b,h,p,f] + N1[b,h,p,f])", den="(D0[b,h,p] + D1[b,h,p])")
+    with pytest.raises(SpecError) as err:
+        ei.parse(old, file="pyramid.ein")
+    text = str(err.value)
+    assert text.startswith("pyramid.ein:17:") and "in O," in text
+    assert "union_sum(N0[b,h,p,f], N1[b,h,p,f])" in text
+    with pytest.raises(SpecError, match=r"in GM, 'max' .* union_max\(G0\[b,h,p\], G1\[b,h,p\]\)"):
+        ei.parse(TWO_SETS.format(max="max", num="union_sum(N0[b,h,p,f], N1[b,h,p,f])",
+                                 den="union_sum(D0[b,h,p], D1[b,h,p])"))
+
+
+def test_a_masked_reduction_plus_a_dense_one_is_rejected():
+    """The pooled keys unmasked, the full-resolution ones masked: `N0 + N1` would zero the rows
+    whose full-resolution set is empty even though N1 is present there."""
+    spec = UNION_TWO_SETS.replace(" where m < NS", "").replace("param NS: int\n", "")
+    ei.parse(spec)  # the union form is fine
+    bad = spec.replace("union_sum(N0[b,h,p,f], N1[b,h,p,f])", "(N0[b,h,p,f] + N1[b,h,p,f])")
+    with pytest.raises(SpecError, match=r"in O, '\+' .*N0\[b,h,p,f\] is absent where some m has m <= p"):
+        ei.parse(bad)
+
+
+def test_intersections_that_mean_what_they_say_are_accepted():
+    """The catalog's own forms: S - GM, GM + log(SD), a bias on masked scores, recurrences,
+    a constant clamp of a masked maximum."""
+    for name in ei.variants.names():
+        ei.variants.load(name)
+    ei.parse("""dims P M E
+input Q[p,e], K[m,e], Bias[p,m]
+S[p,m] = Q[p,e] * K[m,e] where m <= p
+T[p,m] = S[p,m] + Bias[p,m]
+GM[p] = max[m] T[p,m]
+C[p] = max(GM[p], 0.0)
+SN[p,m] = exp(T[p,m] - GM[p])
+SD[p] = SN[p,m]
+LSE[p] = GM[p] + log(SD[p])
+output LSE
+""")
+
+
+# ---------------------------------------------------------------------------- fuzzing
+
+PREDICATES = [  # (spec text, dense mask of (p, m) index tensors); a few constants each
+    ("m <= p", lambda p, m: m <= p),
+    ("m <= p and p - m < 5", lambda p, m: (m <= p) & (p - m < 5)),
+    ("p - m < 3 and m - p < 3", lambda p, m: (p - m < 3) & (m - p < 3)),
+    ("m < 2", lambda p, m: m < 2),
+    ("m // 8 == p // 8", lambda p, m: m // 8 == p // 8),
+    ("m >= p + 4", lambda p, m: m >= p + 4),
+    ("m % 5 == 0 and m <= p", lambda p, m: (m % 5 == 0) & (m <= p)),
+    ("m >= 100", lambda p, m: m >= 100),  # empty at these shapes: a set that never contributes
+]
+
+
+def union_spec(preds: list[str], nested: bool = False) -> str:
+    """One softmax over the union of len(preds) masked key sets over one key rank."""
+    lines = ["dims B H P M E F", "param scale = 1/sqrt(E)", "input Q[b,h,p,e], K[b,h,m,e], V[b,h,m,f]"]
+    n = len(preds)
+    for i, pred in enumerate(preds):
+        lines.append(f"S{i}[b,h,p,m] = Q[b,h,p,e] * K[b,h,m,e] * scale where {pred}")
+        lines.append(f"G{i}[b,h,p] = max[m] S{i}[b,h,p,m]")
+
+    def union(form: str, reads: list[str]) -> str:
+        if nested and len(reads) > 2:  # union forms nest: ((a u b) u c)
+            return f"{form}({union(form, reads[:-1])}, {reads[-1]})"
+        return f"{form}({', '.join(reads)})"
+
+    lines.append(f"GM[b,h,p] = {union('union_max', [f'G{i}[b,h,p]' for i in range(n)])}")
+    for i in range(n):
+        lines.append(f"E{i}[b,h,p,m] = exp(S{i}[b,h,p,m] - GM[b,h,p])")
+        lines.append(f"D{i}[b,h,p] = E{i}[b,h,p,m]")
+        lines.append(f"N{i}[b,h,p,f] = E{i}[b,h,p,m] * V[b,h,m,f]")
+    num = union("union_sum", [f"N{i}[b,h,p,f]" for i in range(n)])
+    den = union("union_sum", [f"D{i}[b,h,p]" for i in range(n)])
+    lines += [f"O[b,h,p,f] = {num} / {den}", "output O"]
+    return "\n".join(lines) + "\n"
+
+
+def fuzz_cases(count: int, seed: int):
+    rng = random.Random(seed)
+    for _ in range(count):
+        chosen = rng.sample(range(len(PREDICATES)), rng.choice([2, 2, 3]))
+        yield [PREDICATES[k] for k in chosen], rng.choice([False, True]), rng.randrange(1, 30), rng.randrange(1, 30)
+
+
+@pytest.mark.parametrize("case", list(range(24)))
+def test_fuzzed_unions_of_masked_key_sets_match_the_dense_formula(case):
+    preds, nested, P, M = list(fuzz_cases(24, seed=14))[case]
+    c = ei.parse(union_spec([t for t, _ in preds], nested))
+    q, k, v = _qkv(P, M, seed=case)
+    p, m = torch.arange(P)[:, None], torch.arange(M)[None, :]
+    want = dense_union_softmax(q, k, v, [f(p, m).expand(P, M) for _, f in preds], 8 ** -0.5)
+    torch.testing.assert_close(ei.interpret(c, Q=q, K=k, V=v), want, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- kernels
+
+from support import TOLERANCE, assert_outputs_close, on_kernel_device  # noqa: E402
+
+
+def _stage_of(c):
+    from einsum_ir.lowering.strategy import build_plan
+
+    plan = build_plan(c)
+    assert len(plan.stages) == 1, "one fused kernel"
+    return plan, plan.stages[0]
+
+
+def test_two_set_softmax_lowers_to_one_kernel_with_one_running_max_and_denominator():
+    c = ei.parse(UNION_TWO_SETS)
+    plan, stage = _stage_of(c)
+    carried = [e for e in stage.einsums if stage.kinds[e.name] == "carried"]
+    assert [e.reduce for e in carried].count("max") == 1 and stage.online == ("GM",)
+    sums = [e for e in carried if e.reduce == "sum"]
+    assert len(sums) == 2 and {len(e.lhs_vars) for e in sums} == {3, 4}  # one denominator, one numerator
+    assert all(str(stage.rescale[e.name]) != "1" for e in sums)  # both rescaled by the one running max
+    assert "unions of reductions as reductions of unions" in plan.rewrites
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_two_set_softmax_kernels_match_the_formula_with_rows_of_one_set(backend):
+    c = ei.parse(UNION_TWO_SETS)
+    kern = ei.compile(c, backend=backend)
+    P, M = 37, 45  # ragged tiles
+    q, k, v = _qkv(P, M, E=16, F=8, seed=3)
+    for W, NS in [(6, 3), (0, 4), (9, 0), (0, 0)]:
+        want = dense_union_softmax(q, k, v, _window_and_sinks(P, M, W, NS), 16 ** -0.5)
+        args = dict(Q=q, K=k, V=v, W=W, NS=NS)
+        got = kern(**(on_kernel_device(args) if backend == "triton" else args))
+        assert_outputs_close(got.cpu(), want, atol=TOLERANCE if backend == "triton" else 1e-5,
+                             rtol=TOLERANCE if backend == "triton" else 1e-5)
+
+
+@pytest.mark.parametrize("case", list(range(6)))
+def test_fuzzed_unions_on_the_cpu_and_triton_kernels(case):
+    preds, nested, P, M = list(fuzz_cases(6, seed=41))[case]
+    c = ei.parse(union_spec([t for t, _ in preds], nested))
+    q, k, v = _qkv(P + 20, M + 20, E=16, F=8, seed=case)
+    p, m = torch.arange(P + 20)[:, None], torch.arange(M + 20)[None, :]
+    want = dense_union_softmax(q, k, v, [f(p, m).expand(P + 20, M + 20) for _, f in preds], 16 ** -0.5)
+    _stage_of(c)
+    assert_outputs_close(ei.compile(c, backend="cpu")(Q=q, K=k, V=v), want, atol=1e-5, rtol=1e-5)
+    got = ei.compile(c, backend="triton")(**on_kernel_device(dict(Q=q, K=k, V=v)))
+    assert_outputs_close(got.cpu(), want, atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_a_union_after_the_key_loop_reads_each_sets_presence():
+    """A union of two linear (unnormalized) sums, known only after the loop: each set's
+    presence after the loop decides, so rows that one set misses keep the other's sum."""
+    spec = """dims B H P M E F
+input Q[b,h,p,e], K[b,h,m,e], V[b,h,m,f]
+S0[b,h,p,m] = Q[b,h,p,e] * K[b,h,m,e] where m <= p
+S1[b,h,p,m] = Q[b,h,p,e] * K[b,h,m,e] where m >= p + 3
+N0[b,h,p,f] = S0[b,h,p,m] * V[b,h,m,f]
+N1[b,h,p,f] = S1[b,h,p,m] * V[b,h,m,f]
+O[b,h,p,f] = union_sum(N0[b,h,p,f], N1[b,h,p,f])
+output O fill -1.0
+"""
+    c = ei.parse(spec)
+    q, k, v = _qkv(19, 12, seed=5)
+    s = q @ k.transpose(-1, -2)
+    p, m = torch.arange(19)[:, None], torch.arange(12)[None, :]
+    want = (s * (m <= p)) @ v + (s * (m >= p + 3)) @ v  # every row sees a key of the first set
+    got = ei.interpret(c, Q=q, K=k, V=v)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_outputs_close(ei.compile(c, backend="cpu")(Q=q, K=k, V=v), got, atol=1e-5, rtol=1e-5)
+    assert_outputs_close(ei.compile(c, backend="triton")(**on_kernel_device(dict(Q=q, K=k, V=v))).cpu(), got)
