@@ -27,7 +27,7 @@ import sympy
 
 from einsum_ir.builtins import PREDICATES
 from einsum_ir.errors import LoweringError
-from einsum_ir.functions import FUNCTIONS, UNIONS, UnionForm
+from einsum_ir.functions import FUNCTIONS
 from einsum_ir.ir import Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, Num, Unary, product_terms, walk
 from einsum_ir.lowering.plan import Plan, Stage
 
@@ -361,34 +361,10 @@ class BlockEmitter:
         args = [self.emit(a, sec) for a in expr.args]
         axes = self.canon([x for a in args for x in a.axes])
         pres, pax = self.combine_pres(args)
-        if expr.fn in UNIONS:
-            return self.union(UNIONS[expr.fn], args, sec)
         if expr.fn == "where":
             return self.where(args, axes, pres, pax)
         special = FUNCTIONS[expr.fn].special
         return self.call(expr.fn, args, axes, pres, pax, sec, special(expr.args) if special else None)
-
-    def union(self, u: UnionForm, args: list[Val], sec: Section) -> Val:
-        """A union form: each operand's absent points select the identity, so the combination
-        of the present ones is left; present where any operand is (everywhere if one has no mask)."""
-        axes = self.canon([x for a in args for x in a.axes + a.pres_axes])
-        parts = []
-        for a in args:
-            code = self.align(self.num(a), a.axes, axes)
-            if a.pres is not None:
-                code = self.select(self.align(a.pres, a.pres_axes, axes), code, self.number(u.identity))
-            parts.append(Val(code, axes, "float"))
-        out = parts[0]
-        for b in parts[1:]:
-            if u.combine == "+":
-                out = Val(f"({out.code} + {b.code})", axes, "float")
-            else:
-                out = self.call(u.combine, [out, b], axes, None, (), sec)
-        pres, pax = None, ()
-        if all(a.pres is not None for a in args):
-            pax = self.canon([x for a in args for x in a.pres_axes])
-            pres = "(" + " | ".join(paren(self.align(a.pres, a.pres_axes, pax)) for a in args) + ")"
-        return Val(out.code, axes, "float", pres, pax, fresh=True)
 
     def access(self, a: Access, sec: Section) -> Val:
         """A read of a tensor: a value of this stage (with its presence) or a load."""

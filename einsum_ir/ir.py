@@ -173,6 +173,14 @@ def index_vars(expr: Expr | None) -> list[str]:
     return list(seen)
 
 
+def chain(op: str, parts: list[Expr]) -> Expr:
+    """`parts` joined left to right by the binary operator `op` (`a and b and c`)."""
+    out = parts[0]
+    for p in parts[1:]:
+        out = Binary(op, out, p)
+    return out
+
+
 def conjuncts(pred: Expr | None) -> list[Expr]:
     """The top-level `and` clauses of a predicate (none for no predicate)."""
     if pred is None:

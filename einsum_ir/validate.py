@@ -364,25 +364,25 @@ def _flat(atoms) -> set:
     return out
 
 
-def _implies(have, atom) -> bool:
+def implies(have, atom) -> bool:
     """`have` (a conjunction) implies `atom`: structurally, with the witnesses of an Exists
     searched among the index variables `have` mentions (a few: one per rank, at most)."""
     if atom in have:
         return True
     if isinstance(atom, AnyOf):
-        return any(all(_implies(have, x) for x in b) for b in atom.branches)
+        return any(all(implies(have, x) for x in b) for b in atom.branches)
     flat = _flat(have)
     if atom in flat:
         return True
     # a union in what we have implies the atom when each of its branches does
-    if any(isinstance(a, AnyOf) and all(_implies(frozenset(b) | (flat - {a}), atom) for b in a.branches)
+    if any(isinstance(a, AnyOf) and all(implies(frozenset(b) | (flat - {a}), atom) for b in a.branches)
            for a in flat):
         return True
     if isinstance(atom, Exists):
         names = sorted(set().union(*map(_free, flat)) if flat else set())
         for witness in itertools.islice(itertools.product(names, repeat=len(atom.bound)), 512):
             sigma = {v: Index(w) for v, w in zip(atom.bound, witness)}
-            if all(_implies(flat, _subst(x, sigma)) for x in atom.body):
+            if all(implies(flat, _subst(x, sigma)) for x in atom.body):
                 return True
     return False
 
@@ -400,12 +400,13 @@ def _simplify(atoms: Presence) -> Presence:
         return atoms  # predicate conjuncts imply one another only when equal: a set has each once
     out = set(atoms)
     for a in sorted(atoms, key=lambda x: not isinstance(x, AnyOf)):  # drop unions first
-        if _implies(frozenset(out - {a}), a):
+        if implies(frozenset(out - {a}), a):
             out.discard(a)
     return frozenset(out)
 
 
-def _describe(atoms) -> str:
+def describe_presence(atoms) -> str:
+    """A presence (frozenset of atoms) as words: `some m has m <= p and p - m < W`."""
     def one(a) -> str:
         if isinstance(a, Exists):
             inner = " and ".join(sorted(one(x) for x in a.body))
@@ -418,8 +419,10 @@ def _describe(atoms) -> str:
     return " and ".join(sorted(one(a) for a in atoms)) or "everywhere"
 
 
-class _Presence:
-    """Presence of every tensor, computed once, and the check of each intersecting operation."""
+class PresenceAnalysis:
+    """Presence of every tensor, computed once, and the check of each intersecting operation.
+    `of(expr)` is an expression's presence (a frozenset of atoms, empty: everywhere); the
+    lowering asks it whether a union operand is present exactly where its predicates hold."""
 
     def __init__(self, c: Cascade):
         self.c = c
@@ -486,14 +489,14 @@ class _Presence:
             pa, pb = self.of(a), self.of(b)
             if pa == pb:
                 continue
-            xa = {x for x in pa if not _implies(pb | context, x)}
-            xb = {x for x in pb if not _implies(pa | context, x)}
+            xa = {x for x in pa if not implies(pb | context, x)}
+            xb = {x for x in pb if not implies(pa | context, x)}
             lost = None
             if xa and xb:
-                lost = f"{print_expr(a)} is present where {_describe(pa)}, {print_expr(b)} where {_describe(pb)}"
+                lost = f"{print_expr(a)} is present where {describe_presence(pa)}, {print_expr(b)} where {describe_presence(pb)}"
             for x, y, px, other in ((xa, b, pa, a), (xb, a, pb, b)):
                 if lost is None and any(map(_from_reduction, x)) and accesses(y):
-                    lost = (f"{print_expr(other)} is absent where {_describe(x)} fails, while "
+                    lost = (f"{print_expr(other)} is absent where {describe_presence(x)} fails, while "
                             f"{print_expr(y)} is present there")
             if lost is None:
                 continue
@@ -512,6 +515,6 @@ def _check_unions(c: Cascade) -> None:
     predicates, drops the points one of them lacks: reject it and name the union form."""
     if not any(e.where is not None for e in c.einsums):
         return  # nothing is absent by a predicate (out-of-bounds reads are not this check's)
-    presence = _Presence(c)
+    presence = PresenceAnalysis(c)
     for e in c.einsums:
         presence.check(e)

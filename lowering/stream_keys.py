@@ -31,11 +31,10 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from einsum_ir.errors import LoweringError, located
+from einsum_ir.errors import LoweringError
 from einsum_ir.graph import CascadeGraph, cascade_graph
-from einsum_ir.functions import UNIONS
 from einsum_ir.ir import (
-    Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, Unary, conjuncts, index_vars, product_terms, rank_of,
+    Access, Binary, Cascade, Einsum, Expr, Index, Name, chain, conjuncts, index_vars, product_terms, rank_of,
 )
 from einsum_ir.lowering.absence import place_sentinels
 from einsum_ir.lowering.base2 import fold_log2e
@@ -47,7 +46,7 @@ from einsum_ir.lowering.online import rescale_ratio
 from einsum_ir.lowering.plan import Plan, PresenceGroup, Stage
 from einsum_ir.lowering.recurrence import fold_recurrences
 from einsum_ir.lowering.underflow import scale_rows
-from einsum_ir.lowering.unions import has_unions, hoist_unions, strip_unions
+from einsum_ir.lowering.unions import eliminate_unions, hoist_unions
 
 NAME = "stream keys under a query tile"
 
@@ -69,6 +68,12 @@ def lower(c: Cascade) -> Plan:
     if hoisted is not c:
         rewrites.append("unions of reductions as reductions of unions")
         c = hoisted
+    plain, union_reason = eliminate_unions(c)
+    if union_reason is not None:
+        raise LoweringError(union_reason)
+    if plain is not c:
+        rewrites.append("unions as sentinels under a disjunction")
+        c = plain
     folded = fold_recurrences(c)
     if folded is not c:
         rewrites.append("recurrence folding")
@@ -375,17 +380,14 @@ def _rescale(c: Cascade, d: _Draft, kinds, online: list[str], depends, e: Einsum
             if w.reduced:
                 raise LoweringError(f"{t} reduces over {','.join(w.reduced)} a value that depends on the "
                                     f"running maximum {sorted(depends[t] & set(online))}")
-            return to_sympy(strip_unions(w.expr), leaf)
+            return to_sympy(w.expr, leaf)
         return sympy.Symbol(f"T_{t}")
 
-    # a union's present operands each take the factor the whole takes: derive it from their sum
-    return rescale_ratio(e.name, to_sympy(strip_unions(e.expr), leaf), e.reduce)
+    return rescale_ratio(e.name, to_sympy(e.expr, leaf), e.reduce)
 
 
 def _stage_predicate(d: _Draft, kinds, depends) -> Expr | None:
     """The predicate guarding every carried reduction of the stage (what tiles may be skipped by)."""
-    if has_unions(e.expr for e in d.einsums):
-        return _union_stage_predicate(d, kinds)
     guarded = [e for e in d.einsums if kinds[e.name] in IN_LOOP and e.where is not None]
     common: list[Expr] | None = None
     for cr in (e for e in d.einsums if kinds[e.name] in REDUCTIONS):  # by conjunct: `A and B` shares A with `A`
@@ -394,45 +396,6 @@ def _stage_predicate(d: _Draft, kinds, depends) -> Expr | None:
     if not common:
         return None
     return _conjunction(list(dict.fromkeys(common)))
-
-
-def _union_stage_predicate(d: _Draft, kinds) -> Expr | None:
-    """`_stage_predicate` through union forms: a summand is present where all its in-loop
-    operands are, except that a union is present where any of its operands is, so a union of
-    two key sets skips only the tiles that neither set reaches (`A or B`, not `A and B`)."""
-    local = {e.name: e for e in d.einsums if kinds[e.name] in IN_LOOP}
-    memo: dict[str, tuple[Expr, ...]] = {}
-
-    def of(expr: Expr) -> tuple[Expr, ...]:
-        if isinstance(expr, Access):
-            return tensor(expr.tensor) if expr.tensor in local else ()
-        if isinstance(expr, Call) and expr.fn in UNIONS:
-            branches = [of(a) for a in expr.args]
-            if any(not b for b in branches):  # one operand present everywhere: so is the union
-                return ()
-            return (_disjunction([_conjunction(list(b)) for b in branches]),)
-        kids = (expr.lhs, expr.rhs) if isinstance(expr, Binary) else (expr.operand,) if isinstance(expr, Unary) \
-            else expr.args if isinstance(expr, Call) else ()
-        return tuple(dict.fromkeys(x for k in kids for x in of(k)))
-
-    def tensor(name: str) -> tuple[Expr, ...]:
-        if name not in memo:
-            e = local[name]
-            memo[name] = tuple(dict.fromkeys(conjuncts(e.where) + list(of(e.expr))))
-        return memo[name]
-
-    common: list[Expr] | None = None
-    for cr in (e for e in d.einsums if kinds[e.name] in REDUCTIONS):
-        mine = list(tensor(cr.name))
-        common = mine if common is None else [w for w in common if w in mine]
-    return _conjunction(common) if common else None
-
-
-def _disjunction(parts: list[Expr]) -> Expr:
-    out = parts[0]
-    for p in parts[1:]:
-        out = Binary("or", out, p)
-    return out
 
 
 def _undecided_wheres(d: _Draft, kinds, predicate: Expr | None) -> list[Einsum]:
@@ -444,10 +407,7 @@ def _undecided_wheres(d: _Draft, kinds, predicate: Expr | None) -> list[Einsum]:
 
 
 def _conjunction(parts: list[Expr]) -> Expr:
-    out = parts[0]
-    for p in parts[1:]:
-        out = Binary("and", out, p)
-    return out
+    return chain("and", parts)
 
 
 def _key_bound(d: _Draft) -> Expr:
@@ -474,32 +434,35 @@ def _guards(d: _Draft, kinds, local: set[str]) -> dict[str, Expr]:
 def _groups(carried: list[Einsum], guards, depends, online, d: _Draft) -> tuple[PresenceGroup, ...]:
     """Carried reductions grouped by the guards their summands are subject to; only guards that
     a predicate (not just the key bound) holds matter for presence after the loop."""
+    # grouped by the guards' predicates, not their names: two values under one predicate (a
+    # union's maximum and its sum, each under `A or B`) are present at the same rows
     by_key: dict[frozenset, list[Einsum]] = {}
+    names: dict[frozenset, frozenset] = {}
     for e in carried:
         key = frozenset(g for g in guards if g in depends[e.name] and _has_where(d, g))
         if e.where is not None:
             key |= {e.name}
         if key:
-            by_key.setdefault(key, []).append(e)
+            preds = frozenset(_where_of(d, g) for g in key)
+            by_key.setdefault(preds, []).append(e)
+            names[preds] = names.get(preds, frozenset()) | key
     groups = []
-    for key, members in by_key.items():
+    for preds, members in by_key.items():
+        key = names[preds]
         rows = {tuple(v for v in e.lhs_vars if v in d.query) for e in members}
         maximum = next((e.name for e in members if e.reduce == "max"
                         and tuple(v for v in e.lhs_vars if v not in d.grid) == max(rows, key=len)), None)
         counter = None if maximum else f"{members[0].name}_seen"
-        if counter and len(key) > 1 and has_unions(e.expr for e in d.einsums):
-            # a counter counts the points where all of the group's guards hold; a union's
-            # summand is present where any holds: that count is not derived yet
-            raise LoweringError(located(members[0], f"{members[0].name} sums a union of values "
-                                        f"guarded by {', '.join(sorted(key))} with no running maximum "
-                                        f"to tell its presence after the key loop; the key-stream "
-                                        f"kernel counts presence for one conjunction of guards"))
         groups.append(PresenceGroup(key, tuple(e.name for e in members), maximum, counter))
     return tuple(groups)
 
 
 def _has_where(d: _Draft, name: str) -> bool:
-    return next(e for e in d.einsums if e.name == name).where is not None
+    return _where_of(d, name) is not None
+
+
+def _where_of(d: _Draft, name: str) -> Expr | None:
+    return next(e for e in d.einsums if e.name == name).where
 
 
 def _last_use(in_loop: list[Einsum]) -> dict[str, str]:

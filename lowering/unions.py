@@ -1,4 +1,6 @@
-"""Unions of reductions become reductions of unions, so one key loop carries one state.
+"""Union forms for the key loop: unions of reductions become reductions of unions, so one key
+loop carries one state, and unions over a key tile become sentinels under a disjunction
+(`eliminate_unions`, below), so every later stage sees plain IR.
 
 A softmax over several masked key sets is written per set and joined by union forms
 (docs/spec.md, "Unions"): `GM = union_max(G0, G1)` with `G0 = max[m] S0`, `G1 = max[m] S1`;
@@ -32,20 +34,28 @@ from dataclasses import replace
 
 from einsum_ir.functions import UNIONS
 from einsum_ir.ir import (
-    Access, Binary, Call, Cascade, Einsum, Expr, Index, accesses, index_vars, product_terms, rebuild, substitute,
-    walk,
+    Access, Binary, Call, Cascade, Einsum, Expr, Index, Num, accesses, chain, conjuncts, index_vars, product_terms,
+    rebuild, substitute, walk,
 )
+from einsum_ir.printer import print_expr
 
 
 def has_unions(exprs) -> bool:
     return any(isinstance(n, Call) and n.fn in UNIONS for x in exprs if x is not None for n in walk(x))
 
 
-def strip_unions(expr: Expr) -> Expr:
-    """`expr` with every union form replaced by its value where every operand is present: what
-    a rescale factor is derived from (each present operand takes the same factor)."""
-    return rebuild(expr, lambda n: UNIONS[n.fn].present_value(tuple(strip_unions(a) for a in n.args))
-                   if isinstance(n, Call) and n.fn in UNIONS else None)
+def flatten_unions(expr: Expr) -> Expr:
+    """`union_max(union_max(a, b), c)` as `union_max(a, b, c)`: one form is associative, and a
+    flat union is one reduction over its operands."""
+    def flat(n: Expr) -> Expr | None:
+        if not (isinstance(n, Call) and n.fn in UNIONS):
+            return None
+        args: list[Expr] = []
+        for a in (flatten_unions(x) for x in n.args):
+            args += list(a.args) if isinstance(a, Call) and a.fn == n.fn else [a]
+        return Call(n.fn, tuple(args), n.loc)
+
+    return rebuild(expr, flat)
 
 
 def hoist_unions(c: Cascade) -> Cascade:
@@ -53,7 +63,8 @@ def hoist_unions(c: Cascade) -> Cascade:
     if not has_unions(e.expr for e in c.einsums):
         return c
     names = {*c.tensors, *(d.name for d in c.inputs)}
-    changed, out = True, c
+    out = c.replace(einsums=tuple(replace(e, expr=flatten_unions(e.expr)) for e in c.einsums))
+    changed = True
     while changed:
         changed = False
         for k, e in enumerate(out.einsums):
@@ -227,8 +238,6 @@ def _factor_common(c: Cascade, form: str, operands: list[Expr]) -> tuple[Expr, l
 
 
 def _product(factors: list[tuple[bool, Expr]]) -> Expr:
-    from einsum_ir.ir import Num
-
     out: Expr | None = None
     for reciprocal, f in factors:
         if reciprocal:
@@ -247,3 +256,167 @@ def _drop_unread(c: Cascade) -> Cascade:
         if len(left) == len(keep):
             return c.replace(einsums=tuple(left))
         keep = left
+
+
+# ---------------------------------------------------------------------------- union elimination
+#
+# In a key loop, presence is carried by predicates: a stream value is present where its guards
+# hold. A union operand whose presence is exactly its guards' conjunction can instead hold a
+# sentinel where a guard fails that the chain up to the union turns into the union's identity
+# (a score of -inf: union_max sees -inf, exp(-inf - GM) = 0 is union_sum's identity), and the
+# union becomes the plain operation under the predicate "some operand's guards hold":
+#
+#     S0 = S where A;  S1 = S where B;  U = union_max(S0, S1)
+#  -> S0 = where(A, S, -inf);  S1 = where(B, S, -inf);  U = max(S0, S1) where A or B
+#
+# exact, and plain IR for every later stage (the emitters, the absence analysis, the backward).
+# Sentinels are chosen by the absence analysis's abstract values (lowering.absence), from the
+# function registry, never by pattern.
+
+
+def eliminate_unions(c: Cascade) -> tuple[Cascade, str | None]:
+    """`c` without union forms when every one can be eliminated as above, and None; else `c`
+    and the located reason for the first one that cannot."""
+    from einsum_ir.errors import located
+    from einsum_ir.lowering.absence import SENTINELS, abstract
+    from einsum_ir.validate import PresenceAnalysis, describe_presence, implies
+
+    unions = [(e, n) for e in c.einsums for n in walk(e.expr) if isinstance(n, Call) and n.fn in UNIONS]
+    if not unions:
+        return c, None
+    writers = {e.name: e for e in c.einsums}
+    analysis = PresenceAnalysis(c)
+
+    def roots(expr: Expr) -> list[str]:
+        """The guarded values whose predicates make `expr` absent, up through maps."""
+        out: list[str] = []
+        for a in accesses(expr):
+            w = writers.get(a.tensor)
+            if w is None:
+                continue
+            if w.where is not None and not set(index_vars(w.where)) - set(w.lhs_vars) and a.tensor not in out:
+                out.append(a.tensor)
+            if not w.reduced and not w.recurrence_var:
+                out += [r for r in roots(w.expr) if r not in out]
+        return out
+
+    def why(e: Einsum, node: Call, text: str) -> str:
+        return located(node, f"{e.name}: {print_expr(node)} {text}")
+
+    operand_roots: dict[int, list[str]] = {}
+    for e, node in unions:
+        if e.recurrence_var or any(isinstance(n, Call) and n.fn in UNIONS for a in node.args for n in walk(a)):
+            return c, why(e, node, "is nested in a union or a recurrence; the key loop carries flat unions")
+        for x in node.args:
+            rs = roots(x)
+            have = frozenset(a for r in rs for a in conjuncts(writers[r].where))
+            if not all(implies(have, atom) for atom in analysis.of(x)):
+                ranks = sorted({v for y in node.args for a in accesses(y) if a.tensor in writers
+                                for v in writers[a.tensor].reduced})
+                if len(ranks) > 1:  # sets over different key ranks (full-resolution and pooled keys)
+                    return c, why(e, node, f"joins reductions over different ranks ({', '.join(ranks)}); one key "
+                                           f"loop streams one rank, and merging the states of one loop per rank "
+                                           f"is not derived yet, so this union runs on the interpreter "
+                                           f"(backend 'reference', or 'auto')")
+                return c, why(e, node, f"combines values whose presence is known only after a loop ({print_expr(x)} is "
+                                       f"present where {describe_presence(analysis.of(x))}); a key-stream kernel "
+                                       f"carries presence as predicates over the keys, so this union runs on the "
+                                       f"interpreter (backend 'reference', or 'auto')")
+            operand_roots[id(x)] = rs
+    guarded = list(dict.fromkeys(r for rs in operand_roots.values() for r in rs))
+    for r in guarded:
+        if not _only_into_unions(c, r, set(operand_roots)):
+            return c, located(writers[r], f"{r} is guarded by a predicate and read outside the union forms it "
+                                          f"feeds; its absent points cannot hold a sentinel")
+    choice = _sentinels(c, unions, operand_roots, guarded, writers, abstract, SENTINELS)
+    if choice is None:
+        e, node = unions[0]
+        return c, why(e, node, "has operands that no sentinel (-inf or 0) turns into its identity")
+    einsums: list[Einsum] = []
+    names = {*c.tensors, *(d.name for d in c.inputs)}
+    for e in c.einsums:
+        if e.name in choice:
+            sentinel = Num(choice[e.name])
+            lhs = Access(e.name, e.target.indices)
+            if e.reduced:  # the contraction without its predicate, then the select
+                inner = Access(_fresh(names, f"{e.name}_s"), e.target.indices)
+                einsums.append(replace(e, target=inner, where=None))
+                einsums.append(Einsum(lhs, Call("where", (e.where, inner, sentinel)), loc=e.loc))
+            else:
+                einsums.append(Einsum(lhs, Call("where", (e.where, e.expr, sentinel)), loc=e.loc))
+            continue
+        mine = [n for n in walk(e.expr) if isinstance(n, Call) and n.fn in UNIONS]
+        if not mine:
+            einsums.append(e)
+            continue
+        where = list(conjuncts(e.where))
+        for node in mine:
+            parts = [[a for r in operand_roots[id(x)] for a in conjuncts(writers[r].where)] for x in node.args]
+            if all(parts):  # present where some operand's guards hold; else everywhere
+                where.append(_or([_and(p) for p in parts]))
+        expr = rebuild(e.expr, lambda n: UNIONS[n.fn].present_value(n.args)
+                       if isinstance(n, Call) and n.fn in UNIONS else None)
+        einsums.append(replace(e, expr=expr, where=_and(where) if where else None))
+    return c.replace(einsums=tuple(einsums)), None
+
+
+def _sentinels(c, unions, operand_roots, guarded, writers, abstract, sentinels) -> dict[str, float] | None:
+    """A sentinel per guarded value such that, with any set of its guards failing, every union
+    operand reading it evaluates to the union's identity; None when no choice does."""
+    import itertools
+
+    from einsum_ir.graph import topological_einsums
+
+    order = [e.name for e in topological_einsums(c)]
+    for values in itertools.product(sentinels, repeat=len(guarded)):
+        choice = dict(zip(guarded, values))
+        if all(_operand_is_identity(x, UNIONS[node.fn].identity, operand_roots[id(x)], choice, writers, order,
+                                    abstract)
+               for _, node in unions for x in node.args):
+            return choice
+    return None
+
+
+def _operand_is_identity(x, identity, rs, choice, writers, order, abstract) -> bool:
+    import itertools
+
+    for k in range(1, len(rs) + 1):
+        for failing in itertools.combinations(rs, k):
+            values = {r: choice[r] for r in failing}
+            for name in order:  # maps between the guards and the operand, in cascade order
+                w = writers[name]
+                if name not in values and not w.reduced and any(a.tensor in values for a in accesses(w.expr)):
+                    values[name] = abstract(w.expr, values)
+            # a value read on the way that no guard reaches (a running maximum) is a finite number
+            if abstract(x, values) != identity:
+                return False
+    return True
+
+
+def _only_into_unions(c: Cascade, name: str, operands: set[int]) -> bool:
+    """Every use of `name` reaches a union operand through maps only, and it is no output."""
+    if name in c.output_names:
+        return False
+    for e in c.einsums:
+        if name not in {a.tensor for a in accesses(e.expr) + accesses(e.where)}:
+            continue
+        if name in {a.tensor for a in accesses(e.where)}:
+            return False
+        inside = [a for n in walk(e.expr) if isinstance(n, Call) and n.fn in UNIONS
+                  for x in n.args if id(x) in operands for a in accesses(x) if a.tensor == name]
+        every = [a for a in accesses(e.expr) if a.tensor == name]
+        if len(inside) == len(every):
+            continue
+        if e.reduced or e.recurrence_var or not _only_into_unions(c, e.name, operands):
+            return False
+    return True
+
+
+def _and(parts: list[Expr]) -> Expr:
+    return chain("and", parts)
+
+
+def _or(parts: list[Expr]) -> Expr:
+    return chain("or", parts)
+
+

@@ -262,6 +262,12 @@ def test_two_set_softmax_lowers_to_one_kernel_with_one_running_max_and_denominat
     assert len(sums) == 2 and {len(e.lhs_vars) for e in sums} == {3, 4}  # one denominator, one numerator
     assert all(str(stage.rescale[e.name]) != "1" for e in sums)  # both rescaled by the one running max
     assert "unions of reductions as reductions of unions" in plan.rewrites
+    assert "union_" not in str(plan.cascade)  # the kernel sees plain IR: sentinels under `A or B`
+    assert "where m <= p and p - m < W or m < NS" in str(plan.cascade)
+    # one score contraction for both sets, and the loop bounds of the union of the two sets:
+    # the sinks' tiles, then the window's, with full tiles needing no mask
+    assert sum(1 for e in stage.einsums if e.reduced == ["e"]) == 1
+    assert stage.loop.exact and any(not seg.masked for seg in stage.loop.tile_segments)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -291,9 +297,10 @@ def test_fuzzed_unions_on_the_cpu_and_triton_kernels(case):
     assert_outputs_close(got.cpu(), want, atol=TOLERANCE, rtol=TOLERANCE)
 
 
-def test_a_union_after_the_key_loop_reads_each_sets_presence():
-    """A union of two linear (unnormalized) sums, known only after the loop: each set's
-    presence after the loop decides, so rows that one set misses keep the other's sum."""
+def test_a_union_known_only_after_the_key_loop_is_refused_by_the_kernels():
+    """A union of two linear (unnormalized) sums, each present where its set saw a key: a
+    kernel would need each set's presence after the loop; it refuses, naming the Einsum, and
+    the interpreter (the default backend's fallback) keeps the rows one set misses."""
     spec = """dims B H P M E F
 input Q[b,h,p,e], K[b,h,m,e], V[b,h,m,f]
 S0[b,h,p,m] = Q[b,h,p,e] * K[b,h,m,e] where m <= p
@@ -310,5 +317,58 @@ output O fill -1.0
     want = (s * (m <= p)) @ v + (s * (m >= p + 3)) @ v  # every row sees a key of the first set
     got = ei.interpret(c, Q=q, K=k, V=v)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert_outputs_close(ei.compile(c, backend="cpu")(Q=q, K=k, V=v), got, atol=1e-5, rtol=1e-5)
-    assert_outputs_close(ei.compile(c, backend="triton")(**on_kernel_device(dict(Q=q, K=k, V=v))).cpu(), got)
+    for backend in ("cpu", "triton"):
+        with pytest.raises(ei.LoweringError, match=r"<spec>:7:\d+: O: union_sum\(N0.*present where some m "
+                                                   r"has m <= p.*runs on the interpreter"):
+            ei.compile(c, backend=backend)(Q=q, K=k, V=v)
+    torch.testing.assert_close(ei.compile(c)(Q=q, K=k, V=v), got)
+
+
+def test_the_fused_backward_of_a_two_set_softmax_matches_autograd_through_the_interpreter():
+    c = ei.parse(UNION_TWO_SETS)
+    assert len(ei.grad(c).backward) == 1  # derived from the union-free lowered cascade
+    q, k, v = _qkv(37, 45, E=16, F=8, seed=3)
+    kern = ei.compile(c, backend="cpu")
+
+    def grads(run):
+        leaves = [t.clone().double().requires_grad_() for t in (q, k, v)]
+        run(*leaves).sum().backward()
+        return [t.grad for t in leaves]
+
+    for W, NS in [(6, 3), (0, 4), (9, 0)]:  # rows of both sets, of the sinks only, of the window only
+        got = grads(lambda Q, K, V: kern(Q=Q, K=K, V=V, W=W, NS=NS))
+        want = grads(lambda Q, K, V: ei.interpret(c, Q=Q, K=K, V=V, W=W, NS=NS))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+
+
+# the second set over 4x pooled keys before the window: a rank of its own, N
+PYRAMID = (TWO_SETS.format(max="union_max", num="union_sum(N0[b,h,p,f], N1[b,h,p,f])",
+                           den="union_sum(D0[b,h,p], D1[b,h,p])")
+           .replace("dims B H P M E F", "dims B H P M N E F").replace("param NS: int\n", "")
+           .replace("V[b,h,m,f]\n", "V[b,h,m,f], KP[b,h,n,e], VP[b,h,n,f]\n", 1)
+           .replace("K[b,h,m,e] * scale where m < NS", "KP[b,h,n,e] * scale where n * 4 + 3 < p - W")
+           .replace("S1[b,h,p,m]", "S1[b,h,p,n]").replace("E1[b,h,p,m]", "E1[b,h,p,n]")
+           .replace("G1[b,h,p] = max[m]", "G1[b,h,p] = max[n]").replace("E1[b,h,p,n] * V[b,h,m,f]", "E1[b,h,p,n] * VP[b,h,n,f]"))
+
+
+def test_pyramid_keys_at_two_resolutions_interpret_exactly_and_the_kernels_say_why_not():
+    """Full-resolution keys in a window plus 4x pooled keys before it (pyramid sparse attention):
+    two key ranks, so no single key loop; the interpreter is exact, the kernels refuse, located."""
+    c = ei.parse(PYRAMID)
+    P, M, N, W = 40, 40, 10, 6
+    q, k, v = _qkv(P, M, seed=7)
+    kp, vp = k.reshape(1, 2, N, 4, 8).mean(3), v.reshape(1, 2, N, 4, 4).mean(3)
+    p = torch.arange(P)[:, None]
+    m0 = (torch.arange(M)[None] <= p) & (p - torch.arange(M)[None] < W)
+    m1 = torch.arange(N)[None] * 4 + 3 < p - W
+    s0, s1 = (q @ k.transpose(-1, -2)) * 8 ** -0.5, (q @ kp.transpose(-1, -2)) * 8 ** -0.5
+    gm = torch.maximum(s0.masked_fill(~m0, -math.inf).amax(-1), s1.masked_fill(~m1, -math.inf).amax(-1))[..., None]
+    w0, w1 = torch.exp(s0 - gm) * m0, torch.exp(s1 - gm) * m1
+    want = (w0 @ v + w1 @ vp) / (w0.sum(-1, keepdim=True) + w1.sum(-1, keepdim=True))
+    args = dict(Q=q, K=k, V=v, KP=kp, VP=vp, W=W)
+    torch.testing.assert_close(ei.interpret(c, **args), want, atol=1e-5, rtol=1e-5)
+    assert m1[:W + 4].sum() == 0  # the first rows see no pooled key: the union keeps their window
+    with pytest.raises(ei.LoweringError, match=r"<spec>:9:\d+: GM: union_max.* different ranks \(m, n\)"):
+        ei.compile(c, backend="cpu")
+    torch.testing.assert_close(ei.compile(c)(**args), want, atol=1e-5, rtol=1e-5)
