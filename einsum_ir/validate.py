@@ -92,6 +92,10 @@ def _check_names(c: Cascade) -> None:
                 if isinstance(node, (Access, Index)):
                     raise SpecError(f"param {p.name} must be a scalar expression over dims, params "
                                     f"and numbers, but uses {print_expr(node)}", node.loc)
+                if isinstance(node, Call) and node.fn in UNIONS:  # nothing in a param is ever absent
+                    plain = UNIONS[node.fn].combine
+                    raise SpecError(f"param {p.name} uses {node.fn}(...), which combines values that may be "
+                                    f"absent; a param is always present: write {plain!r} instead", node.loc)
 
 
 def _tensor_ranks(c: Cascade) -> dict[str, tuple[str, ...]]:
@@ -316,12 +320,16 @@ def _check_cycles(c: Cascade) -> None:
 
 @dataclass(frozen=True)
 class Exists:
+    """Present where some point of the bound (reduced) variables makes `body` hold."""
+
     bound: tuple[str, ...]  # fresh index variable names
     body: frozenset
 
 
 @dataclass(frozen=True)
 class AnyOf:
+    """Present where one of the branches (conjunctions) holds: a union form's operands."""
+
     branches: tuple[frozenset, ...]
 
 
@@ -364,7 +372,7 @@ def _flat(atoms) -> set:
     return out
 
 
-def implies(have, atom) -> bool:
+def implies(have: Presence, atom: Expr | Exists | AnyOf) -> bool:
     """`have` (a conjunction) implies `atom`: structurally, with the witnesses of an Exists
     searched among the index variables `have` mentions (a few: one per rank, at most)."""
     if atom in have:
@@ -405,7 +413,7 @@ def _simplify(atoms: Presence) -> Presence:
     return frozenset(out)
 
 
-def describe_presence(atoms) -> str:
+def describe_presence(atoms: Presence) -> str:
     """A presence (frozenset of atoms) as words: `some m has m <= p and p - m < W`."""
     def one(a) -> str:
         if isinstance(a, Exists):

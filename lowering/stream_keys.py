@@ -434,27 +434,41 @@ def _guards(d: _Draft, kinds, local: set[str]) -> dict[str, Expr]:
 def _groups(carried: list[Einsum], guards, depends, online, d: _Draft) -> tuple[PresenceGroup, ...]:
     """Carried reductions grouped by the guards their summands are subject to; only guards that
     a predicate (not just the key bound) holds matter for presence after the loop."""
-    # grouped by the guards' predicates, not their names: two values under one predicate (a
-    # union's maximum and its sum, each under `A or B`) are present at the same rows
     by_key: dict[frozenset, list[Einsum]] = {}
-    names: dict[frozenset, frozenset] = {}
     for e in carried:
         key = frozenset(g for g in guards if g in depends[e.name] and _has_where(d, g))
         if e.where is not None:
             key |= {e.name}
         if key:
-            preds = frozenset(_where_of(d, g) for g in key)
-            by_key.setdefault(preds, []).append(e)
-            names[preds] = names.get(preds, frozenset()) | key
+            by_key.setdefault(key, []).append(e)
     groups = []
-    for preds, members in by_key.items():
-        key = names[preds]
+    for key, members in by_key.items():
         rows = {tuple(v for v in e.lhs_vars if v in d.query) for e in members}
         maximum = next((e.name for e in members if e.reduce == "max"
                         and tuple(v for v in e.lhs_vars if v not in d.grid) == max(rows, key=len)), None)
         counter = None if maximum else f"{members[0].name}_seen"
         groups.append(PresenceGroup(key, tuple(e.name for e in members), maximum, counter))
-    return tuple(groups)
+    return _share_maxima(groups, d)
+
+
+def _share_maxima(groups: list[PresenceGroup], d: _Draft) -> tuple[PresenceGroup, ...]:
+    """A group that would count its presence joins a group under the same predicates (other
+    guards, one condition: a union's maximum and its sums, each under `A or B`) whose running
+    maximum covers its rows: the maximum's > -inf says the same and costs no counter."""
+    def preds(g: PresenceGroup) -> frozenset:
+        return frozenset(_where_of(d, n) for n in g.guards)
+
+    def rows(name: str) -> set[str]:
+        return {v for v in next(e for e in d.einsums if e.name == name).lhs_vars if v in d.query}
+
+    out = list(groups)
+    for g in groups:
+        host = next((h for h in out if h is not g and h.maximum and g.counter and preds(h) == preds(g)
+                     and all(rows(m) <= rows(h.maximum) for m in g.members)), None)
+        if host is not None:
+            out[out.index(host)] = PresenceGroup(host.guards | g.guards, host.members + g.members, host.maximum, None)
+            out.remove(g)
+    return tuple(out)
 
 
 def _has_where(d: _Draft, name: str) -> bool:

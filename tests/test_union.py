@@ -81,6 +81,8 @@ def test_union_forms_print_back_and_check_their_arity():
     assert ei.parse(str(c)) == c
     with pytest.raises(SpecError, match=r"union_max\(\.\.\.\) takes 2 to 16 arguments, got 1"):
         ei.parse(TRUTH.format(call="union_max(A[p])"))
+    with pytest.raises(SpecError, match=r"<spec>:2:\d+: error: param s uses union_sum\(\.\.\.\).* write '\+' instead"):
+        ei.parse("dims P\nparam s = union_sum(1.0, 2.0)\ninput X[p]\nY[p] = X[p] * s\noutput Y\n")
 
 
 # ---------------------------------------------------------------------------- two key sets
@@ -108,16 +110,18 @@ UNION_TWO_SETS = TWO_SETS.format(max="union_max", num="union_sum(N0[b,h,p,f], N1
                                  den="union_sum(D0[b,h,p], D1[b,h,p])")
 
 
-def dense_union_softmax(q, k, v, masks: list[torch.Tensor], scale: float) -> torch.Tensor:
+def dense_union_softmax(q, k, v, masks: list[torch.Tensor], scale: float,
+                        sharpness: list[float] | None = None) -> torch.Tensor:
     """Softmax over the multiset union of key sets (a key in two sets counts twice): one
-    maximum over every present score, each set's terms summed; a row of no key is 0."""
-    s = (q @ k.transpose(-1, -2)) * scale
-    anywhere = torch.stack(masks).any(0)
-    gm = s.masked_fill(~anywhere, -math.inf).amax(-1, keepdim=True)
+    maximum over every present score, each set's terms summed; a row of no key is 0. Set i's
+    scores are scaled by sharpness[i] when given."""
+    base = (q @ k.transpose(-1, -2)) * scale
+    s = [base * (sharpness[i] if sharpness else 1.0) for i in range(len(masks))]
+    gm = torch.stack([x.masked_fill(~m, -math.inf) for x, m in zip(s, masks)]).amax(0).amax(-1, keepdim=True)
     gm = torch.where(torch.isfinite(gm), gm, torch.zeros_like(gm))
-    w = torch.exp(s - gm)
-    num = sum((w * m) @ v for m in masks)
-    den = sum((w * m).sum(-1, keepdim=True) for m in masks)
+    w = [torch.exp(x - gm) * m for x, m in zip(s, masks)]
+    num = sum(x @ v for x in w)
+    den = sum(x.sum(-1, keepdim=True) for x in w)
     return torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num))
 
 
@@ -199,12 +203,14 @@ PREDICATES = [  # (spec text, dense mask of (p, m) index tensors); a few constan
 ]
 
 
-def union_spec(preds: list[str], nested: bool = False) -> str:
-    """One softmax over the union of len(preds) masked key sets over one key rank."""
+def union_spec(preds: list[str], nested: bool = False, sharpness: list[float] | None = None) -> str:
+    """One softmax over the union of len(preds) masked key sets over one key rank; with
+    `sharpness`, set i's scores are scaled by sharpness[i] (one contraction per set)."""
     lines = ["dims B H P M E F", "param scale = 1/sqrt(E)", "input Q[b,h,p,e], K[b,h,m,e], V[b,h,m,f]"]
     n = len(preds)
     for i, pred in enumerate(preds):
-        lines.append(f"S{i}[b,h,p,m] = Q[b,h,p,e] * K[b,h,m,e] * scale where {pred}")
+        factor = f" * {sharpness[i]!r}" if sharpness else ""
+        lines.append(f"S{i}[b,h,p,m] = Q[b,h,p,e] * K[b,h,m,e] * scale{factor} where {pred}")
         lines.append(f"G{i}[b,h,p] = max[m] S{i}[b,h,p,m]")
 
     def union(form: str, reads: list[str]) -> str:
@@ -284,13 +290,15 @@ def test_two_set_softmax_kernels_match_the_formula_with_rows_of_one_set(backend)
                              rtol=TOLERANCE if backend == "triton" else 1e-5)
 
 
-@pytest.mark.parametrize("case", list(range(6)))
+@pytest.mark.parametrize("case", list(range(8)))
 def test_fuzzed_unions_on_the_cpu_and_triton_kernels(case):
-    preds, nested, P, M = list(fuzz_cases(6, seed=41))[case]
-    c = ei.parse(union_spec([t for t, _ in preds], nested))
+    """Odd cases give each set its own score scale: one contraction per set, each selected."""
+    preds, nested, P, M = list(fuzz_cases(8, seed=41))[case]
+    sharp = [1.0 + 0.5 * i for i in range(len(preds))] if case % 2 else None
+    c = ei.parse(union_spec([t for t, _ in preds], nested, sharp))
     q, k, v = _qkv(P + 20, M + 20, E=16, F=8, seed=case)
     p, m = torch.arange(P + 20)[:, None], torch.arange(M + 20)[None, :]
-    want = dense_union_softmax(q, k, v, [f(p, m).expand(P + 20, M + 20) for _, f in preds], 16 ** -0.5)
+    want = dense_union_softmax(q, k, v, [f(p, m).expand(P + 20, M + 20) for _, f in preds], 16 ** -0.5, sharp)
     _stage_of(c)
     assert_outputs_close(ei.compile(c, backend="cpu")(Q=q, K=k, V=v), want, atol=1e-5, rtol=1e-5)
     got = ei.compile(c, backend="triton")(**on_kernel_device(dict(Q=q, K=k, V=v)))
