@@ -6,6 +6,15 @@ intersect masks; reductions skip absent points; outputs materialize absent point
 fill value. Sum reductions over products run through `torch.einsum`, so a contraction never
 materializes its full iteration space. Recurrences loop over their rank's steps only (one
 vectorized evaluation per step, never per point).
+
+A value may carry an exponent: `data * e^exp`, where `exp` (same labels, broadcastable) keeps
+what the dtype cannot. A function with an exponential tail (the registry's `scaled`: f(x) ~ e^x
+as x -> -inf, softplus and sigmoid) is evaluated below TAIL as f's scaled form e^-x f(x) with
+exponent x, so a weight of e^-1e4 is not 0. Products add exponents and quotients subtract them;
+a sum reduction scales its terms by e^(exp - max exp) over the reduced indices and keeps the max
+as its exponent, so `sum_m f(x) V / sum_m f(x)` of a row whose weights all underflow is its true
+value (softmax of x, in the limit), not 0/0. Anything else (+, comparisons, other functions,
+max/min reductions, recurrences, outputs) sees the plain value `data * e^exp`, as before.
 """
 from __future__ import annotations
 
@@ -18,7 +27,7 @@ import torch
 
 from einsum_ir.errors import BindError
 from einsum_ir.builtins import PREDICATES
-from einsum_ir.functions import UNIONS, torch_function, torch_operator, torch_union
+from einsum_ir.functions import FUNCTIONS, UNIONS, torch_function, torch_operator, torch_union
 from einsum_ir.graph import dependency_graph, recurrence_position, topological_einsums
 from einsum_ir.ir import (
     DEFAULT_TILE, REDUCE_IDENTITY,
@@ -26,6 +35,11 @@ from einsum_ir.ir import (
     rank_of,
 )
 from einsum_ir.params import bind_shapes, evaluate_params
+
+# Below TAIL a function with a scaled form is kept as (e^-x f(x), exponent x): there f(x) is
+# e^x to 4e-18 (relative), so nothing above it changes, and fp32 (fp64) would underflow at
+# -104 (-745).
+TAIL = -40.0
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
                 "fp64": torch.float64, "bool": torch.bool, "int8": torch.int8,
@@ -39,6 +53,25 @@ class Labeled:
     data: torch.Tensor
     labels: tuple[str, ...]
     mask: torch.Tensor | None = None
+    exp: torch.Tensor | None = None  # the value is data * e^exp (same labels, broadcastable)
+
+
+def _plain(v: Labeled) -> Labeled:
+    """`v` without an exponent: data * e^exp, rounded to the dtype (0 where it underflows)."""
+    return v if v.exp is None else Labeled(v.data * torch.exp(v.exp), v.labels, v.mask)
+
+
+def _exponents(values: list[Labeled], signs: list[int]) -> tuple[tuple[str, ...], torch.Tensor] | None:
+    """The signed sum of the values' exponents, over the union of their labels; None if none has one."""
+    carrying = [(v, s) for v, s in zip(values, signs) if v.exp is not None]
+    if not carrying:
+        return None
+    labels = _union(*(v.labels for v, _ in carrying))
+    total = None
+    for v, sign in carrying:
+        e = _align(v.exp, v.labels, labels) * sign
+        total = e if total is None else total + e
+    return labels, total
 
 
 def _align(t: torch.Tensor, labels: tuple[str, ...], target: tuple[str, ...]) -> torch.Tensor:
@@ -87,6 +120,7 @@ def _broadcast(values: list[Labeled]) -> tuple[tuple[str, ...], list[torch.Tenso
 class _Stored:
     data: torch.Tensor
     mask: torch.Tensor | None
+    exp: torch.Tensor | None = None  # aligned to the tensor's dims, broadcastable
 
 
 class _Run:
@@ -164,7 +198,7 @@ class _Run:
             v = self.eval(expr.operand)
             if expr.op == "not":
                 return Labeled(~self._truth(v), v.labels)
-            return Labeled(-v.data, v.labels, v.mask)
+            return Labeled(-v.data, v.labels, v.mask, v.exp)
         if isinstance(expr, Binary):
             return self._binary(expr)
         assert isinstance(expr, Call)
@@ -177,6 +211,11 @@ class _Run:
 
     def _binary(self, e: Binary) -> Labeled:
         a, b = self.eval(e.lhs), self.eval(e.rhs)
+        scaled = _exponents([a, b], [1, -1 if e.op == "/" else 1]) if e.op in ("*", "/") else None
+        if scaled is not None:  # e^x * e^y = e^(x + y): the exponents add (subtract for /)
+            a, b = (Labeled(v.data, v.labels, v.mask) for v in (a, b))
+        else:
+            a, b = _plain(a), _plain(b)
         if e.op in ("and", "or"):
             labels, (x, y), _ = _broadcast([Labeled(self._truth(a), a.labels), Labeled(self._truth(b), b.labels)])
             return Labeled(x & y if e.op == "and" else x | y, labels)
@@ -186,13 +225,21 @@ class _Run:
         out = torch_operator(e.op)(x, y)
         if e.op in COMPARISON_OPS:
             return Labeled(out if mask is None else out & mask, labels)
+        if scaled is not None:
+            labels = _union(labels, scaled[0])
+            return Labeled(_align(out, _union(a.labels, b.labels), labels), labels,
+                           None if mask is None else _align(mask, _union(a.labels, b.labels), labels),
+                           _align(scaled[1], scaled[0], labels))
         return Labeled(out, labels, mask)
 
     def _call(self, e: Call) -> Labeled:
         if e.fn in PREDICATES:  # a predicate builtin means its expansion
             v = self.eval(PREDICATES[e.fn].expand(e.args))
             return Labeled(self._truth(v), v.labels)
-        args = [self.eval(a) for a in e.args]
+        args = [_plain(self.eval(a)) for a in e.args]
+        scaled = FUNCTIONS[e.fn].scaled if e.fn in FUNCTIONS else None
+        if scaled is not None and args[0].data.is_floating_point():
+            return self._tail(e.fn, scaled, args[0])
         if e.fn in UNIONS:  # absent operands are the identity: present where any operand is
             labels = _union(*(a.labels for a in args))
             data, mask = torch_union(e.fn)([
@@ -208,11 +255,22 @@ class _Run:
                  for d in datas]
         return Labeled(torch_function(e.fn)(*datas), labels, mask)
 
+    def _tail(self, fn: str, scaled: str, x: Labeled) -> Labeled:
+        """f(x) for a function with a scaled form: below TAIL its scaled form e^-x f(x), with
+        exponent x (see the module doc); f(x) itself elsewhere."""
+        low = x.data < TAIL
+        plain = torch_function(fn)(torch.where(low, torch.zeros((), dtype=x.data.dtype, device=x.data.device), x.data))
+        if not bool(low.any()):
+            return Labeled(torch_function(fn)(x.data), x.labels, x.mask)
+        exponent = torch.where(low, x.data, torch.zeros((), dtype=x.data.dtype, device=x.data.device))
+        tail = torch_function(scaled)(exponent, -exponent)
+        return Labeled(torch.where(low, tail, plain), x.labels, x.mask, exponent)
+
     def _access(self, a: Access) -> Labeled:
         stored = self.tensors[a.tensor]
         plain = [i.name for i in a.indices if isinstance(i, Index) and i.name not in self.fixed]
         if len(plain) == len(a.indices) and len(set(plain)) == len(plain):
-            return Labeled(stored.data, tuple(plain), stored.mask)
+            return Labeled(stored.data, tuple(plain), stored.mask, stored.exp)
         positions = [self.eval(i) for i in a.indices]
         labels = _union(*(p.labels for p in positions))
         if stored.data.numel() == 0:  # every read of an empty tensor is outside it: absent
@@ -225,14 +283,16 @@ class _Run:
             inside = ok if inside is None else inside & ok
             index_tensors.append(idx.clamp(0, size - 1))
         data = stored.data[tuple(index_tensors)]
+        exp = None if stored.exp is None else stored.exp.expand_as(stored.data)[tuple(index_tensors)]
         mask = inside
         if stored.mask is not None:
             mask = mask & stored.mask.expand_as(stored.data)[tuple(index_tensors)]
         if not labels:  # every index fixed: a scalar read
             data, mask = data.reshape(()), mask.reshape(())
+            exp = None if exp is None else exp.reshape(())
         if bool(mask.all()):
             mask = None
-        return Labeled(data, labels, mask)
+        return Labeled(data, labels, mask, exp)
 
     # -- Einsums ------------------------------------------------------------------------
 
@@ -247,6 +307,8 @@ class _Run:
         if reduced and e.reduce == "sum":
             return self._contract(e.expr, pred, lhs, reduced)
         value = self.eval(e.expr)
+        if reduced:  # a max, min or prod of plain values
+            value = _plain(value)
         parts = [value] + ([pred] if pred is not None else [])
         labels, datas, mask = _broadcast(parts)
         if pred is not None:
@@ -255,7 +317,7 @@ class _Run:
         data = _align(datas[0], labels, space)
         mask = None if mask is None else _align(mask, labels, space)
         if not reduced:
-            return Labeled(data, space, mask)
+            return Labeled(data, space, mask, None if value.exp is None else _align(value.exp, value.labels, space))
         shape = [self.extent[rank_of(v)] for v in space]
         neutral = REDUCE_IDENTITY[e.reduce]
         if math.prod(shape[len(lhs):]) == 0:  # a reduction over an empty rank: no point, absent
@@ -288,31 +350,66 @@ class _Run:
             mlabels, datas, _ = _broadcast(mask_parts)
             mask = Labeled(torch.stack(torch.broadcast_tensors(*datas)).all(dim=0), mlabels)
         space = lhs + reduced
-        total = None
+        outs = []
         for sign, factors in terms:
             operands = [Labeled(f.data if f.mask is None else
                                 torch.where(f.mask, f.data, torch.zeros((), dtype=f.data.dtype, device=self.device)),
                                 f.labels) for f in factors]
             if mask is not None:
                 operands = _fold_mask(operands, mask)
-            out = _einsum(operands, lhs, reduced, self.extent, self.dtype)
+            exp = self._term_exponent(factors, mask, lhs, reduced)
+            if exp is not None:  # the terms scaled by e^(exp - max exp), which the result keeps
+                operands.append(exp[1])
+                exp = exp[0]
+            outs.append((sign, _einsum(operands, lhs, reduced, self.extent, self.dtype), exp))
+        exp = None
+        if any(e is not None for _, _, e in outs):  # one exponent for every term: their max
+            exp = torch.stack(torch.broadcast_tensors(*[torch.zeros((), dtype=self.dtype, device=self.device)
+                                                        if e is None else e for _, _, e in outs])).amax(0)
+        total = None
+        for sign, out, e in outs:
+            if exp is not None:
+                out = out * torch.exp((0.0 if e is None else e) - exp)
             total = out * sign if total is None else total + out * sign
         out_mask = None
         if mask is not None:  # present where any reduced point is; the mask's size-1 dims need no expanding
             out_mask = _align(mask.data, mask.labels, space).any(dim=tuple(range(len(lhs), len(space))))
-        return Labeled(total, lhs, out_mask)
+        return Labeled(total, lhs, out_mask, exp)
+
+    def _term_exponent(self, factors: list[Labeled], mask: Labeled | None, lhs: tuple[str, ...],
+                       reduced: tuple[str, ...]) -> tuple[torch.Tensor, Labeled] | None:
+        """For a product term whose factors carry exponents: (the max of its exponent over the
+        reduced indices and present points, aligned to the left side; the factor e^(exp - max)
+        that scales its points), or None."""
+        found = _exponents(factors, [1] * len(factors))
+        if found is None:
+            return None
+        labels, exp = found
+        if mask is not None:
+            labels = _union(labels, mask.labels)
+            exp = torch.where(_align(mask.data, mask.labels, labels), _align(exp, found[0], labels),
+                              torch.tensor(-math.inf, dtype=exp.dtype, device=exp.device))
+        axes = tuple(k for k, l in enumerate(labels) if l in reduced)
+        top = exp.amax(dim=axes, keepdim=True) if axes else exp
+        top = torch.where(torch.isfinite(top), top, torch.zeros((), dtype=top.dtype, device=top.device))
+        keep = tuple(l for l in labels if l not in reduced)
+        scale = Labeled(torch.exp(exp - top), labels)
+        top = top.reshape([n for k, n in enumerate(top.shape) if k not in axes])
+        return _align(top, keep, lhs), scale
 
     def _factor(self, factor: tuple[bool, Expr]) -> Labeled:
         reciprocal, expr = factor
         v = self.eval(expr)
         data = v.data if v.data.is_floating_point() else v.data.to(self.dtype)
-        return Labeled(1.0 / data if reciprocal else data, v.labels, v.mask)
+        exp = None if v.exp is None else (-v.exp if reciprocal else v.exp)
+        return Labeled(1.0 / data if reciprocal else data, v.labels, v.mask, exp)
 
     # -- statements ---------------------------------------------------------------------
 
     def write(self, target: Access, value: Labeled, carry: bool) -> None:
         """Store `value` at the target; with `carry`, absent points keep the previous step."""
         name = target.tensor
+        value = _plain(value)
         stored = self.tensors.get(name) or self._allocate(name)
         slot, free = [], []
         for idx in target.indices:
@@ -387,11 +484,12 @@ class _Run:
         shape = [self.extent[rank_of(v)] for v in lhs]
         data = _align(value.data, value.labels, lhs).expand(shape).to(self.dtype)
         mask = None if value.mask is None else _align(value.mask, value.labels, lhs).expand(shape)
-        return _Stored(data, mask)
+        exp = None if value.exp is None else _align(value.exp, value.labels, lhs).to(self.dtype)
+        return _Stored(data, mask, exp)
 
     def _output(self, name: str, fill: float) -> torch.Tensor:
         stored = self.tensors[name]
-        data = stored.data
+        data = stored.data if stored.exp is None else stored.data * torch.exp(stored.exp)
         if stored.mask is not None:
             data = torch.where(stored.mask, data, torch.tensor(fill, dtype=data.dtype, device=data.device))
         return data.contiguous().to(self.result_dtype)
