@@ -25,11 +25,16 @@ The rewrite, to a fixed point:
    predicate become stream values of their own (`X_u[p,m] = body where pred`, so their
    presence is kept), and a factor common to every operand of a sum that is present everywhere
    (`V[m,f]` in `E0*V`, `E1*V`) moves out of the union (`union_sum(E0, E1) * V`), so the
-   sum stays a contraction;
-3. Einsums nothing reads any more are dropped.
+   sum stays a contraction. Only where it gains a loop: the union is read per point of the
+   reduced rank (GM inside `exp(S0 - GM)`), or its operands sum values under a maximum over
+   that rank (one rescaled accumulator instead of one per set); a union of two score
+   contractions over a feature rank stays as it is;
+3. Einsums nothing reads any more are dropped, and Einsums that compute one right side under
+   different predicates share one unmasked computation (one score contraction for all sets).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 
 from einsum_ir.functions import UNIONS
@@ -40,7 +45,8 @@ from einsum_ir.ir import (
 from einsum_ir.printer import print_expr
 
 
-def has_unions(exprs) -> bool:
+def has_unions(exprs: Iterable[Expr | None]) -> bool:
+    """Some expression calls a union form."""
     return any(isinstance(n, Call) and n.fn in UNIONS for x in exprs if x is not None for n in walk(x))
 
 

@@ -380,3 +380,32 @@ def test_pyramid_keys_at_two_resolutions_interpret_exactly_and_the_kernels_say_w
     with pytest.raises(ei.LoweringError, match=r"<spec>:9:\d+: GM: union_max.* different ranks \(m, n\)"):
         ei.compile(c, backend="cpu")
     torch.testing.assert_close(ei.compile(c)(**args), want, atol=1e-5, rtol=1e-5)
+
+
+def test_partial_states_of_a_two_set_softmax_merge_to_the_whole():
+    """Split-KV over the union: each key range's state (one max, one denominator, one
+    numerator) merges exactly, also when a range sees only one set or none."""
+    c = ei.parse(UNION_TWO_SETS)
+    q, k, v = _qkv(37, 45, E=16, F=8, seed=3)
+    kern = ei.compile(c, backend="cpu")
+    for W, NS in [(6, 3), (0, 4), (9, 0)]:
+        args = dict(Q=q, K=k, V=v, W=W, NS=NS)
+        states = [kern.partial(keys=r, **args) for r in [(0, 4), (4, 20), (20, 45)]]
+        torch.testing.assert_close(ei.merge(c, states).finalize(), ei.interpret(c, **args), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_a_masked_set_and_an_unmasked_one(backend):
+    """A window plus every key at half the sharpness: the union is present everywhere and the
+    window's rows keep both sets' terms (the intersecting `+` is rejected, above)."""
+    spec = union_spec(["m <= p and p - m < 5", "m <= p"], sharpness=[1.0, 0.5])
+    c = ei.parse(spec.replace("scale * 0.5 where m <= p", "scale * 0.5"))
+    P, M = 30, 41
+    q, k, v = _qkv(P, M, E=16, F=8, seed=2)
+    p, m = torch.arange(P)[:, None], torch.arange(M)[None, :]
+    want = dense_union_softmax(q, k, v, [(m <= p) & (p - m < 5), torch.ones(P, M, dtype=torch.bool)], 0.25,
+                               [1.0, 0.5])
+    args = dict(Q=q, K=k, V=v)
+    got = ei.compile(c, backend=backend)(**(on_kernel_device(args) if backend == "triton" else args))
+    assert_outputs_close(got.cpu(), want, atol=1e-5 if backend != "triton" else TOLERANCE,
+                         rtol=1e-5 if backend != "triton" else TOLERANCE)
