@@ -21,7 +21,8 @@ ASSIGN_HELP = ("comma-separated NAME=INT bindings of dims and runtime params, e.
 TENSOR_HELP = ("the values of an input tensor that a mask reads, NAME=SPEC (repeat for several): a comma "
                "list of numbers in row-major order (Len=3,5,7), random:P[:SEED] for entries that are 1 "
                "(true) with probability P at a fixed seed (default 0; Sel=random:0.1), or a file saved "
-               "with torch.save (Sel=mask.pt); the shape is the declared one, at --shapes")
+               "with torch.save (Sel=mask.pt); the shape is the declared one, at --shapes, of at most "
+               "16,777,216 entries")
 
 
 def add_commands(subparsers) -> None:
@@ -96,7 +97,7 @@ def _shapes(args, c) -> dict:
     return {**shapes, **tensor_values(c, shapes, args.tensor)}
 
 
-MAX_TENSOR_ENTRIES = 1 << 24  # entries a --tensor value may have: the counts evaluate each block of it
+MAX_TENSOR_ENTRIES = 1 << 24  # entries a --tensor value may have (TENSOR_HELP says so); each block is evaluated
 
 
 def tensor_values(c, shapes: dict, specs: list[str]) -> dict:

@@ -274,7 +274,9 @@ def test_a_file_that_is_not_a_tensor_is_a_one_line_error(tmp_path, capsys):
 def test_a_huge_declared_tensor_is_refused_before_it_is_built(capsys):
     """Sel at P = M = 1e6 with blocks of 64 would be 3.9e9 entries: refused at once, naming the
     tensor, its entry count and the limit."""
-    from einsum_ir.cost_model.cli import MAX_TENSOR_ENTRIES
+    from einsum_ir.cost_model.cli import MAX_TENSOR_ENTRIES, TENSOR_HELP
+
+    assert f"at most {MAX_TENSOR_ENTRIES:,} entries" in TENSOR_HELP  # --help states the limit
 
     start = time.perf_counter()
     line = _error_line(["analyze", "moba", "--shapes", "B=1,H=16,P=1000000,M=1000000,E=64,F=64,PB=15625,"
