@@ -6,6 +6,7 @@ import itertools
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from einsum_ir.errors import SpecError, located
 from einsum_ir.builtins import PREDICATES
@@ -16,6 +17,9 @@ from einsum_ir.ir import (
     Index, Loc, Name, Num, Unary, accesses, children, conjuncts, index_vars, rank_of, substitute, walk,
 )
 from einsum_ir.printer import print_expr
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 
 def validate(c: Cascade, depth_checked: bool = False) -> None:
@@ -31,8 +35,9 @@ def validate(c: Cascade, depth_checked: bool = False) -> None:
         _check_einsum(c, e, arity)
     for i in c.inits:
         _check_init(c, i, arity)
-    _check_cycles(c)
-    _check_unions(c)
+    dag = acyclic_view(dependency_graph(c))  # built once: the cycle check and the presence order share it
+    _check_cycles(c, dag)
+    _check_unions(c, dag)
     for o in c.outputs:
         if o.name not in arity:
             raise SpecError(f"output {o.name!r} is never assigned", o.loc)
@@ -295,10 +300,10 @@ def _check_contraction_in_nonlinear(e: Einsum) -> None:
                     node.loc or e.loc)
 
 
-def _check_cycles(c: Cascade) -> None:
+def _check_cycles(c: Cascade, g: nx.DiGraph) -> None:
+    """`g`: the dependency graph without carried edges (`acyclic_view`)."""
     import networkx as nx  # not at import time: see einsum_ir/graph.py
 
-    g = acyclic_view(dependency_graph(c))
     if nx.is_directed_acyclic_graph(g):  # linear; find_cycle is slower and only needed to report one
         return
     cycle = nx.find_cycle(g)
@@ -432,12 +437,17 @@ class PresenceAnalysis:
     `of(expr)` is an expression's presence (a frozenset of atoms, empty: everywhere); the
     lowering asks it whether a union operand is present exactly where its predicates hold."""
 
-    def __init__(self, c: Cascade):
+    def __init__(self, c: Cascade, order: list[Einsum] | None = None):
+        """`order`: the Einsums, each after those it reads (default: `topological_einsums`)."""
         self.c = c
         self.fresh = itertools.count()
         self.tensors: dict[str, Presence] = {}
+        # The presence of every node of every Einsum's right side, by node identity (the
+        # cascade holds the nodes, so no id is reused): `check` and the lowering read these
+        # instead of walking each operand again, so the analysis is linear in the spec.
+        self.nodes: dict[int, Presence] = {}
         iterative = {e.name for e in c.einsums if e.recurrence_var}
-        for e in topological_einsums(c):
+        for e in topological_einsums(c) if order is None else order:
             if e.name in iterative:
                 # An iterative tensor's absent update keeps its previous value, so its reads are
                 # present (the carry is already the union with the previous step).
@@ -464,12 +474,19 @@ class PresenceAnalysis:
         if not atoms:
             return atoms
         e = self.c.einsum(a.tensor)
-        lhs = [i.name for i in e.target.indices]
+        mapping = {i.name: x for i, x in zip(e.target.indices, a.indices) if i != x}
+        if not mapping and not any(isinstance(x, (Exists, AnyOf)) for x in atoms):
+            return atoms  # read at its own indices, no witness to rename: the atoms as they are
         k = next(self.fresh)  # a fresh witness per read: two reads of one tensor are two rows
-        mapping = dict(zip(lhs, a.indices))
         return frozenset(_subst(_freshen(x, f"{a.tensor}{k}"), mapping) for x in atoms)
 
     def of(self, expr: Expr) -> Presence:
+        known = self.nodes.get(id(expr))
+        if known is None:
+            known = self.nodes[id(expr)] = self._of(expr)
+        return known
+
+    def _of(self, expr: Expr) -> Presence:
         if isinstance(expr, Access):
             return self.read(expr)
         if isinstance(expr, Call) and expr.fn in UNIONS:
@@ -487,12 +504,16 @@ class PresenceAnalysis:
         if e.recurrence_var:  # an absent update keeps the previous step: a union already
             return
         context = frozenset(conjuncts(e.where))  # points the Einsum drops anyway do not matter
-        for node in walk(e.expr):
+        nodes = list(walk(e.expr))
+        reads: dict[int, bool] = {}  # the subtree reads a tensor: children come after parents in `nodes`
+        for node in reversed(nodes):
+            reads[id(node)] = isinstance(node, Access) or any(reads[id(x)] for x in children(node))
+        for node in nodes:
             op = node.op if isinstance(node, Binary) else node.fn if isinstance(node, Call) else None
             if op not in INTERSECTING or isinstance(node, Call) and len(node.args) != 2:
                 continue
             a, b = (node.lhs, node.rhs) if isinstance(node, Binary) else node.args
-            if not (accesses(a) and accesses(b)):  # a constant, param or index is present everywhere
+            if not (reads[id(a)] and reads[id(b)]):  # a constant, param or index is present everywhere
                 continue
             pa, pb = self.of(a), self.of(b)
             if pa == pb:
@@ -518,11 +539,14 @@ class PresenceAnalysis:
                 f"{fix}", node.loc or e.loc)
 
 
-def _check_unions(c: Cascade) -> None:
+def _check_unions(c: Cascade, dag: nx.DiGraph) -> None:
     """A plain + - max min whose operands are present at different points, because of different
     predicates, drops the points one of them lacks: reject it and name the union form."""
     if not any(e.where is not None for e in c.einsums):
         return  # nothing is absent by a predicate (out-of-bounds reads are not this check's)
-    presence = PresenceAnalysis(c)
+    import networkx as nx
+
+    # any order that writes before it reads gives the same presence; this one is linear
+    presence = PresenceAnalysis(c, [e for n in nx.topological_sort(dag) for e in c.writers(n)])
     for e in c.einsums:
         presence.check(e)
