@@ -27,7 +27,46 @@ PARAMS = {
     "nbhd_2d": {"WX": 3, "WY": 5, "SX": 1, "SY": 2},
     "softcap": {"cap": 5.0},
     "moba": {"BS": 8},
+    "diff_attn": {"lam": 0.6},
+    "shifted_sparse": {"GS": 8, "NS": 2},
+    "radial": {"FS": 6},
+    "hip": {"BQ": 16, "BK": 4, "TK": 3},
+    "vmoba": {"BT": 2, "BY": 2, "BX": 3},
+    "psa": {"BS": 8},
+    "landmark": {"L": 5},
 }
+
+# vmoba's video grid (T, Y, X), the same for queries and keys; its block counts follow.
+VIDEO_GRID = (3, 4, 5)
+
+
+def _extents(name: str, params: dict, ext: dict) -> None:
+    """The extents of the block, frame and grid ranks of the variants that have them."""
+    P, M = ext["P"], ext["M"]
+    if name == "vmoba":
+        for q, k, n, blk in zip(("PT", "PY", "PX"), ("MT", "MY", "MX"), VIDEO_GRID, ("BT", "BY", "BX")):
+            ext[q] = ext[k] = n
+            ext["Q" + q[1]] = ext["K" + q[1]] = -(-n // params[blk])
+    elif name == "hip":
+        ext["QB"], ext["KB"] = -(-P // params["BQ"]), -(-M // params["BK"])
+    elif name == "psa":
+        ext["QB"], ext["KB"] = -(-P // params["BS"]), -(-M // params["BS"])
+    elif name == "radial":
+        ext["T"] = -(-max(P, M) // params["FS"])  # frame distances
+    elif name == "landmark":
+        ext["G"] = -(-M // params["L"])  # blocks: no input declares the rank, the call gives it
+
+
+def _integer_input(name: str, shape: list[int], params: dict, g: torch.Generator) -> torch.Tensor:
+    """Integer inputs by what they mean: spans, band widths, rankings, pyramid levels."""
+    if name == "masformer_heads":  # one short span, one full head, and so on
+        return torch.tensor([[5, 10_000][i % 2] for i in range(shape[0])], dtype=torch.int32)
+    if name == "radial":
+        from einsum_ir.variants.formulas import radial_widths
+        return radial_widths(shape[0], params["FS"])
+    if name == "hip":
+        return torch.argsort(torch.rand(shape, generator=g), dim=-1).argsort(dim=-1).to(torch.int32)
+    return torch.randint(0, 3, shape, generator=g).to(torch.int32)  # psa's levels 0, 1, 2
 
 
 # Causal softmax with an LSE output: the spec several test files parse, build or vary.
@@ -56,6 +95,7 @@ def make_inputs(name: str, c, P: int = 33, M: int = 40, E: int = 24, F: int = 20
     if extra:
         ext.update({k: v for k, v in extra.items() if k.isupper() and len(k) <= 2 and k in c.dims})
         params.update({k: v for k, v in extra.items() if k not in c.dims})
+    _extents(name, params, ext)
     for r in c.cross_rank_reads:  # an input read at another rank's index: equal extents
         ext[rank_of(r.var)] = ext[rank_of(r.declared)]
     args = {}
@@ -63,7 +103,11 @@ def make_inputs(name: str, c, P: int = 33, M: int = 40, E: int = 24, F: int = 20
         shape = [ext[i.upper()] for i in d.indices]
         if d.dtype == "bool":
             t = torch.rand(shape, generator=g) < 0.6
-        elif d.name in ("Slope", "Lam"):  # floating inputs share one dtype (docs/spec.md)
+        elif d.dtype == "int32":
+            t = _integer_input(name, shape, params, g)
+        elif name == "dma" and d.name == "A":  # A <= 0: the value-derived bias lies in (0, 1]
+            t = -torch.rand(shape, generator=g).to(dtype)
+        elif d.name in ("Slope", "Lam", "Rho"):  # floating inputs share one dtype (docs/spec.md)
             t = (torch.rand(shape, generator=g) * 0.5 + 0.25).to(dtype)
         elif d.name == "G":  # cumulative log-gates (gla_scalar): non-increasing along the sequence
             t = torch.cumsum(torch.nn.functional.logsigmoid(torch.randn(shape, generator=g) + 2), -1).to(dtype)
@@ -71,6 +115,8 @@ def make_inputs(name: str, c, P: int = 33, M: int = 40, E: int = 24, F: int = 20
             t = torch.randn(shape, generator=g).to(dtype)
         args[d.name] = t.to(device)
     args.update(params)
+    if name == "landmark":
+        args["G"] = ext["G"]
     return args
 
 

@@ -276,6 +276,141 @@ def nbhd_2d(Q: Tensor, K: Tensor, V: Tensor, WX: int, WY: int, SX: int, SY: int,
     return out.reshape(b, h, px, py, -1)
 
 
+def fox(Q: Tensor, K: Tensor, V: Tensor, G: Tensor, **_: object) -> Tensor:
+    # Forget-gate weights prod_{m<t<=p} f_t as a bias log-space: G[p] - G[m] (P = M).
+    s = _scores(Q, K) + (G[..., :, None] - G[..., None, :])
+    probs, _ = _softmax_rows(s, _causal(Q.shape[-2], K.shape[-2]))
+    return probs @ V
+
+
+def symmetric(Q: Tensor, V: Tensor, **_: object) -> Tensor:
+    return tfn.scaled_dot_product_attention(Q, Q, V)
+
+
+def diff_attn(Q1: Tensor, K1: Tensor, Q2: Tensor, K2: Tensor, V: Tensor, lam: float,
+              **_: object) -> Tensor:
+    mask = _causal(Q1.shape[-2], K1.shape[-2])
+    a1, _ = _softmax_rows(_scores(Q1, K1), mask)
+    a2, _ = _softmax_rows(_scores(Q2, K2), mask)
+    return (a1 - lam * a2) @ V
+
+
+def masformer_heads(Q: Tensor, K: Tensor, V: Tensor, Wh: Tensor, **_: object) -> Tensor:
+    i, j = _positions(Q.shape[-2], K.shape[-2])
+    span = Wh.long()[:, None, None]                            # [h, 1, 1]
+    return _attend(Q, K, V, (j <= i) & (i - j < span))
+
+
+def shifted_sparse(Q: Tensor, K: Tensor, V: Tensor, GS: int, NS: int, **_: object) -> Tensor:
+    # LongLoRA's S2-Attn: split the heads in two halves; the second half's groups start GS/2
+    # earlier (no cyclic wrap). Plus SinkLoRA's global sink tokens, causal throughout.
+    h, p, m = Q.shape[1], Q.shape[-2], K.shape[-2]
+    i, j = _positions(p, m)
+    masks = []
+    for head in range(h):
+        shift = GS // 2 if head >= h / 2 else 0
+        same_group = torch.div(i + shift, GS, rounding_mode="floor") == torch.div(j + shift, GS, rounding_mode="floor")
+        masks.append((j <= i) & ((j < NS) | same_group))
+    return _attend(Q, K, V, torch.stack(masks))
+
+
+def probe_cross(Q: Tensor, K: Tensor, V: Tensor, **_: object) -> Tensor:
+    queries = Q.expand(K.shape[0], *Q.shape)                   # the same learned queries per image
+    return tfn.scaled_dot_product_attention(queries, K, V)
+
+
+def dma(Q: Tensor, K: Tensor, V: Tensor, Wdt: Tensor, A: Tensor, Keep: Tensor, **_: object) -> Tensor:
+    dt = (V * Wdt[None, :, None, :]).sum(dim=-1)               # [b,h,m]
+    z = torch.exp(A[None, :, None] * tfn.softplus(dt))
+    s = _scores(Q, K) + z[:, :, None, :]
+    mask = _causal(Q.shape[-2], K.shape[-2]) & Keep[:, :, None, :]
+    probs, _ = _softmax_rows(s, mask)
+    return probs @ V
+
+
+def radial_widths(frames: int, frame_size: int) -> Tensor:
+    """Band width per frame distance t: a whole frame at t = 0, then FS / 2^floor(log2 t)."""
+    return torch.tensor([frame_size] + [frame_size >> int(math.log2(t)) for t in range(1, frames)],
+                        dtype=torch.int32)
+
+
+def radial(Q: Tensor, K: Tensor, V: Tensor, Wt: Tensor, FS: int, **_: object) -> Tensor:
+    # The mask block by block: frame pair (a, b) holds a diagonal band of width Wt[|a - b|].
+    p, m = Q.shape[-2], K.shape[-2]
+    mask = torch.zeros(p, m, dtype=torch.bool)
+    for a in range(0, p, FS):
+        for b in range(0, m, FS):
+            width = int(Wt[abs(a - b) // FS])
+            rows, cols = torch.arange(a, min(a + FS, p)), torch.arange(b, min(b + FS, m))
+            band = ((rows[:, None] - a) - (cols[None, :] - b)).abs() < width
+            mask[a:a + FS, b:b + FS] = band
+    return _attend(Q, K, V, mask)
+
+
+def hip(Q: Tensor, K: Tensor, V: Tensor, Rank: Tensor, BQ: int, BK: int, TK: int, **_: object) -> Tensor:
+    p, m = Q.shape[-2], K.shape[-2]
+    chosen = (Rank < TK).repeat_interleave(BQ, dim=-2).repeat_interleave(BK, dim=-1)[..., :p, :m]
+    return _attend(Q, K, V, chosen & _causal(p, m))
+
+
+def vmoba(Q: Tensor, K: Tensor, V: Tensor, Sel: Tensor, BT: int, BY: int, BX: int, **_: object) -> Tensor:
+    # Flatten the T x Y x X grid; token (t, y, x) lies in block (t // BT, y // BY, x // BX).
+    b, h, nt, ny, nx, e = Q.shape
+    t, y, x = torch.meshgrid(torch.arange(nt), torch.arange(ny), torch.arange(nx), indexing="ij")
+    bt, by, bx = (t // BT).flatten(), (y // BY).flatten(), (x // BX).flatten()
+    mask = Sel[:, :, bt, by, bx][:, :, :, bt, by, bx]            # [b, h, tokens, tokens]
+    out = _attend(Q.reshape(b, h, -1, e), K.reshape(b, h, -1, e), V.reshape(b, h, nt * ny * nx, -1), mask)
+    return out.reshape(b, h, nt, ny, nx, -1)
+
+
+def var_sink(Q: Tensor, K: Tensor, V: Tensor, Rho: Tensor, Sink: Tensor, Img: Tensor, **_: object) -> Tensor:
+    a, _ = _softmax_rows(_scores(Q, K), _causal(Q.shape[-2], K.shape[-2]))
+    sink, other = Sink[:, None, None, :], (Img & ~Sink)[:, None, None, :]
+    rho = Rho[None, :, None, None]
+    budget = rho * (a * sink).sum(dim=-1, keepdim=True)          # taken from the sinks
+    rest = (a * other).sum(dim=-1, keepdim=True)
+    share = torch.where(rest > 0, budget / torch.where(rest > 0, rest, torch.ones(())), torch.zeros(()))
+    new = torch.where(sink, (1 - rho) * a, a) + torch.where(other, share * a, torch.zeros(()))
+    return new @ V
+
+
+def psa(Q: Tensor, K: Tensor, V: Tensor, Lvl: Tensor, BS: int, **_: object) -> Tensor:
+    # One softmax over the full-resolution keys of level-1 blocks and the pair-pooled keys of
+    # level-2 blocks; a pooled key stands for two keys: log 2 added to its score.
+    p, m = Q.shape[-2], K.shape[-2]
+    pairs = m // 2
+    kp = 0.5 * (K[..., 0:2 * pairs:2, :] + K[..., 1:2 * pairs:2, :])
+    vp = 0.5 * (V[..., 0:2 * pairs:2, :] + V[..., 1:2 * pairs:2, :])
+    level = Lvl.repeat_interleave(BS, dim=-2).repeat_interleave(BS, dim=-1)[..., :p, :m]
+    s = torch.cat([_scores(Q, K), _scores(Q, kp) + math.log(2.0)], dim=-1)
+    mask = torch.cat([level == 1, level[..., 0:2 * pairs:2] == 2], dim=-1)
+    probs, _ = _softmax_rows(s, mask)
+    return probs @ torch.cat([V, vp], dim=-2)
+
+
+def landmark(Q: Tensor, K: Tensor, V: Tensor, L: int, **_: object) -> Tensor:
+    # Query by query: one softmax over the own block's regular tokens (causal) and the earlier
+    # blocks' landmarks; each landmark's probability is split over its block's regular tokens
+    # by a softmax inside the block.
+    s = _scores(Q, K)
+    p, m = Q.shape[-2], K.shape[-2]
+    out = torch.zeros(*Q.shape[:-1], V.shape[-1], dtype=Q.dtype)
+    for i in range(p):
+        own = [j for j in range(m) if j // L == i // L and j % L < L - 1 and j <= i]
+        blocks = [g for g in range(i // L) if g * L + L - 1 < m]
+        marks = [g * L + L - 1 for g in blocks]
+        if not own and not marks:
+            continue
+        first = torch.softmax(s[..., i, own + marks], dim=-1)
+        row = (first[..., None, :len(own)] @ V[..., own, :])[..., 0, :]
+        for k, g in enumerate(blocks):
+            members = list(range(g * L, g * L + L - 1))
+            inner = torch.softmax(s[..., i, members], dim=-1)
+            row = row + first[..., len(own) + k, None] * (inner[..., None, :] @ V[..., members, :])[..., 0, :]
+        out[..., i, :] = row
+    return out
+
+
 FORMULAS: dict[str, Callable[..., Tensor | tuple[Tensor, ...]]] = {
     "softmax": softmax,
     "softmax_deferred": softmax,
@@ -304,6 +439,19 @@ FORMULAS: dict[str, Callable[..., Tensor | tuple[Tensor, ...]]] = {
     "sinks_window": sinks_window,
     "nbhd_1d": nbhd_1d,
     "nbhd_2d": nbhd_2d,
+    "fox": fox,
+    "symmetric": symmetric,
+    "diff_attn": diff_attn,
+    "masformer_heads": masformer_heads,
+    "shifted_sparse": shifted_sparse,
+    "probe_cross": probe_cross,
+    "dma": dma,
+    "radial": radial,
+    "hip": hip,
+    "vmoba": vmoba,
+    "var_sink": var_sink,
+    "psa": psa,
+    "landmark": landmark,
 }
 
 # ------------------------------------------------------------------------------- examples
@@ -319,7 +467,24 @@ _PARAMS: dict[str, dict[str, dict[str, int | float]]] = {
     "nbhd_2d": {"small": {"WX": 3, "SX": 1, "WY": 3, "SY": 3},
                 "rect": {"WX": 3, "SX": 2, "WY": 5, "SY": 5},
                 "tall": {"WX": 4, "SX": 4, "WY": 3, "SY": 1}},
+    "diff_attn": {"small": {"lam": 0.8}, "rect": {"lam": 0.5}, "tall": {"lam": 0.3}},
+    "shifted_sparse": {"small": {"GS": 4, "NS": 1}, "rect": {"GS": 4, "NS": 2}, "tall": {"GS": 6, "NS": 0}},
+    "radial": {"small": {"FS": 2}, "rect": {"FS": 3}, "tall": {"FS": 2}},
+    "hip": {"small": {"BQ": 4, "BK": 2, "TK": 2}, "rect": {"BQ": 2, "BK": 3, "TK": 2},
+            "tall": {"BQ": 4, "BK": 2, "TK": 1}},
+    "vmoba": {"small": {"BT": 1, "BY": 2, "BX": 2}, "rect": {"BT": 2, "BY": 1, "BX": 2},
+              "tall": {"BT": 1, "BY": 2, "BX": 3}},
+    "psa": {"small": {"BS": 4}, "rect": {"BS": 3}, "tall": {"BS": 2}},
+    "landmark": {"small": {"L": 3}, "rect": {"L": 4}, "tall": {"L": 3}},
 }
+
+# vmoba's video grid (T, Y, X) per size; queries and keys sit on the same grid.
+_VIDEO = {"small": (2, 2, 3), "rect": (3, 2, 2), "tall": (2, 3, 3)}
+# masformer_heads' span per head (a span past the sequence is full attention) and var_sink's
+# image tokens, sinks among them, and per-head share.
+_SPANS = {"small": [3, 100], "rect": [1, 4, 100], "tall": [2, 100]}
+_IMAGE = {"small": (range(1, 6), [2, 4]), "rect": (range(1, 8), [1, 5]), "tall": (range(1, 5), [2])}
+_RHO = [0.6, 0.0, 0.9]
 
 # nbhd_2d's grid (MX, MY) per size; queries sit on the same grid.
 _GRID = {"small": (4, 4), "rect": (5, 7), "tall": (6, 3)}
@@ -352,8 +517,28 @@ def example_args(name: str, size: str = "small", seed: int = 0,
         mx, my = _GRID[size]
         args.update(Q=randn(b, h, mx, my, e), K=randn(b, h, mx, my, e), V=randn(b, h, mx, my, f))
         return args
-    if name in ("nbhd_1d", "gla_scalar"):
+    if name == "vmoba":
+        nt, ny, nx = _VIDEO[size]
+        args.update(Q=randn(b, h, nt, ny, nx, e), K=randn(b, h, nt, ny, nx, e), V=randn(b, h, nt, ny, nx, f))
+        blocks = tuple(-(-n // int(args[k])) for n, k in zip((nt, ny, nx), ("BT", "BY", "BX")))
+        sel = torch.rand(b, h, *blocks, *blocks, generator=gen) < 0.4
+        for blk in torch.cartesian_prod(*(torch.arange(n) for n in blocks)).reshape(-1, 3).tolist():
+            sel[(slice(None), slice(None), *blk, *blk)] = True  # a query block attends its own block ...
+        sel[0, 0, -1, -1, -1] = False  # ... except here: a query block that selected nothing
+        args["Sel"] = sel
+        return args
+    if name in ("nbhd_1d", "gla_scalar", "fox", "symmetric", "radial"):
         p = m  # self-attention layout: one sequence of length M
+    if name == "symmetric":  # one projection for queries and keys
+        args.update(Q=randn(b, h, p, e), V=randn(b, h, m, f))
+        return args
+    if name == "diff_attn":
+        args.update(Q1=randn(b, h, p, e), K1=randn(b, h, m, e), Q2=randn(b, h, p, e), K2=randn(b, h, m, e),
+                    V=randn(b, h, m, f))
+        return args
+    if name == "probe_cross":  # N = 3 learned queries per head, shared by the batch
+        args.update(Q=randn(h, 3, e), K=randn(b, h, m, e), V=randn(b, h, m, f))
+        return args
     args.update(Q=randn(b, h, p, e), K=randn(b, h, m, e), V=randn(b, h, m, f))
     if name == "softmax_1pass":
         args["M0"] = 3  # a tile that does not divide M in any size
@@ -371,6 +556,38 @@ def example_args(name: str, size: str = "small", seed: int = 0,
     elif name == "lightning2":
         # Decay rates of the ALiBi form 2^(-8(i+1)/H) the kernel is run with, with a steeper ratio.
         args["Slope"] = torch.tensor([2.0 ** (-1 - i) for i in range(h)]).to(dtype)
+    elif name == "fox":
+        # Cumulative log forget gates, gates near 0.8 as in gla_scalar.
+        args["G"] = torch.cumsum(tfn.logsigmoid(1.5 + torch.randn(b, h, p, generator=gen)), dim=-1).to(dtype)
+    elif name == "masformer_heads":
+        args["Wh"] = torch.tensor(_SPANS[size][:h], dtype=torch.int32)
+    elif name == "dma":
+        args.update(Wdt=randn(h, f) * 0.5, A=-(0.5 + torch.rand(h, generator=gen)).to(dtype))
+        z = torch.exp(args["A"][None, :, None] * tfn.softplus((args["V"] * args["Wdt"][None, :, None]).sum(-1)))
+        keep = torch.zeros(b, h, m, dtype=torch.bool)
+        keep.scatter_(-1, torch.topk(z, max(1, m // 2), dim=-1).indices, True)  # the top-w keys of Z
+        args["Keep"] = keep
+    elif name == "radial":
+        frames = -(-m // int(args["FS"]))
+        args["Wt"] = radial_widths(frames, int(args["FS"]))
+    elif name == "hip":
+        qb, kb = -(-p // int(args["BQ"])), -(-m // int(args["BK"]))
+        # A ranking per query block: a random permutation of its key blocks (0 = best).
+        args["Rank"] = torch.argsort(torch.rand(b, h, qb, kb, generator=gen), dim=-1).argsort(dim=-1).to(torch.int32)
+    elif name == "var_sink":
+        image, sinks = _IMAGE[size]
+        img = torch.zeros(b, m, dtype=torch.bool)
+        img[:, list(image)] = True
+        sink = torch.zeros(b, m, dtype=torch.bool)
+        sink[:, sinks] = True
+        args.update(Rho=torch.tensor(_RHO[:h]).to(dtype), Sink=sink, Img=img)
+    elif name == "psa":
+        bs = int(args["BS"])
+        lvl = torch.randint(0, 3, (b, h, -(-p // bs), -(-m // bs)), generator=gen)
+        lvl[0, 0, -1, :] = 0  # a query block that keeps no key block
+        args["Lvl"] = lvl.to(torch.int32)
+    elif name == "landmark":
+        args["G"] = -(-m // int(args["L"]))  # the rank of blocks: no input declares it
     elif name == "gla_scalar":
         # Cumulative log-gates: G[p] = sum_{t<=p} log sigmoid(x_t), non-increasing, gates mostly
         # near 0.8 (a visible decay over a few steps).
