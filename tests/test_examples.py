@@ -13,6 +13,7 @@ EXPECTED = {
     "quickstart": "passes over M: 2",
     "custom_variant": "passes over M: softplus 1, softmax 3",
     "sparse_video": "3-D run",
+    "layer_routing": "static (MASFormer): layers routed full, window, window, full",
 }
 
 
@@ -27,6 +28,13 @@ def _run(name: str, capsys) -> str:
 @pytest.mark.parametrize("name", EXPECTED)
 def test_example_runs(name, capsys):
     assert EXPECTED[name] in _run(name, capsys)
+
+
+def test_layer_routing_example_routes_by_input(capsys):
+    """The router's choice depends on the layer input: both kernels are used, each matches SDPA."""
+    out = _run("layer_routing", capsys)
+    routed = re.search(r"routed per input \(Flux\): layers routed ([a-z, ]+);", out).group(1).split(", ")
+    assert len(routed) == 4 and set(routed) == {"full", "window"}, out
 
 
 @pytest.mark.slow
