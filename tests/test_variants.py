@@ -343,3 +343,14 @@ def test_var_sink_moves_the_share_only_where_there_is_somewhere_to_put_it(size):
     assert idle.any() and (~idle).any()
     assert F.max_error(got[:, idle], plain[:, idle]) < 1e-5
     assert F.max_error(got[:, ~idle], plain[:, ~idle]) > 1e-2
+
+
+def test_catalog_doc_names_every_source_variant_and_why_it_is_not_fused():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "catalog.md").read_text()
+    for name in SOURCES:
+        assert f"`{name}`" in text, name
+    for reasons in NOT_FUSED.values():
+        for reason in reasons.values():
+            assert re.search(reason, text), reason
