@@ -9,9 +9,13 @@ for every step up, the Einsum pair that forces it.
 Two things keep work in the same pass, and both are read from the cascade, not assumed:
 - a recurrence over the rank's outer part (`RM[m1+1] = max(RM[m1], ...)`) is loop-carried: its
   value at step m1+1 is available during that step, only the final `RM[M1]` is a full reduction;
-- a complete tensor that enters a sum over the rank only as a factor or divisor constant in the
-  rank (`O = SN*V/SD`) can be applied after the sum (sum_m x*c = c*sum_m x): the deferred
-  division of FuseMax.
+- a complete tensor that enters a sum over the rank only inside factors constant in the rank,
+  term by term of the distributed summand (`O = SN*V/SD`, `O = (E1/D1 - lam*E2/D2)*V`), can be
+  applied after each term's sum (sum_m x*c = c*sum_m x): the deferred division of FuseMax, as
+  lowering/defer.py rewrites it (one numerator per term).
+
+An Einsum that does not traverse the rank (`LSE = GM + log(SD)`) is in no pass (0): it runs
+once its reads are complete, after the traversals.
 """
 from __future__ import annotations
 
@@ -116,7 +120,7 @@ def analyze(c: Cascade, rank: str | tuple[str, ...] = "M") -> PassReport:
                     step = src + 1
             if step > need:
                 need, forced_by = step, (a, src) if step > src else None
-        assignment[e.name] = need
+        assignment[e.name] = need if traverses else 0  # an epilogue (LSE = GM + log(SD)) is in no pass
         avail[e.name] = need
         if forced_by is not None:
             a, src = forced_by
@@ -149,15 +153,16 @@ def _reason(c: Cascade, e: Einsum, a: Access, src: int, after: int, rvars: set[s
 
 
 def _deferrable(e: Einsum, a: Access, rvars: set[str]) -> bool:
-    """Whether `a` can be applied after `e`'s sum over the rank: every occurrence is a whole
-    factor or divisor of a term, and `a` does not vary along the reduced rank."""
-    if e.reduce != "sum" or not (set(e.reduced) & rvars) or set(index_vars(a)) & set(e.reduced):
+    """Whether `a` can be applied after `e`'s sum over the rank: in every term of the
+    distributed summand, each occurrence is inside a factor or divisor over none of the
+    reduced indices (the factors lowering/defer.py moves out of the term's sum)."""
+    reduced = set(e.reduced)
+    if e.reduce != "sum" or not (reduced & rvars) or set(index_vars(a)) & reduced:
         return False
     if e.where is not None and a in _accesses(e.where):
         return False
-    occurrences = sum(1 for x in _accesses(e.expr) if x == a)
-    as_factor = sum(1 for _, term in product_terms(e.expr) for _, f in term if f == a)
-    return occurrences == as_factor
+    return all(not (set(index_vars(f)) & reduced) for _, term in product_terms(e.expr, distribute=True)
+               for _, f in term if a in _accesses(f))
 
 
 def _accesses(expr: Expr) -> list[Access]:

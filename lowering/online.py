@@ -17,12 +17,14 @@ import math
 import sympy
 
 from einsum_ir.errors import LoweringError
-from einsum_ir.graph import topological_einsums
+from einsum_ir.graph import CascadeGraph, cascade_graph, topological_einsums
 from einsum_ir.ir import (
     Access, Binary, Call, Cascade, Einsum, Expr, Index, Init, Name, Num, Split, Unary, index_vars, substitute,
 )
 from einsum_ir.lowering.defer import defer_division
 from einsum_ir.lowering.exprs import replace_accesses, tensors_read, to_sympy
+from einsum_ir.lowering.recurrence import fold_recurrences
+from einsum_ir.lowering.unions import eliminate_unions, hoist_unions
 
 
 def _split_target(e: Einsum, m: str, m1: str, m0: str) -> Access:
@@ -125,9 +127,40 @@ def _from_sympy(e: sympy.Expr, sym: dict) -> Expr:
     raise LoweringError(f"cannot write {e} back as an expression")
 
 
+def prepare(c: Cascade) -> tuple[Cascade, tuple[str, ...], CascadeGraph]:
+    """The rewrites the key loop applies before it plans (unions of reductions hoisted and
+    unions eliminated, lowering.unions; recurrences folded, lowering.recurrence; divisions
+    deferred, lowering.defer), the names of those that changed `c`, and the dependency graph
+    of the result. The 1-pass form starts from the same cascade, so the pass count of that
+    form is the count of what the plan runs. LoweringError (located) when a union cannot be
+    eliminated."""
+    rewrites: list[str] = []
+    hoisted = hoist_unions(c)
+    if hoisted is not c:
+        rewrites.append("unions of reductions as reductions of unions")
+        c = hoisted
+    plain, union_reason = eliminate_unions(c)
+    if union_reason is not None:
+        raise LoweringError(union_reason)
+    if plain is not c:
+        rewrites.append("unions as sentinels under a disjunction")
+        c = plain
+    folded = fold_recurrences(c)
+    if folded is not c:
+        rewrites.append("recurrence folding")
+        c = folded
+    graph = cascade_graph(c)
+    deferred = defer_division(c, graph)
+    if deferred is not c:
+        rewrites.append("division deferral")
+        c, graph = deferred, cascade_graph(deferred)
+    return c, tuple(rewrites), graph
+
+
 def online(c: Cascade, rank: str = "M", tile: str = "M0") -> Cascade:
-    """The 1-pass form: local reductions per key tile and recurrences over the tiles."""
-    c = defer_division(c)
+    """The 1-pass form: local reductions per key tile and recurrences over the tiles, after the
+    key loop's own rewrites (`prepare`)."""
+    c = prepare(c)[0]
     c = partition(c, rank, tile)
     outer = c.splits[-1].outer
     m1, m0 = outer.lower(), tile.lower()

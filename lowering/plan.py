@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import sympy
 
+from einsum_ir.cost_model.passes import rank_vars, resolve_ranks
 from einsum_ir.ir import Cascade, Einsum, Expr
 from einsum_ir.lowering.keyranges import KeyLoop
 from einsum_ir.printer import print_expr
@@ -124,6 +125,12 @@ class Plan:
     intermediates: tuple[str, ...]  # tensors materialized between stages (fp32)
     rewrites: tuple[str, ...] = ()  # the rewrites that made `cascade`, in order
     declined: tuple[Declined, ...] = field(default=())  # strategies tried before this one
+
+    def passes(self, rank: str = "M") -> int:
+        """Traversals of `rank` (FuseMax passes, `ei.passes`) the plan runs: one per stage that
+        streams it, each a single loop over its tiles (running maxima keep it one)."""
+        streamed = rank_vars(self.cascade, resolve_ranks(self.cascade, rank))
+        return sum(1 for s in self.stages if set(s.stream) & streamed)
 
     def summary(self) -> str:
         head = [f"strategy: {self.strategy}"]

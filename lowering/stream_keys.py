@@ -39,14 +39,11 @@ from einsum_ir.ir import (
 from einsum_ir.lowering.absence import place_sentinels
 from einsum_ir.lowering.base2 import fold_log2e
 from einsum_ir.lowering.bounds import magnitudes
-from einsum_ir.lowering.defer import defer_division
 from einsum_ir.lowering.exprs import tensors_read, to_sympy
 from einsum_ir.lowering.keyranges import key_loop, masked_everywhere
-from einsum_ir.lowering.online import rescale_ratio
+from einsum_ir.lowering.online import prepare, rescale_ratio
 from einsum_ir.lowering.plan import Plan, PresenceGroup, Stage
-from einsum_ir.lowering.recurrence import fold_recurrences
 from einsum_ir.lowering.underflow import scale_rows
-from einsum_ir.lowering.unions import eliminate_unions, hoist_unions
 
 NAME = "stream keys under a query tile"
 
@@ -63,33 +60,14 @@ class _Draft:
 
 def lower(c: Cascade) -> Plan:
     """The plan, or LoweringError with the reason this strategy does not apply."""
-    rewrites = []
-    hoisted = hoist_unions(c)
-    if hoisted is not c:
-        rewrites.append("unions of reductions as reductions of unions")
-        c = hoisted
-    plain, union_reason = eliminate_unions(c)
-    if union_reason is not None:
-        raise LoweringError(union_reason)
-    if plain is not c:
-        rewrites.append("unions as sentinels under a disjunction")
-        c = plain
-    folded = fold_recurrences(c)
-    if folded is not c:
-        rewrites.append("recurrence folding")
-        c = folded
-    graph = cascade_graph(c)
-    deferred = defer_division(c, graph)
-    if deferred is not c:
-        rewrites.append("division deferral")
-        c, graph = deferred, cascade_graph(deferred)
+    c, rewrites, graph = prepare(c)
     scaled = scale_rows(c, graph)
     if scaled is not c:
-        rewrites.append("row scaling against underflow")
+        rewrites = rewrites + ("row scaling against underflow",)
         c, graph = scaled, cascade_graph(scaled)
     base2 = fold_log2e(c, graph)
     if base2 is not c:
-        rewrites.append("base-2 scores")
+        rewrites = rewrites + ("base-2 scores",)
         c, graph = base2, cascade_graph(base2)
     drafts = _find_stages(c, graph)
     owner = _assign(c, graph, drafts)
@@ -99,7 +77,7 @@ def lower(c: Cascade) -> Plan:
         stage = _stage(c, graph, i, d, owner)
         stages.append(stage)
         intermediates += [t for t in stage.stores if t not in c.output_names]
-    return Plan(NAME, c, tuple(stages), tuple(intermediates), tuple(rewrites))
+    return Plan(NAME, c, tuple(stages), tuple(intermediates), rewrites)
 
 
 # ---------------------------------------------------------------------------- stages

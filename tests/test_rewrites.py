@@ -55,7 +55,7 @@ output O
     print(d)
     assert {"O_num0", "O_num1"} <= set(d.tensors)
     print(f"two normalized terms: {passes(c)} passes -> {passes(d)}")
-    assert passes(d) < passes(c)
+    assert passes(d) == passes(c) == 1  # the analysis defers term by term, as the rewrite splits
     same(ei.interpret(d, **qkv()), ei.interpret(c, **qkv()))
 
 
