@@ -448,10 +448,22 @@ def _einsum(p: _LineParser) -> Einsum:
         while p.accept(","):
             listed.append(p.expect_name("a reduced index variable"))
         p.expect("]")
+    bare = None  # `max S[p,m]`: a reduction without its bracket, which juxtaposition never is otherwise
+    if listed is None and p.tok.kind == "name" and p.tok.text in REDUCE_OPS and p.peek().kind == "name":
+        bare = p.advance()
+        reduce = bare.text
     expr = p.expr()
     where = p.expr() if p.accept("where") else None
     p.expect_end()
     einsum = Einsum(target, expr, reduce, where, p.loc(name))
+    if bare is not None:
+        derived = einsum.reduced
+        if not derived:
+            raise p.error(f"in {name.text}, {reduce} before an expression is a reduction, but every index on the right is on "
+                          f"the left, so nothing is reduced; for an elementwise {reduce} of two values write "
+                          f"{reduce}(a, b)", bare)
+        raise p.error(f"in {name.text}, a {reduce} reduction lists the indices it reduces: write '{reduce}[{', '.join(derived)}]' "
+                      f"(the indices on the right that are absent on the left)", bare)
     if listed is not None:
         named, derived = [t.text for t in listed], einsum.reduced
         if sorted(named) != sorted(derived):

@@ -232,3 +232,18 @@ def test_the_deepest_accepted_spec_runs_through_every_stage():
     torch.testing.assert_close(_deeper(200, lambda: ei.compile(c, backend="cpu")(**args)), want)
     assert _deeper(200, lambda: ei.counts(c, {"P": 9, "M": 11, "E": 4})).einsum("S").points == 45  # m <= p
     assert _deeper(200, lambda: ei.grad(c)) is not None
+
+
+@pytest.mark.parametrize("line, col, fragment", [
+    ("GM[p] = max S[p,m]", 9, "in GM, a max reduction lists the indices it reduces: write 'max[m]'"),
+    ("GM[p] = min exp(S[p,m])", 9, "write 'min[m]'"),
+    ("GM[p,m] = max S[p,m]", 11, "nothing is reduced; for an elementwise max of two values write max(a, b)"),
+])
+def test_a_reduction_without_its_indices_says_which_to_list(line, col, fragment):
+    err = str(_error(f"dims P M E\ninput Q[p,e], K[m,e]\nS[p,m] = Q[p,e] * K[m,e]\n{line}\noutput S\n"))
+    assert f"bad.ein:4:{col}: error: " in err and fragment in err
+
+
+def test_a_param_named_like_a_reduction_still_reads_as_a_value():
+    c = ei.parse("dims P\nparam max = 2\ninput X[p]\nY[p] = max * X[p]\noutput Y\n")
+    assert c.einsums[0].reduce == "sum" and ei.parse(str(c)) == c
