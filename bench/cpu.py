@@ -6,6 +6,7 @@
     python bench/cpu.py --profile window 2048    # where the time goes: torch's profiler, ours and flex
     python bench/cpu.py --backward     # forward + backward (a training step's attention)
     python bench/cpu.py --linear       # linear forms: the chunked scan at N in {2048, 8192, 32768}
+    python bench/cpu.py --linear --backward   # the same, forward + the scan's backward
 
 Cases: causal, sliding window (W=512) and softplus-L1 attention at N in {2048, 8192}, B=1,
 H=8, D=64, fp32. With --linear: Lightning's decayed causal linear attention (`lightning_causal`,
@@ -24,8 +25,8 @@ implementation and then measures:
   plus the bytes of anything built for it beforehand (SDPA's and eager's N x N boolean masks,
   FlexAttention's block mask). The Q, K, V inputs are not counted. This is RSS, so it sees
   torch's CPU allocations (which tracemalloc does not).
-* time: the measured call above, then R more calls (R=3 at N<=2048, 2 above); the table shows
-  the best.
+* time: the measured call above, then R more calls (R=3 at N<=2048, 2 above), and more while
+  under a second is timed (up to 25 calls); the table shows the best.
 * error: max |output - einsum-ir's output| (with --backward, over the output and dQ, dK, dV);
   ours saves its results to a temporary file that the other workers compare with.
 
@@ -46,7 +47,8 @@ The implementations:
          (softplus-L1: softplus(Q K^T * lscale), normalize(p=1), @ V; the linear forms: the
          masked, decayed or feature-mapped Q K^T, @ V). Materializes N x N.
   quadratic  (linear cases) our own key-loop kernel of the same cascade, the form the chunked
-         scan replaces: `CpuKernel(variant, plan=key_loop_plan(...))`.
+         scan replaces: `CpuKernel(variant, plan=key_loop_plan(...))`. Forward only: with
+         --backward ours is the scan's derived backward (reverse sweeps) and eager is autograd.
 Timings on a shared machine are noisy; the ratios measured side by side in one run are the
 result, never an absolute number.
 """
@@ -67,6 +69,7 @@ if ROOT not in sys.path:
 B, H, D = 1, 8, 64
 WINDOW = 512
 CASES = {"causal": "softmax_causal", "window": "softmax_window", "softplus_l1": "softplus_l1"}
+MIN_TIMED_S, MAX_CALLS = 1.0, 25
 LINEAR_CASES = {"lightning": "lightning_causal", "linear_elu": "linear_elu_causal"}
 IMPLS = ["ours", "flex", "sdpa", "eager"]
 LINEAR_IMPLS = ["ours", "quadratic", "eager"]
@@ -246,6 +249,8 @@ def worker(case: str, n: int, impl: str, rounds: int, backward: bool, ref: str) 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, n, D, generator=g).requires_grad_(backward) for _ in range(3))
     dout = torch.randn(B, H, n, D, generator=g)
+    if backward and impl == "quadratic":  # its training kernels would be the scan's again
+        return {"status": "n/a (forward only)"}
     try:
         fn, setup_bytes = build(impl, case, n, q, k, v)
     except NotImplementedError as err:
@@ -266,7 +271,9 @@ def worker(case: str, n: int, impl: str, rounds: int, backward: bool, ref: str) 
     res = {"status": "ok", "peak_mb": None if peak is None else (peak * 1024 + setup_bytes) / 2**20}
     print(f"    {impl}: measured call {times[0] * 1e3:.0f} ms, peak {res['peak_mb']:.0f} MiB", file=sys.stderr,
           flush=True)
-    for _ in range(rounds):
+    # at least `rounds` more calls; short ones repeat until a second is timed, so that a few
+    # milliseconds of interference do not decide a small case (and with it a scaling ratio)
+    while len(times) <= rounds or (sum(times) < MIN_TIMED_S and len(times) < MAX_CALLS):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -426,7 +433,8 @@ def print_table(results, ns, cases, impls) -> None:
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
     print()
-    print("ms: best of the measured call and the next ones (3 more at N<=2048, 2 at N=8192), after a")
+    print("ms: best of the measured call and the next ones (3 more at N<=2048, 2 above; short calls repeat")
+    print("    until a second is timed, up to 25), after a")
     print("    warm-up call (FlexAttention's compile excluded). One fresh subprocess per implementation.")
     print("x/ours: that implementation's time divided by ours (>1: ours is faster).")
     print("MiB: peak RSS during one call (after a warm-up call) above the RSS before it, plus")

@@ -26,3 +26,16 @@ def interpreted(cascade: Cascade, args: dict, fp32: frozenset = frozenset()):
     outs = interpret(cascade, **args)
     outs = outs if isinstance(outs, tuple) else (outs,)
     return collect_outputs(cascade, dict(zip(cascade.output_names, outs)), outs[0].dtype, fp32)
+
+
+def run_epilogue(epilogue: Cascade | None, buffers: dict, params: dict) -> None:
+    """A chunked scan's outputs over no token rank (sums across programs of their per-program
+    states: the backward's gradient of a per-head decay), into `buffers`, by the interpreter:
+    a few ops on tensors of grid size."""
+    if epilogue is None:
+        return
+    from einsum_ir.interpreter import interpret
+
+    outs = interpret(epilogue, **{n: buffers[n] for n in epilogue.input_names},
+                     **{p.name: params[p.name] for p in epilogue.params if p.type is not None})
+    buffers.update(zip(epilogue.output_names, outs if isinstance(outs, tuple) else (outs,)))

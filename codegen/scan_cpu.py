@@ -24,7 +24,7 @@ import torch
 
 from einsum_ir.codegen.block_emit import join_terms, module_header, paren
 from einsum_ir.codegen.cpu_emit import GeneratedPython, compile_cpu
-from einsum_ir.codegen.outputs import collect_outputs, interpreted
+from einsum_ir.codegen.outputs import collect_outputs, interpreted, run_epilogue
 from einsum_ir.errors import LoweringError
 from einsum_ir.functions import FUNCTIONS
 from einsum_ir.ir import Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, Num, Unary, product_terms, rank_of
@@ -191,45 +191,60 @@ class SweepEmitter:
 
     def term(self, t: Term, i: int) -> str:
         """The lines of one causal term for the chunk; returns the name of its unsigned value
-        (axes grid, p, kept)."""
+        (axes grid, own, kept). A sum over the keys carries its state forward from each chunk's
+        first position; a sum over the queries (reverse) carries it back from each chunk's last."""
         L = self.letters
         g = "".join(L[v] for v in self.plan.grid)
         e, f = "".join(L[v] for v in t.contracted), "".join(L[v] for v in t.kept)
         ef = "".join(L[v] for v in self.canon(t.contracted + t.kept))  # the state's own order
+        own, oth = t.own, t.other
         chunk = {QUERY: (SLICE, "t_lo", "hi_p"), KEY: (SLICE, "t_lo", "hi_m")}
-        q, qax = self.value(t.query, {QUERY: chunk[QUERY]})
-        ke, kax = self.value(t.key_e, {KEY: chunk[KEY]})
-        qax_want, kax_want = self.canon((*self.plan.grid, QUERY, *t.contracted)), self.canon((*self.plan.grid, KEY, *t.contracted))
+        q, qax = self.value(t.query, {own: chunk[own]})
+        ke, kax = self.value(t.key_e, {oth: chunk[oth]})
+        qax_want = self.canon((*self.plan.grid, own, *t.contracted))
+        kax_want = self.canon((*self.plan.grid, oth, *t.contracted))
         q, ke = self.spread(q, qax, qax_want), self.spread(ke, kax, kax_want)
         pm = self.canon((*self.plan.grid, QUERY, KEY))
         state = f"st_{t.einsum}_{i}"
+        # the boundaries the decays are taken against: where the state is read, and where it
+        # is carried to for the next chunk (forward: this chunk's start and the next's; reverse:
+        # this chunk's last position and the previous chunk's)
+        if t.own == QUERY:
+            read, carry, across = {KEY: ("at", "t_lo")}, {QUERY: ("at", "hi_p")}, \
+                {QUERY: ("at", "hi_p"), KEY: ("at", "t_lo")}
+            more = "hi_p < N_tok"
+        else:
+            read, carry, across = {QUERY: ("at", "t_hi - 1")}, {KEY: ("at", "t_lo - 1")}, \
+                {QUERY: ("at", "t_hi - 1"), KEY: ("at", "t_lo - 1")}
+            more = "t_lo > 0"
         self.emit(f"q_{i} = {q}")
         self.emit(f"k_{i} = {ke}")
-        self.emit(f"a_{i} = torch.einsum('{g}p{e},{g}m{e}->{g}pm', q_{i}, k_{i})")
+        self.emit(f"a_{i} = torch.einsum('{g}{own}{e},{g}{oth}{e}->{g}pm', q_{i}, k_{i})")
         if t.decay is not None:
             within, wax = self.value(t.decay, chunk)
-            at_start, sax = self.value(t.decay, {QUERY: chunk[QUERY], KEY: ("at", "t_lo")})
+            at_read, sax = self.value(t.decay, {own: chunk[own], **read})
             self.emit(f"a_{i} *= {self.align(within, wax, pm)}")
-            self.emit(f"q_{i} = q_{i} * {self.align(at_start, sax, qax_want)}")
+            self.emit(f"q_{i} = q_{i} * {self.align(at_read, sax, qax_want)}")
         self.emit(f"a_{i}.tril_()  # m <= p inside the chunk")
         if t.key_f is not None:
-            kf, fax = self.value(t.key_f, {KEY: chunk[KEY]})
-            fax_want = self.canon((*self.plan.grid, KEY, *t.kept))
+            kf, fax = self.value(t.key_f, {oth: chunk[oth]})
+            fax_want = self.canon((*self.plan.grid, oth, *t.kept))
             kf = self.spread(kf, fax, fax_want)
             self.emit(f"v_{i} = {kf}")
-            self.emit(f"value_{i} = torch.einsum('{g}pm,{g}m{f}->{g}p{f}', a_{i}, v_{i}) + "
-                      f"torch.einsum('{g}p{e},{g}{ef}->{g}p{f}', q_{i}, {state})")
-            update = f"torch.einsum('{g}m{e},{g}m{f}->{g}{ef}', k_{i}, v_{i})"
+            self.emit(f"value_{i} = torch.einsum('{g}pm,{g}{oth}{f}->{g}{own}{f}', a_{i}, v_{i}) + "
+                      f"torch.einsum('{g}{own}{e},{g}{ef}->{g}{own}{f}', q_{i}, {state})")
+            update = f"torch.einsum('{g}{oth}{e},{g}{oth}{f}->{g}{ef}', k_{i}, v_{i})"
         else:
-            self.emit(f"value_{i} = a_{i}.sum(-1) + torch.einsum('{g}p{e},{g}{e}->{g}p', q_{i}, {state})")
+            self.emit(f"value_{i} = a_{i}.sum({-1 if oth == KEY else -2}) + "
+                      f"torch.einsum('{g}{own}{e},{g}{e}->{g}{own}', q_{i}, {state})")
             update = f"k_{i}.sum({len(self.plan.grid)})"
-        self.emit("if hi_p < N_tok:  # the state at the next chunk's start s' = hi_p")
+        self.emit(f"if {more}:  # the state at the next chunk's boundary")
         if t.decay is not None:
-            to_next, nax = self.value(t.decay, {QUERY: ("at", "hi_p"), KEY: chunk[KEY]})
-            across, cax = self.value(t.decay, {QUERY: ("at", "hi_p"), KEY: ("at", "t_lo")})
+            to_next, nax = self.value(t.decay, {oth: chunk[oth], **carry})
+            across_code, cax = self.value(t.decay, across)
             self.emit(f"    k_{i} = k_{i} * {self.align(to_next, nax, kax_want)}")
             st_axes = self.canon((*self.plan.grid, *t.contracted, *t.kept))
-            self.emit(f"    {state} = {state} * {self.align(across, cax, st_axes)} + {update}")
+            self.emit(f"    {state} = {state} * {self.align(across_code, cax, st_axes)} + {update}")
         else:
             self.emit(f"    {state} = {state} + {update}")
         return f"value_{i}"
@@ -239,10 +254,14 @@ class SweepEmitter:
         tensors = list(dict.fromkeys(s.loads + s.stores + s.states))
         scalars = list(c.dims) + [p.name for p in c.params]
         head = f"def {self.name}({', '.join(tensors)}, *, {', '.join(scalars)}, CHUNK, DT):"
-        doc = f'    """Sweep {s.index} ({"causal scan, p and m in lockstep" if s.lockstep else "over " + s.token}).' + '"""'
+        kind = ("reverse causal scan, p and m in lockstep, last chunk first" if s.reverse else
+                "causal scan, p and m in lockstep") if s.lockstep else "over " + s.token
+        doc = f'    """Sweep {s.index} ({kind}).' + '"""'
         self.lines = [head, doc]
         tok = s.token
-        self.emit(f"N_tok = {rank_of(tok)}", 1)
+        # a reverse scan runs over every position of either rank: queries past M still add to
+        # the keys' sums, keys past P get none
+        self.emit(f"N_tok = {'max(P, M)' if s.reverse else rank_of(tok)}", 1)
         for e in s.prologue:
             self.evaluate(e, {}, 1)
         for r in s.reductions:
@@ -250,10 +269,17 @@ class SweepEmitter:
         for i, t in enumerate(s.terms):
             axes = self.canon((*self.plan.grid, *t.contracted, *t.kept))
             self.emit(f"st_{t.einsum}_{i} = torch.zeros({_shape(axes)}, dtype=DT)", 1)
-        self.emit("for t_lo in range(0, N_tok, CHUNK):", 1)
-        self.emit(f"hi_{tok} = min(t_lo + CHUNK, N_tok)")
-        self.emit(f"n_{tok} = hi_{tok} - t_lo")
-        if s.lockstep:  # the keys of the same positions: none past M, and none needed past P
+        if s.reverse:  # the last chunk first; each rank's positions clipped to its extent
+            self.emit("for t_lo in reversed(range(0, N_tok, CHUNK)):", 1)
+            self.emit("t_hi = min(t_lo + CHUNK, N_tok)")
+            for v in (QUERY, KEY):
+                self.emit(f"hi_{v} = max(min(t_hi, {rank_of(v)}), t_lo)")
+                self.emit(f"n_{v} = hi_{v} - t_lo")
+        else:
+            self.emit("for t_lo in range(0, N_tok, CHUNK):", 1)
+            self.emit(f"hi_{tok} = min(t_lo + CHUNK, N_tok)")
+            self.emit(f"n_{tok} = hi_{tok} - t_lo")
+        if s.lockstep and not s.reverse:  # the keys of the same positions: none past M, none needed past P
             self.emit("hi_m = max(min(t_lo + CHUNK, M), t_lo)")
             self.emit("n_m = hi_m - t_lo")
         env = {QUERY: (SLICE, "t_lo", "hi_p"), KEY: (SLICE, "t_lo", "hi_m")} if s.lockstep else \
@@ -265,7 +291,8 @@ class SweepEmitter:
             if e.name in by_term:
                 values = [("-" if t.sign < 0 else "+", self.term(t, i)) for i, t in by_term[e.name]]
                 self.emit(f"x_{e.name} = {join_terms(values)}")
-                self.local[e.name] = self.canon((*self.plan.grid, QUERY, *by_term[e.name][0][1].kept))
+                first = by_term[e.name][0][1]
+                self.local[e.name] = self.canon((*self.plan.grid, first.own, *first.kept))
             else:
                 self.evaluate(e, env, 2)
         for r in s.reductions:
@@ -278,10 +305,18 @@ class SweepEmitter:
                 self.emit(f"acc_{r.name} = {_COMBINE[r.reduce]}(acc_{r.name}, {paren(code)}.{_REDUCE[r.reduce]}"
                           f"(dim={dims}))")
         for name in s.stores:
-            self.emit(f"{self.window(name)} = x_{name}")
+            self.emit(f"{self.window(name)} = {self.without_grid(name)}")
         for r in s.reductions:
             self.emit(f"{self.whole(r.name)} = acc_{r.name}", 1)
         return "\n".join(self.lines) + "\n"
+
+    def without_grid(self, name: str) -> str:
+        """The chunk's value of `name` over its own ranks: a term computed for every grid point
+        of a tensor that omits some (RetNet's `DS[h,p]`) is the same along those; take the first."""
+        axes, (_, want) = self.local[name], self._view(name)
+        if set(axes) <= set(want):
+            return f"x_{name}"
+        return f"x_{name}[{', '.join(':' if a in want else '0' for a in axes)}]"
 
     def _view(self, name: str) -> tuple[str, list[str]]:
         ranks = [r.lower() for r in self.c.tensors[name].ranks]
@@ -353,7 +388,11 @@ class ScanCpuKernel(GeneratedPython):
         return self.chunk or chunk_size(extents, "cpu")
 
     def same_backend(self, cascade: Cascade, fp32: frozenset = frozenset()):
-        return compile_cpu(cascade, fp32=fp32)
+        """A kernel for `cascade` (the backward's) on this backend, with this one's forced chunk."""
+        kern = compile_cpu(cascade, fp32=fp32)
+        if isinstance(kern, ScanCpuKernel) and self.chunk is not None:
+            kern.chunk = self.chunk
+        return kern
 
     def run(self, args: dict):
         bound = self.bind_call(args)
@@ -371,4 +410,5 @@ class ScanCpuKernel(GeneratedPython):
             names = list(dict.fromkeys(s.loads + s.stores + s.states))
             kw = {n: scalars[n] for n in list(c.dims) + [p.name for p in c.params]}
             self._ns[em.name](*[buffers[n] for n in names], **kw, CHUNK=chunk, DT=dt)
+        run_epilogue(self.plan.epilogue, buffers, params)
         return collect_outputs(c, buffers, out_dtype, self.spelled.set(self.fp32))

@@ -28,7 +28,7 @@ import torch
 
 from einsum_ir.codegen.block_emit import Section, Val, is_simple, join_terms, module_header, paren
 from einsum_ir.codegen.derived import DerivedKernels
-from einsum_ir.codegen.outputs import collect_outputs, interpreted
+from einsum_ir.codegen.outputs import collect_outputs, interpreted, run_epilogue
 from einsum_ir.codegen.tiles import next_pow2
 from einsum_ir.codegen.triton_emit import HELPERS, StageEmitter, called_helpers
 from einsum_ir.errors import LoweringError
@@ -269,14 +269,17 @@ class SweepKernel(StageEmitter):
             self.at = {}
 
     def term(self, t: Term, state: str, sec: Section) -> str:
-        """One causal term of this chunk (code over p and the kept feature); then the state
-        moves to the next chunk's start."""
-        pm, value = self.canon(TOKENS), self.canon((QUERY, *t.kept))
+        """One causal term of this chunk (code over its own token and the kept feature); then
+        the state moves on to the next chunk. A sum over the keys reads its state at the
+        chunk's start s = t_lo and carries it to the next one's, t_hi; a sum over the queries
+        (reverse) reads it at the chunk's last position and carries it to the previous chunk's."""
+        own, oth = t.own, t.other
+        pm, value = self.canon(TOKENS), self.canon((own, *t.kept))
         state_axes = self.canon(t.contracted + t.kept)
         sec.add(f"# {t.describe()}")
-        q = self.as_clean(self.emit(t.query, sec), self.canon((QUERY, *t.contracted)), sec, "q")
-        k = self.as_clean(self.emit(t.key_e, sec), self.canon((KEY, *t.contracted)), sec, "k")
-        v = None if t.key_f is None else self.as_clean(self.emit(t.key_f, sec), self.canon((KEY, *t.kept)), sec, "v")
+        q = self.as_clean(self.emit(t.query, sec), self.canon((own, *t.contracted)), sec, "q")
+        k = self.as_clean(self.emit(t.key_e, sec), self.canon((oth, *t.contracted)), sec, "k")
+        v = None if t.key_f is None else self.as_clean(self.emit(t.key_f, sec), self.canon((oth, *t.kept)), sec, "v")
         h = Val(state, state_axes, "float")
         score = self.contract([q, k], set(t.contracted), pm, sec)
         if not is_simple(score):
@@ -291,20 +294,24 @@ class SweepKernel(StageEmitter):
         sec.add(f"{score} = tl.where({causal}, {weighted}, 0.0)  # m <= p inside the chunk")
         self.clean.add(score)
         s_val = Val(score, pm, "float")
+        if own == QUERY:
+            read, carry, across = {KEY: "t_lo"}, {QUERY: "t_hi"}, {QUERY: "t_hi", KEY: "t_lo"}
+        else:
+            read, carry, across = {QUERY: "t_last"}, {KEY: "t_prev"}, {QUERY: "t_last", KEY: "t_prev"}
         q_s, k_s = q, k
-        if t.decay is not None:  # ratios to the chunk's start s and to the next one's, s'
-            q_s = self.scaled(q, self.decay(t, sec, {KEY: "t_lo"}), sec, "q")
-            k_s = self.scaled(k, self.decay(t, sec, {QUERY: "t_hi"}), sec, "k")
-        intra = self.contract([s_val] + ([v] if v is not None else []), {KEY}, value, sec)
+        if t.decay is not None:  # ratios to the boundary the state is read at, and carried to
+            q_s = self.scaled(q, self.decay(t, sec, read), sec, "q")
+            k_s = self.scaled(k, self.decay(t, sec, carry), sec, "k")
+        intra = self.contract([s_val] + ([v] if v is not None else []), {oth}, value, sec)
         inter = self.contract([q_s, h], set(t.contracted), value, sec)
         out = self.fresh(t.einsum.lower())
         sec.add(f"{out} = {intra} + {inter}")
-        update = self.contract([k_s] + ([v] if v is not None else []), {KEY}, state_axes, sec)
+        update = self.contract([k_s] + ([v] if v is not None else []), {oth}, state_axes, sec)
         if t.decay is None:
             sec.add(f"{state} = {state} + {update}")
-        else:  # past the last chunk s' is beyond N: the state is not read again
-            across = self.decay(t, sec, {QUERY: "t_hi", KEY: "t_lo"})
-            sec.add(f"{state} = {state} * {self.num(across)} + {update}")
+        else:  # after the last chunk the boundary is outside the sequence: the state is not read again
+            ratio = self.decay(t, sec, across)
+            sec.add(f"{state} = {state} * {self.num(ratio)} + {update}")
         return out
 
     def scaled(self, x: Val, ratio: Val, sec: Section, base: str) -> Val:
@@ -331,7 +338,8 @@ class SweepKernel(StageEmitter):
         for e in s.maps:
             if e.name in states:
                 codes = [("-" if t.sign < 0 else "+", self.term(t, st, loop)) for t, st in states[e.name]]
-                self.axes_of[e.name] = self.canon((QUERY, *states[e.name][0][0].kept))
+                first = states[e.name][0][0]
+                self.axes_of[e.name] = self.canon((first.own, *first.kept))
                 self.assign(e.name, join_terms(codes), self.axes_of[e.name], loop)
             else:
                 self.evaluate(e, loop)
@@ -342,7 +350,11 @@ class SweepKernel(StageEmitter):
         for e in s.reductions:
             self.store(e.name, Val(e.name, self.axes_of[e.name], "float"), self.post)
         head = Section()
-        head.add(f"for t_lo in range(0, {rank_of(s.token)}, BLOCK_C):")
+        if s.reverse:  # every position of either rank, the last chunk first
+            head.add("n_chunks = tl.cdiv(tl.maximum(P, M), BLOCK_C)")
+            head.add("for t_back in range(0, n_chunks):")
+        else:
+            head.add(f"for t_lo in range(0, {rank_of(s.token)}, BLOCK_C):")
         return self.render(self.pre.lines + head.lines + loop.lines + self.post.lines)
 
     def term_states(self) -> dict[str, list[tuple[Term, str]]]:
@@ -385,7 +397,11 @@ class SweepKernel(StageEmitter):
 
     def chunk_positions(self, loop: Section) -> None:
         first = self.tokens[0]
-        if self.s.lockstep:
+        if self.s.reverse:
+            loop.add("t_lo = (n_chunks - 1 - t_back) * BLOCK_C")
+            loop.add("t_last = tl.minimum(t_lo + BLOCK_C, tl.maximum(P, M)) - 1  # where the state is read")
+            loop.add("t_prev = t_lo - 1  # the previous chunk's last position, where it is carried to")
+        elif self.s.lockstep:
             loop.add("t_hi = t_lo + BLOCK_C  # the next chunk's start")
         for v in self.tokens:  # lockstep: the keys at the same positions, none past M
             loop.add(f"{v} = t_lo + r_c" if v == first else f"{v} = {first}  # the keys of the same positions")
@@ -427,7 +443,8 @@ class SweepKernel(StageEmitter):
         for k in range(0, len(sig), 6):
             out.append("    " + ", ".join(sig[k:k + 6]) + ",")
         out.append("):")
-        kind = "a causal scan, query and key chunks in lockstep" if s.lockstep else f"over the chunks of {s.token}"
+        kind = ("a reverse causal scan (sums over the queries), the last chunk first" if s.reverse else
+                "a causal scan, query and key chunks in lockstep") if s.lockstep else f"over the chunks of {s.token}"
         split = f" x blocks of {self.split}" if self.split else ""
         out.append(f'    """Sweep {s.index}: {kind}; one program per {",".join(self.plan.grid) or "-"}{split}.')
         out.append(f"    Writes {', '.join(s.stores + s.states)}; reads {', '.join(s.loads)}.\"\"\"")
@@ -471,6 +488,8 @@ class ScanTritonKernel(DerivedKernels):
 
     def __init__(self, cascade: Cascade, plan: ScanPlan, spelled, fp32: frozenset = frozenset(),
                  chunk: int | None = None, split_block: int | None = None):
+        # one kernel per independent group of a lockstep sweep's terms: one state each
+        plan = replace(plan, sweeps=plan.split_sweeps or plan.sweeps)
         self.cascade, self.plan, self.spelled = cascade, plan, spelled
         self.fp32 = frozenset(fp32)
         self.fp32_spelled = spelled.set(self.fp32)
@@ -531,7 +550,10 @@ class ScanTritonKernel(DerivedKernels):
     def same_backend(self, cascade: Cascade, fp32: frozenset = frozenset()):
         from einsum_ir.codegen.kernel import compile_triton
 
-        return compile_triton(cascade, fp32)
+        kern = compile_triton(cascade, fp32)
+        if isinstance(kern, ScanTritonKernel):  # the backward's scan, with this one's forced blocks
+            kern.chunk, kern.split_block = kern.chunk or self.chunk, kern.split_block or self.split_block
+        return kern
 
     def run(self, args: dict):
         from einsum_ir.codegen.dispatch import DTYPE_NAMES, device_kind
@@ -566,6 +588,7 @@ class ScanTritonKernel(DerivedKernels):
             else:
                 fn[em.grid(extents, blocks)](*kargs, **kw, num_warps=config.num_warps,
                                              num_stages=config.num_stages)
+        run_epilogue(self.plan.epilogue, buffers, params)
         return collect_outputs(c, buffers, out_dtype, self.fp32_spelled)
 
     # -- ahead of time (codegen/aot.py)

@@ -35,7 +35,8 @@ from einsum_ir.cost_model.predicates import conjuncts
 from einsum_ir.errors import LoweringError
 from einsum_ir.graph import cascade_graph
 from einsum_ir.ir import (
-    Access, Binary, Cascade, Einsum, Expr, Index, Num, Unary, index_vars, product_terms, substitute, walk,
+    Access, Binary, Cascade, Einsum, Expr, Index, Num, Unary, index_vars, product_terms, rank_of, rebuild,
+    substitute, walk,
 )
 from einsum_ir.lowering.exprs import product, summation, to_sympy
 from einsum_ir.lowering.grad import FreshNames
@@ -49,17 +50,25 @@ TOKENS = (QUERY, KEY)
 
 @dataclass(frozen=True)
 class Term:
-    """One term of a causal contraction: `sign * sum_{m <= p} query * key_e * key_f * decay`,
-    summed over the features the query and key sides share (`contracted`)."""
+    """One term of a causal contraction, `sign * sum own * other_e * other_f * decay` over the
+    positions of the other token rank on the causal side (`m <= p`), and over the features the
+    two sides share (`contracted`). `own` is the token rank of the result: "p" for a sum over
+    the keys m <= p (the forward's scan), "m" for a sum over the queries p >= m (a reverse scan,
+    as the backward's dK and dV are)."""
 
-    einsum: str  # the Einsum it adds into (its value per query position)
+    einsum: str  # the Einsum it adds into (its value per position of `own`)
     sign: float
-    query: Expr  # indices: grid, p, contracted features
-    key_e: Expr  # indices: grid, m, contracted features (the side the query is dotted with)
-    key_f: Expr | None  # indices: grid, m, the output's kept features (None: none kept)
+    query: Expr  # the result's side: indices grid, own, contracted features
+    key_e: Expr  # the summed side, dotted with `query`: indices grid, other, contracted features
+    key_f: Expr | None  # the summed side: indices grid, other, the result's kept features (None: none)
     decay: Expr | None  # c(p, m) = g(p)/g(m), or None
     contracted: tuple[str, ...]
     kept: tuple[str, ...]
+    own: str = QUERY
+
+    @property
+    def other(self) -> str:
+        return KEY if self.own == QUERY else QUERY
 
     def describe(self) -> str:
         sign = "-" if self.sign < 0 else ""
@@ -67,7 +76,8 @@ class Term:
         if self.key_f is not None:
             parts.append(f"({print_expr(self.key_f)})")
         decay = f" decay {print_expr(self.decay)}" if self.decay is not None else ""
-        return (f"{self.einsum} += {sign}sum[m <= p] {' * '.join(parts)}; state over "
+        over = "m <= p" if self.own == QUERY else "p >= m"
+        return (f"{self.einsum} += {sign}sum[{over}] {' * '.join(parts)}; state over "
                 f"{','.join(self.contracted + self.kept) or '-'}{decay}")
 
 
@@ -79,7 +89,7 @@ class Sweep:
     are the per-token tensors it writes, `states` the reductions it writes at the end."""
 
     index: int
-    token: str  # "p" or "m"; lockstep sweeps run over p with m the same positions
+    token: str  # "p" or "m"; a lockstep sweep's is its terms' own rank, with the other at the same positions
     lockstep: bool
     prologue: tuple[Einsum, ...]  # Einsums over no token rank, before the loop (read states)
     maps: tuple[Einsum, ...]
@@ -89,8 +99,14 @@ class Sweep:
     states: tuple[str, ...]
     loads: tuple[str, ...]  # tensors read from memory: inputs and earlier sweeps' states
 
+    @property
+    def reverse(self) -> bool:
+        """A lockstep sweep of sums over the queries p >= m: it runs from the last chunk back."""
+        return self.lockstep and self.token == KEY
+
     def summary(self) -> str:
-        kind = "lockstep p=m (causal scan)" if self.lockstep else f"over {self.token}"
+        kind = ("lockstep p=m (reverse causal scan, last chunk first)" if self.reverse else
+                "lockstep p=m (causal scan)") if self.lockstep else f"over {self.token}"
         lines = [f"sweep {self.index}: {kind} | loads {','.join(self.loads)}"]
         lines += [f"  prologue  {e.name}" for e in self.prologue]
         lines += [f"  map       {e.name}" for e in self.maps if e.name not in {t.einsum for t in self.terms}]
@@ -113,6 +129,10 @@ class ScanPlan:
     features: tuple[str, ...]
     intermediates: tuple[str, ...]  # states and per-token tensors passed between sweeps (fp32)
     rewrites: tuple[str, ...] = ()
+    epilogue: Cascade | None = None  # outputs over no token rank, summed from states across programs
+    # the same sweeps with each lockstep sweep split into groups that read nothing of one
+    # another: one state per kernel, fewer registers, more programs (the Triton emitter's)
+    split_sweeps: tuple[Sweep, ...] = ()
     declined: tuple[Declined, ...] = field(default=())
 
     @property
@@ -126,7 +146,10 @@ class ScanPlan:
             head.append(f"rewrites: {', '.join(self.rewrites)}")
         head.append(f"grid {','.join(self.grid) or '-'} | features {','.join(self.features) or '-'} | "
                     f"chunks of C positions (chosen per shape)")
-        return "\n".join(head + [s.summary() for s in self.sweeps])
+        tail = [] if self.epilogue is None else [
+            f"epilogue: {', '.join(self.epilogue.output_names)} from {', '.join(self.epilogue.input_names)} "
+            f"(over no token rank)"]
+        return "\n".join(head + [s.summary() for s in self.sweeps] + tail)
 
 
 def chunk_size(extents: dict, device: str = "cpu") -> int:
@@ -153,7 +176,10 @@ def lower(c: Cascade) -> ScanPlan:
     if not {"P", "M"} <= set(c.dims):
         raise LoweringError("the scan sweeps the query rank P and the key rank M; this cascade lacks one")
     grid = _grid(c)
-    rewrites: list[str] = []
+    c, rewrites = _sum_across_programs_later(c, grid)
+    _check_across(c, grid)
+    c, split = _split_sums(c, grid)
+    rewrites += split
     coupled = {e.name for e in c.einsums if set(TOKENS) <= set(e.lhs_vars)}
     for name in coupled:
         if name in c.output_names:
@@ -167,18 +193,27 @@ def lower(c: Cascade) -> ScanPlan:
             continue
         if not set(TOKENS) <= set(e.space):
             _check_single(e, coupled, c)
-            einsums.append(e)
+            einsums += _pairwise(c, e, grid)
             continue
-        if KEY not in e.reduced or QUERY not in e.lhs_vars:
-            raise LoweringError(f"{e.name} reduces the query rank P against the keys; the scan streams the "
-                                f"keys into a state (a reverse scan is not derived yet)")
-        found, causal = _terms(c, e, coupled, grid)
+        own = QUERY if QUERY in e.lhs_vars else KEY
+        found, causal = _terms(c, e, coupled, grid, own)
+        if any(len(t.contracted) > 1 for t in found):
+            scanned, after = _hoist(c, e, coupled, found, causal)
+            rewrites.append(f"{e.name}: the sum over the {'keys' if own == QUERY else 'queries'} keeps "
+                            f"{scanned[0].target.indices[-1].name} ({scanned[0].name}), contracted after")
+            for inner in scanned:
+                found, causal = _terms(c, inner, coupled, grid, own)
+                einsums += [inner] if causal else _reassociate(c, inner, found)
+                terms.update({inner.name: found} if causal else {})
+            einsums += after
+            continue
         if causal:
             terms[e.name] = found
             einsums.append(e)
         else:
             einsums += _reassociate(c, e, found)
-            rewrites.append(f"reassociation of {e.name}: (Q.K^T).V -> Q.(K^T.V)")
+            rewrites.append(f"reassociation of {e.name}: " + ("(Q.K^T).V -> Q.(K^T.V)" if own == QUERY else
+                                                               "(K.Q^T).dO -> K.(Q^T.dO)"))
     if not coupled:
         _streamed_elsewhere(c)
     lowered = c.replace(einsums=tuple(einsums))
@@ -187,16 +222,102 @@ def lower(c: Cascade) -> ScanPlan:
     if bad:
         raise LoweringError(f"{bad[0].name} reduces a token rank with {bad[0].reduce}; a scan carries sums, "
                             f"maxima and minima")
-    if not terms and not any(KEY in e.reduced for e in swept):
-        raise LoweringError("nothing is summed over the keys")
-    used = [v for e in swept for v in e.space] + [v for ts in terms.values() for t in ts for v in t.contracted + t.kept]
+    if not terms and not any(set(TOKENS) & set(e.reduced) for e in swept):
+        raise LoweringError("nothing is summed over a token rank")
+    epilogue = _epilogue(lowered, coupled)
+    used = [v for e in swept if e.name not in epilogue for v in e.space] + \
+        [v for ts in terms.values() for t in ts for v in t.contracted + t.kept]
     rank_order = {d.lower(): i for i, d in enumerate(c.dims)}
     features = tuple(sorted((v for v in dict.fromkeys(used) if v not in TOKENS and v not in grid),
                             key=lambda v: rank_order.get(v, len(rank_order))))
-    sweeps = _schedule(lowered, terms, coupled)
+    sweeps, split = _schedule(lowered, terms, coupled | set(epilogue))
     intermediates = tuple(dict.fromkeys(t for s in sweeps for t in s.stores + s.states
                                         if t not in lowered.output_names))
-    return ScanPlan(NAME, lowered, sweeps, grid, features, intermediates, tuple(rewrites))
+    return ScanPlan(NAME, lowered, sweeps, grid, features, intermediates, tuple(rewrites),
+                    epilogue=_epilogue_cascade(lowered, epilogue), split_sweeps=split)
+
+
+def _pairwise(c: Cascade, e: Einsum, grid: tuple[str, ...]) -> list[Einsum]:
+    """A product summed over two features whose operands span three axes (the backward's
+    `sum_{e,f} dKV[e,f] FK[m,e] V[m,f]`) as two sums, one feature at a time, so every value is
+    a tile over two axes: `X[m,f] = sum_e dKV[e,f] FK[m,e]`, then `sum_f X[m,f] V[m,f]`."""
+    terms = product_terms(e.expr)
+    axes = {v for v in e.space if v not in grid}
+    features = [v for v in e.reduced if v not in TOKENS and v not in grid]
+    if e.reduce != "sum" or len(terms) != 1 or len(features) < 2 or len(axes) < 3 or e.where is not None:
+        return [e]
+    sign, factors = terms[0]
+    order = {d.lower(): i for i, d in enumerate(c.dims)}
+    for r in features:
+        reading = [(rec, f) for rec, f in factors if r in index_vars(f)]
+        kept = sorted({v for _, f in reading for v in index_vars(f)} - {r}, key=lambda v: order.get(rank_of(v).lower(), 0))
+        if len([v for v in kept if v not in grid]) > 2 or any(rec for rec, _ in reading):
+            continue
+        name = FreshNames(list(c.tensors) + list(c.dims) + [p.name for p in c.params])(f"{e.name}_{r}")
+        inner = Einsum(Access(name, tuple(Index(v) for v in kept)), product(reading), "sum", loc=e.loc)
+        rest = [x for x in factors if x not in reading] + [(False, inner.target)]
+        outer = replace(e, expr=product(rest, sign))
+        return [inner] + _pairwise(c.replace(einsums=c.einsums + (inner,)), outer, grid)
+    return [e]
+
+
+def _split_sums(c: Cascade, grid: tuple[str, ...]) -> tuple[Cascade, list[str]]:
+    """Sums a sweep cannot carry as written, split in two (exact: a sum of partial sums):
+    - a sum over both token ranks (the backward's gradient of a per-head decay) sums over the
+      keys per query first, a scan's term, and then over the queries, a state;
+    - a state that also sums over grid points (over the batch B) is summed per program in the
+      sweep, and across programs in the epilogue."""
+    fresh = FreshNames(list(c.tensors) + list(c.dims) + [p.name for p in c.params])
+    order = {d.lower(): i for i, d in enumerate(c.dims)}
+    out: list[Einsum] = []
+    notes: list[str] = []
+
+    def part(e: Einsum, keep: set[str], base: str) -> Einsum:
+        name = fresh(base)
+        idx = tuple(Index(v) for v in sorted(keep, key=lambda v: order.get(rank_of(v).lower(), len(order))))
+        out.append(Einsum(Access(name, idx), e.expr, e.reduce, e.where, loc=e.loc))
+        return replace(e, expr=Access(name, idx), where=None)
+
+    for e in c.einsums:
+        if set(TOKENS) <= set(e.reduced):
+            e = part(e, set(e.space) - {KEY}, f"{e.name}_{QUERY}")
+            notes.append(f"{e.name}: summed over the keys per query, then over the queries")
+        missing = set(grid) & set(e.reduced)
+        if set(TOKENS) & set(e.reduced) and missing and not set(TOKENS) & set(e.lhs_vars):
+            e = part(e, set(e.lhs_vars) | missing, f"{e.name}_part")
+            notes.append(f"{e.name}: summed per {','.join(sorted(missing))} in the sweep, across them after")
+        out.append(e)
+    return c.replace(einsums=tuple(out)), notes
+
+
+def _epilogue(c: Cascade, skip: set[str]) -> dict[str, Einsum]:
+    """Einsums over no token rank that only outputs over no token rank need (every reader is one
+    of them): computed once after the sweeps, across programs, from the states they read."""
+    graph = cascade_graph(c)
+    out: dict[str, Einsum] = {}
+    for e in reversed(graph.order):
+        if e.name in skip or _token_of(e) is not None:
+            continue
+        readers = list(graph.graph.successors(e.name))
+        if (e.name in c.output_names or readers) and all(r in out for r in readers):
+            out[e.name] = e
+    return out
+
+
+def _epilogue_cascade(c: Cascade, epilogue: dict[str, Einsum]) -> Cascade | None:
+    """The epilogue as a cascade of its own: its inputs are the states (and inputs) it reads."""
+    from einsum_ir.ir import InputDecl, Output
+    from einsum_ir.lowering.grad import trimmed
+
+    if not epilogue:
+        return None
+    einsums = tuple(e for e in c.einsums if e.name in epilogue)
+    read = dict.fromkeys(a.tensor for e in einsums for a in walk(e.expr) if isinstance(a, Access)
+                         and a.tensor not in epilogue)
+    inputs = tuple(InputDecl(n, tuple(r.lower() for r in c.tensors[n].ranks), c.tensors[n].dtype
+                             if c.tensors[n].role == "input" else None) for n in read)
+    outputs = tuple(Output(n) for n in c.output_names if n in epilogue)
+    return trimmed(c.replace(einsums=einsums, inputs=inputs, outputs=outputs, inits=(), doc=""))
 
 
 def _streamed_elsewhere(c: Cascade) -> None:
@@ -213,13 +334,71 @@ def _streamed_elsewhere(c: Cascade) -> None:
 
 
 def _grid(c: Cascade) -> tuple[str, ...]:
-    """One program per value of these: the first output's indices that no Einsum reduces and
-    that both a query-side and a key-side input carry (B, H; not V's F, which the state holds)."""
-    reduced = {v for e in c.einsums for v in e.reduced}
+    """One program per value of these: the indices every output over a token rank has, that both
+    a query-side and a key-side input carry, and that no score over both token ranks contracts
+    (B, H; not E, and not V's F, which the state holds). A per-position value summed across them
+    would be summed across programs: declined (a state summed across them is summed after the
+    sweeps, in the epilogue)."""
     sides = [set(d.indices) for d in c.inputs]
     both = {v for s in sides if QUERY in s for v in s} & {v for s in sides if KEY in s for v in s}
-    out = c.einsum(c.output_names[0]).lhs_vars
-    return tuple(v for v in out if v not in TOKENS and v not in reduced and v in both)
+    outs = [c.einsum(o).lhs_vars for o in c.output_names if set(c.einsum(o).lhs_vars) & set(TOKENS)]
+    contracted = {v for e in c.einsums if set(TOKENS) <= set(e.lhs_vars) for v in e.reduced}
+    return tuple(v for v in (outs or [c.einsum(c.output_names[0]).lhs_vars])[0]
+                 if v not in TOKENS and v in both and v not in contracted and all(v in o for o in outs))
+
+
+def _check_across(c: Cascade, grid: tuple[str, ...]) -> None:
+    for e in c.einsums:
+        across = set(e.reduced) & set(grid)
+        if across and set(e.lhs_vars) & set(TOKENS):
+            raise LoweringError(f"{e.name} sums over {', '.join(sorted(across))} per position: across the scan's "
+                                f"programs (one per {','.join(grid)}), which a sweep does not do; only sums "
+                                f"that read it linearly can take that sum over")
+
+
+def _sum_across_programs_later(c: Cascade, grid: tuple[str, ...]) -> tuple[Cascade, list[str]]:
+    """A per-position value summed over grid ranks (the gradient of RetNet's per-head
+    normalizer, `dDS[h,p] = sum_{b,m} ...`) is kept per grid point instead, when every reader
+    sums a product it is one factor of: the readers then sum over those ranks too, which is the
+    same sum taken later (exact, by linearity), and reaches the epilogue."""
+    readers = {e.name: [r for r in c.einsums if e.name in (a.tensor for a in walk(r.expr) if isinstance(a, Access))]
+               for e in c.einsums}
+    order = {d.lower(): i for i, d in enumerate(c.dims)}
+    out, notes, renamed = [], [], {}
+    for e in c.einsums:
+        across = [v for v in e.reduced if v in grid]
+        if not across or not set(e.lhs_vars) & set(TOKENS) or e.reduce != "sum" or e.name in c.output_names:
+            out.append(e)
+            continue
+        if not all(_linear_in(r, e.name) and not set(across) & set(r.space) for r in readers[e.name]):
+            out.append(e)
+            continue
+        keep = sorted(set(e.lhs_vars) | set(across), key=lambda v: order.get(rank_of(v).lower(), len(order)))
+        renamed[e.name] = (tuple(keep), {v: e.lhs_vars.index(v) for v in e.lhs_vars})
+        out.append(replace(e, target=Access(e.name, tuple(Index(v) for v in keep))))
+        notes.append(f"{e.name}: kept per {','.join(across)}, summed over them by its readers")
+    if not renamed:
+        return c, notes
+
+    def widen(a: Access):
+        if a.tensor not in renamed:
+            return None
+        keep, at = renamed[a.tensor]
+        return Access(a.tensor, tuple(a.indices[at[v]] if v in at else Index(v) for v in keep))
+
+    out = [replace(e, expr=rebuild(e.expr, lambda n: widen(n) if isinstance(n, Access) else None)) for e in out]
+    return c.replace(einsums=tuple(out)), notes
+
+
+def _linear_in(r: Einsum, name: str) -> bool:
+    """`r` sums products each reading `name` at most once, as a plain factor."""
+    if r.reduce != "sum" or not r.reduced:
+        return False
+    for _, factors in product_terms(r.expr, distribute=True):
+        reads = [(rec, f) for rec, f in factors if any(isinstance(a, Access) and a.tensor == name for a in walk(f))]
+        if len(reads) > 1 or reads and (reads[0][0] or not isinstance(reads[0][1], Access)):
+            return False
+    return True
 
 
 def _check_single(e: Einsum, coupled: set[str], c: Cascade) -> None:
@@ -242,14 +421,16 @@ def _plain_reads(expr: Expr, name: str) -> None:
                                 f"plain index variables")
 
 
-def _terms(c: Cascade, e: Einsum, coupled: set[str], grid: tuple[str, ...]) -> tuple[list[Term], bool]:
-    """The terms of an Einsum that sums a product of both sides over the keys, and whether they
-    are causal. Declines, naming the Einsum, when something couples the two sides."""
+def _terms(c: Cascade, e: Einsum, coupled: set[str], grid: tuple[str, ...], own: str) -> tuple[list[Term], bool]:
+    """The terms of an Einsum that sums a product of both sides over the other token rank than
+    `own`, and whether they are causal. Declines, naming the Einsum, when something couples the
+    two sides."""
+    other = KEY if own == QUERY else QUERY
     if e.reduce != "sum":
-        raise LoweringError(f"{e.name} takes a {e.reduce} over the keys of a product of both sides; only a sum "
-                            f"reassociates")
+        raise LoweringError(f"{e.name} takes a {e.reduce} over the {'keys' if other == KEY else 'queries'} of a "
+                            f"product of both sides; only a sum reassociates")
     expanded = _expand(c, e.expr, e.where, coupled, e.name, set(e.space))
-    kept = tuple(v for v in e.lhs_vars if v not in grid and v != QUERY)
+    kept = tuple(v for v in e.lhs_vars if v not in grid and v != own)
     causal_flags = set()
     out = []
     for sign, factors, where in expanded:
@@ -262,35 +443,75 @@ def _terms(c: Cascade, e: Einsum, coupled: set[str], grid: tuple[str, ...]) -> t
                 if recip:
                     raise LoweringError(f"{e.name} divides by {print_expr(f)}, which couples P and M")
                 decay.append(f)
-            elif KEY in vs:
+            elif other in vs:
                 k.append((recip, f))
             else:
                 q.append((recip, f))
         d = product([(False, f) for f in decay]) if decay else None
         if d is not None:
-            _check_decay(d, e.name)
+            d, diagonal = _decay(d, e.name)
+            if diagonal is not None:  # c(p, m) = c(m, m) g(p)/g(m): c(m, m) is a factor over one side
+                (k if other in index_vars(diagonal) else q).append((False, diagonal))
         contracted = tuple(v for v in dict.fromkeys(v for _, f in k for v in index_vars(f))
-                           if v not in grid and v != KEY and v not in kept)
+                           if v not in grid and v != other and v not in kept)
         key_f = [(r, f) for r, f in k if set(index_vars(f)) & set(kept)]
         key_e = [(r, f) for r, f in k if (r, f) not in key_f]
         if any(set(index_vars(f)) & set(kept) and set(index_vars(f)) & set(contracted) for _, f in key_f):
-            raise LoweringError(f"{e.name}: a key factor reads both a contracted feature and a kept one; split it "
-                                f"into a product of two")
-        stray = {v for _, f in q for v in index_vars(f)} - set(grid) - {QUERY} - set(contracted)
+            raise LoweringError(f"{e.name}: a factor of the summed side reads both a contracted feature and a kept "
+                                f"one; split it into a product of two")
+        stray = {v for _, f in q for v in index_vars(f)} - set(grid) - {own} - set(contracted)
         if stray:
-            raise LoweringError(f"{e.name}: the query side reads {', '.join(sorted(stray))}, which the key side "
-                                f"does not; the scan's state is over the key side's features")
-        if len(contracted) > 1 or len(kept) > 1:
+            raise LoweringError(f"{e.name}: the {'query' if own == QUERY else 'key'} side reads "
+                                f"{', '.join(sorted(stray))}, which the summed side does not; the scan's state is "
+                                f"over the summed side's features")
+        if len(contracted) > 2 or len(kept) > 1 or len(contracted) == 2 and kept:
             raise LoweringError(f"{e.name} contracts {len(contracted)} and keeps {len(kept)} feature ranks; the "
                                 f"scan's state is one matrix (one rank each)")
         out.append(Term(e.name, sign, product(q) if q else Num(1), product(key_e) if key_e else Num(1),
-                        product(key_f) if key_f else None, d, contracted, kept))
+                        product(key_f) if key_f else None, d, contracted, kept, own))
     if len(causal_flags) != 1:
         raise LoweringError(f"{e.name} mixes causal and unmasked terms")
     causal = causal_flags.pop()
     if not causal and any(t.decay is not None for t in out):
         raise LoweringError(f"{e.name} decays without m <= p: g(p)/g(m) grows without bound for m > p")
     return out, causal
+
+
+def _hoist(c: Cascade, e: Einsum, coupled: set[str], terms: list[Term], causal: bool) -> tuple[list[Einsum], list[Einsum]]:
+    """A sum whose terms contract two features and keep none (`sum_m (q.k)(dO.v) c`, the
+    gradient of a decay) as a scan that keeps one of them and a contraction after it:
+    `T[.., f] = sum_m q.k v_f c` and `e = sum_f dO_f T[.., f]`. The factors of the result's side
+    that read the kept feature must be the same in every such term; the other terms are summed
+    by a scan of their own (`R`) and added after, `e = sum_f dO_f T + R`. Returns the scans and
+    the Einsums after them."""
+    pairs = [t for t in terms if len(t.contracted) == 2]
+    rank, own = pairs[0].contracted[-1], pairs[0].own
+    other = KEY if own == QUERY else QUERY
+    outside, inside, rest = None, [], []
+    for t, (sign, factors, _) in zip(terms, _expand(c, e.expr, e.where, coupled, e.name, set(e.space))):
+        if len(t.contracted) < 2:
+            rest.append(product(factors, sign))
+            continue
+        if rank not in t.contracted:
+            raise LoweringError(f"{e.name}: its terms contract different pairs of features; split it into one "
+                                f"Einsum per term")
+        mine = [(r, f) for r, f in factors if rank in index_vars(f) and other not in index_vars(f)]
+        if outside is not None and print_expr(product(mine)) != print_expr(product(outside)):
+            raise LoweringError(f"{e.name}: its terms read {rank} through different factors of the "
+                                f"{'query' if own == QUERY else 'key'} side; split it into one Einsum per term")
+        outside = mine
+        inside.append(product([x for x in factors if x not in mine], sign))
+    fresh = FreshNames(list(c.tensors) + list(c.dims) + [p.name for p in c.params])
+    where = Binary("<=", Index(KEY), Index(QUERY)) if causal else None
+    kept = Einsum(Access(fresh(f"{e.name}_{rank}"), tuple(Index(v) for v in dict.fromkeys(e.lhs_vars + [own, rank]))),
+                  summation(inside), "sum", where, loc=e.loc)
+    hoisted = product(outside + [(False, kept.target)])
+    if not rest:
+        return [kept], [replace(e, expr=hoisted, where=None)]
+    target = Access(fresh(f"{e.name}_rest"), e.target.indices)
+    others = Einsum(target, summation(rest), "sum", where, loc=e.loc)
+    part = Einsum(Access(fresh(f"{e.name}_{rank}sum"), e.target.indices), hoisted, "sum", loc=e.loc)
+    return [kept, others], [part, replace(e, expr=Binary("+", part.target, target), where=None)]
 
 
 def _expand(c: Cascade, expr: Expr, where: Expr | None, coupled: set[str], owner: str,
@@ -355,27 +576,54 @@ def _causal(where: Expr | None, name: str) -> bool:
                         f"every key (a window or a block mask is streamed under a query tile)")
 
 
-def _check_decay(d: Expr, name: str) -> None:
-    """`c(p, m) c(m, j) = c(p, j)`: the coupling is g(p)/g(m), so each chunk's ratios can be
-    taken against the chunk's first position. Tensor reads are functions of their indices."""
+def _decay(d: Expr, name: str) -> tuple[Expr, Expr | None]:
+    """The coupling `d` as a decay `c(p, m)` with `c(p, m) c(m, j) = c(p, j)`, so that each
+    chunk's ratios can be taken against the chunk's first position, and the constant it carries
+    beside one (`a g(p)/g(m)` is `c(m, m)` times the decay `d / c(m, m)`; None when there is none:
+    a derivative such as `pow(l, p - m - 1)` has one). Tensor reads are functions of their indices."""
     def sym(expr: Expr, p: str, m: str) -> sympy.Expr:
         swapped = substitute(expr, {QUERY: Index(p), KEY: Index(m)})
         return to_sympy(swapped, lambda a: sympy.Function("T_" + a.tensor)(
             *[to_sympy(i, lambda _: sympy.Integer(0)) for i in a.indices]))
 
-    ratio = sym(d, "x", "y") * sym(d, "y", "z") / sym(d, "x", "z")
-    if sympy.simplify(sympy.powsimp(sympy.expand_power_exp(ratio), force=True)) != 1:
+    ratio = sympy.simplify(sympy.powsimp(sympy.expand_power_exp(sym(d, "x", "y") * sym(d, "y", "z") /
+                                                                 sym(d, "x", "z")), force=True))
+    if ratio == 1:
+        return d, None
+    positions = {str(to_sympy(Index(v), None)) for v in "xyz"}
+    if {str(v) for v in ratio.free_symbols} & positions:
         raise LoweringError(f"{name}: the factor {print_expr(d)} couples the query and key positions but is not "
                             f"a decay g(p)/g(m) (c(p,m)*c(m,j) != c(p,j)); only decays reassociate")
+    diagonal = _folded(substitute(d, {QUERY: Index(KEY)}))
+    return Binary("/", d, diagonal), diagonal
+
+
+def _folded(e: Expr) -> Expr:
+    """`e` with `x - x` and arithmetic on constants folded (`pow(l, m - m - 1)` is `pow(l, -1)`),
+    so the generated code and the plan's summary read as the math does."""
+    return rebuild(e, lambda n: None if not isinstance(n, Binary) else _fold_binary(
+        Binary(n.op, _folded(n.lhs), _folded(n.rhs), n.loc)))
+
+
+def _fold_binary(b: Binary) -> Expr:
+    if b.op == "-" and b.lhs == b.rhs:
+        return Num(0)
+    if isinstance(b.lhs, Num) and isinstance(b.rhs, Num) and b.op in ("+", "-", "*"):
+        a, c = float(b.lhs.value), float(b.rhs.value)
+        return Num(a + c if b.op == "+" else a - c if b.op == "-" else a * c)
+    if b.op in ("+", "-") and isinstance(b.rhs, Num) and float(b.rhs.value) == 0:
+        return b.lhs
+    return b
 
 
 def _reassociate(c: Cascade, e: Einsum, terms: list[Term]) -> list[Einsum]:
-    """A non-causal contraction as a state over the keys and a product with the queries:
-    `Z = sum_m q*k_e*k_f` -> `Z_state[grid, e, f] = sum_m k_e*k_f`, `Z = sum_e q * Z_state`."""
+    """A non-causal contraction as a state over the summed side and a product with the other:
+    `Z = sum_m q*k_e*k_f` -> `Z_state[grid, e, f] = sum_m k_e*k_f`, `Z = sum_e q * Z_state` (and
+    the same with the queries summed, for the backward's sums over p)."""
     fresh = FreshNames(list(c.tensors) + list(c.dims) + [p.name for p in c.params])
     out: list[Einsum] = []
     pieces = []
-    grid = [v for v in e.lhs_vars if v != QUERY and v not in terms[0].kept]
+    grid = [v for v in e.lhs_vars if v != terms[0].own and v not in terms[0].kept]
     for i, t in enumerate(terms):
         state = fresh(f"{e.name}_state" + (str(i + 1) if len(terms) > 1 else ""))
         idx = tuple(Index(v) for v in grid + list(t.contracted) + list(t.kept))
@@ -395,59 +643,119 @@ def _token_of(e: Einsum) -> str | None:
     return QUERY if QUERY in vs else KEY if KEY in vs else None
 
 
-def _schedule(c: Cascade, terms: dict[str, list[Term]], coupled: set[str]) -> tuple[Sweep, ...]:
-    """Sweeps in order. A reduction over a token is ready in the sweep after the last sweep
-    that writes a reduction it reads; maps are recomputed wherever they are needed; a term and
-    everything reading its value run in the one lockstep sweep."""
+def _schedule(c: Cascade, terms: dict[str, list[Term]], skip: set[str]) -> tuple[tuple[Sweep, ...], tuple[Sweep, ...]]:
+    """Sweeps in order. A sweep is plain (over one token rank) or lockstep (causal terms; one for
+    sums over the keys, one for sums over the queries). A reduction over a token is ready one
+    sweep after the sweeps it reads; a term's value is ready in its own sweep, and in later ones
+    from memory (it is stored); maps are recomputed wherever they are needed, except where
+    they are read at the other token rank (a gradient over P summing one over M): stored too.
+    Returns the sweeps, and the same with lockstep sweeps split into independent groups."""
     graph = cascade_graph(c)
-    by_name = {e.name: e for e in c.einsums if e.name not in coupled}
-    reductions = {e.name for e in c.einsums if set(e.reduced) & set(TOKENS)} - set(terms)
-    level: dict[str, int] = {}
+    by_name = {e.name: e for e in c.einsums if e.name not in skip}
+    reductions = {e.name for e in by_name.values() if set(e.reduced) & set(TOKENS)} - set(terms)
+    lock_of = {name: ("lock", ts[0].own) for name, ts in terms.items()}
+    crossed = {a.tensor for e in by_name.values() if len(set(TOKENS) & set(e.space)) == 1
+               for a in walk(e.expr) if isinstance(a, Access)
+               and a.tensor in by_name and a.tensor not in reductions and a.tensor not in lock_of
+               and _token_of(by_name[a.tensor]) not in (None, _token_of(e))}
+    level: dict = {}
+    active: set = set()
+    placed: dict[str, tuple] = {}
 
-    def ready(name: str) -> int:
-        """The first sweep in which `name`'s value is available per chunk."""
-        if name in level:
-            return level[name]
-        if name not in by_name:
-            level[name] = 0
-            return 0
-        deps = [a for a in _sources(by_name[name], terms, graph) if a in by_name]
-        lv = max([ready(d) + (1 if d in reductions else 0) for d in deps], default=0)
-        level[name] = lv
-        return lv
+    def kind_of(name: str):
+        if name in lock_of:
+            return lock_of[name]
+        return KEY if KEY in by_name[name].reduced else QUERY
 
-    for e in by_name.values():
-        ready(e.name)
-    lock = max((level[t] for t in terms), default=None)
-    if lock is not None:
-        for t in terms:
-            level[t] = lock
-        for e in by_name.values():  # readers of a term's value run where the term runs
-            if graph.ancestors.get(e.name, frozenset()) & set(terms) and e.name not in terms:
-                if e.name in reductions:
-                    raise LoweringError(f"{e.name} reduces a token rank over a causal scan's result; store it "
-                                        f"and reduce in a second cascade")
-                level[e.name] = max(level[e.name], lock)
-    roots: dict[tuple[int, str], list[str]] = {}
+    def deps(name: str) -> list[str]:
+        return [d for d in _sources(by_name[name], terms, graph) if d in by_name]
+
+    def avail(name: str, kind) -> int:
+        """The first sweep level at which a sweep of `kind` reads `name` per chunk."""
+        if name in reductions:
+            return at(name) + 1
+        if name in lock_of:
+            return 0 if lock_of[name] == kind else at(lock_of[name]) + 1
+        if name in crossed:
+            lv, home = place(name)
+            return lv if home == kind else lv + 1
+        return max((avail(d, kind) for d in deps(name)), default=0)
+
+    def place(name: str) -> tuple:
+        """The sweep that computes and stores a per-token map (an output, or a map read at the
+        other token rank): beside the lockstep terms it reads when it can be, else the first
+        plain sweep over its token with everything it reads."""
+        if name not in placed:
+            tok = _token_of(by_name[name])
+            lock = ("lock", tok)
+            read = graph.ancestors.get(name, frozenset())
+            inner = max((avail(d, lock) for d in deps(name)), default=0)
+            if any(lock_of.get(t) == lock for t in read) and inner <= at(lock):
+                placed[name] = (at(lock), lock)
+            else:
+                placed[name] = (max((avail(d, tok) for d in deps(name)), default=0), tok)
+        return placed[name]
+
+    def at(key) -> int:
+        """The level of a reduction's sweep, or of a lockstep sweep (`("lock", own)`)."""
+        if key in level:
+            return level[key]
+        if key in active:
+            raise LoweringError("the scans over the keys and over the queries read each other's results: no "
+                                "order of sweeps computes them")
+        active.add(key)
+        members = [n for n, k in lock_of.items() if k == key] if isinstance(key, tuple) else [key]
+        kind = key if isinstance(key, tuple) else kind_of(key)
+        level[key] = max((avail(d, kind) for n in members for d in deps(n)), default=0)
+        return level[key]
+
+    roots: dict[tuple, list[str]] = {}
     for e in by_name.values():
         tok = _token_of(e)
-        if e.name in reductions:
-            where = KEY if KEY in e.reduced else QUERY
-        elif e.name in terms or (lock is not None and graph.ancestors[e.name] & set(terms)):
-            where = "lock"
-        elif e.name in c.output_names and tok is not None:
-            where = tok
+        if e.name in reductions or e.name in lock_of:
+            key = (at(e.name if e.name in reductions else lock_of[e.name]), kind_of(e.name))
+        elif (e.name in c.output_names or e.name in crossed) and tok is not None:
+            key = place(e.name)
         elif e.name in c.output_names:
-            raise LoweringError(f"{e.name} is an output over no token rank; the scan writes per-token outputs "
-                                f"and keeps states inside")
+            raise LoweringError(f"{e.name} is an output over no token rank that reads a per-token value; the scan "
+                                f"writes per-token outputs and states")
         else:
             continue  # a map: evaluated in every sweep that needs it
-        roots.setdefault((level[e.name], where), []).append(e.name)
-    sweeps = []
-    for (lv, kind) in sorted(roots, key=lambda k: (k[0], k[1] != "m")):
-        names = roots[(lv, kind)]
-        sweeps.append(_sweep(c, graph, len(sweeps), kind, names, terms, reductions, by_name))
-    return tuple(sweeps)
+        roots.setdefault(key, []).append(e.name)
+    rank = {KEY: 0, QUERY: 1, ("lock", QUERY): 2, ("lock", KEY): 3}
+    order = sorted(roots, key=lambda k: (k[0], rank[k[1]]))
+
+    def build(groups: list[tuple[object, list[str]]]) -> tuple[Sweep, ...]:
+        sweeps = [_sweep(c, graph, i, kind, names, terms, reductions, by_name, lock_of, crossed)
+                  for i, (kind, names) in enumerate(groups)]
+        loaded = {n for s in sweeps for n in s.loads}
+        stored = lambda s: [x.einsum for x in s.terms] + [e.name for e in s.maps if e.name in crossed]  # noqa: E731
+        return tuple(replace(s, stores=s.stores + tuple(t for t in dict.fromkeys(stored(s))
+                                                        if t in loaded and t not in s.stores))
+                     for s in sweeps)
+
+    merged = build([(kind, roots[(lv, kind)]) for lv, kind in order])
+    split = build([(kind, group) for lv, kind in order
+                   for group in (_independent(roots[(lv, kind)], graph) if isinstance(kind, tuple)
+                                 else [roots[(lv, kind)]])])
+    return merged, split
+
+
+def _independent(names: list[str], graph) -> list[list[str]]:
+    """`names` in groups that read nothing of one another (the backward's dK and dV): each can
+    run as a sweep of its own."""
+    group = {n: {n} for n in names}
+    for a in names:
+        for b in names:
+            if b in graph.ancestors.get(a, frozenset()) and group[a] is not group[b]:
+                joined = group[a] | group[b]
+                for n in joined:
+                    group[n] = joined
+    out: list[list[str]] = []
+    for n in names:
+        if not any(n in g for g in out):
+            out.append([x for x in names if x in group[n]])
+    return out
 
 
 def _sources(e: Einsum, terms: dict[str, list[Term]], graph) -> list[str]:
@@ -459,10 +767,10 @@ def _sources(e: Einsum, terms: dict[str, list[Term]], graph) -> list[str]:
     return list(dict.fromkeys(a.tensor for x in parts for a in walk(x) if isinstance(a, Access)))
 
 
-def _sweep(c, graph, index: int, kind: str, roots: list[str], terms, reductions, by_name) -> Sweep:
+def _sweep(c, graph, index: int, kind, roots: list[str], terms, reductions, by_name, lock_of, crossed) -> Sweep:
     """The Einsums one sweep evaluates: its roots and, per chunk, the maps they need."""
-    lockstep = kind == "lock"
-    token = QUERY if lockstep else kind
+    lockstep = isinstance(kind, tuple)
+    token = kind[1] if lockstep else kind
     tokens = set(TOKENS) if lockstep else {token}
     needed: dict[str, None] = {}
     loads: dict[str, None] = {}
@@ -474,8 +782,8 @@ def _sweep(c, graph, index: int, kind: str, roots: list[str], terms, reductions,
             loads[name] = None
             return
         e = by_name[name]
-        if name not in roots and name in reductions:
-            loads[name] = None  # an earlier sweep's state
+        if name not in roots and (name in reductions or lock_of.get(name, kind) != kind or name in crossed):
+            loads[name] = None  # an earlier sweep's state, or a term or map another sweep stores
             return
         for src in _sources(e, terms, graph):
             visit(src)

@@ -18,6 +18,7 @@ from einsum_ir.variants import load_spec
 
 from einsum_ir.lowering.grad import Gradient, grad
 from einsum_ir.lowering.plan import Plan
+from einsum_ir.lowering.scan_cost import lowered_counts, lowered_roofline
 from einsum_ir.lowering.strategy import build_plan
 
 
@@ -76,14 +77,15 @@ def summary(g: Gradient) -> str:
 
 
 def cost_table(g: Gradient, shapes: dict, device: str, dtype: str) -> str:
-    """Counts and roofline bounds of forward, prologue and backward, side by side."""
+    """Counts and roofline bounds of forward, prologue and backward, side by side, as their
+    lowerings run them (a chunked scan's are linear in N)."""
     parts = [("forward", g.forward)] + ([("prologue", g.prologue)] if g.prologue is not None else []) + \
         [("backward", b) for b in g.backward]
     rows = [("", "TC FLOPs", "vector ops", "SFU ops", "compulsory bytes", f"bound on {device}")]
     for label, c in parts:
-        counts = cost.counts(c, shapes, dtype=dtype)
+        counts = lowered_counts(c, shapes, dtype=dtype, device=device)
         try:
-            bound = cost.roofline(c, shapes, device=device, dtype=dtype)
+            bound = lowered_roofline(c, shapes, device=device, dtype=dtype)
             time = f"{bound.bound_s * 1e6:.1f} us ({bound.binding})"
         except (LoweringError, ValueError, KeyError) as err:
             time = f"n/a ({err})"

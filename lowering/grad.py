@@ -81,12 +81,12 @@ class Gradient:
         return ((self.prologue,) if self.prologue is not None else ()) + self.backward
 
     def __str__(self) -> str:
-        parts = ["# training forward: the lowered forward, saving " + (", ".join(self.saved) or "nothing more"),
+        parts = ["# training forward: the forward, saving " + (", ".join(self.saved) or "nothing more"),
                  str(self.forward)]
         if self.prologue is not None:
             parts += ["# backward prologue: per-query values (row statistics), no key loop", str(self.prologue)]
         for k, b in enumerate(self.backward):
-            parts += ["# backward: one program per key tile, streaming the queries", str(b)]
+            parts += ["# backward: the gradients' cascade (its lowering below)", str(b)]
         return "\n".join(parts)
 
 
@@ -130,19 +130,15 @@ def neg(a: Expr) -> Expr:
 
 
 def diff(expr: Expr, target: Access, value: Expr | None = None) -> Expr:
-    """d expr / d target for one plain access `target` (every read of its tensor in `expr` must
-    use the same indices). `value`, when given, holds expr's own value (the tensor an Einsum
+    """d expr / d target for one plain access `target`: a partial derivative, so a read of the
+    same tensor at other indices (another reading, `_reads` lists each) is held fixed. `value`, when given, holds expr's own value (the tensor an Einsum
     writes), so `d exp(x) = exp(x) dx` reads it instead of recomputing it."""
     if isinstance(expr, (Num, Name, Index)):
         return Num(0)
     if isinstance(expr, Access):
         if expr.tensor != target.tensor:
             return Num(0)
-        if expr != target:
-            raise LoweringError(located(expr, f"the backward needs one index pattern per tensor, but {target.tensor} "
-                                          f"is read as {_text(expr)} and as {_text(target)}; copy it into a "
-                                          f"second tensor for the other reading"))
-        return Num(1)
+        return Num(1) if expr == target else Num(0)
     if isinstance(expr, Unary):
         return Num(0) if expr.op == "not" else neg(diff(expr.operand, target))
     if isinstance(expr, Binary):
@@ -284,8 +280,17 @@ class FreshNames:
 def grad(c: Cascade) -> Gradient:
     """The training forward and the backward cascades of `c` (LoweringError when the backward
     cannot be derived: recurrences, several forward stages, reads at shifted indices)."""
-    from einsum_ir.lowering.strategy import key_loop_plan
+    from einsum_ir.lowering.chunked_scan import ScanPlan
+    from einsum_ir.lowering.strategy import choose, key_loop_plan
 
+    if isinstance(choose(c)[0], ScanPlan):
+        g = _scan_gradient(c)
+        if all(choose(b)[0] is not None for b in g.backward):
+            return g
+        try:  # the scan's backward does not lower: the key loop's quadratic one, where it has one
+            key_loop_plan(c)
+        except LoweringError:
+            return g
     plan = key_loop_plan(c)
     if len(plan.stages) != 1:
         raise LoweringError(f"the forward runs {len(plan.stages)} stages (an intermediate between two key "
@@ -323,6 +328,23 @@ def grad(c: Cascade) -> Gradient:
                                       [e for e in einsums if e.name not in early], late),)
     return Gradient(c, forward, tuple(lowered.output_names), saved, prologue, backward, seeds, grads, zero,
                     shift_only)
+
+
+def _scan_gradient(c: Cascade) -> Gradient:
+    """The backward of a cascade the chunked scan runs: it keeps no per-row statistics (a scan
+    carries states, which the backward rebuilds chunk by chunk in its own sweeps), so the
+    training forward is the forward itself, and every gradient is one backward cascade, which
+    the scan lowers in turn: a sum over the keys becomes a sum over the queries, a reverse scan."""
+    names = FreshNames(list(c.tensors) + list(c.dims) + [p.name for p in c.params])
+    seeds = {o: names("d" + o) for o in c.output_names}
+    floating = [d.name for d in c.inputs if (d.dtype or "fp32") in FLOAT_DTYPES]
+    grads_of, einsums, shift_only = _reverse(c, seeds, names)
+    grads = {x: grads_of[x] for x in floating if x in grads_of}
+    zero = tuple(x for x in floating if x not in grads_of)
+    backward = ()
+    if grads:
+        backward = (_backward_cascade(c, (), _backward_inputs(c, (), seeds), einsums, list(grads.values())),)
+    return Gradient(c, c, tuple(c.output_names), (), None, backward, seeds, grads, zero, shift_only)
 
 
 def _einsum(einsums: list[Einsum], name: str) -> Einsum:
@@ -430,7 +452,7 @@ def _reverse(c: Cascade, seeds: dict[str, str], names: FreshNames) -> tuple[dict
         if z.reduce not in ("sum",):
             raise LoweringError(located(z.target, f"{z.name} is a {z.reduce} reduction; the backward is derived "
                                               f"for sum and max"))
-        for a in _reads(z):
+        for a in _reads(z, set(c.input_names)):
             g = diff(z.expr, a, z.target if not z.reduced else None)
             if _zero(g):
                 continue
@@ -445,7 +467,8 @@ def _reverse(c: Cascade, seeds: dict[str, str], names: FreshNames) -> tuple[dict
             contributions.setdefault(a.tensor, []).append(Access(name, a.indices))
     for x in [d.name for d in c.inputs]:
         if x in contributions:
-            grads[x] = _input_gradient(x, contributions.pop(x), names, out)
+            declared = next(d.indices for d in c.inputs if d.name == x)
+            grads[x] = _input_gradient(x, declared, contributions.pop(x), names, out)
     return grads, out, tuple(shift_only)
 
 
@@ -479,19 +502,24 @@ def _conjunction(parts: list[Expr | None]) -> Expr | None:
     return out
 
 
-def _reads(z: Einsum) -> list[Access]:
-    """One access per tensor the expression reads, each plain (distinct index variables)."""
+def _reads(z: Einsum, inputs: set[str]) -> list[Access]:
+    """The distinct accesses of the expression, each plain (distinct index variables): one per
+    intermediate, any number per input (an input read at its own positions and at a partner
+    rank's, `G[b,h,p]` and `G[b,h,m]`, gets one contribution per reading)."""
     seen: dict[str, Access] = {}
+    out: list[Access] = []
     for a in accesses(z.expr):
         if any(not isinstance(i, Index) for i in a.indices) or len(set(index_vars(a))) != len(a.indices):
             raise LoweringError(located(a, f"{z.name} reads {_text(a)} at index expressions; the backward needs "
                                        f"plain reads (its gradient would scatter): gather the tensor before "
                                        f"the cascade and pass it as an input"))
-        if a.tensor in seen and seen[a.tensor] != a:
+        if a.tensor in seen and seen[a.tensor] != a and a.tensor not in inputs:
             raise LoweringError(located(a, f"{z.name} reads {a.tensor} as {_text(seen[a.tensor])} and {_text(a)}; "
                                        f"the backward needs one reading per Einsum"))
-        seen[a.tensor] = a
-    return list(seen.values())
+        seen.setdefault(a.tensor, a)
+        if a not in out:
+            out.append(a)
+    return out
 
 
 def _total(c: Cascade, z: Einsum, parts: list[Access], names: FreshNames, out: list[Einsum]) -> Access:
@@ -510,10 +538,13 @@ def _sum_of(name: str, indices, parts: list[Access]) -> Einsum:
     return Einsum(Access(name, indices), total)
 
 
-def _input_gradient(x: str, parts: list[Access], names: FreshNames, out: list[Einsum]) -> str:
+def _input_gradient(x: str, declared: tuple[str, ...], parts: list[Access], names: FreshNames,
+                    out: list[Einsum]) -> str:
     """An input's gradient gets its own name (an output of the backward): its one contribution
-    renamed, or the sum of several."""
+    renamed, or the sum of several, each read position by position at the input's declared
+    indices (a reading at a partner rank wrote its contribution over that rank, of equal extent)."""
     name = names("d" + x)
+    parts = [Access(p.tensor, tuple(Index(v) for v in declared)) for p in parts]
     own = [k for k, e in enumerate(out) if e.name == parts[0].tensor]
     read = any(parts[0].tensor in tensors_read(e.expr) for e in out)
     if len(parts) == 1 and own and not read:

@@ -2,7 +2,8 @@
 
 The cost model counts a cascade as written: a causal linear form's P x M scores, quadratic in N.
 The scan does something else, and `ei.counts` and `ei.roofline` count that:
-- every Einsum a sweep evaluates, once per sweep that evaluates it (maps are recomputed);
+- every Einsum a sweep evaluates, once per sweep that evaluates it (maps are recomputed), and
+  the epilogue's;
 - per causal term and chunk of n positions: the intra-chunk scores `n x n x E` and values
   `n x n x F` (whole tiles: the causal mask is applied after the product), the inter-chunk
   product `n x E x F` and the state update `n x E x F`, plus the decay factors;
@@ -44,8 +45,10 @@ def scan_counts(plan: ScanPlan, shapes: dict | None, dtype: str = "bf16", device
             if e.name in term_names:
                 continue
             rows.append(replace(as_written[e.name], name=f"{e.name} (sweep {s.index})"))
-        for t in s.terms:
-            rows += _term_rows(t, s.index, ext, n, chunk, plan)
+        for t in s.terms:  # a reverse sweep walks every position of either rank
+            rows += _term_rows(t, s.index, ext, n if not s.reverse else sympy.Max(n, ext["M"]), chunk, plan)
+    if plan.epilogue is not None:
+        rows += [replace(as_written[e.name], name=f"{e.name} (epilogue)") for e in plan.epilogue.einsums]
     infos = c.tensors
     size = lambda name: math.prod(ext[r] for r in infos[name].ranks)  # noqa: E731
     inputs = {d.name: size(d.name) * cm.DTYPE_BYTES[d.dtype or dtype] * loads.get(d.name, 1) for d in c.inputs}

@@ -41,7 +41,8 @@ def _kernels(make, names) -> tuple[dict, list[tuple[str, str]]]:
 
 
 def backward_kernel(c):
-    """The key-tile backward kernel of `c` (LoweringError when it has none)."""
+    """The backward kernel of `c` (LoweringError when it has none): a key-tile kernel, or a
+    chunked scan's sweeps for a forward the scan runs."""
     (kern,) = compile_triton(c).training.backward
     return kern
 
@@ -113,7 +114,10 @@ def backward_section(progress=None) -> list[str]:
         "The fused backward of each variant that has one (docs/backward.md): one program per key "
         "tile (128 keys) streaming the query tiles (64 queries), 8 warps, 2 stages; same cells, "
         "sm_90 only. Saved statistics and the prologue's row values are fp32 inputs; dQ is summed "
-        "in fp32 with atomic adds.",
+        "in fp32 with atomic adds. The backward of a chunked scan (flowformer, gla_scalar, lightning, "
+        "linear_elu, retnet) is sweeps again, at the first launch config without spills as for the "
+        "forward; a cell is its worst sweep, and at 16-position chunks its dots are mma.sync (no "
+        "async MMA).",
         "",
         "| variant | sm_90 d=64 | sm_90 d=128 |",
         "|---|---|---|",
