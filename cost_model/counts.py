@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import sympy
 
-from einsum_ir.functions import FUNCTIONS
+from einsum_ir.functions import FUNCTIONS, UNIONS
 from einsum_ir.params import runtime_value
 from einsum_ir.ir import (
     DEFAULT_TILE, Access, Binary, Call, Cascade, Einsum, Name, Num, Unary, index_vars, product_terms, rank_of,
@@ -387,6 +387,8 @@ def _elementwise(exprs) -> tuple[int, int]:
                     sfu += fn.sfu_ops
                 else:
                     vector += 1
+            elif isinstance(node, Call) and node.fn in UNIONS:  # k operands: k - 1 combines, vector ops (UnionForm.cost)
+                vector += len(node.args) - 1
     return vector, sfu
 
 

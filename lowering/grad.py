@@ -35,7 +35,7 @@ import sympy
 
 from einsum_ir.cost_model.predicates import conjuncts
 from einsum_ir.errors import LoweringError, located
-from einsum_ir.functions import FUNCTIONS
+from einsum_ir.functions import FUNCTIONS, UNIONS
 from einsum_ir.graph import cascade_graph
 from einsum_ir.ir import (
     FLOAT_DTYPES, Access, Binary, Call, Cascade, Einsum, Expr, Index, InputDecl, Name, Num, Output,
@@ -157,6 +157,11 @@ def diff(expr: Expr, target: Access, value: Expr | None = None) -> Expr:
             raise LoweringError(located(expr, f"{_text(expr)} is integer arithmetic on {target.tensor}: no gradient"))
         return Num(0)  # comparisons, and, or: piecewise constant
     assert isinstance(expr, Call)
+    if expr.fn in UNIONS and any(a.tensor == target.tensor for a in accesses(expr)):
+        # its value depends on which operands are present: no point-by-point derivative
+        raise LoweringError(located(expr, f"{expr.fn}(...) has no derivative point by point: which operands it "
+                                          f"adds depends on their presence; the key loop differentiates the "
+                                          f"cascade after eliminating its unions (lowering/unions.py)"))
     if expr.fn not in FUNCTIONS:  # a predicate builtin
         return Num(0)
     f = FUNCTIONS[expr.fn]
