@@ -29,9 +29,8 @@ NOT_FUSED = {
     "triton": {"var_sink": UNION_AFTER_LOOP, "landmark": UNION_AFTER_LOOP,
                "psa": "a value spans three tile axes .p, m, f.; only 2-D tiles are emitted"},
 }
-# Lowered, but the generated kernel is wrong: a known emitter bug, expected to fail until fixed.
-EMITTER_BUGS = {("masformer_heads", "triton"): "the block-list kernel's load of Wh[h] is printed outside "
-                                               "its loop body (IndentationError)"}
+# Lowered, but the generated kernel is wrong: known emitter bugs, expected to fail until fixed.
+EMITTER_BUGS: dict[tuple[str, str], str] = {}
 
 
 def _tolerance(want: torch.Tensor | tuple[torch.Tensor, ...]) -> float:
@@ -354,3 +353,38 @@ def test_catalog_doc_names_every_source_variant_and_why_it_is_not_fused():
     for reasons in NOT_FUSED.values():
         for reason in reasons.values():
             assert re.search(reason, text), reason
+
+
+def _count_shapes(c, args: dict) -> dict:
+    """ei.counts' bindings for example arguments: every extent, the runtime params, and the
+    values of the integer and boolean tensors a mask reads."""
+    from einsum_ir.ir import rank_of
+
+    shapes = {k: v for k, v in args.items() if not isinstance(v, torch.Tensor)}
+    for d in c.inputs:
+        t = args[d.name]
+        shapes.update({rank_of(i): n for i, n in zip(d.indices, t.shape)})
+        if not t.is_floating_point():
+            shapes[d.name] = t
+    for r in c.cross_rank_reads:
+        shapes.setdefault(rank_of(r.var), shapes[rank_of(r.declared)])
+    return shapes
+
+
+@pytest.mark.parametrize("name", [
+    "fox", "masformer_heads", "shifted_sparse", "hip",
+    pytest.param("radial", marks=pytest.mark.xfail(strict=True, raises=TypeError, reason=(
+        "the cost model cannot order the index variables of a tensor read at max(p - m, m - p): "
+        "'cannot determine truth value of Relational'"))),
+])
+@pytest.mark.parametrize("size", SIZES)
+def test_counted_score_points_equal_the_formulas_mask(name, size):
+    """ei.counts reads the mask's tensors by value: the present (b,h,p,m) points of the row max
+    equal the nonzero attention weights of the formula, found by attending to one-hot values."""
+    c = ei.variants.load(name)
+    args = F.example_args(name, size=size)
+    b, h, m = args["K"].shape[0], args["K"].shape[1], args["K"].shape[-2]
+    args["V"] = torch.eye(m).expand(b, h, m, m)
+    weights = F.FORMULAS[name](**args)
+    got = ei.counts(c, shapes=_count_shapes(c, args)).einsum("GM").points
+    assert got == int((weights != 0).sum())
