@@ -506,7 +506,9 @@ class StageEmitter(BlockEmitter):
             pre.add(f"{sym.name} = {print_int(e, TRITON)}")
         (seg,) = s.loop.tile_segments
         _, lo, hi = seg.box[0]
-        pre.add(f"for j_{k} in range({print_int(lo, TRITON)}, {print_int(hi, TRITON)}):")
+        # the loop line goes after whatever the masks hoist into `pre` (a query-side tensor read)
+        head = Section()
+        head.add(f"for j_{k} in range({print_int(lo, TRITON)}, {print_int(hi, TRITON)}):")
         self.in_loop, self.masked = True, True
         sec = Section(indent=2)
         self.start_body(sec)
@@ -522,7 +524,7 @@ class StageEmitter(BlockEmitter):
         sec.add("n_partial += some - full")
         self.post.add("tl.store(FC_ptr + blk_row, n_full)")
         self.post.add("tl.store(PC_ptr + blk_row, n_partial)")
-        return self.render(pre.lines + sec.lines + self.post.lines,
+        return self.render(pre.lines + head.lines + sec.lines + self.post.lines,
                            doc=f"Block list for stage {s.index}: the full and the partial key tiles of each query tile.")
 
     def store(self, t: str, sec: Section) -> None:

@@ -6,9 +6,11 @@ each conjunction, every atom is classified against one query variable q and one 
 - *affine*: `a*q + b*k + c >= 0` (c over dims and params): over a query tile [q_lo, q_hi] it
   bounds the keys some query may see (at the loosest q) and the keys every query sees (at
   the tightest q);
-- *interval*: a predicate builtin that is an interval `lo(q) <= k < hi(q)` with ends that never
-  decrease in q (`nbhd` with dilation 1): some query sees [lo(q_lo), hi(q_hi)), every query
-  sees [lo(q_hi), hi(q_lo));
+- *interval*: an interval `lo(q) <= k < hi(q)` with ends that never decrease in q: a predicate
+  builtin's (`nbhd` with dilation 1), or a group equality `(q + c) // G == (k + d) // G` (blocks
+  of G keys, shifted by offsets c, d over dims and params: k lies in
+  [G*((q + c)//G) - d, G*((q + c)//G) + G - d)): some query sees [lo(q_lo), hi(q_hi)), every
+  query sees [lo(q_hi), hi(q_lo));
 - *opaque*: anything else (a tensor read, `%`, a dilation): no bound, never full.
 
 A conjunction thus gives, per key variable, a `KeyRange`: present points lie in [lo, hi),
@@ -70,6 +72,10 @@ class Atom:
     b: int = 0
     c: sympy.Expr = sympy.Integer(0)
     tensor: bool = False  # opaque: reads a tensor
+    # interval: its ends over the query's index symbol, and a name for the bounds they define
+    lo: sympy.Expr | None = None
+    hi: sympy.Expr | None = None
+    label: str = ""
 
 
 def classify(atom: Expr, qs: tuple[str, ...], ks: tuple[str, ...]) -> list[Atom]:
@@ -81,13 +87,17 @@ def classify(atom: Expr, qs: tuple[str, ...], ks: tuple[str, ...]) -> list[Atom]
     if isinstance(atom, Call) and atom.fn in PREDICATES:
         interval = PREDICATES[atom.fn].key_interval(atom.args)
         if interval is not None and interval.query in qs and interval.key in ks:
-            return [Atom("interval", atom, interval.query, interval.key)]
+            ends = to_sympy(interval.lo), to_sympy(interval.hi)
+            if None not in ends:
+                return [Atom("interval", atom, interval.query, interval.key, lo=ends[0], hi=ends[1], label=atom.fn)]
         return opaque
     if not (isinstance(atom, Binary) and atom.op in NEGATE and atom.op != "!="):
         return opaque
     lhs, rhs = to_sympy(atom.lhs), to_sympy(atom.rhs)
     if lhs is None or rhs is None:
         return opaque
+    if atom.op == "==" and isinstance(lhs, FloorDiv) and isinstance(rhs, FloorDiv):
+        return _group(atom, lhs, rhs, qs, ks) or opaque
     used = {s.name[len("_idx_"):] for s in (lhs - rhs).free_symbols if s.name.startswith("_idx_")}
     q = next((v for v in qs if v in used), None)
     k = next((v for v in ks if v in used), None)
@@ -105,6 +115,43 @@ def classify(atom: Expr, qs: tuple[str, ...], ks: tuple[str, ...]) -> list[Atom]
             return opaque
         out.append(Atom("affine", atom, q, k, int(a), int(b), rest))
     return out
+
+
+def _group(atom: Expr, lhs: FloorDiv, rhs: FloorDiv, qs: tuple[str, ...], ks: tuple[str, ...]) -> list[Atom]:
+    """`(q + c) // G == (k + d) // G` (either side first) as the interval atom of k's block, or
+    [] when it is not one: one divisor, each side one variable with coefficient 1, offsets
+    over dims, params and non-negative numbers (so every division is of a non-negative).
+
+    An offset over other index variables (a shift per head, `(2*h // H) * (G // 2)`) is one
+    value per program, unknown to the bounds: with the same offset on both sides the keys lie
+    within G - 1 of the query (|k - q| < G), which bounds the loop, and whether a tile is full
+    is found at run time (the atom stays opaque)."""
+    (u, g), (w, g2) = lhs.args, rhs.args
+    if g != g2 or any(x.name.startswith("_idx_") for x in g.free_symbols):
+        return []
+    sides = []
+    for x in (u, w):
+        var = [v for v in (*qs, *ks) if x.coeff(index_symbol(v)) == 1]
+        if len(var) != 1:
+            return []
+        offset = sympy.expand(x - index_symbol(var[0]))
+        if offset.free_symbols & {index_symbol(v) for v in (*qs, *ks)} or not proves(sympy.simplify(offset >= 0)):
+            return []
+        sides.append((var[0], offset))
+    (q, c), (k, d) = sides if sides[0][0] in qs else sides[::-1]
+    if q not in qs or k not in ks:
+        return []
+    # a divisor over params may be 0 at a call, where the predicate itself divides by zero: the
+    # bounds divide by at least 1, so they never fault before the predicate does
+    g = g if proves(sympy.simplify(g > 0)) else sympy.Max(g, 1)
+    if any(x.name.startswith("_idx_") for x in (c - d).free_symbols | c.free_symbols):
+        if sympy.simplify(c - d) != 0:
+            return []
+        return [Atom("affine", atom, q, k, -1, 1, g - 1), Atom("affine", atom, q, k, 1, -1, g - 1),
+                Atom("opaque", atom)]
+    start = g * FloorDiv(index_symbol(q) + c, g) - d
+    # clamped at 0 here: the bounds name each end as a symbol, which sympy takes as non-negative
+    return [Atom("interval", atom, q, k, lo=sympy.Max(start, 0), hi=sympy.Max(start + g, 0), label="group")]
 
 
 @dataclass(frozen=True)
@@ -151,11 +198,10 @@ def _bounds(conj: list[Atom], k: str, extent: sympy.Expr, names: "_Names", tag: 
             continue  # bounds another key variable of the box
         lo_q, hi_q = (query_lo(at.q), query_hi(at.q)) if at.q else (sympy.Integer(0), sympy.Integer(0))
         if at.kind == "interval":  # ends non-decreasing in q: the first query starts and ends earliest
-            interval = PREDICATES[at.expr.fn].key_interval(at.expr.args)
-            first = [names(f"{at.expr.fn}_{end}_first{tag}", to_sympy(x, {at.q: lo_q}))
-                     for end, x in (("lo", interval.lo), ("hi", interval.hi))]
-            last = [names(f"{at.expr.fn}_{end}_last{tag}", to_sympy(x, {at.q: hi_q}))
-                    for end, x in (("lo", interval.lo), ("hi", interval.hi))]
+            first = [names(f"{at.label}_{end}_first{tag}", x.xreplace({index_symbol(at.q): lo_q}))
+                     for end, x in (("lo", at.lo), ("hi", at.hi))]
+            last = [names(f"{at.label}_{end}_last{tag}", x.xreplace({index_symbol(at.q): hi_q}))
+                    for end, x in (("lo", at.lo), ("hi", at.hi))]
             lows.append(first[0])
             highs.append(last[1])
             full_lows.append(last[0])

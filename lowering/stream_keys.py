@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from einsum_ir.errors import LoweringError
+from einsum_ir.errors import LoweringError, located
 from einsum_ir.graph import CascadeGraph, cascade_graph
 from einsum_ir.ir import (
     Access, Binary, Cascade, Einsum, Expr, Index, Name, chain, conjuncts, index_vars, product_terms, rank_of,
@@ -44,6 +44,7 @@ from einsum_ir.lowering.keyranges import key_loop, masked_everywhere
 from einsum_ir.lowering.online import prepare, rescale_ratio
 from einsum_ir.lowering.plan import Plan, PresenceGroup, Stage
 from einsum_ir.lowering.underflow import scale_rows
+from einsum_ir.printer import print_expr
 
 NAME = "stream keys under a query tile"
 
@@ -83,10 +84,11 @@ def lower(c: Cascade) -> Plan:
 # ---------------------------------------------------------------------------- stages
 
 
-def _score_split(e: Einsum):
-    """(side-A kept ranks, side-B kept ranks) for a score contraction, else None."""
+def _score_pairs(e: Einsum):
+    """Each pair of reads that contracts like a score: (read A, read B, A's kept ranks, B's kept
+    ranks, the contracted ranks), in any storage layout."""
     if e.reduce != "sum" or not e.reduced:
-        return None
+        return
     lhs = e.lhs_vars
     for _, factors in product_terms(e.expr, distribute=True):
         accs = [f for r, f in factors if isinstance(f, Access)]
@@ -97,12 +99,39 @@ def _score_split(e: Einsum):
                     continue
                 a_only = [v for v in lhs if v in vsets[i] and v not in vsets[j]]
                 b_only = [v for v in lhs if v in vsets[j] and v not in vsets[i]]
-                # the contracted rank is each operand's last (contiguous, head-dim) index
-                shared = {v for v in set(e.reduced) & vsets[i] & vsets[j]
-                          if accs[i].indices[-1] == Index(v) and accs[j].indices[-1] == Index(v)}
+                shared = set(e.reduced) & vsets[i] & vsets[j]
                 if a_only and b_only and shared:
-                    return a_only, b_only
+                    yield accs[i], accs[j], a_only, b_only, shared
+
+
+def _score_split(e: Einsum):
+    """(side-A kept ranks, side-B kept ranks) for a score contraction, else None."""
+    for a, b, a_only, b_only, shared in _score_pairs(e):
+        # the contracted rank is each operand's last (contiguous, head-dim) index: what tells a
+        # score (Q[p,e]*K[m,e]) from a linear-attention state (K[m,e]*V[m,f], contracted over m)
+        if any(a.indices[-1] == Index(v) and b.indices[-1] == Index(v) for v in shared):
+            return a_only, b_only
     return None
+
+
+def _layout_hint(c: Cascade) -> str:
+    """For a cascade with no score: a contraction that would be one with an input stored in
+    another order (`K[b,h,e,m]`), and how to declare it; "" when there is none."""
+    inputs = {d.name for d in c.inputs}
+    for e in c.einsums:
+        for a, b, _, _, shared in _score_pairs(e):
+            for v in sorted(shared):
+                if a.indices[-1] != Index(v) or b.tensor not in inputs or b.indices[-1] == Index(v):
+                    continue
+                order = [i for i in b.indices if i != Index(v)] + [Index(v)]
+                wanted = Access(b.tensor, tuple(order))
+                where = located(b, f"{e.name}: {print_expr(b)} stores the contracted {v} before "
+                                   f"{print_expr(b.indices[-1])}")
+                return (f"; {where}, and the key loop reads a score's contracted (head) rank as each "
+                        f"operand's last index: if {e.name} is the score, declare {print_expr(wanted)} "
+                        f"and pass the tensor with that axis moved last (a transposed copy, "
+                        f"`.transpose(...).contiguous()`)")
+    return ""
 
 
 def _reduced_later(c: Cascade, graph: CascadeGraph, name: str) -> set[str]:
@@ -153,7 +182,7 @@ def _find_stages(c: Cascade, graph: CascadeGraph) -> list[_Draft]:
     if not drafts:
         raise LoweringError("no query-key score contraction (a sum of Q[p,e]*K[m,e]-like products "
                             "kept over two token ranks) to stream over; linear-attention states "
-                            "are the chunked scan's, which has no derived backward yet")
+                            f"are the chunked scan's, whose backward is a scan too{_layout_hint(c)}")
     return list(drafts.values())
 
 

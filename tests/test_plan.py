@@ -300,3 +300,29 @@ def test_an_opaque_predicate_on_both_token_ranks_masks_every_backward_tile():
     want = torch.autograd.grad(ei.interpret(c, **ref), [ref[k] for k in names], seed)
     for k, gk, wk in zip(names, got, want):
         torch.testing.assert_close(gk, wk, atol=1e-10, rtol=1e-9, msg=lambda t: f"d{k}: {t}")
+
+
+@pytest.mark.parametrize("pred,params", [
+    ("p // W == m // W", {"W": 16}),
+    ("m <= p and p // W == m // W", {"W": 16}),
+    ("(p + ST) // W == (m + NS) // W", {"W": 16, "ST": 5, "NS": 2}),
+    ("m // 16 == (p + 3) // 16 and m < p + NS", {"NS": 4}),
+])
+def test_group_predicates_bound_the_key_loop(pred, params):
+    params = {"W": 1, "NS": 1, "ST": 1, **params}
+    kl, visited = _check(pred, params)
+    assert "interval" in kl.describe() and not kl.block_list
+    assert any(not s.masked for s in kl.tile_segments), "a query tile inside one group sees full key tiles"
+    assert visited <= math.ceil(37 / 8) * 3  # at most a group and a tile on either side per query tile
+
+
+def test_a_group_shifted_per_head_bounds_the_block_list():
+    c = ei.parse("""dims B H P M E F
+param G: int
+input Q[b,h,p,e], K[b,h,m,e], V[b,h,m,f]
+S[b,h,p,m]  = Q[b,h,p,e] * K[b,h,m,e] where (p + (2*h // H) * (G // 2)) // G == (m + (2*h // H) * (G // 2)) // G
+O[b,h,p,f]  = S[b,h,p,m] * V[b,h,m,f]
+output O
+""")
+    loop = key_loop_plan(c).stages[0].loop
+    assert loop.block_list and loop.atoms == (("affine", "affine", "opaque"),)  # |m - p| < G, then per tile
