@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from einsum_ir.errors import LoweringError, located
+from einsum_ir.errors import LoweringError
 from einsum_ir.graph import CascadeGraph, cascade_graph
 from einsum_ir.ir import (
     Access, Binary, Cascade, Einsum, Expr, Index, Name, chain, conjuncts, index_vars, product_terms, rank_of,
@@ -44,7 +44,6 @@ from einsum_ir.lowering.keyranges import key_loop, masked_everywhere
 from einsum_ir.lowering.online import prepare, rescale_ratio
 from einsum_ir.lowering.plan import Plan, PresenceGroup, Stage
 from einsum_ir.lowering.underflow import scale_rows
-from einsum_ir.printer import print_expr
 
 NAME = "stream keys under a query tile"
 
@@ -104,34 +103,16 @@ def _score_pairs(e: Einsum):
                     yield accs[i], accs[j], a_only, b_only, shared
 
 
-def _score_split(e: Einsum):
-    """(side-A kept ranks, side-B kept ranks) for a score contraction, else None."""
+def _score_split(e: Einsum, inputs: frozenset[str] = frozenset()):
+    """(side-A kept ranks, side-B kept ranks) for a score contraction, else None. The contracted
+    rank is each operand's last (head-dim) index: what tells a score (Q[p,e]*K[m,e]) from a
+    linear-attention state (K[m,e]*V[m,f]) or a weighted sum (A[p,m]*V[m,f]). An operand that
+    is one of `inputs` may hold it anywhere (a key tensor stored K[b,h,e,m]: the kernels read
+    every input by its strides)."""
     for a, b, a_only, b_only, shared in _score_pairs(e):
-        # the contracted rank is each operand's last (contiguous, head-dim) index: what tells a
-        # score (Q[p,e]*K[m,e]) from a linear-attention state (K[m,e]*V[m,f], contracted over m)
-        if any(a.indices[-1] == Index(v) and b.indices[-1] == Index(v) for v in shared):
+        if any(a.indices[-1] == Index(v) and (b.indices[-1] == Index(v) or b.tensor in inputs) for v in shared):
             return a_only, b_only
     return None
-
-
-def _layout_hint(c: Cascade) -> str:
-    """For a cascade with no score: a contraction that would be one with an input stored in
-    another order (`K[b,h,e,m]`), and how to declare it; "" when there is none."""
-    inputs = {d.name for d in c.inputs}
-    for e in c.einsums:
-        for a, b, _, _, shared in _score_pairs(e):
-            for v in sorted(shared):
-                if a.indices[-1] != Index(v) or b.tensor not in inputs or b.indices[-1] == Index(v):
-                    continue
-                order = [i for i in b.indices if i != Index(v)] + [Index(v)]
-                wanted = Access(b.tensor, tuple(order))
-                where = located(b, f"{e.name}: {print_expr(b)} stores the contracted {v} before "
-                                   f"{print_expr(b.indices[-1])}")
-                return (f"; {where}, and the key loop reads a score's contracted (head) rank as each "
-                        f"operand's last index: if {e.name} is the score, declare {print_expr(wanted)} "
-                        f"and pass the tensor with that axis moved last (a transposed copy, "
-                        f"`.transpose(...).contiguous()`)")
-    return ""
 
 
 def _reduced_later(c: Cascade, graph: CascadeGraph, name: str) -> set[str]:
@@ -149,9 +130,14 @@ def _keepers(c: Cascade, ranks: list[str]) -> int:
 
 
 def _find_stages(c: Cascade, graph: CascadeGraph) -> list[_Draft]:
+    # scores in the head-dim-last layout; only a cascade with none reads its inputs in another
+    # layout (where a weighted sum A[p,m]*V[m,f] would pass for a score beside a real one)
+    splits = [(e, _score_split(e)) for e in c.einsums]
+    if all(split is None for _, split in splits):
+        inputs = frozenset(d.name for d in c.inputs)
+        splits = [(e, _score_split(e, inputs)) for e in c.einsums]
     drafts: dict[tuple, _Draft] = {}
-    for e in c.einsums:
-        split = _score_split(e)
+    for e, split in splits:
         if split is None:
             continue
         later = _reduced_later(c, graph, e.name)
@@ -182,7 +168,7 @@ def _find_stages(c: Cascade, graph: CascadeGraph) -> list[_Draft]:
     if not drafts:
         raise LoweringError("no query-key score contraction (a sum of Q[p,e]*K[m,e]-like products "
                             "kept over two token ranks) to stream over; linear-attention states "
-                            f"are the chunked scan's, whose backward is a scan too{_layout_hint(c)}")
+                            "are the chunked scan's, whose backward is a scan too")
     return list(drafts.values())
 
 
