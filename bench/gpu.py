@@ -140,6 +140,8 @@ def sdpa_fn(name, args):
     import torch.nn.functional as F
 
     sdpa = F.scaled_dot_product_attention
+    if not {"Q", "K", "V"} <= set(args):  # two query/key pairs, or one tensor for both sides
+        return None
     q, k, v = args["Q"], args["K"], args["V"]
     P, M = q.shape[-2], k.shape[-2]
     dev = q.device

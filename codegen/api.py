@@ -117,6 +117,10 @@ def compile(cascade: Cascade, backend: str = "auto"):  # noqa: A001
     "reference" (the interpreter)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    from einsum_ir.lowering.strategy import bounded_shifts
+
+    if backend != "reference":
+        cascade = bounded_shifts(cascade)
     if backend == "reference":
         from einsum_ir.codegen.kernel import ReferenceKernel
 

@@ -543,8 +543,8 @@ class StageEmitter(BlockEmitter):
             self.store(t, post)
 
         args = self.arg_names()
-        lines = [f"def {self.name}({', '.join(args['tensors'])}, *, {', '.join(args['scalars'])}, "
-                 f"BLOCK_Q, BLOCK_S, DT, _stats):"]
+        signature = [*args["tensors"], "*", *args["scalars"], "BLOCK_Q", "BLOCK_S", "DT", "_stats"]
+        lines = [f"def {self.name}({', '.join(signature)}):"]
         kinds = ", ".join(f"{e.name}: {s.kind(e.name)}" for e in s.einsums)
         lines.append(f'    """Stage {s.index}: stream {",".join(s.stream)} | query {",".join(s.query)} | '
                      f'grid {",".join(s.grid) or "-"} | features {",".join(s.features) or "-"}.')

@@ -391,12 +391,13 @@ def _sum_across_programs_later(c: Cascade, grid: tuple[str, ...]) -> tuple[Casca
 
 
 def _linear_in(r: Einsum, name: str) -> bool:
-    """`r` sums products each reading `name` at most once, as a plain factor."""
+    """`r` sums products each reading `name` exactly once, as a plain factor (a term without it
+    would be summed once per value of the ranks it gains)."""
     if r.reduce != "sum" or not r.reduced:
         return False
     for _, factors in product_terms(r.expr, distribute=True):
         reads = [(rec, f) for rec, f in factors if any(isinstance(a, Access) and a.tensor == name for a in walk(f))]
-        if len(reads) > 1 or reads and (reads[0][0] or not isinstance(reads[0][1], Access)):
+        if len(reads) != 1 or reads[0][0] or not isinstance(reads[0][1], Access):
             return False
     return True
 

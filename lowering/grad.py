@@ -286,8 +286,9 @@ def grad(c: Cascade) -> Gradient:
     """The training forward and the backward cascades of `c` (LoweringError when the backward
     cannot be derived: recurrences, several forward stages, reads at shifted indices)."""
     from einsum_ir.lowering.chunked_scan import ScanPlan
-    from einsum_ir.lowering.strategy import choose, key_loop_plan
+    from einsum_ir.lowering.strategy import bounded_shifts, choose, key_loop_plan
 
+    c = bounded_shifts(c)
     if isinstance(choose(c)[0], ScanPlan):
         g = _scan_gradient(c)
         if all(choose(b)[0] is not None for b in g.backward):
@@ -457,7 +458,7 @@ def _reverse(c: Cascade, seeds: dict[str, str], names: FreshNames) -> tuple[dict
         if z.reduce not in ("sum",):
             raise LoweringError(located(z.target, f"{z.name} is a {z.reduce} reduction; the backward is derived "
                                               f"for sum and max"))
-        for a in _reads(z, set(c.input_names)):
+        for a in _reads(z, set(c.input_names), _constant(c)):
             g = diff(z.expr, a, z.target if not z.reduced else None)
             if _zero(g):
                 continue
@@ -507,13 +508,19 @@ def _conjunction(parts: list[Expr | None]) -> Expr | None:
     return out
 
 
-def _reads(z: Einsum, inputs: set[str]) -> list[Access]:
-    """The distinct accesses of the expression, each plain (distinct index variables): one per
-    intermediate, any number per input (an input read at its own positions and at a partner
-    rank's, `G[b,h,p]` and `G[b,h,m]`, gets one contribution per reading)."""
+def _constant(c: Cascade) -> set[str]:
+    """Integer and boolean inputs: they get no gradient, so they may be read at any index."""
+    return {d.name for d in c.inputs if (d.dtype or "fp32") not in FLOAT_DTYPES}
+
+
+def _reads(z: Einsum, inputs: set[str], constant: set[str]) -> list[Access]:
+    """The distinct accesses of the expression that can carry a gradient (not of `constant`
+    inputs), each plain (distinct index variables): one per intermediate, any number per input
+    (an input read at its own positions and at a partner rank's, `G[b,h,p]` and `G[b,h,m]`, gets
+    one contribution per reading)."""
     seen: dict[str, Access] = {}
     out: list[Access] = []
-    for a in accesses(z.expr):
+    for a in (a for a in accesses(z.expr) if a.tensor not in constant):
         if any(not isinstance(i, Index) for i in a.indices) or len(set(index_vars(a))) != len(a.indices):
             raise LoweringError(located(a, f"{z.name} reads {_text(a)} at index expressions; the backward needs "
                                        f"plain reads (its gradient would scatter): gather the tensor before "

@@ -21,7 +21,8 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from einsum_ir.errors import LoweringError
-from einsum_ir.ir import Cascade
+from einsum_ir.ir import Binary, Cascade, Einsum, Expr, Index, Name, Num, accesses, conjuncts
+from einsum_ir.validate import PresenceAnalysis, implies
 import einsum_ir.lowering.chunked_scan as chunked_scan
 import einsum_ir.lowering.stream_keys as stream_keys
 from einsum_ir.lowering.chunked_scan import ScanPlan
@@ -40,6 +41,60 @@ def key_loop_plan(c: Cascade) -> Plan:
     backward, the partial states and the ring derive from, whichever strategy runs the forward.
     Remembered per cascade, like `choose`, which tries it through this same cache."""
     return stream_keys.lower(c)
+
+
+def bounded_shifts(c: Cascade) -> Cascade:
+    """Reads at a shifted index (`K[b,h,m+1,e]`, `X[p-1]`) are absent past the tensor's extent,
+    as the interpreter has them (DESIGN section 2); this states that as a predicate of the
+    reading Einsum, so that no kernel takes the zero a masked load gives there for a present
+    value. It applies to a cascade as written, once: `ei.compile` and `ei.grad` call it (the
+    cascades the lowering derives keep what it stated, and the lowering may rely on a map
+    being present everywhere its readers are)."""
+    einsums, changed = [], False
+    presence = None
+    for e in c.einsums:
+        bounds: list[Expr] = []
+        for a in accesses(e.expr):
+            if c.tensors[a.tensor].iterative:  # a recurrence's steps: one more than the rank's extent
+                continue
+            for idx, rank in zip(a.indices, c.tensors[a.tensor].ranks):
+                shift = _shift(idx)
+                bound = None if not shift else Binary("<", idx, Name(rank)) if shift > 0 else Binary(">=", idx, Num(0))
+                if bound is None or bound in bounds or bound in conjuncts(e.where):
+                    continue
+                presence = presence or PresenceAnalysis(c)
+                if not _readers_exclude(c, e, bound, presence):
+                    bounds.append(bound)
+        for b in bounds:
+            e = replace(e, where=b if e.where is None else Binary("and", e.where, b))
+            changed = True
+        einsums.append(e)
+    return c.replace(einsums=tuple(einsums)) if changed else c
+
+
+def _readers_exclude(c: Cascade, e: Einsum, bound: Expr, presence) -> bool:
+    """A map whose every reader, at its own indices, is present only where `bound` holds (the
+    spec already says `m + 1 < M` there): its value past the extent is never used."""
+    if e.reduced:
+        return False
+    readers = [r for r in c.einsums if e.name in (a.tensor for a in accesses(r.expr))]
+    own = tuple(Index(v) for v in e.lhs_vars)
+    for r in readers:
+        if any(a.tensor == e.name and a.indices != own for a in accesses(r.expr)):
+            return False
+        if not implies(frozenset(conjuncts(r.where)) | presence.of(r.expr), bound):
+            return False
+    return bool(readers)
+
+
+def _shift(idx: Expr) -> float:
+    """k for an index `v + k` or `v - k` (0 for anything else)."""
+    if isinstance(idx, Binary) and idx.op in ("+", "-"):
+        if isinstance(idx.lhs, Index) and isinstance(idx.rhs, Num):
+            return float(idx.rhs.value) * (1 if idx.op == "+" else -1)
+        if idx.op == "+" and isinstance(idx.rhs, Index) and isinstance(idx.lhs, Num):
+            return float(idx.lhs.value)
+    return 0.0
 
 
 STRATEGIES: tuple[Strategy, ...] = (

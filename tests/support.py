@@ -19,6 +19,13 @@ def on_kernel_device(args: dict) -> dict:
     return {k: v.to(KERNEL_DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
 
 
+# Catalog variants a fused backend does not lower, with words of the LoweringError it raises
+# (docs/catalog.md has each one's reason): a union of sums whose presence is known only after
+# the key loop; on Triton also PSA's pooled values, a tile over three axes.
+NOT_FUSED = {"landmark": "known only after a loop", "var_sink": "known only after a loop"}
+NOT_FUSED_TRITON = {**NOT_FUSED, "psa": "three tile axes"}
+
+
 # runtime params per variant; extents P, M are set by the caller
 PARAMS = {
     "softmax_window": {"W": 7},

@@ -9,6 +9,7 @@ import torch
 
 import einsum_ir as ei
 from einsum_ir.params import bind_arguments
+from support import NOT_FUSED_TRITON
 
 BENCH = Path(__file__).parents[1] / "bench" / "gpu.py"
 
@@ -21,7 +22,8 @@ def gpu_bench():
     return module
 
 
-FUSED = [n for n in ei.variants.names() if n not in ("linear_elu", "linear_elu_causal", "flowformer", "softmax_1pass")]
+FUSED = [n for n in ei.variants.names()
+         if n not in ("linear_elu", "linear_elu_causal", "flowformer", "softmax_1pass") + tuple(NOT_FUSED_TRITON)]
 
 
 @pytest.mark.parametrize("name", FUSED)

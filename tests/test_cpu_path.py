@@ -12,14 +12,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import einsum_ir as ei
 from einsum_ir.codegen.cpu_emit import CpuKernel, compile_cpu
 from einsum_ir.variants import formulas
-from support import assert_outputs_close
+from support import NOT_FUSED, assert_outputs_close
 
-LOWERED = ["agent_attention", "alibi", "bias_tensor", "flashbias_lowrank", "flowformer", "gla_scalar", "lightning2",
-           "lightning_causal", "linear_elu", "linear_elu_causal", "moba", "moh", "nbhd_1d", "nbhd_2d", "retnet",
-           "sigmoid_bias", "sinks_window", "softcap", "softmax", "softmax_1pass", "softmax_causal",
-           "softmax_causal_bottom_right", "softmax_deferred", "softmax_gqa", "softmax_lse", "softmax_window",
-           "softplus_l1"]
-NOT_LOWERED: dict[str, str] = {}  # name -> why (the linear forms lower as chunked scans)
+NOT_LOWERED = NOT_FUSED  # name -> why (the linear forms lower as chunked scans)
+LOWERED = [n for n in ei.variants.names() if n not in NOT_LOWERED]
 SIZES = ["small", "rect", "tall"]
 
 

@@ -26,13 +26,16 @@ from support import KERNEL_DEVICE, make_inputs, on_kernel_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
-WITH_BACKWARD = ["alibi", "bias_tensor", "flashbias_lowrank", "flowformer", "gla_scalar", "lightning2", "lightning_causal",
+WITH_BACKWARD = ["alibi", "bias_tensor", "diff_attn", "dma", "flashbias_lowrank", "flowformer", "fox", "gla_scalar",
+                 "hip", "lightning2", "lightning_causal", "masformer_heads", "probe_cross", "radial", "shifted_sparse",
+                 "symmetric", "vmoba",
                  "linear_elu", "linear_elu_causal", "moba", "moh",
                  "nbhd_1d", "nbhd_2d", "retnet", "sigmoid_bias", "sinks_window", "softcap", "softmax", "softmax_1pass",
                  "softmax_causal", "softmax_causal_bottom_right", "softmax_deferred", "softmax_gqa", "softmax_lse",
                  "softmax_window", "softplus_l1"]
 # forward lowers, backward is not derived: the reason (docs/backward.md lists the same)
-NO_BACKWARD = {"agent_attention": "the forward runs 2 stages"}
+NO_BACKWARD = {"agent_attention": "the forward runs 2 stages", "psa": "the backward needs plain reads",
+               "landmark": "known only after a loop", "var_sink": "known only after a loop"}
 # (P, M, E, F): P = M; P < M ragged; P > M ragged
 SHAPES = [(12, 12, 8, 8), (9, 21, 8, 6), (21, 10, 6, 5)]
 

@@ -13,8 +13,9 @@ import einsum_ir as ei
 from einsum_ir.lowering.merge import derive
 from support import make_inputs, on_kernel_device
 
-DECLINED = {"agent_attention": "2 stages", "nbhd_2d": "2 ranks", "flowformer": "score contraction",
-            "linear_elu": "score contraction", "linear_elu_causal": "score contraction"}
+DECLINED = {"agent_attention": "2 stages", "nbhd_2d": "2 ranks", "vmoba": "3 ranks", "flowformer": "score contraction",
+            "linear_elu": "score contraction", "linear_elu_causal": "score contraction",
+            "landmark": "known only after a loop", "var_sink": "known only after a loop"}
 MERGED = [n for n in ei.variants.names() if n not in DECLINED]
 SHAPES = [(13, 19), (21, 10)]  # P < M; P > M (a bottom-right mask leaves rows with no key)
 

@@ -118,15 +118,20 @@ def _regime_inputs(name: str, c, regime: str) -> dict:
     # small (Triton's interpreter is slow) but with a ragged key tile; a 4x5 grid for 2-D layouts
     grid = {d: n for d, n in dict(PX=4, PY=5, MX=4, MY=5).items() if d in c.dims}
     args = make_inputs(name, c, P=17, M=13, E=E, F=16, H=1, dtype=torch.float64, extra=grid)
-    q, k, target = args["Q"], args["K"], REGIMES[regime]
-    if target is None:  # q.k / sqrt(E) of size ~1e4, both signs in every row
-        s = (1e4 * 4 / math.sqrt(E)) ** 0.5
-        args["Q"], args["K"] = q * s, k * s
-    else:  # q = a u, k = -a u + noise: every score near the target
-        u = torch.ones(E, dtype=torch.float64) / math.sqrt(E)
-        a = (abs(target) * math.sqrt(E)) ** 0.5
-        args["Q"] = (a * u).expand_as(q) + 0.01 * q
-        args["K"] = (math.copysign(a, target) * u).expand_as(k) + 0.01 * k
+    target = REGIMES[regime]
+    # the score's operands: the float inputs over the queries (or the keys) and the head dim E
+    sides = {side: [d.name for d in c.inputs if side in d.indices and "e" in d.indices
+                    and args[d.name].is_floating_point()] for side in ("p", "m")}
+    for side, names in sides.items():
+        for n in names:
+            x = args[n]
+            if target is None:  # q.k / sqrt(E) of size ~1e4, both signs in every row
+                args[n] = x * (1e4 * 4 / math.sqrt(E)) ** 0.5
+            else:  # q = a u, k = -a u + noise: every score near the target (|target| where one
+                # tensor is both sides: symmetric attention's Q.Q)
+                u = torch.ones(E, dtype=torch.float64) / math.sqrt(E)
+                a = (abs(target) * math.sqrt(E)) ** 0.5
+                args[n] = ((a if side == "p" else math.copysign(a, target)) * u).expand_as(x) + 0.01 * x
     return args
 
 

@@ -159,3 +159,24 @@ def test_triton_gradients(name):
         tol = 3e-2 if KERNEL_DEVICE == "cuda" else 2e-4
         _close(_grads(kern, args), _reference(c, args), tol, f"{name} triton n={n}")
     assert all(type(k).__name__ == "ScanTritonKernel" for k in kern.training.backward)
+
+
+ACROSS = """dims B H P M E F
+input Q[b,h,p,e], K[b,h,m,e], V[b,h,m,f]
+S[b,h,p,m] = Q[b,h,p,e] * K[b,h,m,e] where m <= p
+X[h,p]     = S[b,h,p,m]
+O[b,h,p,f] = S[b,h,p,m] * V[b,h,m,f]
+T[h]       = READER
+output O, T
+"""
+
+
+def test_a_batch_sum_moves_to_a_linear_reader_only():
+    """T = sum_p 2 X takes X's sum over B (exact); T = sum_p (X + 1) would count the 1 once per
+    batch entry, so X's per-position sum across programs is declined, naming it."""
+    c = ei.parse(ACROSS.replace("READER", "X[h,p] * 2"))
+    args = make_inputs("linear_elu_causal", c, P=37, M=37, E=8, F=6, B=3, dtype=torch.float64)
+    for got, want in zip(_cpu(c)(**args), ei.interpret(c, **args)):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ei.LoweringError, match=r"^X sums over b per position"):
+        lower(ei.parse(ACROSS.replace("READER", "X[h,p] + 1")))
