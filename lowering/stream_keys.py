@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from einsum_ir.errors import LoweringError
+from einsum_ir.errors import LoweringError, located
 from einsum_ir.graph import CascadeGraph, cascade_graph
 from einsum_ir.ir import (
     Access, Binary, Cascade, Einsum, Expr, Index, Name, chain, conjuncts, index_vars, product_terms, rank_of,
@@ -215,9 +215,23 @@ def _order(graph: CascadeGraph, drafts: list[_Draft], owner: dict[str, _Draft]) 
     sg.add_nodes_from(range(len(drafts)))
     for a, b in graph.graph.edges:
         if a in owner and b in owner and owner[a] is not owner[b]:
-            sg.add_edge(drafts.index(owner[a]), drafts.index(owner[b]))
+            i, j = drafts.index(owner[a]), drafts.index(owner[b])
+            if not sg.has_edge(i, j):
+                sg.add_edge(i, j, read=(a, b))  # the first read that orders the two stages
     if not nx.is_directed_acyclic_graph(sg):
-        raise LoweringError("stages depend on each other in a cycle")
+        reads = [sg.edges[i, j]["read"] for i, j in nx.find_cycle(sg)]
+
+        def loop(name: str) -> str:
+            return "the loop over " + ",".join(owner[name].stream)
+
+        chain = ", and ".join(f"{b} ({loop(b)}) reads {a} ({loop(a)})" for a, b in reads)
+        first = graph.cascade.einsum(reads[0][1])
+        raise LoweringError(located(first, (
+            f"{first.name}: the key loops cannot be ordered: {chain}. One softmax over keys of "
+            f"several ranks needs one loop per rank and a merge of their partial states, which is "
+            f"not derived: stream the key sets as one rank (keys concatenated, each set selected by "
+            f"a predicate on it, docs/spec.md \"Unions\"), or run it on the interpreter (backend "
+            f"'reference', or 'auto')")))
     return [drafts[i] for i in nx.topological_sort(sg)]
 
 

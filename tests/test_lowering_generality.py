@@ -127,3 +127,25 @@ def test_the_backward_of_a_transposed_key_layout_matches_autograd():
         grads.append(torch.autograd.grad(out.square().sum(), [args[n] for n in "QKV"]))
     for got, want in zip(*grads[::-1]):
         torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-6)
+
+
+def test_score_sets_over_two_key_ranks_are_refused_naming_the_einsums_and_the_fix():
+    text = """dims B H P M N E F
+input Q[b,h,p,e], K[b,h,m,e], V[b,h,m,f], K2[b,h,n,e], V2[b,h,n,f]
+S0[b,h,p,m] = Q[b,h,p,e] * K[b,h,m,e]
+S1[b,h,p,n] = Q[b,h,p,e] * K2[b,h,n,e]
+G0[b,h,p] = max[m] S0[b,h,p,m]
+G1[b,h,p] = max[n] S1[b,h,p,n]
+GM[b,h,p] = max(G0[b,h,p], G1[b,h,p])
+E0[b,h,p,m] = exp(S0[b,h,p,m] - GM[b,h,p])
+E1[b,h,p,n] = exp(S1[b,h,p,n] - GM[b,h,p])
+D0[b,h,p] = E0[b,h,p,m]
+D1[b,h,p] = E1[b,h,p,n]
+N0[b,h,p,f] = E0[b,h,p,m] * V[b,h,m,f]
+N1[b,h,p,f] = E1[b,h,p,n] * V2[b,h,n,f]
+O[b,h,p,f] = (N0[b,h,p,f] + N1[b,h,p,f]) / (D0[b,h,p] + D1[b,h,p])
+output O
+"""
+    with pytest.raises(ei.LoweringError, match=r"two\.ein:7:1: GM: the key loops cannot be ordered: GM \(the loop "
+                                               r"over n\) reads G0 \(the loop over m\).*stream the key sets as one rank"):
+        key_loop_plan(ei.parse(text, file="two.ein"))
