@@ -71,7 +71,8 @@ def lower(c: Cascade) -> Plan:
         c, graph = base2, cascade_graph(base2)
     drafts = _find_stages(c, graph)
     owner = _assign(c, graph, drafts)
-    drafts = _order(graph, drafts, owner)
+    # a score split that another stage's (stream, query) pair took every Einsum of launches nothing
+    drafts = _order(graph, [d for d in drafts if d.einsums], owner)
     stages, intermediates = [], []
     for i, d in enumerate(drafts):
         stage = _stage(c, graph, i, d, owner)

@@ -38,6 +38,19 @@ def test_catalog_plans_run_the_passes_the_analysis_counts(name):
     _check(ei.variants.load(name))
 
 
+def _backward(name: str) -> list:
+    try:
+        return list(ei.grad(ei.variants.load(name)).backward)
+    except LoweringError:
+        return []
+
+
+@pytest.mark.parametrize("name", [n for n in ei.variants.names() if _backward(n)])
+def test_catalog_backward_plans_run_the_passes_the_analysis_counts(name):
+    for b in _backward(name):  # streams the queries under a key tile: passes over P
+        _check(b)
+
+
 @pytest.mark.parametrize("case", [([t for t, _ in preds], nested) for preds, nested, _, _ in fuzz_cases(12, seed=5)],
                          ids=lambda case: " | ".join(case[0]))
 def test_fuzzed_unions_run_the_passes_the_analysis_counts(case):
