@@ -5,7 +5,11 @@ reassociates: `sum_m (q_p . k_m) g(p)/g(m) v_m` is `q_p . (sum_m g(p)/g(m) k_m^T
 strategy derives this from the cascade:
 
 1. The token ranks are P (queries) and M (keys), DESIGN section 2's naming; the grid ranks are
-   those every Einsum keeps (B, H); every other rank is a feature held whole (E, F).
+   those every per-token output keeps (B, H); every other rank is a feature held whole (E, F).
+   Sums the sweeps cannot carry as written are split first, exactly: a sum over both token
+   ranks (a decay's gradient) into a sum per query and one over the queries; a state summed
+   over grid points into one per program and an *epilogue* across programs; a per-position
+   value summed over a grid rank is kept per grid point when its readers sum it linearly.
 2. Every Einsum that keeps both P and M (a score `S`, a decayed score `D`) must be a sum of a
    product read only as a factor of another product: it is inlined into its reader. A
    function of it, a division by it or a max over it couples the two sides, and the strategy
@@ -13,17 +17,21 @@ strategy derives this from the cascade:
 3. What reduces M over a product of the two sides then splits into *terms*: query factors
    (P, no M), key factors (M, no P), and at most one coupling factor `c(p, m)`, which must be a
    decay, `c(p, m) c(m, j) = c(p, j)` (checked symbolically: `pow(l, p - m)`,
-   `exp(G[p] - G[m])`). Its predicate is `m <= p` (causal) or none.
+   `exp(G[p] - G[m])`; a constant beside it, `pow(l, p - m - 1)`, becomes a factor). Its
+   predicate is `m <= p` (causal) or none. What reduces P against the keys (the backward's dK,
+   dV) is a *reverse* term, its own rank M, summed over the queries p >= m.
    - With no predicate and no decay the term is rewritten in the cascade: a state
      `Z_state = sum_m key factors` and `Z = sum query factors * Z_state` (one global state).
    - Causal terms stay terms of a *lockstep* sweep: chunk t of queries and chunk t of keys
      together, an intra-chunk quadratic part and an inter-chunk state recurrence (DESIGN
-     section 5, with every decay ratio taken chunk-relative: `c(p, s)`, `c(s', m)`, `c(s', s)`).
+     section 5, with every decay ratio taken chunk-relative: `c(p, s)`, `c(s', m)`, `c(s', s)`);
+     reverse terms in a lockstep sweep of their own that runs from the last chunk back.
 4. What remains are maps over one token rank (feature maps, normalizations, the epilogue) and
    reductions over one token rank (states). The Einsums are scheduled into **sweeps**, each a
    loop over the chunks of one token rank: a reduction is ready one sweep after every reduction
-   it reads, and maps are recomputed in each sweep that needs them. Non-causal linear attention
-   is two sweeps (the keys' state, then the queries); Flowformer's conserved flows are more.
+   it reads, a term's value in its own sweep (and, stored, in later ones), and maps are
+   recomputed in each sweep that needs them. Non-causal linear attention is two sweeps (the
+   keys' state, then the queries); Flowformer's conserved flows are more.
 """
 from __future__ import annotations
 
