@@ -29,6 +29,7 @@ from einsum_ir.errors import LoweringError
 from einsum_ir.functions import FUNCTIONS
 from einsum_ir.ir import Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, Num, Unary, product_terms, rank_of
 from einsum_ir.lowering.chunked_scan import KEY, QUERY, ScanPlan, Sweep, Term, chunk_size
+from einsum_ir.printer import print_expr
 
 _ARITH = ("+", "-", "*", "/")
 _COMPARE = ("<", "<=", ">", ">=", "==", "!=")
@@ -217,32 +218,40 @@ class SweepEmitter:
             read, carry, across = {QUERY: ("at", "t_hi - 1")}, {KEY: ("at", "t_lo - 1")}, \
                 {QUERY: ("at", "t_hi - 1"), KEY: ("at", "t_lo - 1")}
             more = "t_lo > 0"
-        self.emit(f"q_{i} = {q}")
-        self.emit(f"k_{i} = {ke}")
-        self.emit(f"a_{i} = torch.einsum('{g}{own}{e},{g}{oth}{e}->{g}pm', q_{i}, k_{i})")
-        if t.decay is not None:
-            within, wax = self.value(t.decay, chunk)
-            at_read, sax = self.value(t.decay, {own: chunk[own], **read})
-            self.emit(f"a_{i} *= {self.align(within, wax, pm)}")
-            self.emit(f"q_{i} = q_{i} * {self.align(at_read, sax, qax_want)}")
-        self.emit(f"a_{i}.tril_()  # m <= p inside the chunk")
+        # terms with one query side, key side and decay (a normalized form's numerator and
+        # denominator) share the chunk's scores
+        shared = (own, print_expr(t.query), print_expr(t.key_e), t.contracted,
+                  None if t.decay is None else print_expr(t.decay))
+        j = self.scores.setdefault(shared, i)
+        if j == i:
+            self.emit(f"q_{i} = {q}")
+            self.emit(f"k_{i} = {ke}")
+            self.emit(f"a_{i} = torch.einsum('{g}{own}{e},{g}{oth}{e}->{g}pm', q_{i}, k_{i})")
+            if t.decay is not None:
+                within, wax = self.value(t.decay, chunk)
+                at_read, sax = self.value(t.decay, {own: chunk[own], **read})
+                self.emit(f"a_{i} *= {self.align(within, wax, pm)}")
+                self.emit(f"q_{i} = q_{i} * {self.align(at_read, sax, qax_want)}")
+            self.emit(f"a_{i}.tril_()  # m <= p inside the chunk")
+        key = f"kc_{j}" if t.decay is not None else f"k_{j}"  # the key side carried to the next boundary
         if t.key_f is not None:
             kf, fax = self.value(t.key_f, {oth: chunk[oth]})
             fax_want = self.canon((*self.plan.grid, oth, *t.kept))
             kf = self.spread(kf, fax, fax_want)
             self.emit(f"v_{i} = {kf}")
-            self.emit(f"value_{i} = torch.einsum('{g}pm,{g}{oth}{f}->{g}{own}{f}', a_{i}, v_{i}) + "
-                      f"torch.einsum('{g}{own}{e},{g}{ef}->{g}{own}{f}', q_{i}, {state})")
-            update = f"torch.einsum('{g}{oth}{e},{g}{oth}{f}->{g}{ef}', k_{i}, v_{i})"
+            self.emit(f"value_{i} = torch.einsum('{g}pm,{g}{oth}{f}->{g}{own}{f}', a_{j}, v_{i}) + "
+                      f"torch.einsum('{g}{own}{e},{g}{ef}->{g}{own}{f}', q_{j}, {state})")
+            update = f"torch.einsum('{g}{oth}{e},{g}{oth}{f}->{g}{ef}', {key}, v_{i})"
         else:
-            self.emit(f"value_{i} = a_{i}.sum({-1 if oth == KEY else -2}) + "
-                      f"torch.einsum('{g}{own}{e},{g}{e}->{g}{own}', q_{i}, {state})")
-            update = f"k_{i}.sum({len(self.plan.grid)})"
+            self.emit(f"value_{i} = a_{j}.sum({-1 if oth == KEY else -2}) + "
+                      f"torch.einsum('{g}{own}{e},{g}{e}->{g}{own}', q_{j}, {state})")
+            update = f"{key}.sum({len(self.plan.grid)})"
         self.emit(f"if {more}:  # the state at the next chunk's boundary")
         if t.decay is not None:
-            to_next, nax = self.value(t.decay, {oth: chunk[oth], **carry})
+            if j == i:
+                to_next, nax = self.value(t.decay, {oth: chunk[oth], **carry})
+                self.emit(f"    kc_{i} = k_{i} * {self.align(to_next, nax, kax_want)}")
             across_code, cax = self.value(t.decay, across)
-            self.emit(f"    k_{i} = k_{i} * {self.align(to_next, nax, kax_want)}")
             st_axes = self.canon((*self.plan.grid, *t.contracted, *t.kept))
             self.emit(f"    {state} = {state} * {self.align(across_code, cax, st_axes)} + {update}")
         else:
@@ -258,6 +267,7 @@ class SweepEmitter:
                 "causal scan, p and m in lockstep") if s.lockstep else "over " + s.token
         doc = f'    """Sweep {s.index} ({kind}).' + '"""'
         self.lines = [head, doc]
+        self.scores: dict[tuple, int] = {}
         tok = s.token
         # a reverse scan runs over every position of either rank: queries past M still add to
         # the keys' sums, keys past P get none
