@@ -271,7 +271,7 @@ def worker(case: str, n: int, impl: str, rounds: int, backward: bool, ref: str) 
     res = {"status": "ok", "peak_mb": None if peak is None else (peak * 1024 + setup_bytes) / 2**20}
     print(f"    {impl}: measured call {times[0] * 1e3:.0f} ms, peak {res['peak_mb']:.0f} MiB", file=sys.stderr,
           flush=True)
-    # at least `rounds` more calls; short ones repeat until a second is timed, so that a few
+    # at least `rounds` more calls; short ones repeat until 3 s are timed, so that a few
     # milliseconds of interference do not decide a small case (and with it a scaling ratio)
     while len(times) <= rounds or (sum(times) < MIN_TIMED_S and len(times) < MAX_CALLS):
         t0 = time.perf_counter()
