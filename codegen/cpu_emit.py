@@ -744,6 +744,24 @@ class GeneratedPython(DerivedKernels):
         out_dtype = floats[0] if floats else torch.float32
         return tensors, extents, params, out_dtype, torch.float64 if torch.float64 in floats else torch.float32
 
+    def buffers(self, tensors: dict, extents: dict, dt: torch.dtype, filled: bool) -> dict:
+        """The call's tensors and a buffer for every output and intermediate of the plan not
+        among them: `filled` with the output's fill (a key loop leaves absent rows unwritten),
+        else uninitialized (a scan writes every position)."""
+        c = self.plan.cascade
+        device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
+        out = dict(tensors)
+        for name in list(c.output_names) + list(self.plan.intermediates):
+            if name in out:
+                continue
+            shape = [extents[r] for r in c.tensors[name].ranks]
+            if filled:
+                fill = next((o.fill for o in c.outputs if o.name == name), 0.0)
+                out[name] = torch.full(shape, float(fill), dtype=dt, device=device)
+            else:
+                out[name] = torch.empty(shape, dtype=dt, device=device)
+        return out
+
 
 class CpuKernel(GeneratedPython):
     """`kern(**tensors_and_params)` -> one tensor or a tuple in output order, like `ei.interpret`.
@@ -792,14 +810,7 @@ class CpuKernel(GeneratedPython):
             return interpreted(self.cascade, args, self.fp32)
         tensors, extents, params, out_dtype, dt = bound
         c = self.plan.cascade
-        device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
-        buffers = dict(tensors)
-        for name in list(c.output_names) + list(self.plan.intermediates):
-            if name in buffers:
-                continue
-            shape = [extents[r] for r in c.tensors[name].ranks]
-            fill = next((o.fill for o in c.outputs if o.name == name), 0.0)
-            buffers[name] = torch.full(shape, float(fill), dtype=dt, device=device)
+        buffers = self.buffers(tensors, extents, dt, filled=True)
         stats = {"full": 0, "partial": 0, "empty": 0}
         scal = {**extents, **params}
         block_s = self.key_tile(extents)

@@ -410,15 +410,13 @@ class ScanCpuKernel(GeneratedPython):
             return interpreted(self.cascade, args, self.fp32)
         tensors, extents, params, out_dtype, dt = bound
         c = self.plan.cascade
-        buffers = dict(tensors)
-        for name in list(c.output_names) + list(self.plan.intermediates):
-            buffers[name] = torch.empty([extents[r] for r in c.tensors[name].ranks], dtype=dt)
+        buffers = self.buffers(tensors, extents, dt, filled=False)
         scalars = {**extents, **params}
+        kw = {n: scalars[n] for n in list(c.dims) + [p.name for p in c.params]}
         chunk = self.chunk_for(extents)
         for em in self.emitters:
             s = em.s
             names = list(dict.fromkeys(s.loads + s.stores + s.states))
-            kw = {n: scalars[n] for n in list(c.dims) + [p.name for p in c.params]}
             self._ns[em.name](*[buffers[n] for n in names], **kw, CHUNK=chunk, DT=dt)
         run_epilogue(self.plan.epilogue, buffers, params)
         return collect_outputs(c, buffers, out_dtype, self.spelled.set(self.fp32))

@@ -30,8 +30,8 @@ from einsum_ir.functions import torch_function
 from einsum_ir.printer import print_expr
 from einsum_ir.graph import einsum_reads, is_carried_read, topological_einsums
 from einsum_ir.ir import (
-    COMPARISON_OPS, Access, Binary, Call, Cascade, Expr, Index, Name, Num, Unary, index_vars, substitute,
-    walk,
+    COMPARISON_OPS, Access, Binary, Call, Cascade, Expr, Index, Name, Num, Unary, conjuncts, index_vars,
+    substitute, walk,
 )
 
 if TYPE_CHECKING:  # numpy is imported by the functions that evaluate rows: the structure
@@ -49,15 +49,6 @@ class PredicateError(ValueError):
 
 
 # ---------------------------------------------------------------------------- structure
-
-
-def conjuncts(pred: Expr | None) -> list[Expr]:
-    """The top-level `and` clauses of a predicate."""
-    if pred is None:
-        return []
-    if isinstance(pred, Binary) and pred.op == "and":
-        return conjuncts(pred.lhs) + conjuncts(pred.rhs)
-    return [pred]
 
 
 @dataclass(frozen=True)

@@ -39,12 +39,11 @@ from dataclasses import dataclass, field, replace
 
 import sympy
 
-from einsum_ir.cost_model.predicates import conjuncts
 from einsum_ir.errors import LoweringError
 from einsum_ir.graph import cascade_graph
 from einsum_ir.ir import (
-    Access, Binary, Cascade, Einsum, Expr, Index, Num, Unary, index_vars, product_terms, rank_of, rebuild,
-    substitute, walk,
+    Access, Binary, Cascade, Einsum, Expr, Index, Num, Unary, conjuncts, index_vars, product_terms, rank_of,
+    rebuild, substitute, walk,
 )
 from einsum_ir.lowering.exprs import product, summation, to_sympy
 from einsum_ir.lowering.grad import FreshNames

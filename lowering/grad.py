@@ -33,13 +33,12 @@ from dataclasses import dataclass, replace
 
 import sympy
 
-from einsum_ir.cost_model.predicates import conjuncts
 from einsum_ir.errors import LoweringError, located
 from einsum_ir.functions import FUNCTIONS, UNIONS
 from einsum_ir.graph import cascade_graph
 from einsum_ir.ir import (
     FLOAT_DTYPES, Access, Binary, Call, Cascade, Einsum, Expr, Index, InputDecl, Name, Num, Output,
-    Unary, accesses, index_vars, rank_of, rebuild, walk,
+    Unary, accesses, conjuncts, index_vars, rank_of, rebuild, walk,
 )
 from einsum_ir.lowering.defer import prune
 from einsum_ir.lowering.exprs import tensors_read, to_sympy
@@ -131,8 +130,9 @@ def neg(a: Expr) -> Expr:
 
 def diff(expr: Expr, target: Access, value: Expr | None = None) -> Expr:
     """d expr / d target for one plain access `target`: a partial derivative, so a read of the
-    same tensor at other indices (another reading, `_reads` lists each) is held fixed. `value`, when given, holds expr's own value (the tensor an Einsum
-    writes), so `d exp(x) = exp(x) dx` reads it instead of recomputing it."""
+    same tensor at other indices (another reading, `_reads` lists each) is held fixed. `value`,
+    when given, holds expr's own value (the tensor an Einsum writes), so `d exp(x) = exp(x) dx`
+    reads it instead of recomputing it."""
     if isinstance(expr, (Num, Name, Index)):
         return Num(0)
     if isinstance(expr, Access):
@@ -471,10 +471,9 @@ def _reverse(c: Cascade, seeds: dict[str, str], names: FreshNames) -> tuple[dict
             e = Einsum(Access(name, a.indices), mul(dz, g), "sum", where)
             out.append(e)
             contributions.setdefault(a.tensor, []).append(Access(name, a.indices))
-    for x in [d.name for d in c.inputs]:
-        if x in contributions:
-            declared = next(d.indices for d in c.inputs if d.name == x)
-            grads[x] = _input_gradient(x, declared, contributions.pop(x), names, out)
+    for d in c.inputs:
+        if d.name in contributions:
+            grads[d.name] = _input_gradient(d.name, d.indices, contributions.pop(d.name), names, out)
     return grads, out, tuple(shift_only)
 
 

@@ -10,9 +10,9 @@ O(N), by reassociation; it declines whatever a nonlinearity couples), then "stre
 a query tile" (lowering.stream_keys), the FlashAttention-shaped forward; it lowers the
 backward's cascades too (lowering.grad), streaming the queries under a key tile. Split-KV
 decode is to come, as one more module in `STRATEGIES`. The derivations that need one key loop
-(the backward, partial states, the context-parallel ring) ask for the key loop's plan
-(`key_loop_plan`): a linear form's scan has no per-row states to merge, so they use its
-quadratic form.
+(partial states, the context-parallel ring, the backward of a forward the key loop runs) ask
+for the key loop's plan (`key_loop_plan`): a linear form's scan has no per-row states to
+merge, so they use its quadratic form; its backward is differentiated and scanned instead.
 """
 from __future__ import annotations
 
