@@ -43,7 +43,7 @@ def is_carried_read(c: Cascade, access: Access) -> bool:
 
 def einsum_reads(e: Einsum) -> list[Access]:
     """Every tensor access of an Einsum: its right side, its predicate."""
-    return accesses(e.expr) + accesses(e.where)
+    return e.reads
 
 
 def dependency_graph(c: Cascade) -> nx.DiGraph:

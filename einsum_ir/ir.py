@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
 if TYPE_CHECKING:  # sympy takes most of a second to import; parsing and checking never need it
     import sympy
@@ -23,9 +23,9 @@ DEFAULT_DTYPE = "fp32"
 DEFAULT_TILE = 64  # extent of a split's inner rank (M0) when the caller does not bind it
 
 
-@dataclass(frozen=True)
-class Loc:
-    """Where a node came from in a spec file (1-based line and column)."""
+class Loc(NamedTuple):
+    """Where a node came from in a spec file (1-based line and column). A named tuple: the
+    parser makes one per node, and a frozen dataclass takes twice as long to build."""
 
     file: str
     line: int
@@ -165,12 +165,12 @@ def accesses(expr: Expr | None) -> list[Access]:
 
 def index_vars(expr: Expr | None) -> list[str]:
     """Index variables used anywhere in the expression, in first-use order."""
-    seen: dict[str, None] = {}
-    if expr is not None:
-        for node in walk(expr):
-            if isinstance(node, Index):
-                seen[node.name] = None
-    return list(seen)
+    return [] if expr is None else _names_of(walk(expr), Index)
+
+
+def _names_of(nodes, kind: type) -> list[str]:
+    """The distinct names of the `kind` nodes among `nodes` (Index or Name), in order."""
+    return list(dict.fromkeys(n.name for n in nodes if type(n) is kind))
 
 
 def chain(op: str, parts: list[Expr]) -> Expr:
@@ -269,23 +269,39 @@ class Einsum:
     def name(self) -> str:
         return self.target.tensor
 
+    # The facts below come from one walk of each tree per Einsum (every stage asks for them, a
+    # check of a long spec thousands of times); lists are handed out fresh.
+
     @property
     def lhs_vars(self) -> list[str]:
-        return index_vars(Access(self.target.tensor, self.target.indices))
+        return _names_of(self.nodes[0], Index)
 
     @property
     def reduced(self) -> list[str]:
         """Index variables reduced away: on the right (or in the predicate), not on the left."""
+        return list(self._reduced)
+
+    @property
+    def reads(self) -> list[Access]:
+        """Every tensor access: the right side's, then the predicate's."""
+        return [n for n in self.nodes[1] + self.nodes[2] if type(n) is Access]
+
+    @cached_property
+    def nodes(self) -> tuple[tuple[Expr, ...], tuple[Expr, ...], tuple[Expr, ...]]:
+        """Every node of the left side, the right side and the predicate, in `walk` order."""
+        return tuple(walk(self.target)), tuple(walk(self.expr)), tuple(walk(self.where)) if self.where else ()
+
+    @cached_property
+    def _reduced(self) -> tuple[str, ...]:
         left = set(self.lhs_vars)
-        both = index_vars(self.expr) + index_vars(self.where)
-        return [v for v in dict.fromkeys(both) if v not in left]
+        return tuple(v for v in _names_of(self.nodes[1] + self.nodes[2], Index) if v not in left)
 
     @property
     def space(self) -> list[str]:
         """The iteration space: left indices first, then the reduced ones."""
         return list(dict.fromkeys(self.lhs_vars + self.reduced))
 
-    @property
+    @cached_property
     def recurrence_var(self) -> str | None:
         """The index `x` when the left side is indexed `x+1` (a recurrence step), else None."""
         for idx in self.target.indices:

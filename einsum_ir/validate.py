@@ -69,23 +69,26 @@ def _check_names(c: Cascade) -> None:
     for s in c.splits:
         if s.rank not in c.dims:
             raise SpecError(f"cannot split {s.rank!r}: not a declared rank", s.loc)
-    for expr in _expressions(c):
-        for node in walk(expr):
-            if isinstance(node, Name) and node.name not in names:
-                raise SpecError(f"unknown name {node.name!r}: not a declared dim or param", node.loc)
-            if isinstance(node, Index) and node.name not in indices:
-                raise SpecError(f"unknown index variable {node.name!r}: no rank {rank_of(node.name)!r}",
-                                node.loc)
-            if isinstance(node, Call) and node.fn not in FUNCTIONS and node.fn not in PREDICATES and \
-                    node.fn not in UNIONS:
-                known = ", ".join(sorted([*FUNCTIONS, *UNIONS]))
-                raise SpecError(f"unknown function {node.fn}(...); known functions: {known}; "
-                                f"predicates: {', '.join(sorted(PREDICATES))}", node.loc)
-            if isinstance(node, Call):
-                lo, hi = (FUNCTIONS.get(node.fn) or UNIONS.get(node.fn) or PREDICATES[node.fn]).arity
-                if not lo <= len(node.args) <= hi:
-                    want = lo if lo == hi else f"{lo} to {hi}"
-                    raise SpecError(f"{node.fn}(...) takes {want} arguments, got {len(node.args)}", node.loc)
+    # in file order; an Einsum's nodes come from its one walk, which the other checks share
+    nodes = [n for p in c.params if p.expr is not None for n in walk(p.expr)]
+    nodes += [n for e in c.einsums for part in e.nodes for n in part]
+    nodes += [n for i in c.inits for x in (i.target, i.expr) for n in walk(x)]
+    for node in nodes:
+        if isinstance(node, Name) and node.name not in names:
+            raise SpecError(f"unknown name {node.name!r}: not a declared dim or param", node.loc)
+        if isinstance(node, Index) and node.name not in indices:
+            raise SpecError(f"unknown index variable {node.name!r}: no rank {rank_of(node.name)!r}",
+                            node.loc)
+        if isinstance(node, Call) and node.fn not in FUNCTIONS and node.fn not in PREDICATES and \
+                node.fn not in UNIONS:
+            known = ", ".join(sorted([*FUNCTIONS, *UNIONS]))
+            raise SpecError(f"unknown function {node.fn}(...); known functions: {known}; "
+                            f"predicates: {', '.join(sorted(PREDICATES))}", node.loc)
+        if isinstance(node, Call):
+            lo, hi = (FUNCTIONS.get(node.fn) or UNIONS.get(node.fn) or PREDICATES[node.fn]).arity
+            if not lo <= len(node.args) <= hi:
+                want = lo if lo == hi else f"{lo} to {hi}"
+                raise SpecError(f"{node.fn}(...) takes {want} arguments, got {len(node.args)}", node.loc)
     for p in c.params:
         if p.expr is not None:
             for node in walk(p.expr):
@@ -280,7 +283,7 @@ def _check_values(c: Cascade, expr: Expr) -> None:
 def _check_contraction_in_nonlinear(e: Einsum) -> None:
     """A reduced index shared by two reads inside exp/tanh/... is almost always a mistake:
     the map applies per point, so `S[p,m] = tanh(Q[p,e]*K[m,e])` sums tanh over e."""
-    calls = [n for n in walk(e.expr) if isinstance(n, Call) and n.fn in FUNCTIONS and n.fn != "where"]
+    calls = [n for n in e.nodes[1] if isinstance(n, Call) and n.fn in FUNCTIONS and n.fn != "where"]
     reduced = set(e.reduced) if calls else set()  # most Einsums call nothing: skip the walks
     for node in calls if reduced else ():
         reads = accesses(Call(node.fn, node.args))
@@ -529,19 +532,13 @@ class PresenceAnalysis:
         if e.recurrence_var:  # an absent update keeps the previous step: a union already
             return
         context = frozenset(conjuncts(e.where))  # points the Einsum drops anyway do not matter
-        nodes = list(walk(e.expr))
-        reads: dict[int, bool] = {}  # the subtree reads a tensor: children come after parents in `nodes`
-        for node in reversed(nodes):
-            reads[id(node)] = isinstance(node, Access) or any(reads[id(x)] for x in children(node))
-        for node in nodes:
+        for node in e.nodes[1]:
             op = node.op if isinstance(node, Binary) else node.fn if isinstance(node, Call) else None
             if op not in INTERSECTING or isinstance(node, Call) and len(node.args) != 2:
                 continue
             a, b = (node.lhs, node.rhs) if isinstance(node, Binary) else node.args
-            if not (reads[id(a)] and reads[id(b)]):  # a constant, param or index is present everywhere
-                continue
             pa, pb = self.of(a), self.of(b)
-            if pa == pb:
+            if pa == pb or not (accesses(a) and accesses(b)):  # a constant, param or index is present everywhere
                 continue
             xa = {x for x in pa if not implies(pb | context, x)}
             xb = {x for x in pb if not implies(pa | context, x)}
