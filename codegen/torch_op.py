@@ -194,7 +194,8 @@ def run(cascade: Cascade | str, **args) -> torch.Tensor:
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
               attn_mask: torch.Tensor | None = None, is_causal: bool = False,
               scale: float | None = None, window: int | None = None,
-              softcap: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+              softcap: float | None = None, enable_gqa: bool = False,
+              offset: int | None = None, key_start: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention through the custom op, with SDPA's layout and meaning.
 
     query (B, H, P, E), key (B, Hkv, M, E), value (B, Hkv, M, F) -> (B, H, P, F).
@@ -203,6 +204,10 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     cap * tanh(s / cap) to the scaled scores before the mask. A boolean `attn_mask` marks
     the points that take part; a float one is added to the scores. GQA with
     `enable_gqa=True` when H is a multiple of Hkv.
+
+    After a KV cache: `offset=D` places query p at key position p + D, so causality is
+    m <= p + D and the window p + D - m < window; `key_start` (B,) integers drop the keys
+    m < key_start[b] (left padding). Both become loop bounds, not a mask read per tile.
     """
     b, h, p, e = query.shape
     h_kv = key.shape[1]
@@ -211,15 +216,18 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
         raise ValueError(f"{h} query heads and {h_kv} key/value heads need enable_gqa=True and "
                          "a whole number of query heads per key/value head")
     pattern = dict(causal=is_causal, window=window is not None, softcap=softcap is not None,
-                   gqa=gqa, default_scale=is_default_scale(scale, e))
+                   gqa=gqa, default_scale=is_default_scale(scale, e), offset=offset is not None,
+                   key_start=key_start is not None)
     q = query.reshape(b, h_kv, h // h_kv, p, e) if gqa else query
     tensors = [q, key, value]
     if attn_mask is not None:
         mask, ranks = _mask_operand(attn_mask, h_kv if gqa else None)
         pattern.update(mask="bool" if mask.dtype == torch.bool else "float", mask_ranks=ranks)
         tensors.append(mask)
+    if key_start is not None:
+        tensors.append(key_start.to(torch.int32))
     pat = AttentionPattern(**pattern)
-    scalars = {"scale": scale, "W": window, "cap": softcap}
+    scalars = {"scale": scale, "W": window, "cap": softcap, "D": offset}
     out = cascade_op(pat.spec(), tensors, [float(scalars[n]) for n in pat.runtime_params])[0]
     return out.reshape(b, h, p, value.shape[-1]) if gqa else out
 

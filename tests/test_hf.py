@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 import einsum_ir.integrations.hf as eihf  # noqa: E402
 from einsum_ir.codegen import dynamo_backend, torch_op  # noqa: E402
+from einsum_ir.codegen.hf import key_interval  # noqa: E402
 
 eihf.register()
 dynamo_backend.register()
@@ -100,8 +101,8 @@ def test_vit_attention_interface(specs):
     assert len(specs) == LAYERS and all("where" not in s for s in specs)  # bidirectional: no predicate
 
 
-def test_padding_mask_stays_exact(specs):
-    """Left padding is not a band: the mask stays a boolean tensor operand."""
+def test_padding_mask_becomes_bounds(specs):
+    """Left padding with causality is a key interval per sequence: predicates, no mask tensor."""
     ids = _ids()
     attention_mask = torch.ones_like(ids)
     attention_mask[0, :5] = 0
@@ -110,7 +111,53 @@ def test_padding_mask_stays_exact(specs):
         out = _model("mistral", "einsum_ir")(ids, attention_mask=attention_mask).logits
     torch.testing.assert_close(out[:, 5:], expected[:, 5:], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out[1], expected[1], atol=1e-5, rtol=1e-4)
-    assert len(specs) == LAYERS and all("Msk[b,p,m]" in s for s in specs)
+    assert len(specs) == LAYERS
+    assert all("m >= Ks[b]" in s and "p + D - m < W" in s and "Msk" not in s for s in specs)
+
+
+def test_key_interval_recognizes_exactly():
+    """A generation mask gives (Ks, D); any other mask (packed sequences) keeps its dense form."""
+    m, p = torch.arange(10), torch.arange(3)[:, None]
+    starts = torch.tensor([0, 4])
+    mask = ((m <= p + 7) & (m >= starts[:, None, None]))[:, None]
+    got = key_interval(mask, None)
+    assert got is not None and got[0].tolist() == [0, 4] and got[1] == 7
+    windowed = mask & (p + 7 - m < 3)
+    assert key_interval(windowed, 3)[1] == 7
+    assert key_interval(windowed, None) is None  # the window is part of the mask's shape
+    packed = mask.clone()
+    packed[0, 0, 2, 3] = False  # a hole: no interval
+    assert key_interval(packed, None) is None
+    assert key_interval(torch.zeros(2, 1, 3, 10, dtype=torch.bool), None) is None
+
+
+GENERATE = {"llama": MODELS["llama"], "mistral": MODELS["mistral"],
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(LM, num_key_value_heads=2))}
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("name", GENERATE)
+def test_generate_matches_eager(name, cache, specs):
+    """Greedy generation with left padding: eager's tokens; every decode step's attention is
+    predicates and per-sequence bounds (`m >= Ks[b]`), never a mask tensor."""
+    config_cls, model_cls, kwargs = GENERATE[name]
+    ids = _ids(3)[:, :12]
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, :5] = 0
+    attention_mask[2, :2] = 0
+    ids = ids.masked_fill(attention_mask == 0, 0)
+    tokens = []
+    for impl in ("eager", "einsum_ir"):
+        torch.manual_seed(0)
+        model = model_cls(config_cls(**kwargs, attn_implementation=impl, pad_token_id=0)).eval()
+        tokens.append(model.generate(ids, attention_mask=attention_mask, max_new_tokens=10, do_sample=False,
+                                     cache_implementation=cache))
+    assert torch.equal(tokens[1], tokens[0])
+    decode = specs[LAYERS:]  # after the prompt's step, one query per sequence against the cache
+    assert len(decode) == 9 * LAYERS
+    assert all("m >= Ks[b]" in s and "m <= p + D" in s and "Msk" not in s for s in decode)
+    if name == "mistral":
+        assert all("p + D - m < W" in s for s in decode)
 
 
 @pytest.fixture

@@ -1,8 +1,10 @@
 """Softmax attention recognized in someone else's code, as the pieces a cascade is built from.
 
 Frontends (the torch.compile backend, the Hugging Face hook) recognize attention and describe
-it with an `AttentionPattern`: a scale, a causal and/or sliding-window predicate, a logit
-softcap, a boolean mask or additive bias tensor, and grouped-query heads. `spec()` writes the
+it with an `AttentionPattern`: a scale, a causal and/or sliding-window predicate (measured from
+the query's place in the key sequence, as after a KV cache), the first valid key of each
+sequence (left padding), a logit softcap, a boolean mask or additive bias tensor, and
+grouped-query heads. `spec()` writes the
 cascade from those pieces generically (FuseMax's 3-pass form with the division deferred,
 DESIGN section 3), in the catalog's conventions, so a pattern whose pieces match a catalog
 variant yields exactly that variant (`catalog_name()`).
@@ -30,6 +32,10 @@ class AttentionPattern:
     additive bias). `mask_ranks` names the ranks the mask tensor carries, in order, from
     ("B", "H", "P", "M"); broadcast (size-1) dims are left out. `default_scale` means the
     scale is 1/sqrt(E), written as a derived param; otherwise `scale` is a runtime param.
+    `offset`: query p sits at key position p + D (D a runtime int: the cached keys before it),
+    so causality is `m <= p + D` and the window `p + D - m < W`. `key_start`: an int32 tensor
+    Ks[b], the first key of sequence b (the keys before it are padding). Both are predicates
+    the key loop turns into bounds, where a dense mask would be read tile by tile.
     """
 
     causal: bool = False
@@ -39,6 +45,8 @@ class AttentionPattern:
     default_scale: bool = True
     mask: str | None = None
     mask_ranks: tuple[str, ...] = ("B", "H", "P", "M")
+    offset: bool = False
+    key_start: bool = False
 
     def __post_init__(self) -> None:
         if self.mask not in (None, "bool", "float"):
@@ -69,7 +77,7 @@ class AttentionPattern:
     def runtime_params(self) -> list[str]:
         """Runtime scalars in declaration order (the custom op passes them in this order)."""
         return (["scale"] if not self.default_scale else []) + (["W"] if self.window else []) + \
-            (["cap"] if self.softcap else [])
+            (["cap"] if self.softcap else []) + (["D"] if self.offset else [])
 
     def spec(self) -> str:
         heads = self.heads
@@ -86,13 +94,19 @@ class AttentionPattern:
             lines.append("param W: int")
         if self.softcap:
             lines.append("param cap: float")
+        if self.offset:
+            lines.append("param D: int")
         inputs = [q, k, v]
         if self.mask:
             decl = f"{self.mask_name}[{','.join(self.mask_indices)}]"
             inputs.append(decl + (": bool" if self.mask == "bool" else ""))
+        if self.key_start:
+            inputs.append("Ks[b]: int32")
         lines.append("input " + ", ".join(inputs))
 
-        predicates = (["m <= p"] if self.causal else []) + (["p - m < W"] if self.window else [])
+        pos = "p + D" if self.offset else "p"
+        predicates = ([f"m <= {pos}"] if self.causal else []) + ([f"{pos} - m < W"] if self.window else [])
+        predicates += ["m >= Ks[b]"] if self.key_start else []
         if self.mask == "bool":
             predicates.append(f"Msk[{','.join(self.mask_indices)}]")
         where = (" where " + " and ".join(predicates)) if predicates else ""
@@ -126,7 +140,8 @@ class AttentionPattern:
     def describe(self) -> str:
         parts = [p for p, on in [("causal", self.causal), ("window", self.window),
                                  ("softcap", self.softcap), ("gqa", self.gqa),
-                                 ("custom scale", not self.default_scale)] if on]
+                                 ("custom scale", not self.default_scale),
+                                 ("after a cache", self.offset), ("left padding", self.key_start)] if on]
         if self.mask:
             parts.append(f"{self.mask} mask[{','.join(self.mask_ranks)}]")
         return "softmax attention" + (f" ({', '.join(parts)})" if parts else "")
