@@ -7,12 +7,20 @@
     python bench/cpu.py --backward     # forward + backward (a training step's attention)
     python bench/cpu.py --linear       # linear forms: the chunked scan at N in {2048, 8192, 32768}
     python bench/cpu.py --linear --backward   # the same, forward + the scan's backward
+    python bench/cpu.py --decode       # decode steps: one query against a KV cache, contiguous and paged
 
 Cases: causal, sliding window (W=512) and softplus-L1 attention at N in {2048, 8192}, B=1,
 H=8, D=64, fp32. With --linear: Lightning's decayed causal linear attention (`lightning_causal`,
 a decay per head in [0.9, 0.999]) and causal linear attention with elu+1 feature maps
 (`linear_elu_causal`) at N in {2048, 8192, 32768}; the table then ends with each
-implementation's time ratio t(32768)/t(2048): 16 is linear, 256 quadratic. Each implementation of each (case, N) runs in its own fresh subprocess,
+implementation's time ratio t(32768)/t(2048): 16 is linear, 256 quadratic. With --decode: one
+decode step (P=1) of B=8 sequences, 32 query heads on 8 KV heads, D=128, against a cache of
+M in {4096, 32768} keys, fp32: `contiguous` (catalog `softmax_gqa`, K/V as (B, 8, M, D)) and
+`paged16`, `paged128` (catalog `paged_decode`: the cache is a pool of pages of 16 or 128
+keys in shuffled order, read through a block table; its lengths are all M). SDPA and eager
+have no paged form: on the paged cases they first gather the pages into a contiguous cache
+(what a user of theirs does), and FlexAttention runs the contiguous cache; the table then adds
+each paged case's time over ours on the contiguous one. Each implementation of each (case, N) runs in its own fresh subprocess,
 ours first, so that no process holds two OpenMP runtimes: FlexAttention's Inductor-compiled
 code brings a second one, and the idle threads of one runtime then steal the cores of the
 other (or, with OMP_WAIT_POLICY=PASSIVE, every op of the other pays to wake its threads);
@@ -74,6 +82,9 @@ LINEAR_CASES = {"lightning": "lightning_causal", "linear_elu": "linear_elu_causa
 IMPLS = ["ours", "flex", "sdpa", "eager"]
 LINEAR_IMPLS = ["ours", "quadratic", "eager"]
 LINEAR_NS = [2048, 8192, 32768]
+DECODE_CASES = {"contiguous": None, "paged16": 16, "paged128": 128}  # page size
+DECODE_NS = [4096, 32768]
+DECODE_B, DECODE_H, DECODE_KV, DECODE_D = 8, 32, 8, 128
 
 
 def decays(torch):
@@ -131,6 +142,8 @@ def build(impl: str, case: str, n: int, q, k, v):
     lscale = math.log(D) * math.log(n) / math.sqrt(D)
     if case in LINEAR_CASES:
         return build_linear(impl, case, n, q, k, v)
+    if case in DECODE_CASES:
+        return build_decode(impl, case, n, q, k, v)
     if impl == "quadratic":
         raise NotImplementedError("ours is the key loop already")
     if impl == "ours":
@@ -221,6 +234,70 @@ def build_linear(impl: str, case: str, n: int, q, k, v):
     return run, _tensor_bytes(mask)
 
 
+def paged_cache(k, v, page: int, seed: int = 0):
+    """K and V (B, G, M, D) as a pool of pages (page, slot, head, dim) in shuffled order, and
+    the block table Tbl[b, j]: the page that holds keys j*page ... (j+1)*page - 1 of sequence b."""
+    import torch
+
+    b, g, m, d = k.shape
+    pages = m // page
+    order = torch.randperm(b * pages, generator=torch.Generator().manual_seed(seed))
+    table = order.reshape(b, pages).to(torch.int32)
+    pool_k, pool_v = (torch.empty(b * pages, page, g, d, dtype=k.dtype) for _ in range(2))
+    for pool, x in ((pool_k, k), (pool_v, v)):
+        pool[order] = x.reshape(b, g, pages, page, d).permute(0, 2, 3, 1, 4).reshape(b * pages, page, g, d)
+    return pool_k, pool_v, table
+
+
+def gathered(pool, table):
+    """The contiguous (B, G, M, D) cache of a paged pool: what SDPA and eager need first."""
+    b, pages = table.shape
+    _, page, g, d = pool.shape
+    return pool[table.long()].reshape(b, pages * page, g, d).transpose(1, 2)
+
+
+def build_decode(impl: str, case: str, n: int, q, k, v):
+    """One decode step: ours (contiguous or paged), SDPA, FlexAttention and eager; the paged
+    cases hand the others the pages gathered into a contiguous cache."""
+    import torch
+    import torch.nn.functional as F
+
+    page = DECODE_CASES[case]
+    b, h, _, d = q.shape
+    g = k.shape[1]
+    if page is not None:
+        pool_k, pool_v, table = paged_cache(k, v, page)
+    if impl == "ours":
+        import einsum_ir as ei
+
+        qg = q.reshape(b, g, h // g, 1, d)
+        if page is None:
+            kern = ei.compile(ei.variants.load("softmax_gqa"), backend="cpu")
+            return (lambda: kern(Q=qg, K=k, V=v).reshape(b, h, 1, -1)), 0
+        kern = ei.compile(ei.variants.load("paged_decode"), backend="cpu")
+        lengths = torch.full((b,), n, dtype=torch.int32)
+        return (lambda: kern(Q=qg, Kc=pool_k, Vc=pool_v, Tbl=table, Len=lengths, M=n).reshape(b, h, 1, -1)), 0
+    if impl == "quadratic":
+        raise NotImplementedError("a softmax: no scan")
+    cache = (lambda: (k, v)) if page is None else (lambda: (gathered(pool_k, table), gathered(pool_v, table)))
+    if impl == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        fa = torch.compile(flex_attention)
+        return (lambda: fa(q, k, v, enable_gqa=True)), 0
+    if impl == "sdpa":
+        def run():
+            kk, vv = cache()
+            return F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
+        return run, 0
+
+    def run():
+        kk, vv = cache()
+        kk, vv = kk.repeat_interleave(h // g, dim=1), vv.repeat_interleave(h // g, dim=1)
+        return torch.softmax((q @ kk.transpose(-1, -2)) / math.sqrt(d), dim=-1) @ vv
+    return run, 0
+
+
 def _malloc_trim() -> None:
     try:
         import ctypes
@@ -247,9 +324,13 @@ def worker(case: str, n: int, impl: str, rounds: int, backward: bool, ref: str) 
     import torch
 
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, n, D, generator=g).requires_grad_(backward) for _ in range(3))
-    dout = torch.randn(B, H, n, D, generator=g)
-    if backward and impl == "quadratic":  # its training kernels would be the scan's again
+    if case in DECODE_CASES:
+        q = torch.randn(DECODE_B, DECODE_H, 1, DECODE_D, generator=g)
+        k, v = (torch.randn(DECODE_B, DECODE_KV, n, DECODE_D, generator=g) for _ in range(2))
+    else:
+        q, k, v = (torch.randn(B, H, n, D, generator=g).requires_grad_(backward) for _ in range(3))
+    dout = torch.randn(*q.shape[:-1], v.shape[-1], generator=g)
+    if backward and (impl == "quadratic" or case in DECODE_CASES):  # its training kernels would be the scan's again
         return {"status": "n/a (forward only)"}
     try:
         fn, setup_bytes = build(impl, case, n, q, k, v)
@@ -344,12 +425,14 @@ def fmt_time(r) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, nargs="+", default=[2048, 8192])
-    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES) + list(LINEAR_CASES))
+    ap.add_argument("--cases", nargs="+", default=list(CASES),
+                    choices=list(CASES) + list(LINEAR_CASES) + list(DECODE_CASES))
     ap.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS + ["quadratic"])
     ap.add_argument("--quick", action="store_true", help="N=2048 only")
     ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 3 at N<=2048, else 2)")
     ap.add_argument("--backward", action="store_true", help="time forward + backward (dQ, dK, dV)")
     ap.add_argument("--linear", action="store_true", help="the linear cases (chunked scan) at N up to 32768")
+    ap.add_argument("--decode", action="store_true", help="decode steps (P=1) against KV caches, contiguous and paged")
     ap.add_argument("--worker", nargs=5, metavar=("CASE", "N", "IMPL", "ROUNDS", "REF"), help=argparse.SUPPRESS)
     ap.add_argument("--profile", nargs=2, metavar=("CASE", "N"), help="print torch profiler tables of one case")
     args = ap.parse_args(argv)
@@ -369,10 +452,15 @@ def main(argv=None) -> None:
         args.cases = list(LINEAR_CASES)
         ns = [2048] if args.quick else (args.n if args.n != ap.get_default("n") else LINEAR_NS)
         impls = LINEAR_IMPLS
+    if args.decode:
+        args.cases = [c for c in args.cases if c in DECODE_CASES] or list(DECODE_CASES)
+        ns = [4096] if args.quick else (args.n if args.n != ap.get_default("n") else DECODE_NS)
     results = {}
     load0 = os.getloadavg()[0]
     t0 = time.time()
-    print(f"einsum-ir CPU benchmark: B={B} H={H} D={D} fp32, torch {torch.__version__}, "
+    shape = (f"B={DECODE_B} H={DECODE_H} on {DECODE_KV} KV heads D={DECODE_D} P=1" if args.decode else
+             f"B={B} H={H} D={D}")
+    print(f"einsum-ir CPU benchmark: {shape} fp32, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {load0:.1f}", file=sys.stderr)
     for n in ns:
         rounds = args.rounds or (3 if n <= 2048 else 2)
@@ -381,13 +469,28 @@ def main(argv=None) -> None:
             for impl in impls:
                 results[impl, case, n] = res.get(impl, {"status": "-"})
     what = "forward + backward" if args.backward else "forward"
-    print(f"einsum-ir CPU benchmark, {what}: B={B} H={H} D={D} fp32, torch {torch.__version__}, "
+    print(f"einsum-ir CPU benchmark, {what}: {shape} fp32, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; load average {load0:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after; {time.time() - t0:.0f} s")
     print()
     print_table(results, ns, args.cases, impls)
+    if args.decode:
+        print_paged_overhead(results, ns, args.cases)
     if args.linear and len(ns) > 1:
         print_scaling(results, ns, args.cases, impls)
+
+
+def print_paged_overhead(results, ns, cases) -> None:
+    """Ours on each paged case over ours on the contiguous cache (1.00: paging is free)."""
+    print()
+    print("paged over contiguous (ours):")
+    for case in [c for c in cases if DECODE_CASES[c] is not None]:
+        cells = []
+        for n in ns:
+            a, b = results.get(("ours", "contiguous", n), {}), results.get(("ours", case, n), {})
+            ok = a.get("status") == b.get("status") == "ok"
+            cells.append(f"M={n} {b['time'] / a['time']:.2f}" if ok else f"M={n} -")
+        print(f"  {case}: " + ", ".join(cells))
 
 
 def print_scaling(results, ns, cases, impls) -> None:

@@ -28,6 +28,14 @@ through the interpreter at the check shape (bf16 inputs, tolerance 5e-2 of the l
 gradient), then TFLOP/s next to SDPA and FlexAttention at the speed shape. Useful FLOPs are 3.5x
 the forward's (FlashAttention-2's count: two matrix products forward, five backward).
 
+Phase 4 (decode): one decode step (P=1), B=8 sequences, 32 query heads on 8 KV heads, D=128,
+bf16, against caches of M in {4096, 32768} keys: contiguous (`softmax_gqa`) and paged
+(`paged_decode`, pages of 16 and 128 keys in shuffled order behind a block table), each output
+checked against SDPA on the contiguous cache. A decode step reads the whole cache once, so
+its figure is bandwidth: the K and V bytes over the time, as a fraction of the device table's
+HBM peak (cost_model/devices.yaml). SDPA on the paged cases first gathers the pages (it has no
+paged form); FlexAttention runs the contiguous cache.
+
 Roof: softmax and causal softmax are also timed with the project's own hand-written
 FlashAttention-2 kernel (bench/roof.py), the yardstick the generated kernels are measured by.
 
@@ -485,7 +493,108 @@ def _training_of(fn, args):
     return None if fn is None else _step(fn, args)
 
 
-def print_tables(results, rows, training=None) -> None:
+DECODE = {"B": 8, "H": 32, "KV": 8, "D": 128, "M": (4096, 32768), "pages": (None, 16, 128)}
+
+
+def device_peak_bandwidth() -> tuple[str, float]:
+    """The device table's entry for this GPU (by its name) and its HBM peak in bytes/s."""
+    from cost_model import devices
+
+    name = torch.cuda.get_device_name().lower()
+    for d in devices.table().values():
+        if d.key in name.replace(" ", "") or any(a.lower() in name for a in d.aliases):
+            return d.name, d.hbm_bandwidth
+    return "unknown device (H100 SXM assumed)", devices.get("h100").hbm_bandwidth
+
+
+def phase_decode(device, deadline: float, skip_flex: bool) -> list[dict]:
+    """Decode steps: ours (contiguous and paged) against SDPA and Flex; bandwidth of each."""
+    import torch.nn.functional as F
+
+    from cpu import gathered, paged_cache
+
+    d = DECODE
+    rows = []
+    kernels = {"contiguous": ei.compile(ei.variants.load("softmax_gqa"), backend="triton"),
+               "paged": ei.compile(ei.variants.load("paged_decode"), backend="triton")}
+    for m in d["M"]:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(d["B"], d["H"], 1, d["D"], generator=g).to(device, torch.bfloat16)
+        k, v = (torch.randn(d["B"], d["KV"], m, d["D"], generator=g).to(device, torch.bfloat16) for _ in range(2))
+        qg = q.reshape(d["B"], d["KV"], d["H"] // d["KV"], 1, d["D"])
+        want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        cache_bytes = 2 * k.numel() * k.element_size()
+        for page in d["pages"]:
+            row = {"M": m, "case": "contiguous" if page is None else f"paged{page}", "bytes": cache_bytes}
+            rows.append(row)
+            if time.perf_counter() > deadline:
+                row["note"] = "skipped (time budget)"
+                continue
+            if page is None:
+                ours = lambda: kernels["contiguous"](Q=qg, K=k, V=v)  # noqa: E731
+                sdpa = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+            else:
+                pool_k, pool_v, table = (x.to(device) for x in paged_cache(k.cpu(), v.cpu(), page))
+                lengths = torch.full((d["B"],), m, dtype=torch.int32, device=device)
+                ours = (lambda pk=pool_k, pv=pool_v, t=table, n=lengths:
+                        kernels["paged"](Q=qg, Kc=pk, Vc=pv, Tbl=t, Len=n, M=m))
+                sdpa = (lambda pk=pool_k, pv=pool_v, t=table: F.scaled_dot_product_attention(
+                    q, gathered(pk, t), gathered(pv, t), enable_gqa=True))
+            try:
+                out = ours().reshape(want.shape).float()
+                err = float((out - want.float()).abs().max())
+                row["check"] = "PASS" if err < 2e-2 else f"FAIL (max err {err:.1e})"
+                row["ours"] = bench_ms(ours)
+            except Exception as e:  # noqa: BLE001 - report and keep going
+                row["note"] = f"ours failed: {type(e).__name__}: {str(e).splitlines()[0][:60]}"
+                log(f"decode {row['case']} M={m}: {row['note']}")
+                continue
+            row["sdpa"] = _timed(sdpa)
+            if not skip_flex and page is None:
+                from torch.nn.attention.flex_attention import flex_attention
+
+                fa = torch.compile(flex_attention)
+                row["flex"] = _timed(lambda: fa(q, k, v, enable_gqa=True))
+            log(f"decode {row['case']} M={m}: ours {row['ours']:.3f} ms, sdpa {row.get('sdpa')}, "
+                f"flex {row.get('flex')}")
+    return rows
+
+
+def _timed(fn):
+    try:
+        fn()
+        torch.cuda.synchronize()
+        return bench_ms(fn)
+    except Exception as e:  # noqa: BLE001 - report and keep going
+        log(f"decode: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+        return "error"
+
+
+def _decode_table(rows) -> None:
+    device, peak = device_peak_bandwidth()
+    d = DECODE
+    _header(f"Decode (bf16, P=1, B={d['B']} H={d['H']} on {d['KV']} KV heads D={d['D']}; bandwidth = K and V "
+            f"bytes / time, as a fraction of {device}'s {peak / 1e12:g} TB/s)",
+            f"{'case':11s} {'M':>6s} {'check':6s} {'ours ms':>8s} {'sdpa ms':>8s} {'flex ms':>8s} "
+            f"{'ours/sdpa':>9s} {'ours/flex':>9s} {'ours BW':>8s} {'sdpa BW':>8s}")
+    contiguous = {r["M"]: r.get("ours") for r in rows if r["case"] == "contiguous"}
+    for r in rows:
+        if r.get("ours") is None:
+            print(f"{r['case']:11s} {r['M']:6d} {r.get('note', '-')}")
+            continue
+        frac = {k: (f"{r['bytes'] / (r[k] * 1e-3) / peak:8.0%}" if isinstance(r.get(k), float) else f"{'-':>8s}")
+                for k in ("ours", "sdpa")}
+        ms = {k: (f"{r[k]:8.3f}" if isinstance(r.get(k), float) else f"{str(r.get(k, '-')):>8s}")
+              for k in ("ours", "sdpa", "flex")}
+        print(f"{r['case']:11s} {r['M']:6d} {r['check'][:6]:6s} {ms['ours']} {ms['sdpa']} {ms['flex']} "
+              f"{_speedup(r.get('sdpa'), r['ours'])} {_speedup(r.get('flex'), r['ours'])} {frac['ours']} {frac['sdpa']}")
+    for r in rows:
+        if r["case"] != "contiguous" and isinstance(r.get("ours"), float) and isinstance(contiguous.get(r["M"]), float):
+            print(f"  {r['case']} M={r['M']}: paged / contiguous (ours) {r['ours'] / contiguous[r['M']]:.2f}")
+    print("ours/x > 1: ours is faster; sdpa on the paged cases includes gathering the pages.")
+
+
+def print_tables(results, rows, training=None, decode=None) -> None:
     import contextlib
     import io
 
@@ -494,6 +603,8 @@ def print_tables(results, rows, training=None) -> None:
         _tables(results, rows)
         if training is not None:
             _training_tables(*training)
+        if decode is not None:
+            _decode_table(decode)
     print(text.getvalue(), end="")
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "gpu_bench.txt"), "w") as fh:
@@ -540,16 +651,20 @@ def _tables(results, rows) -> None:
     print("roof: the hand-written FlashAttention-2 kernel of bench/roof.py (softmax, causal softmax).")
 
 
+def _header(title: str, head: str) -> None:
+    print()
+    print(title)
+    print(head)
+    print("-" * len(head))
+
+
 def _training_tables(checks, rows) -> None:
     _checks("Training: fused backward vs autograd through ei.interpret (bf16 inputs, P=200 M=333 E=F=64)", checks)
     b = BENCH
-    print()
-    print(f"Forward + backward (bf16, B={b['B']} H={b['H']} N={b['N']} D={b['D']} unless noted; TFLOP/s of 3.5x "
-          f"the forward's useful FLOPs)")
-    head = f"{'variant':28s} {'ours ms':>8s} {'ours TF/s':>9s} {'sdpa TF/s':>9s} {'flex TF/s':>9s} " \
-           f"{'ours/sdpa':>9s} {'ours/flex':>9s}"
-    print(head)
-    print("-" * len(head))
+    _header(f"Forward + backward (bf16, B={b['B']} H={b['H']} N={b['N']} D={b['D']} unless noted; TFLOP/s of 3.5x "
+            f"the forward's useful FLOPs)",
+            f"{'variant':28s} {'ours ms':>8s} {'ours TF/s':>9s} {'sdpa TF/s':>9s} {'flex TF/s':>9s} "
+            f"{'ours/sdpa':>9s} {'ours/flex':>9s}")
     for name, r in rows.items():
         if r.get("ours") is None:
             print(f"{name:28s} {r.get('note', '-')}")
@@ -586,6 +701,7 @@ def dry_run(names) -> None:
         print(f"  {name:28s} vs {', '.join(libs) or 'nothing (n/a)':12s} {shapes}")
     print(f"phase 3: forward + backward, gradients at {CHECK_SHAPE} then speed at {BENCH}: "
           + ", ".join(n for n in TRAIN if n in names))
+    print(f"phase 4: decode steps at {DECODE} (bf16): softmax_gqa and paged_decode against SDPA and Flex")
 
 
 def main(argv=None) -> int:
@@ -596,6 +712,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take time)")
     ap.add_argument("--variants", nargs="+", default=None)
     ap.add_argument("--no-backward", action="store_true", help="skip phase 3 (forward + backward)")
+    ap.add_argument("--no-decode", action="store_true", help="skip phase 4 (decode steps)")
     ap.add_argument("--backward-budget", type=float, default=120.0,
                     help="seconds phase 3 may run past --budget (default 120)")
     args = ap.parse_args(argv)
@@ -615,9 +732,11 @@ def main(argv=None) -> int:
     rows = phase_speed(kernels, device, deadline, args.no_flex)
     training = None if args.no_backward else phase_training([n for n in TRAIN if n in names], device,
                                                              deadline + args.backward_budget, args.no_flex)
-    print_tables(results, rows, training)
+    decode = None if args.no_decode else phase_decode(device, deadline + args.backward_budget + 60, args.no_flex)
+    print_tables(results, rows, training, decode)
     log("done")
     failed = [s for s, _ in list(results.values()) + (list(training[0].values()) if training else [])]
+    failed += [r["check"][:4] for r in decode or [] if "check" in r]
     return 1 if "FAIL" in failed else 0
 
 

@@ -76,3 +76,17 @@ def test_the_training_check_passes_on_the_fused_backward(gpu_bench, name):
     status, msg = gpu_bench.check_training(kern, name, KERNEL_DEVICE, torch.float32, tol=TOLERANCE)
     assert status == "PASS", msg
     assert "Q" in msg and "V" in msg
+
+
+def test_the_decode_cases_page_the_cache_exactly():
+    """bench/cpu.py's paged cache (shared by bench/gpu.py's decode phase): pages in shuffled
+    order behind a block table, gathered back into the contiguous cache exactly."""
+    spec = importlib.util.spec_from_file_location("bench_cpu", Path(__file__).parents[1] / "bench" / "cpu.py")
+    cpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu)
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(2, 3, 64, 8, generator=g) for _ in range(2))
+    pool_k, pool_v, table = cpu.paged_cache(k, v, 16)
+    assert pool_k.shape == (8, 16, 3, 8) and table.shape == (2, 4) and table.dtype == torch.int32
+    assert sorted(table.flatten().tolist()) == list(range(8)) and table.flatten().tolist() != list(range(8))
+    assert torch.equal(cpu.gathered(pool_k, table), k) and torch.equal(cpu.gathered(pool_v, table), v)
