@@ -239,7 +239,8 @@ def to_sympy(expr: Expr | RowBound, env: Env) -> sympy.Expr:
     if isinstance(expr, Call) and expr.fn in ("min", "max"):
         args = [to_sympy(x, env) for x in expr.args]
         return sympy.Min(*args) if expr.fn == "min" else sympy.Max(*args)
-    return sympy.Function("opaque")(*sorted(sympy.Symbol(v, integer=True) for v in index_vars(expr)))
+    # ordered by name: sorting the symbols themselves would compare them as sympy relations
+    return sympy.Function("opaque")(*(sympy.Symbol(v, integer=True) for v in sorted(index_vars(expr))))
 
 
 def _coefficient(e: sympy.Expr, k: str) -> int | None:

@@ -372,10 +372,7 @@ def _count_shapes(c, args: dict) -> dict:
 
 
 @pytest.mark.parametrize("name", [
-    "fox", "masformer_heads", "shifted_sparse", "hip",
-    pytest.param("radial", marks=pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-        "the cost model cannot order the index variables of a tensor read at max(p - m, m - p): "
-        "'cannot determine truth value of Relational'"))),
+    "fox", "masformer_heads", "shifted_sparse", "hip", "radial",
 ])
 @pytest.mark.parametrize("size", SIZES)
 def test_counted_score_points_equal_the_formulas_mask(name, size):
