@@ -77,10 +77,10 @@ def summary(g: Gradient) -> str:
 
 
 def cost_table(g: Gradient, shapes: dict, device: str, dtype: str) -> str:
-    """Counts and roofline bounds of forward, prologue and backward, side by side, as their
+    """Counts and roofline bounds of forward, prologue, backward and epilogue, side by side, as their
     lowerings run them (a chunked scan's are linear in N)."""
     parts = [("forward", g.forward)] + ([("prologue", g.prologue)] if g.prologue is not None else []) + \
-        [("backward", b) for b in g.backward]
+        [("backward", b) for b in g.backward] + ([("epilogue", g.epilogue)] if g.epilogue is not None else [])
     rows = [("", "TC FLOPs", "vector ops", "SFU ops", "compulsory bytes", f"bound on {device}")]
     for label, c in parts:
         counts = lowered_counts(c, shapes, dtype=dtype, device=device)

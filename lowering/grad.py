@@ -24,7 +24,10 @@ here `dSD_O`) form a *prologue* cascade with no key rank. Every other gradient i
 since fewer of its outputs keep the query rank. dK, dV and per-key tensors are carried sums of
 the program; dQ and other per-query gradients are summed tile by tile into their output across
 programs (plan kind `tile_sum`); a bias over both ranks is written tile by tile; a per-head
-scalar is summed across programs. docs/backward.md has the whole account.
+scalar is summed across programs. An input read at both token ranks (FoX's gate G[p] - G[m],
+symmetric attention's Q[p] * Q[m]) gets one contribution per reading, one per query and one per
+key; the kernel returns each as its own output, and an *epilogue* cascade adds them position by
+position after it (a few tensor ops over O(N) values). docs/backward.md has the whole account.
 """
 from __future__ import annotations
 
@@ -67,6 +70,7 @@ class Gradient:
     grads: Mapping[str, str]
     zero: tuple[str, ...] = ()
     shift_only: tuple[str, ...] = ()  # maxima that only shift an exp: no gradient flows through them
+    epilogue: Cascade | None = None  # sums of per-reading contributions, after the kernels
 
     @property
     def fp32(self) -> frozenset[str]:
@@ -77,7 +81,8 @@ class Gradient:
     @property
     def cascades(self) -> tuple[Cascade, ...]:
         """The backward's cascades in the order they run (the prologue first)."""
-        return ((self.prologue,) if self.prologue is not None else ()) + self.backward
+        return ((self.prologue,) if self.prologue is not None else ()) + self.backward + \
+            ((self.epilogue,) if self.epilogue is not None else ())
 
     def __str__(self) -> str:
         parts = ["# training forward: the forward, saving " + (", ".join(self.saved) or "nothing more"),
@@ -86,6 +91,9 @@ class Gradient:
             parts += ["# backward prologue: per-query values (row statistics), no key loop", str(self.prologue)]
         for k, b in enumerate(self.backward):
             parts += ["# backward: the gradients' cascade (its lowering below)", str(b)]
+        if self.epilogue is not None:
+            parts += ["# backward epilogue: each input's contributions from its readings at both token ranks, "
+                      "added", str(self.epilogue)]
         return "\n".join(parts)
 
 
@@ -314,26 +322,50 @@ def grad(c: Cascade) -> Gradient:
     saved = tuple(n for n in saved if n in read and n not in lowered.output_names)
     grads = {x: grads_of[x] for x in floating if x in grads_of}
     zero = tuple(x for x in floating if x not in grads_of)
+    joined = [e for e in einsums if e.name in grads.values() and _joins_partner_readings(e, einsums)]
+    einsums = [e for e in einsums if e not in joined]
+    # what the kernels return: the gradients, or, for a joined one, its contributions
+    kernel_grads = [n for n in grads.values() if n not in {e.name for e in joined}]
+    kernel_grads += list(dict.fromkeys(t for e in joined for t in tensors_read(e.expr)))
     forward = _training_forward(lowered, stage, saved)
     inputs = _backward_inputs(lowered, saved, seeds)
     recomputed = [e for e in lowered.einsums if e.name not in saved and e.name not in lowered.output_names]
     per_query = _per_query(recomputed + einsums, set(stage.stream), inputs)
     keyed = [e for e in einsums if e.name not in per_query]
     early = [e.name for e in einsums if e.name in per_query and (
-        e.name in grads.values() or e.reduced and any(e.name in tensors_read(k.expr) + tensors_read(k.where)
-                                                      for k in keyed))]
+        e.name in kernel_grads or e.reduced and any(e.name in tensors_read(k.expr) + tensors_read(k.where)
+                                                    for k in keyed))]
     prologue = None
     if early:
         prologue = _backward_cascade(lowered, saved, inputs, [e for e in einsums if e.name in per_query], early,
                                      recompute=[e for e in recomputed if e.name in per_query])
-    late = [n for n in grads.values() if n not in early]
+    late = [n for n in kernel_grads if n not in early]
     backward = ()
     if late:
         given = tuple(InputDecl(n, tuple(i.name for i in _einsum(einsums, n).target.indices)) for n in early)
         backward = (_backward_cascade(lowered, saved, inputs + given,
                                       [e for e in einsums if e.name not in early], late),)
+    epilogue = None
+    if joined:
+        parts = tuple(InputDecl(n, tuple(i.name for i in _einsum(einsums, n).target.indices))
+                      for n in dict.fromkeys(t for e in joined for t in tensors_read(e.expr)))
+        epilogue = trimmed(lowered.replace(einsums=tuple(joined), inputs=parts, params=(), inits=(), doc="",
+                                           outputs=tuple(Output(e.name) for e in joined)))
     return Gradient(c, forward, tuple(lowered.output_names), saved, prologue, backward, seeds, grads, zero,
-                    shift_only)
+                    shift_only, epilogue)
+
+
+def _joins_partner_readings(e: Einsum, einsums: list[Einsum]) -> bool:
+    """An input's gradient that adds contributions of which one was written over another rank
+    (the reading at the partner rank, `dG_S2[b,h,m]` read at p): the kernel that computes them
+    keeps that one per key and the other per query, so the sum waits for the epilogue."""
+    if e.reduce != "sum" or e.reduced or e.where is not None:
+        return False
+    if any(not (isinstance(n, Access) or isinstance(n, Binary) and n.op == "+" or isinstance(n, Index))
+           for n in walk(e.expr)):
+        return False
+    writers = {x.name: x for x in einsums}
+    return any(a.tensor in writers and a.indices != writers[a.tensor].target.indices for a in accesses(e.expr))
 
 
 def _scan_gradient(c: Cascade) -> Gradient:

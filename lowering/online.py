@@ -68,8 +68,12 @@ def partition(c: Cascade, rank: str = "M", tile: str = "M0") -> Cascade:
         if m in e.lhs_vars:
             split_tensors.add(e.name)
 
+    declared = {d.name: d.indices for d in c.inputs}
+
     def fix(a: Access) -> Access:
         name = blocked.get(a.tensor, a.tensor)
+        if a.tensor in blocked and any(own == m and idx != Index(m) for own, idx in zip(declared[a.tensor], a.indices)):
+            name = a.tensor  # read at another rank where it is declared over this one: the input as it is
         if name in split_tensors:
             idx = []
             for i in a.indices:

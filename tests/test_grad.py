@@ -89,6 +89,34 @@ def test_catalog_split_is_complete():
             ei.grad(ei.variants.load(name))
 
 
+# a derived backward that a backend does not build as kernels (the autograd node then recomputes
+# through the interpreter): the reason (docs/catalog.md lists the same)
+BACKWARD_NOT_BUILT = {("dma", "triton"): "cannot broadcast a", ("probe_cross", "triton"): "three tile axes"}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("name", WITH_BACKWARD)
+def test_the_backends_build_the_fused_backward(name, backend):
+    """Every derived backward becomes kernels on both backends (FoX's and symmetric attention's
+    too: their gradients are kept per query and per key, and added after the kernel), but those
+    listed, which are refused with their reason."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    kern = ei.compile(ei.variants.load(name), backend=backend)
+    if (name, backend) in BACKWARD_NOT_BUILT:
+        with pytest.raises(ei.LoweringError, match=BACKWARD_NOT_BUILT[name, backend]):
+            kern.training.build()
+        return
+    kern.training.build()
+
+
+def test_an_input_read_at_both_token_ranks_adds_its_contributions_after_the_kernel():
+    g = ei.grad(ei.variants.load("fox"))
+    assert g.epilogue is not None and g.epilogue.output_names == [g.grads["G"]]
+    (backward,) = g.backward
+    assert g.grads["G"] not in backward.output_names and set(g.epilogue.input_names) <= set(backward.output_names)
+
+
 def test_docs_list_every_variant_with_or_without_a_backward():
     text = (ROOT / "docs" / "backward.md").read_text()
     for name in WITH_BACKWARD + list(NO_BACKWARD):
