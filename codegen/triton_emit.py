@@ -330,8 +330,13 @@ class StageEmitter(BlockEmitter):
     def after_loop_einsum(self, e: Einsum, sec: Section) -> None:
         axes = self.axes_of[e.name]
         if e.name in self.s.atomic:
-            v = self.emit(e.expr, sec)
-            sec.add(f"{e.name} = {self.align(self.num(v), v.axes, axes)}")
+            own = {x for v in e.reduced for x in self.var_axes(v)}  # this program's share: its rows summed
+            if own:
+                code = self.reduce_sum(e, sec, own, self.query_bound())
+            else:
+                v = self.emit(e.expr, sec)
+                code = self.align(self.num(v), v.axes, axes)
+            sec.add(f"{e.name} = {code}")
             self.pres_after[e.name] = (None, ())
             return
         red = {x for v in e.reduced for x in self.var_axes(v)}
