@@ -408,8 +408,8 @@ def _flat(atoms) -> set:
 def implies(have: Presence, atom: Expr | Exists | AnyOf) -> bool:
     """`have` (a conjunction) implies `atom`: structurally, with the witnesses of an Exists
     searched among the index variables `have` mentions (a few: one per rank, at most)."""
-    if atom in have:
-        return True
+    if atom in have or isinstance(atom, Binary) and atom.op in ("==", "<=", ">=") and atom.lhs == atom.rhs:
+        return True  # held, or true everywhere (`m // L == m // L`, once a witness is put in)
     if isinstance(atom, AnyOf):
         return any(all(implies(have, x) for x in b) for b in atom.branches)
     flat = _flat(have)
