@@ -447,14 +447,28 @@ def _simplify(atoms: Presence) -> Presence:
 
 
 def describe_presence(atoms: Presence) -> str:
-    """A presence (frozenset of atoms) as words: `some m has m <= p and p - m < W`."""
+    """A presence (frozenset of atoms) as words: `some m has m <= p and p - m < W`. A witness
+    takes its rank's variable name, primed where that name is also free (`some m' has
+    m' // L == m // L`)."""
+    names: dict[str, str] = {}
+    taken = {v for x in _flat(atoms) for v in index_vars(x) if "'" not in v}
+
+    def witness(v: str) -> str:
+        if v not in names:
+            name = v.split("'")[0]
+            while name in taken:
+                name += "'"
+            names[v] = name
+            taken.add(name)
+        return names[v]
+
     def one(a) -> str:
         if isinstance(a, Exists):
             inner = " and ".join(sorted(one(x) for x in a.body))
-            return f"some {', '.join(v.split(chr(39))[0] for v in a.bound)} has {inner}"
+            return f"some {', '.join(witness(v) for v in a.bound)} has {inner}"
         if isinstance(a, AnyOf):
             return "(" + " or ".join(" and ".join(sorted(one(x) for x in b)) for b in a.branches) + ")"
-        plain = {v: Index(v.split("'")[0]) for v in index_vars(a) if "'" in v}  # a witness by its rank's name
+        plain = {v: Index(witness(v)) for v in index_vars(a) if "'" in v}
         return print_expr(substitute(a, plain) if plain else a)
 
     return " and ".join(sorted(one(a) for a in atoms)) or "everywhere"
