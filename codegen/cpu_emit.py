@@ -40,7 +40,7 @@ from einsum_ir.codegen.block_emit import BlockEmitter, Section, Val, accesses, i
 from einsum_ir.codegen.outputs import collect_outputs, interpreted
 from einsum_ir.codegen.derived import DerivedKernels
 from einsum_ir.codegen.names import spell
-from einsum_ir.codegen.scalar_code import PYTHON, print_int
+from einsum_ir.codegen.scalar_code import GRID, PYTHON, print_int
 from einsum_ir.errors import LoweringError
 from einsum_ir.functions import FUNCTIONS
 from einsum_ir.ir import Access, Binary, Cascade, Einsum, Expr, Index, Name, rank_of
@@ -79,6 +79,57 @@ def _key_tiles(segments, block):
         masked_parts = [(lo, hi) for lo, hi, m in run if m]
         for first, last in _tiles(run[0][0], run[-1][1], block):
             yield first, last, any(lo <= last and first < hi for lo, hi in masked_parts)
+
+
+def _min(a, b):
+    """min of two bounds, ints or per-program values (tensors over the grid ranks)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
+    return min(a, b)
+
+
+def _max(a, b):
+    """max of two bounds, ints or per-program values (tensors over the grid ranks)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
+    return max(a, b)
+
+
+def _select(cond, a, b):
+    """`a if cond else b` for a condition per program."""
+    if isinstance(cond, torch.Tensor):
+        return torch.where(cond, torch.as_tensor(a), torch.as_tensor(b))
+    return a if cond else b
+
+
+def _grid_segments(segments):
+    """Segments (lo, hi, masked) whose ends hold one value per program (tensors over the grid
+    ranks), as disjoint segments for every program at once, in key order: this tile runs all
+    the programs together, so it visits a key some program visits, and a key is full only
+    where it lies in a full segment of every program."""
+    ends = [torch.as_tensor(x) for lo, hi, _ in segments for x in (lo, hi)]
+    cuts = torch.unique(torch.cat([x.flatten() for x in ends]))
+    if cuts.numel() < 2:
+        return []
+    at = cuts[:-1]  # between consecutive cuts every program is in or out of a segment whole
+    shape = torch.broadcast_shapes(*(x.shape for x in ends)) + at.shape
+    seen = torch.zeros(shape, dtype=torch.bool, device=at.device)
+    full = torch.zeros(shape, dtype=torch.bool, device=at.device)
+    for lo, hi, masked in segments:
+        inside = (torch.as_tensor(lo)[..., None] <= at) & (at < torch.as_tensor(hi)[..., None])
+        seen = seen | inside
+        full = full if masked else full | inside
+    seen = seen.reshape(-1, at.numel()).any(0).tolist()
+    full = full.reshape(-1, at.numel()).all(0).tolist()
+    out = []
+    for lo, hi, s, f in zip(cuts[:-1].tolist(), cuts[1:].tolist(), seen, full):
+        if not s:
+            continue
+        if out and out[-1][1] == lo and out[-1][2] == (not f):
+            out[-1] = (out[-1][0], hi, not f)
+        else:
+            out.append((lo, hi, not f))
+    return out
 
 
 def _scratch(bufs, name, shape, dtype):
@@ -521,9 +572,10 @@ class StageEmitter(BlockEmitter):
             qsec.add(f"{name} = torch.zeros({self.shape(axes)}, dtype=torch.bool)")
             qsec.add(f"{name}_full = False")
 
+        values = self.grid_values()
         loop = Section(indent=2)
         for sym, e in s.loop.key_defs:
-            loop.add(f"{sym.name} = {print_int(e, PYTHON)}")
+            loop.add(f"{sym.name} = {print_int(e, GRID if s.loop.values else PYTHON)}")
         if s.loop.block_list:
             self.tested_loop(loop)
         elif len(s.stream) == 1:
@@ -560,6 +612,7 @@ class StageEmitter(BlockEmitter):
             if v in s.grid or v in s.features:
                 lines.append(f"    {v} = torch.arange({rank_of(v)})")
         lines += self.stage_loads.lines
+        lines += values.lines
         lines += _block_split("    ", "BLOCK_Q", "_bq", s.query)
         lines += _block_split("    ", "BLOCK_S", "_bs", s.stream)
         if len(s.query) == 1:
@@ -580,7 +633,11 @@ class StageEmitter(BlockEmitter):
         """The loop header over the key tiles of a box [lo, hi) per key rank, and the tile's
         positions and loads."""
         ks = self.s.stream
-        if len(ks) == 1:
+        if len(ks) == 1 and self.s.loop.values:  # bounds per program: the keys some program visits
+            (k, lo, hi), = box
+            loop.add(f"for k_lo_{k}, k_hi_{k}, _ in _key_tiles(_grid_segments([({print_int(lo, PYTHON)}, "
+                     f"{print_int(hi, PYTHON)}, True)]), BLOCK_S):")
+        elif len(ks) == 1:
             (k, lo, hi), = box
             loop.add(f"for k_lo_{k}, k_hi_{k} in _tiles({print_int(lo, PYTHON)}, {print_int(hi, PYTHON)}, BLOCK_S):")
         else:
@@ -597,10 +654,13 @@ class StageEmitter(BlockEmitter):
         full, masked = self.body_lines(False, 4), self.body_lines(True, 4)
         self.in_loop = False
         k = self.s.stream[0]
-        segs = ", ".join(f"({print_int(lo, PYTHON)}, {print_int(hi, PYTHON)}, {seg.masked})"
-                         for seg in self.s.loop.key_segments for _, lo, hi in seg.box)
+        segs = "[" + ", ".join(f"({print_int(lo, PYTHON)}, {print_int(hi, PYTHON)}, {seg.masked})"
+                               for seg in self.s.loop.key_segments for _, lo, hi in seg.box) + "]"
         loop.add("# the key segments' tiles: full ones unmasked, masked ones tested")
-        loop.add(f"for k_lo_{k}, k_hi_{k}, _masked in _key_tiles([{segs}], BLOCK_S):")
+        if self.s.loop.values:
+            loop.add("# bounds per program: every program's keys at once, full where full for all")
+            segs = f"_grid_segments({segs})"
+        loop.add(f"for k_lo_{k}, k_hi_{k}, _masked in _key_tiles({segs}, BLOCK_S):")
         loop.lines += self._positions((k,), "k", "            ")
         loop.lines += self.key_loads.lines
         sec = Section(indent=3)
@@ -638,6 +698,16 @@ class StageEmitter(BlockEmitter):
         test.lines = []
         test.add("else:")
         loop.lines += test.lines + masked
+
+    def grid_values(self) -> Section:
+        """The per-program values the bounds read, every program's at once: a tensor over the
+        grid ranks (the bounds of one tile are then the loosest over the programs)."""
+        sec = Section(indent=1)
+        grid = self.canon(self.s.grid)
+        for name, e in self.s.loop.values:
+            v = self.index(e.name) if isinstance(e, Index) else self.emit(e, sec)
+            sec.add(f"{name} = {self.align(v.code, v.axes, grid)}")
+        return sec
 
     def store(self, t: str, sec: Section) -> None:
         axes = self.axes_of[t]

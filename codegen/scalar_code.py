@@ -22,6 +22,9 @@ class Spelling:
 
 
 PYTHON = Spelling("min({0}, {1})", "max({0}, {1})", "({1} if {0} else {2})", "({0} and {1})")
+# bounds over per-program values that are tensors over every program (the CPU path; helpers in
+# its generated module)
+GRID = Spelling("_min({0}, {1})", "_max({0}, {1})", "_select({0}, {1}, {2})", "({0} & {1})")
 TRITON = Spelling("tl.minimum({0}, {1})", "tl.maximum({0}, {1})", "tl.where({0}, {1}, {2})", "({0} & {1})")
 
 _RELATIONS = {sympy.StrictLessThan: "<", sympy.LessThan: "<=", sympy.StrictGreaterThan: ">",

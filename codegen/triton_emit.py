@@ -407,6 +407,16 @@ class StageEmitter(BlockEmitter):
             pre.add(f"{f} = tl.arange(0, {self.block(f)})")
         pre.add("r_k = tl.arange(0, BLOCK_S)")
 
+    def grid_values(self) -> None:
+        """The per-program values the bounds read, once per program before them: a scalar load
+        at the grid indices (the masks' reads of it, hoisted out of the loop, reuse it)."""
+        for name, e in self.s.loop.values:
+            if isinstance(e, Index):
+                self.pre.add(f"{name} = {e.name}")
+                continue
+            self.load_names[(e.tensor, tuple(map(repr, e.indices)))] = name
+            self.load(e, self.pre)
+
     def start_body(self, sec: Section) -> None:
         for k in self.s.stream:
             sec.add(f"k_lo_{k} = j_{k} * {self.sub_block('S', k)}")
@@ -478,6 +488,7 @@ class StageEmitter(BlockEmitter):
             self.pre.add(f"{e.name} = {self.fill(axes, init) if axes else init}")
         for name, axes in self.counter_init():
             self.pre.add(f"{name} = {self.fill(axes, '0', 'int') if axes else '0'}")
+        self.grid_values()
         self.in_loop = True
         placed = s.loop.block_list or len(s.stream) > 1
         bodies = {(m, placed): self.body_lines(m, 2, placed) for m in (False, True)}
@@ -507,6 +518,7 @@ class StageEmitter(BlockEmitter):
         pre.add("blk_row = pid_g * NQT + pid_q")
         pre.add("n_full = 0")
         pre.add("n_partial = 0")
+        self.grid_values()
         for sym, e in s.loop.key_defs + s.loop.tile_defs:
             pre.add(f"{sym.name} = {print_int(e, TRITON)}")
         (seg,) = s.loop.tile_segments

@@ -11,7 +11,15 @@ each conjunction, every atom is classified against one query variable q and one 
   of G keys, shifted by offsets c, d over dims and params: k lies in
   [G*((q + c)//G) - d, G*((q + c)//G) + G - d)): some query sees [lo(q_lo), hi(q_hi)), every
   query sees [lo(q_hi), hi(q_lo));
-- *opaque*: anything else (a tensor read, `%`, a dilation): no bound, never full.
+- *opaque*: anything else (a tensor read at a query or key position, `%`, a dilation): no
+  bound, never full.
+
+A **per-program value** is one number per program of the grid: a read of an integer input
+whose indices use only the stage's grid index variables, dims, params and constants
+(`Len[b]`, `Wh[h]`), or a grid index variable itself (`s` in `s*KS <= m`). Inside `c` it is a
+symbol like a param, so `m < Len[b]` and `p - m < Wh[h]` are affine and bound the loop; the
+loop records each value (`KeyLoop.values`) for the emitters to define before the bounds. A read
+at a query position (GQA's packed heads are a query rank) is not one: it stays opaque.
 
 A conjunction thus gives, per key variable, a `KeyRange`: present points lie in [lo, hi),
 and [full_lo, full_hi) is present for every query of the tile. Its **segments** are the
@@ -37,7 +45,8 @@ from dataclasses import dataclass, replace
 import sympy
 
 from einsum_ir.builtins import PREDICATES
-from einsum_ir.ir import Access, Binary, Call, Expr, Unary, rank_of, walk
+from einsum_ir.ir import Access, Binary, Call, Expr, Index, Name, Unary, index_vars, rank_of, rebuild, walk
+from einsum_ir.printer import print_expr
 from einsum_ir.lowering.symbolic import (
     CeilDiv, FloorDiv, block, evaluate, index_symbol, proves, query_hi, query_lo, symbol, to_sympy,
 )
@@ -76,10 +85,64 @@ class Atom:
     lo: sympy.Expr | None = None
     hi: sympy.Expr | None = None
     label: str = ""
+    values: tuple[tuple[str, Expr], ...] = ()  # the per-program values its bounds read
 
 
-def classify(atom: Expr, qs: tuple[str, ...], ks: tuple[str, ...]) -> list[Atom]:
-    """One predicate atom -> analyzed atom(s) (`==` gives two)."""
+@dataclass(frozen=True)
+class GridScope:
+    """What a per-program value may read: the stage's grid index variables and its integer
+    inputs; `names` are taken already (a value's symbol must not alias one)."""
+
+    grid: tuple[str, ...] = ()
+    ints: frozenset[str] = frozenset()
+    names: frozenset[str] = frozenset()
+
+
+def _per_program(atom: Expr, qs: tuple[str, ...], ks: tuple[str, ...],
+                 scope: GridScope) -> tuple[Expr, dict[sympy.Symbol, sympy.Expr], tuple[tuple[str, Expr], ...]]:
+    """`atom` with each per-program tensor read replaced by a Name, the sympy substitution that
+    makes those Names (and the grid index symbols) the values' integer symbols, and the values
+    it reads as (symbol name, read or grid Index)."""
+    found: dict[Expr, str] = {}
+    taken = set(scope.names)
+
+    def name_for(e: Expr, base: str) -> str:
+        if e not in found:
+            n, k = base, 1
+            while n in taken:
+                k += 1
+                n = f"{base}{k}"
+            taken.add(n)
+            found[e] = n
+        return found[e]
+
+    def node(n: Expr) -> Expr | None:
+        if isinstance(n, Access) and n.tensor in scope.ints and set(index_vars(n)) <= set(scope.grid) \
+                and not any(isinstance(x, Access) for i in n.indices for x in walk(i)) \
+                and all(to_sympy(i) is not None for i in n.indices):
+            return Name(name_for(n, "_".join([n.tensor, "at"] + index_vars(n))))
+        return None
+
+    atom = rebuild(atom, node)
+    subs = {symbol(n): sympy.Symbol(n, integer=True) for n in found.values()}  # tensor values may be negative
+    for v in index_vars(atom):
+        if v in scope.grid and v not in qs and v not in ks:
+            subs[index_symbol(v)] = symbol(name_for(Index(v), f"grid_{v}"))
+    return atom, subs, tuple((n, e) for e, n in found.items())
+
+
+def classify(atom: Expr, qs: tuple[str, ...], ks: tuple[str, ...], scope: GridScope = GridScope()) -> list[Atom]:
+    """One predicate atom -> analyzed atom(s) (`==` gives two); per-program values of `scope`
+    are symbols of `c`."""
+    original = atom
+    atom, subs, values = _per_program(atom, qs, ks, scope)
+    analyzed = _classify(atom, qs, ks, subs)
+    if any(a.kind == "opaque" for a in analyzed):
+        return [replace(a, expr=original) for a in _classify(original, qs, ks, {})]
+    return [replace(a, expr=original, values=values) for a in analyzed]
+
+
+def _classify(atom: Expr, qs: tuple[str, ...], ks: tuple[str, ...], subs: dict) -> list[Atom]:
     reads_tensor = any(isinstance(n, Access) for n in walk(atom))
     opaque = [Atom("opaque", atom, tensor=reads_tensor)]
     if reads_tensor:
@@ -97,7 +160,10 @@ def classify(atom: Expr, qs: tuple[str, ...], ks: tuple[str, ...]) -> list[Atom]
     if lhs is None or rhs is None:
         return opaque
     if atom.op == "==" and isinstance(lhs, FloorDiv) and isinstance(rhs, FloorDiv):
-        return _group(atom, lhs, rhs, qs, ks) or opaque
+        # offsets over grid indices stay index symbols here: _group bounds them by |k - q| < G
+        reads = {s: v for s, v in subs.items() if not s.name.startswith("_idx_")}
+        return _group(atom, lhs.xreplace(reads), rhs.xreplace(reads), qs, ks) or opaque
+    lhs, rhs = lhs.xreplace(subs), rhs.xreplace(subs)
     used = {s.name[len("_idx_"):] for s in (lhs - rhs).free_symbols if s.name.startswith("_idx_")}
     q = next((v for v in qs if v in used), None)
     k = next((v for v in ks if v in used), None)
@@ -254,6 +320,10 @@ class KeyLoop:
     exact: bool  # every atom was analyzed
     atoms: tuple[tuple[str, ...], ...]  # per conjunction, the atom kinds (for descriptions)
     heavy_last: bool  # later query tiles visit more keys (causal-like): launch them first
+    # per-program values the bounds read: (symbol name, the tensor read or grid Index), each
+    # defined by the emitters before the bounds (one per program; the CPU path takes every
+    # program's at once)
+    values: tuple[tuple[str, Expr], ...] = ()
 
     def describe(self) -> str:
         if not self.atoms:
@@ -265,6 +335,8 @@ class KeyLoop:
         if self.block_list:
             text = (f"key ranges from {conj}; the live key tiles come from a block list the mask "
                     f"builds at run time, full and partial tiles in separate loops")
+        if self.values:
+            text += "; bounds read per program " + ", ".join(print_expr(e) for _, e in self.values)
         if self.heavy_last:
             text += "; heaviest query tiles first"
         return text
@@ -345,11 +417,16 @@ def _empty(s: Segment) -> bool:
     return any(lo == hi for _, lo, hi in s.box)
 
 
-def key_loop(pred: Expr | None, qs: tuple[str, ...], ks: tuple[str, ...], dims: tuple[str, ...]) -> KeyLoop:
+def key_loop(pred: Expr | None, qs: tuple[str, ...], ks: tuple[str, ...], dims: tuple[str, ...],
+             scope: GridScope = GridScope()) -> KeyLoop:
     """The key loop of a stage whose carried reductions are all guarded by `pred`; `dims` are the
-    cascade's dims (the other symbols in bounds are params)."""
+    cascade's dims (the other symbols in bounds are params); `scope` says what a per-program
+    value may read (a key axis over several ranks takes none: its boxes are not merged across
+    programs)."""
     extents = {k: symbol(rank_of(k)) for k in ks}
-    dnf = [[a for at in conj for a in classify(at, qs, ks)] for conj in to_dnf(pred)] if pred is not None else []
+    scope = scope if len(ks) == 1 else GridScope()
+    dnf = [[a for at in conj for a in classify(at, qs, ks, scope)] for conj in to_dnf(pred)] if pred is not None else []
+    values = tuple(dict.fromkeys(v for conj in dnf for a in conj for v in a.values))
     keys = _Names()
     ranges = [tuple(_bounds(conj, k, extents[k], keys, f"{i}_{k}") for k in ks) for i, conj in enumerate(dnf)] or \
              [tuple(KeyRange(k, sympy.Integer(0), sympy.Integer(0), extents[k], extents[k]) for k in ks)]
@@ -368,7 +445,7 @@ def key_loop(pred: Expr | None, qs: tuple[str, ...], ks: tuple[str, ...], dims: 
     tile_segments = _segments(tiled, ks, tiles)
     block_list = block_list and bool(key_segments)  # an empty hull: no tile to test, nothing visited
     return KeyLoop(tuple(keys.defs), tuple(tiles.defs), key_segments, tile_segments, block_list,
-                   not opaque, tuple(tuple(a.kind for a in conj) for conj in dnf), heavy_last)
+                   not opaque, tuple(tuple(a.kind for a in conj) for conj in dnf), heavy_last, values)
 
 
 def _grows_with_query(ranges, defs, qs: tuple[str, ...], dims: set[str]) -> bool:

@@ -34,13 +34,13 @@ import sympy
 from einsum_ir.errors import LoweringError, located
 from einsum_ir.graph import CascadeGraph, cascade_graph
 from einsum_ir.ir import (
-    Access, Binary, Cascade, Einsum, Expr, Index, Name, chain, conjuncts, index_vars, product_terms, rank_of,
+    INT_DTYPES, Access, Binary, Cascade, Einsum, Expr, Index, Name, chain, conjuncts, index_vars, product_terms, rank_of,
 )
 from einsum_ir.lowering.absence import place_sentinels
 from einsum_ir.lowering.base2 import fold_log2e
 from einsum_ir.lowering.bounds import magnitudes
 from einsum_ir.lowering.exprs import tensors_read, to_sympy
-from einsum_ir.lowering.keyranges import key_loop, masked_everywhere
+from einsum_ir.lowering.keyranges import GridScope, key_loop, masked_everywhere
 from einsum_ir.lowering.online import prepare, rescale_ratio
 from einsum_ir.lowering.plan import Plan, PresenceGroup, Stage
 from einsum_ir.lowering.underflow import scale_rows
@@ -270,7 +270,7 @@ def _stage(c: Cascade, graph: CascadeGraph, index: int, d: _Draft, owner: dict[s
                 loads.append(t)
     atomic = _atomic(d, kinds, tile_stores)
     predicate = _stage_predicate(d, kinds, depends)
-    loop = key_loop(predicate, d.query, d.stream, c.dims)
+    loop = key_loop(predicate, d.query, d.stream, c.dims, _scope(c, d))
     undecided = _undecided_wheres(d, kinds, predicate)
     if undecided and loop.block_list:
         raise LoweringError(f"{undecided[0].name}'s predicate is not shared by every carried reduction and the "
@@ -404,6 +404,13 @@ def _stage_predicate(d: _Draft, kinds, depends) -> Expr | None:
     if not common:
         return None
     return _conjunction(list(dict.fromkeys(common)))
+
+
+def _scope(c: Cascade, d: _Draft) -> GridScope:
+    """Per-program values of the stage's bounds: reads of integer inputs at its grid indices."""
+    ints = frozenset(t.name for t in c.inputs if c.tensors[t.name].dtype in INT_DTYPES and c.tensors[t.name].dtype != "bool")
+    names = frozenset(list(c.tensors) + list(c.dims) + [p.name for p in c.params])
+    return GridScope(d.grid, ints, names)
 
 
 def _undecided_wheres(d: _Draft, kinds, predicate: Expr | None) -> list[Einsum]:
