@@ -4,7 +4,8 @@
   index (`Q[p,e]*K[m,e]` over e, `SN[p,m]*V[m,f]` over m): one MAC per present point.
 - Vector ops: every other + - * / comparison, min/max/abs/relu/where, and the reduction itself.
 - SFU ops: transcendental functions, each costed in hardware special-function operations.
-- Compulsory bytes: every input read once, every output written once.
+- Compulsory bytes: every input read once, every output written once; an input read only
+  through indirect indices (a paged cache) counts the elements of the keys its reads visit.
 - Footprints: the full size of every intermediate, at fp32 (the accumulation precision).
 
 Points removed by a `where` predicate are not counted. The count is exact: in closed form per
@@ -28,9 +29,10 @@ from typing import TYPE_CHECKING
 import sympy
 
 from einsum_ir.functions import FUNCTIONS, UNIONS
+from einsum_ir.indirect import bound_indirect, is_indirect
 from einsum_ir.params import runtime_value
 from einsum_ir.ir import (
-    DEFAULT_TILE, Access, Binary, Call, Cascade, Einsum, Name, Num, Unary, index_vars, product_terms, rank_of,
+    DEFAULT_TILE, Access, Binary, Call, Cascade, Einsum, Index, Name, Num, Unary, index_vars, product_terms, rank_of,
     walk,
 )
 
@@ -402,6 +404,32 @@ def _value_nodes(expr):
         yield from _value_nodes(child)
 
 
+# ---------------------------------------------------------------------------- bytes
+
+
+def _input_bytes(c: Cascade, name: str, whole: sympy.Expr, preds, b: Binding, notes: list[str]) -> sympy.Expr:
+    """Elements of input `name` read: all of it, except for an input read only through indirect
+    indices (a paged cache), where each read moves the elements of the keys it visits, not the
+    whole cache (`_visited`)."""
+    reads = [(e, a) for e in c.einsums for a in e.reads if a.tensor == name]
+    if not reads or not all(is_indirect(a) for _, a in reads):
+        return whole
+    return sympy.expand(sum((_visited(c, e, a, preds[e.name], b, notes) for e, a in reads), sympy.Integer(0)))
+
+
+def _visited(c: Cascade, e: Einsum, a: Access, pred, b: Binding, notes: list[str]) -> sympy.Expr:
+    """The points of `a`'s own index variables (`b, m, g, e` for `Kc[Tbl[b, m // T], m % T, g, e]`)
+    that `pred`'s clauses over those variables keep: the elements that read moves. A clause over
+    other variables (a causal `m <= p`) is left out, so the count is at most an upper bound."""
+    own = index_vars(a)
+    clauses = [cl for cl in pr.conjuncts(pred) if set(index_vars(cl)) <= set(own)]
+    probe = Einsum(Access(e.name, tuple(Index(v) for v in own)), Num(0))
+    kept = reduce(lambda x, y: Binary("and", x, y), clauses) if clauses else None
+    if kept is None:
+        return _prod(b.extents[rank_of(v)] for v in own)
+    return present_points(c, probe, kept, b, notes)
+
+
 # ---------------------------------------------------------------------------- entry point
 
 
@@ -409,6 +437,7 @@ def count(c: Cascade, shapes: dict | None, dtype: str = "bf16") -> Counts:
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
     b = bind(c, shapes)
+    c = bound_indirect(c)  # a paged read is absent where its page id is out of range: not counted
     notes: list[str] = []
     rows = []
     preds = pr.effective_predicates(c)
@@ -425,7 +454,8 @@ def count(c: Cascade, shapes: dict | None, dtype: str = "bf16") -> Counts:
                                  sympy.expand(vec), sympy.expand(sfu)))
     infos = c.tensors
     size = lambda name: _prod(b.extents[r] for r in infos[name].ranks)  # noqa: E731
-    inputs = {d.name: size(d.name) * DTYPE_BYTES[d.dtype or dtype] for d in c.inputs}
+    inputs = {d.name: _input_bytes(c, d.name, size(d.name), preds, b, notes) * DTYPE_BYTES[d.dtype or dtype]
+              for d in c.inputs}
     outputs = {o.name: size(o.name) * DTYPE_BYTES[dtype] for o in c.outputs}
     footprints = {n: size(n) * INTERMEDIATE_BYTES for n, t in infos.items() if t.role == "intermediate"}
     return Counts(tuple(rows), inputs, outputs, footprints, dtype, tuple(dict.fromkeys(notes)))

@@ -280,6 +280,8 @@ class _Run:
             idx = _align(p.data.long(), p.labels, labels)
             size = stored.data.shape[pos]
             ok = (idx >= 0) & (idx < size)
+            if p.mask is not None:  # an indirect index read outside its table: absent too
+                ok = ok & _align(p.mask, p.labels, labels)
             inside = ok if inside is None else inside & ok
             index_tensors.append(idx.clamp(0, size - 1))
         data = stored.data[tuple(index_tensors)]

@@ -160,7 +160,7 @@ def _check_access(c: Cascade, a: Access, ranks: dict[str, tuple[str, ...]], cont
     for pos, idx in enumerate(a.indices):
         if isinstance(idx, Index) and rank_of(idx.name) != want[pos]:
             _check_cross_rank(c, a, pos, idx, want[pos])
-        _check_index_expr(idx, a)
+        _check_index_expr(c, idx, a, pos, want[pos])
 
 
 def _check_cross_rank(c: Cascade, a: Access, pos: int, idx: Index, declared: str) -> None:
@@ -191,12 +191,16 @@ def cross_rank_mismatch(cascade: Cascade, extents: Mapping[str, object]) -> str 
     return None
 
 
-def _check_index_expr(idx: Expr, a: Access) -> None:
-    for node in walk(idx):
+def _check_index_expr(c: Cascade, idx: Expr, a: Access, pos: int, rank: str) -> None:
+    stack = [idx]
+    while stack:
+        node = stack.pop()
         bad = None
-        if isinstance(node, Access):
-            bad = "a tensor read"
-        elif isinstance(node, Binary) and node.op not in ("+", "-", "*", "//", "%"):
+        if isinstance(node, Access):  # its own indices are checked as its own read's
+            _check_indirect(c, node, a, pos, rank)
+            continue
+        stack.extend(reversed(children(node)))  # left to right, as `walk`
+        if isinstance(node, Binary) and node.op not in ("+", "-", "*", "//", "%"):
             bad = f"'{node.op}' (index expressions use + - * // % min max)"
         elif isinstance(node, Call) and node.fn not in INDEX_FUNCTIONS:
             bad = f"{node.fn}(...) (index expressions use + - * // % min max)"
@@ -204,6 +208,33 @@ def _check_index_expr(idx: Expr, a: Access) -> None:
             bad = f"the non-integer {node.value}"
         if bad:
             raise SpecError(f"index of {a.tensor} uses {bad}", node.loc or a.loc)
+
+
+INDEX_DTYPES = tuple(d for d in INT_DTYPES if d != "bool")
+
+
+def _check_indirect(c: Cascade, table: Access, a: Access, pos: int, rank: str) -> None:
+    """An indirect index (docs/spec.md, "Indirect indices"): position `pos` of `a` (rank `rank`)
+    reads the integer input `table` at index expressions of the Einsum's index variables. Its
+    values index `rank`, whose extent comes from `a.tensor`'s shape; a value outside 0..rank-1
+    (or a read outside `table`) makes the point absent, so nothing is compared at bind time
+    beyond each input's own shape."""
+    where = f"position {pos + 1} of {a.tensor} (rank {rank}) reads {table.tensor}"
+    decl = next((d for d in c.inputs if d.name == table.tensor), None)
+    if decl is None:
+        what = "computed by an Einsum" if c.writers(table.tensor) else "neither an input nor assigned"
+        raise SpecError(f"{where}, which is {what}; an index position may read only an integer input "
+                        f"(a table given at call time, such as a block table: 'input {table.tensor}[...]: int32')",
+                        table.loc or a.loc)
+    dtype = decl.dtype or "fp32 (no dtype declared)"
+    if decl.dtype not in INDEX_DTYPES:
+        raise SpecError(f"{where}, which is {dtype}; an index position reads an integer input: declare it "
+                        f"'{table.tensor}[{', '.join(decl.indices)}]: int32' (or int64)", table.loc or a.loc)
+    nested = next((n for i in table.indices for n in walk(i) if isinstance(n, Access)), None)
+    if nested is not None:
+        raise SpecError(f"{where} at an index that reads {nested.tensor}: indirect reads do not nest; read "
+                        f"{table.tensor} at index expressions of the index variables (compose the two "
+                        f"tables into one before the call)", nested.loc or table.loc)
 
 
 def _check_einsum(c: Cascade, e: Einsum, ranks: dict[str, tuple[str, ...]]) -> None:

@@ -33,6 +33,7 @@ import sympy
 
 from einsum_ir.errors import LoweringError, located
 from einsum_ir.graph import CascadeGraph, cascade_graph
+from einsum_ir.indirect import bound_indirect
 from einsum_ir.ir import (
     INT_DTYPES, Access, Binary, Cascade, Einsum, Expr, Index, Name, chain, conjuncts, index_vars, product_terms, rank_of,
 )
@@ -60,7 +61,10 @@ class _Draft:
 
 def lower(c: Cascade) -> Plan:
     """The plan, or LoweringError with the reason this strategy does not apply."""
-    c, rewrites, graph = prepare(c)
+    bounded = bound_indirect(c)  # an indirect read's absent points as predicates (einsum_ir.indirect)
+    marks = ("indirect reads bounded",) if bounded is not c else ()
+    c, rewrites, graph = prepare(bounded)
+    rewrites = marks + rewrites
     scaled = scale_rows(c, graph)
     if scaled is not c:
         rewrites = rewrites + ("row scaling against underflow",)

@@ -62,6 +62,9 @@ def _extents(name: str, params: dict, ext: dict) -> None:
         ext["T"] = -(-max(P, M) // params["FS"])  # frame distances
     elif name == "landmark":
         ext["G"] = -(-M // params["L"])  # blocks: no input declares the rank, the call gives it
+    elif name == "paged_decode":  # pages of T tokens, enough table slots for M keys
+        ext.setdefault("T", 8)
+        ext.setdefault("J", -(-M // ext["T"]))
 
 
 def _integer_input(name: str, shape: list[int], params: dict, g: torch.Generator) -> torch.Tensor:
@@ -124,6 +127,12 @@ def make_inputs(name: str, c, P: int = 33, M: int = 40, E: int = 24, F: int = 20
     args.update(params)
     if name == "landmark":
         args["G"] = ext["G"]
+    if name == "paged_decode":  # a block table as an allocator leaves it; M keys at most
+        from einsum_ir.variants.formulas import paged_tables
+        args["Tbl"], args["Len"] = paged_tables(ext["B"], ext["J"], ext["N"], ext["T"], g,
+                                                empty=1 if ext["B"] > 1 else None)
+        args["Len"] = args["Len"].clamp(max=M).to(device)
+        args["Tbl"], args["M"] = args["Tbl"].to(device), M
     return args
 
 

@@ -411,6 +411,38 @@ def landmark(Q: Tensor, K: Tensor, V: Tensor, L: int, **_: object) -> Tensor:
     return out
 
 
+def paged_tables(batch: int, slots: int, pages: int, page_size: int, gen: torch.Generator,
+                 empty: int | None = None) -> tuple[Tensor, Tensor]:
+    """A block table [batch, slots] and lengths [batch] as a paged cache's allocator leaves them:
+    each sequence's pages drawn at random from the cache (unordered, some shared between
+    sequences, as a shared prefix is), slots past a sequence's last page -1, lengths up to
+    slots * page_size; sequence `empty` (if given) has length 0."""
+    lengths = torch.randint(1, slots * page_size + 1, (batch,), generator=gen)
+    if empty is not None:
+        lengths[empty] = 0
+    table = torch.randint(0, pages, (batch, slots), generator=gen)
+    used = torch.arange(slots)[None, :] * page_size < lengths[:, None]
+    table = torch.where(used, table, torch.full((), -1))
+    return table.to(torch.int32), lengths.to(torch.int32)
+
+
+def paged_decode(Q: Tensor, Kc: Tensor, Vc: Tensor, Tbl: Tensor, Len: Tensor, M: int, **_: object) -> Tensor:
+    # Gather each sequence's keys page by page into a contiguous [b, g, m, e] cache, as a
+    # PyTorch user would, and mask every key that has no valid page or lies past the length.
+    pages, page_size = Kc.shape[:2]
+    m = torch.arange(M)
+    slot, offset = m // page_size, m % page_size
+    in_table = slot < Tbl.shape[1]
+    page = Tbl[:, slot.clamp(max=Tbl.shape[1] - 1)].long()  # [b, m]
+    valid = in_table[None, :] & (page >= 0) & (page < pages) & (m[None, :] < Len[:, None].long())
+    page = page.clamp(0, pages - 1)
+    K = Kc[page, offset[None, :]].permute(0, 2, 1, 3)  # [b, g, m, e]
+    V = Vc[page, offset[None, :]].permute(0, 2, 1, 3)
+    # Q[b,g,r,p,e] against K[b,g,1,m,e]: the R query heads of a group share its cache head
+    probs, _ = _softmax_rows(_scores(Q, K[:, :, None]), valid[:, None, None, None, :])
+    return probs @ V[:, :, None]
+
+
 FORMULAS: dict[str, Callable[..., Tensor | tuple[Tensor, ...]]] = {
     "softmax": softmax,
     "softmax_deferred": softmax,
@@ -452,6 +484,7 @@ FORMULAS: dict[str, Callable[..., Tensor | tuple[Tensor, ...]]] = {
     "var_sink": var_sink,
     "psa": psa,
     "landmark": landmark,
+    "paged_decode": paged_decode,
 }
 
 # ------------------------------------------------------------------------------- examples
@@ -512,6 +545,14 @@ def example_args(name: str, size: str = "small", seed: int = 0,
     if name == "softmax_gqa":
         r = 3 if size == "tall" else 2
         args.update(Q=randn(b, h, r, p, e), K=randn(b, h, m, e), V=randn(b, h, m, f))
+        return args
+    if name == "paged_decode":  # pages of 3 tokens, 2 more pages than the longest sequence needs
+        r, t = 2, 3
+        j = -(-m // t) + 1
+        n = b * j  # a cache with room for every sequence's pages; the tables share some
+        tbl, lengths = paged_tables(b, j, n, t, gen, empty=1 if b > 1 else None)
+        args.update(Q=randn(b, h, r, p, e), Kc=randn(n, t, h, e), Vc=randn(n, t, h, f), Tbl=tbl, Len=lengths,
+                    M=j * t)
         return args
     if name == "nbhd_2d":
         mx, my = _GRID[size]
