@@ -28,6 +28,7 @@ from einsum_ir.codegen.block_emit import BlockEmitter, Section, Val, module_head
 from einsum_ir.codegen.scalar_code import TRITON, print_int
 from einsum_ir.errors import LoweringError
 from einsum_ir.functions import FUNCTIONS, TRITON_HELPERS
+from einsum_ir.indirect import position_bounds
 from einsum_ir.ir import Access, Einsum, Index, product_terms, rank_of
 from einsum_ir.lowering.keyranges import Segment
 from einsum_ir.lowering.plan import Plan, Stage
@@ -180,8 +181,11 @@ class StageEmitter(BlockEmitter):
                     masks.append(self.align("q_valid", ("Q",), axes))
                 elif idx.name in self.s.features:
                     masks.append(self.align(self.feature_mask(idx.name), (idx.name,), axes))
-            else:
-                masks.append(self.align(f"(({v.code}) >= 0) & (({v.code}) < {rank})", v.axes, axes))
+            else:  # an index expression (a page id, m % T, p // BS): inside the rank only
+                halves = [f"(({v.code}) >= 0)" if b.op == ">=" else f"(({v.code}) < {rank})"
+                          for b in position_bounds(self.c, idx, rank)]
+                if halves:
+                    masks.append(self.align(" & ".join(halves), v.axes, axes))
         # one name per access, the same in every body (so bodies share their key pointers)
         akey = (t, tuple(map(repr, a.indices)))
         if akey not in self.load_names:

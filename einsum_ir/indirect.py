@@ -50,7 +50,7 @@ def read_bounds(c: Cascade, a: Access) -> list[Expr]:
     for read in [n for i in a.indices for n in walk(i) if isinstance(n, Access)] + [a]:
         ranks = c.tensors[read.tensor].ranks
         for idx, rank in zip(read.indices, ranks):
-            for bound in _position_bounds(c, idx, rank):
+            for bound in position_bounds(c, idx, rank):
                 if bound not in out:
                     out.append(bound)
     return out
@@ -99,8 +99,9 @@ def _bounded(c: Cascade, e: Einsum) -> tuple[Expr, Expr | None, list[Expr]] | No
     return expr, where, extra
 
 
-def _position_bounds(c: Cascade, idx: Expr, rank: str) -> list[Expr]:
-    """`0 <= idx < rank` as comparisons, without the halves that always hold."""
+def position_bounds(c: Cascade, idx: Expr, rank: str) -> list[Expr]:
+    """`0 <= idx < rank` as comparisons (`idx >= 0`, `idx < rank`), without the halves that
+    always hold; the Triton emitter masks its loads by the same halves."""
     if isinstance(idx, Index):
         return []  # a plain index variable: binding checks the extents
     if isinstance(idx, Binary) and idx.op == "%" and idx.rhs == Name(rank) and _nonnegative(c, idx.lhs):
