@@ -26,7 +26,8 @@ from dataclasses import replace
 from einsum_ir.errors import LoweringError, located
 from einsum_ir.functions import UNIONS
 from einsum_ir.ir import (
-    Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, Num, Unary, chain, conjuncts, rebuild, walk,
+    Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, Num, Unary, chain, children, conjuncts, rebuild,
+    walk,
 )
 from einsum_ir.validate import PresenceAnalysis, implies
 
@@ -59,6 +60,12 @@ def read_bounds(c: Cascade, a: Access) -> list[Expr]:
 def bound_indirect(c: Cascade) -> Cascade:
     """`c` with the bounds of every indirect read stated in its reader's predicate (module
     doc); `c` itself when it has none, or when they are stated already."""
+    for i in c.inits:
+        if indirect_reads(i.expr):
+            a = indirect_reads(i.expr)[0]
+            raise LoweringError(located(a, f"the init of {i.target.tensor} reads {a.tensor} through an indirect "
+                                           f"index; an init's value is read as it is, so its absent points have no "
+                                           f"predicate to state: read {a.tensor} in an Einsum and init from that"))
     drafts = [_bounded(c, e) for e in c.einsums]
     if all(d is None for d in drafts):
         return c
@@ -84,8 +91,8 @@ def _bounded(c: Cascade, e: Einsum) -> tuple[Expr, Expr | None, list[Expr]] | No
     """(the right side, the predicate, the bounds to add) for an Einsum with indirect reads:
     conditions and predicate atoms bounded in place, the right side's reads' bounds to be
     conjoined; None when there is nothing to add."""
-    reads = indirect_reads(e.expr)
-    if not reads and not indirect_reads(e.where):
+    reads = _value_reads(e.expr)
+    if not indirect_reads(e.expr) and not indirect_reads(e.where):
         return None
     _refuse_unions(e.expr)
     expr = _bound_conditions(c, e.expr)
@@ -97,6 +104,21 @@ def _bounded(c: Cascade, e: Einsum) -> tuple[Expr, Expr | None, list[Expr]] | No
     if not extra and expr is e.expr and where is e.where:
         return None
     return expr, where, extra
+
+
+def _value_reads(expr: Expr) -> list[Access]:
+    """The indirect reads of a right side whose absence makes the point absent: all but those
+    in a where(cond, a, b)'s condition (a truth value there, false where absent)."""
+    stack, out = [expr], []
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Access) and is_indirect(node):
+            out.append(node)
+        elif isinstance(node, Call) and node.fn == "where":
+            stack.extend(reversed(node.args[1:]))
+        else:
+            stack.extend(reversed(children(node)))
+    return out
 
 
 def position_bounds(c: Cascade, idx: Expr, rank: str) -> list[Expr]:

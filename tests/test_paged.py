@@ -317,3 +317,30 @@ def test_partial_states_over_a_paged_cache_merge_to_the_whole():
     kern = compile_cpu(c, block_q=4, block_s=8)
     parts = [kern.partial(keys=(0, 7), **args), kern.partial(keys=(7, args["M"]), **args)]
     assert_outputs_close(ei.merge(c, parts).finalize(), ei.interpret(c, **args))
+
+
+def test_an_indirect_read_in_a_condition_selects_where_absent():
+    """where(cond, a, b) with cond reading through a table: an absent read makes cond false, so
+    the point takes b (present), not absent."""
+    spec = """dims B H P M E F N
+param scale = 1/sqrt(E)
+input Q[b,h,p,e], K[b,h,m,e], V[b,h,m,f], Sel[n]: int32, Ix[b,m]: int32
+S[b,h,p,m]  = Q[b,h,p,e] * K[b,h,m,e] * where(Sel[Ix[b,m]] == 0, scale, 2 * scale)
+GM[b,h,p]   = max[m] S[b,h,p,m]
+SN[b,h,p,m] = exp(S[b,h,p,m] - GM[b,h,p])
+SD[b,h,p]   = SN[b,h,p,m]
+O[b,h,p,f]  = SN[b,h,p,m] * V[b,h,m,f] / SD[b,h,p]
+output O
+"""
+    c = ei.parse(spec)
+    g = torch.Generator().manual_seed(1)
+    args = dict(Q=torch.randn(1, 2, 5, 8, generator=g), K=torch.randn(1, 2, 12, 8, generator=g),
+                V=torch.randn(1, 2, 12, 4, generator=g), Sel=torch.tensor([0, 1, 0], dtype=torch.int32),
+                Ix=torch.randint(-2, 5, (1, 12), generator=g).to(torch.int32))
+    i = args["Ix"].long()
+    plain = ((i >= 0) & (i < 3) & (args["Sel"][i.clamp(0, 2)] == 0)).to(torch.float32)
+    s = args["Q"] @ args["K"].transpose(-1, -2) / 8 ** 0.5 * (2 - plain[:, None, None, :])
+    want = torch.softmax(s, -1) @ args["V"]
+    assert bound_indirect(c).einsum("S").where is None  # every key stays present
+    assert_outputs_close(ei.interpret(c, **args), want)
+    assert_outputs_close(compile_cpu(c, block_q=4, block_s=8)(**args), want)
