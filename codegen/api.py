@@ -86,6 +86,7 @@ class AutoKernel(DerivedKernels):
         cuda = any(isinstance(v, torch.Tensor) and v.is_cuda for v in args.values())
         kern = self._fused("triton" if cuda else "cpu")
         if kern is not None:
+            kern.split_kv = self.split_kv  # the fused kernels split as this one is told to
             return kern
         if not self._logged:
             self._logged = True
@@ -111,12 +112,21 @@ class AutoKernel(DerivedKernels):
         return self.triton.resource_usage(shapes, dtype=dtype, target=target)
 
 
-def compile(cascade: Cascade, backend: str = "auto"):  # noqa: A001
+def compile(cascade: Cascade, backend: str = "auto", split_kv: int | None = None):  # noqa: A001
     """A kernel for `cascade`: "auto" (dispatch per call), or one backend that raises
     ei.LoweringError when it has no lowering for the cascade ("triton", "cpu"), or
-    "reference" (the interpreter)."""
+    "reference" (the interpreter). `split_kv`: None lets the cost model split the keys per
+    call (split-KV decode on a GPU, docs/partial.md), 1 never splits, n > 1 always takes n
+    splits (LoweringError at the call where the cascade has no partial states)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    kern = _compile(cascade, backend)
+    if backend != "reference":
+        kern.split_kv = split_kv
+    return kern
+
+
+def _compile(cascade: Cascade, backend: str):
     from einsum_ir.lowering.strategy import bounded_shifts
 
     if backend != "reference":

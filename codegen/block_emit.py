@@ -28,7 +28,7 @@ import sympy
 from einsum_ir.builtins import PREDICATES
 from einsum_ir.errors import LoweringError
 from einsum_ir.functions import FUNCTIONS
-from einsum_ir.ir import Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, Num, Unary, product_terms, walk
+from einsum_ir.ir import Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, Num, Unary, index_vars, product_terms, walk
 from einsum_ir.lowering.plan import Plan, Stage
 
 
@@ -485,6 +485,9 @@ class BlockEmitter:
             if e.reduce != "sum":
                 raise LoweringError(f"{e.name}: a {e.reduce} over feature ranks is not emitted")
             code, pres = self.reduce_sum(e, sec, red, None), (None, ())
+            have = self.canon([x for v in index_vars(e.expr) for x in self.var_axes(v) if x not in red])
+            if have and set(have) != set(axes):  # a rank only its predicate reads (a split-KV score's split)
+                code, fresh = self.broadcast(code, have, axes), False
         else:
             v = self.emit(e.expr, sec)
             if not v.axes and axes:

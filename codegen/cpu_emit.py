@@ -802,6 +802,9 @@ class GeneratedPython(DerivedKernels):
     def __call__(self, **args):
         if wants_grad(args):
             return record(self, self.training, self.run, args)
+        splits = self.splits_for(args)
+        if splits > 1:
+            return self.run_split(args, splits)
         return self.run(args)
 
     def bind_call(self, args: dict):

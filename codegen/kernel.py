@@ -174,6 +174,9 @@ class TritonKernel(DerivedKernels):
     def __call__(self, **args):
         if wants_grad(args):
             return record(self, self.training, self.run, args)
+        splits = self.splits_for(args)
+        if splits > 1:
+            return self.run_split(args, splits)
         return self.run(args)
 
     def same_backend(self, cascade: Cascade, fp32: frozenset = frozenset()):

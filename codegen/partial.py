@@ -99,23 +99,33 @@ def merge(cascade: Cascade, states: Sequence[PartialState]) -> PartialState:
     m = states[0].merge
     if any(s.merge.cascade != cascade for s in states):
         raise ValueError("every state must come from this cascade's kernels")
+    stacked = {n: torch.stack([s.values[n] for s in states]) for n in [r.name for r in m.rules] + [m.count]}
+    return PartialState(m, merge_stacked(m, stacked), states[0].args)
+
+
+def merge_stacked(m: Merge, stacked: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The merged carried values (and count) of parts stacked along a leading dim: the states
+    of `merge`, or a split-KV kernel's outputs (one part per split; codegen/combine.py)."""
     merged: dict[str, torch.Tensor] = {}
     for r in m.rules:
-        parts = [s.values[r.name].to(torch.promote_types(s.values[r.name].dtype, torch.float32)) for s in states]
+        parts = stacked[r.name].to(torch.promote_types(stacked[r.name].dtype, torch.float32))
         if r.reduce == "max":
-            merged[r.name] = torch.stack(parts).amax(0)
+            merged[r.name] = parts.amax(0)
         elif r.reduce == "min":
-            merged[r.name] = torch.stack(parts).amin(0)
+            merged[r.name] = parts.amin(0)
         else:
-            merged[r.name] = sum(p * _factor(r, m, s, merged) for p, s in zip(parts, states))
-    merged[m.count] = sum(s.values[m.count] for s in states)
-    return PartialState(m, merged, states[0].args)
+            merged[r.name] = (parts * _factor(r, m, stacked, merged)).sum(0)
+    merged[m.count] = stacked[m.count].sum(0)
+    return merged
 
 
-def _factor(r: Rule, m: Merge, state: PartialState, merged: Mapping[str, torch.Tensor]):
-    """A part's rescale factor, over the sum's indices: the rule's sympy factor with the part's
-    maxima as the old values and the merged maxima as the new (a merged max of -inf, a row no
-    part saw, counts as 0 so that the factor stays finite)."""
+_PART = "#part"  # the leading dim of stacked parts, as an index name no cascade spells
+
+
+def _factor(r: Rule, m: Merge, stacked: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor]):
+    """Each part's rescale factor, over (part, the sum's indices): the rule's sympy factor with
+    the parts' maxima as the old values and the merged maxima as the new (a merged max of -inf,
+    a row no part saw, counts as 0 so that the factor stays finite)."""
     if r.factor == 1:
         return 1.0
     env = {}
@@ -124,9 +134,11 @@ def _factor(r: Rule, m: Merge, state: PartialState, merged: Mapping[str, torch.T
         new = name.endswith("_new")
         x = name[:-4] if new else name
         rule = next(q for q in m.rules if q.name == x)
-        v = merged[x] if new else state.values[x]
-        v = torch.where(torch.isneginf(merged[x]), torch.zeros((), dtype=merged[x].dtype), v) if new else v
-        env[sym] = _aligned(v.to(merged[x].dtype), rule.indices, r.indices)
+        if new:
+            v = torch.where(torch.isneginf(merged[x]), torch.zeros((), dtype=merged[x].dtype), merged[x])
+            env[sym] = _aligned(v, rule.indices, r.indices)
+        else:
+            env[sym] = _aligned(stacked[x].to(merged[x].dtype), (_PART,) + rule.indices, (_PART,) + r.indices)
     return _evaluate(r.factor, env)
 
 

@@ -87,11 +87,12 @@ def merge(cascade: Cascade, states):
     return run(cascade, states)
 
 
-def compile(cascade: Cascade, backend: str = "auto"):  # noqa: A001 - the API's chosen name
-    """A callable kernel for `cascade`: backend "auto", "triton", "cpu" or "reference"."""
+def compile(cascade: Cascade, backend: str = "auto", split_kv: int | None = None):  # noqa: A001 - the API's chosen name
+    """A callable kernel for `cascade`: backend "auto", "triton", "cpu" or "reference";
+    `split_kv` splits the keys of every call (None: as the cost model picks per shape)."""
     from einsum_ir.codegen.api import compile as run
 
-    return run(cascade, backend=backend)
+    return run(cascade, backend=backend, split_kv=split_kv)
 
 
 def context_parallel(cascade: Cascade, group=None, layout: str = "zigzag", query: str | None = None,

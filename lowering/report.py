@@ -11,6 +11,7 @@ from einsum_ir.lowering.merge import derive
 from einsum_ir.lowering.online import online
 from einsum_ir.lowering.ring import derive as derive_ring
 from einsum_ir.lowering.chunked_scan import ScanPlan
+from einsum_ir.lowering.split_kv import split_choice
 from einsum_ir.lowering.scan_cost import scan_counts
 from einsum_ir.lowering.strategy import STRATEGIES, choose, key_loop_plan
 
@@ -72,6 +73,11 @@ def analyze_section(c: Cascade, shapes: dict | None = None, device: str = "h100"
     lines.append(f"  fused backward (einsum-ir grad): {derived_cell(grad, c)}")
     lines.append(f"  partial states (kern.partial, ei.merge): {derived_cell(derive, c)}")
     lines.append(f"  context-parallel ring (ei.context_parallel): {derived_cell(derive_ring, c)}")
+    if shapes is not None:
+        try:
+            lines.append("  " + str(split_choice(c, shapes, device, dtype)))
+        except LoweringError as err:
+            lines.append(f"  split-KV: not derived ({err})")
     if "M" in c.dims:
         try:
             written = passes(c, rank="M").count
