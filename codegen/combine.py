@@ -25,6 +25,7 @@ from functools import cached_property
 import sympy
 import torch
 
+from einsum_ir.codegen.names import spelled
 from einsum_ir.codegen.partial import PartialState, merge_stacked
 from einsum_ir.errors import LoweringError
 from einsum_ir.ir import Cascade
@@ -43,6 +44,10 @@ class SplitKernels:
     @cached_property
     def split(self) -> SplitKV:
         return derive_split(self.cascade)
+
+    @cached_property
+    def combine_text(self) -> str:
+        return combine_source(self.split)
 
     @cached_property
     def kernel(self) -> Callable:
@@ -68,17 +73,17 @@ class SplitKernels:
     def triton_combine(self, stacked: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from einsum_ir.codegen.modules import interpret_env, load_module
 
-        sk, m = self.split, self.split.merge
+        m = self.split.merge
         first = stacked[m.count]
         splits, rows = first.shape[0], math.prod(first.shape[1:])
         interpret = first.device.type == "cpu"
-        module = load_module(combine_source(sk), interpret=interpret)
+        module = load_module(self.combine_text, interpret=interpret)
         parts = {n: t.contiguous() for n, t in stacked.items()}
         out = {n: torch.empty(t.shape[1:], dtype=torch.float32, device=t.device) for n, t in parts.items()}
         extents = {}
         for r in m.rules:
             for i, v in enumerate(r.indices[len(_rows(m)):]):
-                extents[v] = parts[r.name].shape[1 + len(_rows(m)) + i]
+                extents[spelled(v, rank=True)] = parts[r.name].shape[1 + len(_rows(m)) + i]
         block_r = 16
         kw = {"BLOCK_R": block_r, **{f"BLOCK_{v.upper()}": _pow2(n) for v, n in extents.items()},
               **{f"N_{v.upper()}": n for v, n in extents.items()}}
@@ -108,14 +113,18 @@ def combine_source(sk: SplitKV) -> str:
     of rows, the maxima over the splits, then every sum's parts times their rescale factors.
     LoweringError when a state is not its rows followed by at most one feature index."""
     m = sk.merge
-    rows = _rows(m)
+    # the cascade's names as generated code spells them (codegen/names.py): none aliases ours
+    rows = tuple(spelled(v, rank=True) for v in _rows(m))
+    rules = [_spelled(r) for r in m.rules]
+    count = spelled(m.count)
     feature: dict[str, str | None] = {}
-    for r in m.rules:
+    for r in rules:
         if r.indices[:len(rows)] != rows or len(r.indices) > len(rows) + 1:
             raise LoweringError(f"{r.name}[{','.join(r.indices)}] is not a row value over {','.join(rows)} with at "
                                 f"most one feature index; the combine kernel merges such states only")
         feature[r.name] = r.indices[len(rows)] if len(r.indices) > len(rows) else None
-    names = [r.name for r in m.rules] + [m.count]
+    names = [r.name for r in rules] + [count]
+    part = f"j_{spelled(sk.split, rank=True)}"  # the split of a loop's iteration
     feats = sorted({f for f in feature.values() if f})
     args = [f"{n}_parts" for n in names] + [f"{n}_ptr" for n in names] + ["ROWS", "NSPLIT"]
     args += [f"N_{f.upper()}: tl.constexpr" for f in feats] + ["BLOCK_R: tl.constexpr"]
@@ -125,9 +134,9 @@ def combine_source(sk: SplitKV) -> str:
            "import triton", "import triton.language as tl", "", "",
            "@triton.jit", "def combine_kernel(" + ", ".join(args) + "):",
            f'    """Merge the NSPLIT partial states of each row ({",".join(rows)} flattened): '
-           + "; ".join(_describe(r) for r in m.rules) + f'; {m.count} adds."""',
-           "    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)",
-           "    row_ok = row < ROWS"]
+           + "; ".join(_describe(r) for r in rules) + f'; {count} adds."""',
+           "    row_i = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)",
+           "    row_ok = row_i < ROWS"]
     for f in feats:
         out.append(f"    {f} = tl.arange(0, BLOCK_{f.upper()})")
         out.append(f"    {f}_ok = {f} < N_{f.upper()}")
@@ -137,41 +146,41 @@ def combine_source(sk: SplitKV) -> str:
         f = feature.get(n)
         base = f"{n}_parts + {part} * ROWS" if part else f"{n}_ptr"
         if f is None:
-            return f"{base} + row" if not part else f"{n}_parts + {part} * ROWS + row", "row_ok", "[BLOCK_R]"
+            return f"{base} + row_i", "row_ok", "[BLOCK_R]"
         width = f"N_{f.upper()}"
-        start = f"{n}_parts + ({part} * ROWS + row[:, None]) * {width}" if part else f"{n}_ptr + row[:, None] * {width}"
+        start = f"{n}_parts + ({part} * ROWS + row_i[:, None]) * {width}" if part else f"{n}_ptr + row_i[:, None] * {width}"
         return f"{start} + {f}[None, :]", f"row_ok[:, None] & {f}_ok[None, :]", f"[BLOCK_R, BLOCK_{f.upper()}]"
 
-    maxima = [r for r in m.rules if r.reduce in ("max", "min")]
-    sums = [r for r in m.rules if r.reduce == "sum"]
+    maxima = [r for r in rules if r.reduce in ("max", "min")]
+    sums = [r for r in rules if r.reduce == "sum"]
     if maxima:
         out.append("    # maxima (and minima) over the splits")
         for r in maxima:
             ident = 'float("-inf")' if r.reduce == "max" else 'float("inf")'
             out.append(f"    {r.name} = tl.full({pointer(r.name, None)[2]}, {ident}, tl.float32)")
-        out.append("    for sk in range(0, NSPLIT):")
+        out.append(f"    for {part} in range(0, NSPLIT):")
         for r in maxima:
-            addr, mask, _ = pointer(r.name, "sk")
+            addr, mask, _ = pointer(r.name, part)
             ident = 'float("-inf")' if r.reduce == "max" else 'float("inf")'
             op = "maximum" if r.reduce == "max" else "minimum"
             out.append(f"        {r.name} = tl.{op}({r.name}, tl.load({addr}, mask={mask}, other={ident}))")
         for r in maxima:  # a row no split saw: the factors stay finite (its sums are 0)
             out.append(f"    {r.name}_new = tl.where({r.name} == float(\"-inf\"), 0.0, {r.name})")
     out.append("    # sums over the splits, each part rescaled to the merged maxima")
-    for n in [r.name for r in sums] + [m.count]:
+    for n in [r.name for r in sums] + [count]:
         out.append(f"    {n} = tl.zeros({pointer(n, None)[2]}, tl.float32)")
-    out.append("    for sk in range(0, NSPLIT):")
+    out.append(f"    for {part} in range(0, NSPLIT):")
     for r in maxima:
         if any(sympy.Symbol(f"G_{r.name}") in s.factor.free_symbols for s in sums):
-            addr, mask, _ = pointer(r.name, "sk")
+            addr, mask, _ = pointer(r.name, part)
             ident = 'float("-inf")' if r.reduce == "max" else 'float("inf")'
             out.append(f"        {r.name}_part = tl.load({addr}, mask={mask}, other={ident})")
     for r in sums:
-        addr, mask, _ = pointer(r.name, "sk")
-        factor = _factor_code(r, m, feature)
+        addr, mask, _ = pointer(r.name, part)
+        factor = _factor_code(r, feature)
         out.append(f"        {r.name} += tl.load({addr}, mask={mask}, other=0.0)" + (f" * {factor}" if factor else ""))
-    addr, mask, _ = pointer(m.count, "sk")
-    out.append(f"        {m.count} += tl.load({addr}, mask={mask}, other=0.0)")
+    addr, mask, _ = pointer(count, part)
+    out.append(f"        {count} += tl.load({addr}, mask={mask}, other=0.0)")
     for n in names:
         addr, mask, _ = pointer(n, None)
         out.append(f"    tl.store({addr}, {n}, mask={mask})")
@@ -184,7 +193,14 @@ def _describe(r: Rule) -> str:
     return f"{r.name} adds" if r.factor == 1 else f"{r.name} adds parts times {r.factor}"
 
 
-def _factor_code(r: Rule, m: Merge, feature: Mapping[str, str | None]) -> str:
+def _spelled(r: Rule) -> Rule:
+    """A rule in the spelled names (its factor's symbols too)."""
+    names = {sym: sympy.Symbol(f"G_{spelled(sym.name[2:-4])}_new" if sym.name.endswith("_new")
+                               else f"G_{spelled(sym.name[2:])}") for sym in r.factor.free_symbols}
+    return Rule(spelled(r.name), tuple(spelled(v, rank=True) for v in r.indices), r.reduce, r.factor.xreplace(names))
+
+
+def _factor_code(r: Rule, feature: Mapping[str, str | None]) -> str:
     """The rule's rescale factor as Triton code over the part's maxima (`X_part`) and the
     merged ones (`X_new`), broadcast to the sum's row block; "" for 1."""
     if r.factor == 1:
