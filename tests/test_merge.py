@@ -21,8 +21,10 @@ SHAPES = [(13, 19), (21, 10)]  # P < M; P > M (a bottom-right mask leaves rows w
 
 
 def _key_extent(c, args) -> int:
-    d = next(d for d in c.inputs if "m" in d.indices)
-    return args[d.name].shape[d.indices.index("m")]
+    """M, as the call binds it (from a key input's shape, or given: a paged cache's)."""
+    from einsum_ir.params import bind_shapes
+
+    return bind_shapes(c, dict(args))[1]["M"]
 
 
 def _partition(rng: random.Random, m: int) -> list[tuple[int, int]]:
