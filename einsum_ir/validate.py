@@ -74,21 +74,22 @@ def _check_names(c: Cascade) -> None:
     nodes += [n for e in c.einsums for part in e.nodes for n in part]
     nodes += [n for i in c.inits for x in (i.target, i.expr) for n in walk(x)]
     for node in nodes:
-        if isinstance(node, Name) and node.name not in names:
+        kind = type(node)
+        if kind is Name and node.name not in names:
             raise SpecError(f"unknown name {node.name!r}: not a declared dim or param", node.loc)
-        if isinstance(node, Index) and node.name not in indices:
+        if kind is Index and node.name not in indices:
             raise SpecError(f"unknown index variable {node.name!r}: no rank {rank_of(node.name)!r}",
                             node.loc)
-        if isinstance(node, Call) and node.fn not in FUNCTIONS and node.fn not in PREDICATES and \
-                node.fn not in UNIONS:
+        if kind is not Call:
+            continue
+        if node.fn not in FUNCTIONS and node.fn not in PREDICATES and node.fn not in UNIONS:
             known = ", ".join(sorted([*FUNCTIONS, *UNIONS]))
             raise SpecError(f"unknown function {node.fn}(...); known functions: {known}; "
                             f"predicates: {', '.join(sorted(PREDICATES))}", node.loc)
-        if isinstance(node, Call):
-            lo, hi = (FUNCTIONS.get(node.fn) or UNIONS.get(node.fn) or PREDICATES[node.fn]).arity
-            if not lo <= len(node.args) <= hi:
-                want = lo if lo == hi else f"{lo} to {hi}"
-                raise SpecError(f"{node.fn}(...) takes {want} arguments, got {len(node.args)}", node.loc)
+        lo, hi = (FUNCTIONS.get(node.fn) or UNIONS.get(node.fn) or PREDICATES[node.fn]).arity
+        if not lo <= len(node.args) <= hi:
+            want = lo if lo == hi else f"{lo} to {hi}"
+            raise SpecError(f"{node.fn}(...) takes {want} arguments, got {len(node.args)}", node.loc)
     for p in c.params:
         if p.expr is not None:
             for node in walk(p.expr):
@@ -505,6 +506,9 @@ def describe_presence(atoms: Presence) -> str:
     return " and ".join(sorted(one(a) for a in atoms)) or "everywhere"
 
 
+_EVERYWHERE: Presence = frozenset()
+
+
 class PresenceAnalysis:
     """Presence of every tensor, computed once, and the check of each intersecting operation.
     `of(expr)` is an expression's presence (a frozenset of atoms, empty: everywhere); the
@@ -560,8 +564,14 @@ class PresenceAnalysis:
         return known
 
     def _of(self, expr: Expr) -> Presence:
-        if isinstance(expr, Access):
+        kind = type(expr)
+        if kind is Access:
             return self.read(expr)
+        if kind is Num or kind is Name or kind is Index:
+            return _EVERYWHERE
+        if kind is Binary and expr.op not in PREDICATE_NODES:  # most nodes: the union of two operands'
+            a, b = self.of(expr.lhs), self.of(expr.rhs)
+            return a if not b or a == b else b if not a else a | b
         if isinstance(expr, Call) and expr.fn in UNIONS:
             branches = tuple(dict.fromkeys(self.of(x) for x in expr.args))
             if any(not b for b in branches):
