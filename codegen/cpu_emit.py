@@ -144,8 +144,13 @@ def _scratch(bufs, name, shape, dtype):
     return buf[:numel].view(shape)
 
 
+_ALL = slice(None)
+
+
 def _gather(t, *idx):
-    """t[idx...] for integer index tensors (broadcast together); reads outside t are 0."""
+    """t[idx...] for integer index tensors (broadcast together) and whole dims (`_ALL`); reads
+    outside t are 0. Index tensors at adjacent positions put their dims there, between the
+    whole dims (torch's rule), else first."""
     valid = None
     clamped = []
     for pos, i in enumerate(idx):
@@ -157,6 +162,12 @@ def _gather(t, *idx):
     out = t[tuple(clamped)]
     if valid is None:
         return out.clone()  # constant indices give a view; callers may work in place
+    if bool(valid.all()):  # no read outside t (the mask is over the index tensors: small)
+        return out
+    gathered = [k for k, i in enumerate(idx) if i is not _ALL]
+    if len(gathered) < len(idx):  # the mask's dims sit where the index tensors' dims went
+        before = gathered[0] if gathered == list(range(gathered[0], gathered[-1] + 1)) else 0
+        valid = valid.reshape((1,) * before + tuple(valid.shape) + (1,) * (out.dim() - before - valid.dim()))
     return torch.where(valid, out, torch.zeros((), dtype=out.dtype))
 '''
 
@@ -366,12 +377,34 @@ class StageEmitter(BlockEmitter):
         axes = self.canon([x for v in idx_vals for x in v.axes])
         key = (t, tuple(map(repr, a.indices)), self.body_id)
         if key not in self.gathers:
-            codes = [self.align(v.code, v.axes, axes) if v.axes else v.code for v in idx_vals]
             name = self.fresh(t)
-            sec.add(f"{name} = _gather({t}_all, {', '.join(codes)})")
+            sec.add(f"{name} = {self.gather(a, idx_vals, axes)}")
             self.full_inputs.add(t)
             self.gathers[key] = Val(name, axes, kind)
         return self.gathers[key]
+
+    def gather(self, a: Access, idx_vals: list[Val], axes: tuple[str, ...]) -> str:
+        """The code of a gathered tile over `axes`. A position read at a grid or feature rank's
+        own variable is taken whole (a slice): a paged cache's Kc[Tbl[b, m // T], m % T, g, e]
+        indexes two dims and copies rows of G x E, rather than index tensors for every element."""
+        t, ranks = a.tensor, self.c.tensors[a.tensor].ranks
+        tiled = self.qset | self.kset
+        whole = [isinstance(i, Index) and i.name not in tiled and rank_of(i.name) == r and a.indices.count(i) == 1
+                 for i, r in zip(a.indices, ranks)]
+        indexed = [k for k, w in enumerate(whole) if not w]
+        if not any(whole) or not indexed or any(not idx_vals[k].axes for k in indexed):
+            codes = [self.align(v.code, v.axes, axes) if v.axes else v.code for v in idx_vals]
+            return f"_gather({t}_all, {', '.join(codes)})"
+        inner = self.canon([x for k in indexed for x in idx_vals[k].axes])
+        codes = ["_ALL" if w else self.align(v.code, v.axes, inner) for w, v in zip(whole, idx_vals)]
+        kept = [(k, a.indices[k].name) for k, w in enumerate(whole) if w]
+        if indexed == list(range(indexed[0], indexed[-1] + 1)):  # torch puts the indexed dims in place
+            got = [v for k, v in kept if k < indexed[0]] + list(inner) + [v for k, v in kept if k > indexed[-1]]
+        else:
+            got = list(inner) + [v for _, v in kept]
+        code = f"_gather({t}_all, {', '.join(codes)})"
+        perm = [got.index(x) for x in axes]
+        return code if perm == sorted(perm) else f"{code}.permute({', '.join(map(str, perm))})"
 
     def view(self, t: str, vars_: list[str], store: bool = False) -> tuple[str, tuple[str, ...]]:
         """The stage view of tensor t: its dims permuted to the canonical tile order (a view, so
