@@ -228,8 +228,17 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
         tensors.append(key_start.to(torch.int32))
     pat = AttentionPattern(**pattern)
     scalars = {"scale": scale, "W": window, "cap": softcap, "D": offset}
-    out = cascade_op(pat.spec(), tensors, [float(scalars[n]) for n in pat.runtime_params])[0]
+    out = attention_call(pat.spec(), tensors, [float(scalars[n]) for n in pat.runtime_params])
     return out.reshape(b, h, p, value.shape[-1]) if gqa else out
+
+
+def attention_call(spec: str, tensors: list[torch.Tensor], scalars: list[float]) -> torch.Tensor:
+    """The output of a single-output cascade: through the custom op where autograd or
+    torch.compile needs it, else the kernel itself. Inference saves no statistics for a
+    backward, and a short query (a decode step) splits the keys across programs on a GPU."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return cascade_op(spec, tensors, scalars)[0]
+    return _kernel(spec)(**_arguments(_single_output(spec), tensors, scalars))
 
 
 def _mask_operand(mask: torch.Tensor, groups: int | None) -> tuple[torch.Tensor, tuple[str, ...]]:

@@ -55,15 +55,15 @@ def _ids(batch: int = 2) -> torch.Tensor:
 
 @pytest.fixture
 def specs(monkeypatch) -> list[str]:
-    """The spec text of every custom-op call, in order."""
+    """The spec text of every attention call, in order."""
     seen: list[str] = []
-    op = torch_op.cascade_op
+    call = torch_op.attention_call
 
     def spy(spec, tensors, scalars):
         seen.append(spec)
-        return op(spec, tensors, scalars)
+        return call(spec, tensors, scalars)
 
-    monkeypatch.setattr(torch_op, "cascade_op", spy)
+    monkeypatch.setattr(torch_op, "attention_call", spy)
     return seen
 
 
@@ -158,6 +158,36 @@ def test_generate_matches_eager(name, cache, specs):
     assert all("m >= Ks[b]" in s and "m <= p + D" in s and "Msk" not in s for s in decode)
     if name == "mistral":
         assert all("p + D - m < W" in s for s in decode)
+
+
+def test_generate_decodes_through_split_kv(monkeypatch):
+    """The decode steps run the kernel itself (no statistics saved for a backward), which
+    splits the keys where the cost model says so (on a GPU); forced to split on the CPU path
+    here, the greedy tokens stay eager's, and every attention call ran split."""
+    from einsum_ir.codegen.api import AutoKernel
+    from einsum_ir.codegen.combine import SplitKernels
+
+    config_cls, model_cls, kwargs = GENERATE["llama"]
+    ids = _ids(2)[:, :12]
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, :4] = 0
+    ids = ids.masked_fill(attention_mask == 0, 0)
+    tokens, splits = [], []
+    run = SplitKernels.__call__
+
+    def counted(self, *args, **kw):
+        splits.append(1)
+        return run(self, *args, **kw)
+
+    for impl in ("eager", "einsum_ir"):
+        if impl == "einsum_ir":
+            monkeypatch.setattr(AutoKernel, "split_kv", 3)
+            monkeypatch.setattr(SplitKernels, "__call__", counted)
+        torch.manual_seed(0)
+        model = model_cls(config_cls(**kwargs, attn_implementation=impl, pad_token_id=0)).eval()
+        tokens.append(model.generate(ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False))
+    assert torch.equal(tokens[1], tokens[0])
+    assert len(splits) == 6 * LAYERS  # the prompt's step and every decode step, in every layer
 
 
 @pytest.fixture
