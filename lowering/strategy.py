@@ -9,8 +9,10 @@ Today, in order: "chunked scan" (lowering.chunked_scan: linear, decayed and gate
 O(N), by reassociation; it declines whatever a nonlinearity couples), then "stream keys under
 a query tile" (lowering.stream_keys), the FlashAttention-shaped forward; it lowers the
 backward's cascades too (lowering.grad), streaming the queries under a key tile. Split-KV
-decode is to come, as one more module in `STRATEGIES`. The derivations that need one key loop
-(partial states, the context-parallel ring, the backward of a forward the key loop runs) ask
+decode (lowering.split_kv) is not an entry here: its split count depends on the call's shape
+and device, so the kernels choose it per call on top of the key loop's plan, deriving the split
+kernel from the partial states. The derivations that need one key loop
+(partial states, split-KV, the context-parallel ring, the backward of a forward the key loop runs) ask
 for the key loop's plan (`key_loop_plan`): a linear form's scan has no per-row states to
 merge, so they use its quadratic form; its backward is differentiated and scanned instead.
 """
