@@ -157,18 +157,21 @@ def test_bounds_are_stated_once_as_the_readers_predicate():
     assert bound_indirect(c) is c
 
 
-def test_an_indirect_read_in_a_predicate_is_false_where_absent():
-    spec = """dims B H P M E F N
+# softmax attention whose scores read a selection through an index table
+SELECTED_SOFTMAX = """dims B H P M E F N
 param scale = 1/sqrt(E)
 input Q[b,h,p,e], K[b,h,m,e], V[b,h,m,f], Sel[n]: int32, Ix[b,m]: int32
-S[b,h,p,m]  = Q[b,h,p,e] * K[b,h,m,e] * scale where Sel[Ix[b,m]] == 0
+S[b,h,p,m]  = {score}
 GM[b,h,p]   = max[m] S[b,h,p,m]
 SN[b,h,p,m] = exp(S[b,h,p,m] - GM[b,h,p])
 SD[b,h,p]   = SN[b,h,p,m]
 O[b,h,p,f]  = SN[b,h,p,m] * V[b,h,m,f] / SD[b,h,p]
 output O
 """
-    c = ei.parse(spec)
+
+
+def test_an_indirect_read_in_a_predicate_is_false_where_absent():
+    c = ei.parse(SELECTED_SOFTMAX.format(score="Q[b,h,p,e] * K[b,h,m,e] * scale where Sel[Ix[b,m]] == 0"))
     g = torch.Generator().manual_seed(0)
     args = dict(Q=torch.randn(2, 2, 5, 8, generator=g), K=torch.randn(2, 2, 20, 8, generator=g),
                 V=torch.randn(2, 2, 20, 4, generator=g), Sel=torch.tensor([0, 1, 0, 0], dtype=torch.int32),
@@ -325,17 +328,8 @@ def test_partial_states_over_a_paged_cache_merge_to_the_whole():
 def test_an_indirect_read_in_a_condition_selects_where_absent():
     """where(cond, a, b) with cond reading through a table: an absent read makes cond false, so
     the point takes b (present), not absent."""
-    spec = """dims B H P M E F N
-param scale = 1/sqrt(E)
-input Q[b,h,p,e], K[b,h,m,e], V[b,h,m,f], Sel[n]: int32, Ix[b,m]: int32
-S[b,h,p,m]  = Q[b,h,p,e] * K[b,h,m,e] * where(Sel[Ix[b,m]] == 0, scale, 2 * scale)
-GM[b,h,p]   = max[m] S[b,h,p,m]
-SN[b,h,p,m] = exp(S[b,h,p,m] - GM[b,h,p])
-SD[b,h,p]   = SN[b,h,p,m]
-O[b,h,p,f]  = SN[b,h,p,m] * V[b,h,m,f] / SD[b,h,p]
-output O
-"""
-    c = ei.parse(spec)
+    score = "Q[b,h,p,e] * K[b,h,m,e] * where(Sel[Ix[b,m]] == 0, scale, 2 * scale)"
+    c = ei.parse(SELECTED_SOFTMAX.format(score=score))
     g = torch.Generator().manual_seed(1)
     args = dict(Q=torch.randn(1, 2, 5, 8, generator=g), K=torch.randn(1, 2, 12, 8, generator=g),
                 V=torch.randn(1, 2, 12, 4, generator=g), Sel=torch.tensor([0, 1, 0], dtype=torch.int32),
