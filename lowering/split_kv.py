@@ -23,7 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from einsum_ir.cost_model.split_choice import SplitChoice, choose_splits
-from einsum_ir.ir import Access, Binary, Cascade, Expr, Index, Name, Param, conjuncts, rank_of, rebuild, walk
+from einsum_ir.errors import LoweringError
+from einsum_ir.ir import Access, Binary, Cascade, Expr, Index, Name, Param, conjuncts, rank_of, rebuild
 from einsum_ir.lowering.exprs import tensors_read
 from einsum_ir.lowering.grad import FreshNames
 from einsum_ir.lowering.merge import Merge, derive
@@ -43,9 +44,9 @@ class SplitKV:
 def derive_split(c: Cascade) -> SplitKV:
     """The split-KV partial cascade of `c` (LoweringError, from `derive`, when `c` has no
     partial states)."""
-    m = derive(c)
+    m = _one_key_rank(derive(c))
     p = m.partial
-    k = _key_var(p, m)
+    (k,) = m.keys
     taken = list(p.tensors) + list(p.dims) + [x.name for x in p.params] + [v for e in p.einsums for v in e.space]
     names = FreshNames(taken + [t.lower() for t in taken] + [t.upper() for t in taken])
     rank = names("SK")  # the splits of the keys; its index is the lower-case name, fresh too
@@ -89,9 +90,9 @@ def split_choice(c: Cascade, shapes: Mapping[str, int], device: str = "h100", dt
     from the key loop's grid, query and key ranks and the states the merge keeps; a key's bytes
     are taken as one element per feature rank of the loop (E + F: its key and value rows, however
     they are stored, a paged cache too). LoweringError when `c` has no partial states."""
-    m = derive(c)
+    m = _one_key_rank(derive(c))
     plan = key_loop_plan(c)
-    (stage,) = plan.stages
+    stage = plan.stages[m.stage]
     ext = {r: int(shapes[r]) for r in plan.cascade.dims if r in shapes}
     grid = math.prod(ext[rank_of(v)] for v in stage.grid)
     queries = math.prod(ext[rank_of(v)] for v in stage.query)
@@ -103,10 +104,11 @@ def split_choice(c: Cascade, shapes: Mapping[str, int], device: str = "h100", dt
     return choose_splits(grid, queries, keys, 4 * state, kv, device)
 
 
-def _key_var(p: Cascade, m: Merge) -> str:
-    """The key index variable: the one the partial cascade's range compares with key_lo."""
-    for e in p.einsums:
-        for node in walk(e.where) if e.where is not None else ():
-            if isinstance(node, Binary) and node.op == ">=" and node.rhs == Name(m.key_lo):
-                return node.lhs.name
-    raise AssertionError("the partial cascade holds its key range")
+def _one_key_rank(m: Merge) -> Merge:
+    """`m`, when its keys are one rank of a key loop: what split-KV cuts."""
+    if m.stage is None:
+        raise LoweringError("split-KV splits the keys of a key loop, and this cascade has none (the chunked scan "
+                            "runs it); its states over key ranges are kern.partial's, merged by ei.merge")
+    if len(m.keys) != 1:
+        raise LoweringError(f"the keys span {len(m.keys)} ranks ({', '.join(m.keys)}); split-KV cuts one key rank")
+    return m

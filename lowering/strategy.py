@@ -14,7 +14,9 @@ and device, so the kernels choose it per call on top of the key loop's plan, der
 kernel from the partial states. The derivations that need one key loop
 (partial states, split-KV, the context-parallel ring, the backward of a forward the key loop runs) ask
 for the key loop's plan (`key_loop_plan`): a linear form's scan has no per-row states to
-merge, so they use its quadratic form; its backward is differentiated and scanned instead.
+merge, so they use its quadratic form where it has one (partial states of linear attention
+written with its states are taken from the cascade as written, lowering/merge.py); its backward
+is differentiated and scanned instead.
 """
 from __future__ import annotations
 

@@ -76,9 +76,10 @@ def test_half_precision_states_merge_in_fp32(backend):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
-@pytest.mark.parametrize("name", ["softmax_lse", "softmax_gqa", "sigmoid_bias", "paged_decode"])
+@pytest.mark.parametrize("name", ["softmax_lse", "softmax_gqa", "sigmoid_bias", "paged_decode", "agent_attention"])
 def test_catalog_variants_split(backend, name):
-    # an LSE from the finish, GQA's packed query heads, a sum that merges by adding, a paged cache
+    # an LSE from the finish, GQA's packed query heads, a sum that merges by adding, a paged
+    # cache, and a second key loop (agent attention's queries over the agents) in the finish
     c = ei.variants.load(name)
     args = on_kernel_device(make_inputs(name, c, P=3, M=150, E=16, F=8))
     assert_outputs_close(ei.compile(c, backend=backend, split_kv=3)(**args), ei.interpret(c, **
@@ -127,10 +128,11 @@ def test_spec_names_that_the_emitters_use_split_too(backend):
     torch.testing.assert_close(out.cpu(), ei.interpret(c, **args), atol=1e-5, rtol=1e-5)
 
 
-def test_a_cascade_without_partial_states_says_why():
-    c = ei.variants.load("agent_attention")
-    with pytest.raises(ei.LoweringError, match="2 stages"):
-        split_choice(c, {"B": 1, "H": 2, "P": 1, "M": 64, "E": 8, "F": 8, "N": 4}, "h100")
-    args = make_inputs("agent_attention", c, P=3, M=20, E=8, F=8)
-    with pytest.raises(ei.LoweringError, match="2 stages"):
+@pytest.mark.parametrize("name, why", [("nbhd_2d", "span 2 ranks"), ("linear_elu", "chunked scan")])
+def test_a_cascade_that_split_kv_cannot_cut_says_why(name, why):
+    c = ei.variants.load(name)
+    with pytest.raises(ei.LoweringError, match=why):
+        derive_split(c)
+    args = make_inputs(name, c, P=3, M=20, E=8, F=8)
+    with pytest.raises(ei.LoweringError, match=why):
         ei.compile(c, backend="cpu", split_kv=2)(**args)
