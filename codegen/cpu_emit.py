@@ -159,7 +159,8 @@ def _gather(t, *idx):
             valid = ok if valid is None else valid & ok
             i = i.clamp(0, t.shape[pos] - 1)
         clamped.append(i)
-    out = t[tuple(clamped)]
+    out = _rows_of(t, clamped) if valid is not None else None
+    out = t[tuple(clamped)] if out is None else out
     if valid is None:
         return out.clone()  # constant indices give a view; callers may work in place
     if bool(valid.all()):  # no read outside t (the mask is over the index tensors: small)
@@ -169,6 +170,22 @@ def _gather(t, *idx):
         before = gathered[0] if gathered == list(range(gathered[0], gathered[-1] + 1)) else 0
         valid = valid.reshape((1,) * before + tuple(valid.shape) + (1,) * (out.dim() - before - valid.dim()))
     return torch.where(valid, out, torch.zeros((), dtype=out.dtype))
+
+
+def _rows_of(t, idx):
+    """t[idx...] as whole rows, where the index tensors lead and every later dim is whole (a
+    paged cache's pages and slots): one linear index per row and index_select, which copies
+    each row at once where advanced indexing computes an offset per element (3x faster for
+    rows of G x E floats). None where that does not apply."""
+    lead = next((k for k, i in enumerate(idx) if i is _ALL), len(idx))
+    if lead == 0 or any(i is not _ALL for i in idx[lead:]) or not t.is_contiguous():
+        return None
+    linear = 0
+    for k in range(lead):
+        linear = linear * t.shape[k] + idx[k]
+    linear = torch.as_tensor(linear)
+    rows = t.reshape((-1,) + tuple(t.shape[lead:])).index_select(0, linear.reshape(-1))
+    return rows.view(tuple(linear.shape) + tuple(t.shape[lead:]))
 '''
 
 _METHOD = re.compile(r"torch\.(\w+)\(\{0\}\)")
@@ -391,6 +408,13 @@ class StageEmitter(BlockEmitter):
         tiled = self.qset | self.kset
         whole = [isinstance(i, Index) and i.name not in tiled and rank_of(i.name) == r and a.indices.count(i) == 1
                  for i, r in zip(a.indices, ranks)]
+        if len(whole) > 1 and whole[-1] and axes[-1] == a.indices[-1].name:
+            # rows of the last dim straight into the tile's order: every other position an
+            # index tensor over the tile's axes (a permuted gather makes torch's einsum ~10x
+            # slower, and a permuting copy costs more than the gather itself)
+            lead = axes[:-1]
+            codes = [self.align(v.code, v.axes, lead) if v.axes else v.code for v in idx_vals[:-1]]
+            return f"_gather({t}_all, {', '.join(codes)}, _ALL)"
         indexed = [k for k, w in enumerate(whole) if not w]
         if not any(whole) or not indexed or any(not idx_vals[k].axes for k in indexed):
             codes = [self.align(v.code, v.axes, axes) if v.axes else v.code for v in idx_vals]
