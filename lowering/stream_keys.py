@@ -27,7 +27,7 @@ Then:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sympy
 
@@ -36,6 +36,7 @@ from einsum_ir.graph import CascadeGraph, cascade_graph
 from einsum_ir.indirect import bound_indirect
 from einsum_ir.ir import (
     INT_DTYPES, Access, Binary, Cascade, Einsum, Expr, Index, Name, chain, conjuncts, index_vars, product_terms, rank_of,
+    rebuild,
 )
 from einsum_ir.lowering.absence import place_sentinels
 from einsum_ir.lowering.base2 import fold_log2e
@@ -65,6 +66,10 @@ def lower(c: Cascade) -> Plan:
     marks = ("indirect reads bounded",) if bounded is not c else ()
     c, rewrites, graph = prepare(bounded)
     rewrites = marks + rewrites
+    summed = _sum_terms_where_read(c, graph)
+    if summed is not c:
+        rewrites = rewrites + ("sums of terms summed term by term",)
+        c, graph = summed, cascade_graph(summed)
     scaled = scale_rows(c, graph)
     if scaled is not c:
         rewrites = rewrites + ("row scaling against underflow",)
@@ -83,6 +88,32 @@ def lower(c: Cascade) -> Plan:
         stages.append(stage)
         intermediates += [t for t in stage.stores if t not in c.output_names]
     return Plan(NAME, c, tuple(stages), tuple(intermediates), rewrites)
+
+
+def _sum_terms_where_read(c: Cascade, graph: CascadeGraph) -> Cascade:
+    """A map that is a sum of terms (a union's present value, `E1*V + E2*VP`), read only by a
+    sum over some of its indices, as a factor at its own indices, is inlined there: the sum
+    then takes each term as a contraction of its own (two products of 2-D tiles) instead of a
+    map over all the indices of every term (three tile axes, p, m, f, which no kernel tile
+    holds). Exact: the reader sums the points where both predicates hold and every factor,
+    the map's terms included, is present, which are the points it summed before."""
+    for x in c.einsums:
+        if x.reduced or x.recurrence_var or x.name in c.output_names or len(product_terms(x.expr)) < 2:
+            continue
+        readers = graph.readers.get(x.name, ())
+        if len(readers) != 1:
+            continue
+        (r,) = c.writers(readers[0])
+        own = Access(x.name, x.target.indices)
+        reads = [a for a in r.reads if a.tensor == x.name]
+        if r.reduce != "sum" or reads != [own] or not set(r.reduced) & set(x.lhs_vars) or \
+                not any(own in (f for _, f in factors) for _, factors in product_terms(r.expr)):
+            continue
+        where = x.where if r.where is None else r.where if x.where is None else Binary("and", r.where, x.where)
+        inlined = replace(r, expr=rebuild(r.expr, lambda n: x.expr if n == own else None), where=where)
+        einsums = tuple(inlined if e is r else e for e in c.einsums if e is not x)
+        return _sum_terms_where_read(c.replace(einsums=einsums), cascade_graph(c.replace(einsums=einsums)))
+    return c
 
 
 # ---------------------------------------------------------------------------- stages

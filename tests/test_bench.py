@@ -9,7 +9,7 @@ import torch
 
 import einsum_ir as ei
 from einsum_ir.params import bind_arguments
-from support import NOT_FUSED_TRITON
+from support import NOT_FUSED
 
 BENCH = Path(__file__).parents[1] / "bench" / "gpu.py"
 
@@ -23,7 +23,7 @@ def gpu_bench():
 
 
 FUSED = [n for n in ei.variants.names()
-         if n not in ("linear_elu", "linear_elu_causal", "flowformer", "softmax_1pass") + tuple(NOT_FUSED_TRITON)]
+         if n not in ("linear_elu", "linear_elu_causal", "flowformer", "softmax_1pass") + tuple(NOT_FUSED)]
 
 
 @pytest.mark.parametrize("name", FUSED)

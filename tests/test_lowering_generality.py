@@ -105,6 +105,23 @@ def test_a_term_outside_the_contraction_is_summed_over_the_contracted_rank_on_ev
     _backends(c, args, _dense(args, (m_ <= p_).expand(H, P, M)[None], 8 * args["X"].double()[:, :, None, :]))
 
 
+def test_a_map_over_three_tile_axes_summed_over_the_keys_is_summed_term_by_term():
+    # VW spans (p, m, f), which no 2-D tile holds; its only reader sums it over m, so each term
+    # becomes a contraction of its own (docs/lowering.md, "Rewrites")
+    c = ei.parse(SOFTMAX.format(bias="0", predicate="m <= p").replace(
+        "O[b,h,p,f]  = SN[b,h,p,m] * V[b,h,m,f] / SD[b,h,p]",
+        "VW[b,h,p,m,f] = SN[b,h,p,m] * V[b,h,m,f] - 0.5 * SN[b,h,p,m] * X[b,h,m] * V[b,h,m,f]\n"
+        "O[b,h,p,f]  = VW[b,h,p,m,f] / SD[b,h,p]"))
+    plan = key_loop_plan(c)
+    assert "sums of terms summed term by term" in plan.rewrites
+    assert "VW" not in plan.cascade.tensors
+    args = _args(5)
+    causal = (m_ <= p_).expand(H, P, M)[None]
+    weight = 1 - 0.5 * args["X"].double()[:, :, :, None]
+    want = _dense({**args, "V": (args["V"].double() * weight).float()}, causal)
+    _backends(c, args, want)
+
+
 @pytest.mark.parametrize("stored", ["K[b,h,e,m]", "K[e,b,m,h]"])
 def test_score_detection_is_independent_of_the_key_storage_layout(stored):
     c = ei.parse(SOFTMAX.format(bias="0", predicate="m <= p").replace("K[b,h,m,e]", stored))

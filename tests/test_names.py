@@ -14,7 +14,7 @@ from einsum_ir.codegen.names import NUMBERED, RESERVED
 from einsum_ir.errors import SpecError
 from einsum_ir.lowering.grad import grad
 
-from support import NOT_FUSED_TRITON, on_kernel_device
+from support import NOT_FUSED, on_kernel_device
 
 # Every name is one the emitters use themselves, or derive (Q_ptr, KEYS_m, q_lo_i), or a module.
 ADVERSARIAL = """
@@ -123,7 +123,7 @@ def _arguments(c: ei.Cascade) -> set[str]:
     return set(c.tensors) | set(c.dims) | {p.name for p in c.params}
 
 
-FUSED = [n for n in ei.variants.names() if n not in ("linear_elu", "linear_elu_causal", "flowformer") + tuple(NOT_FUSED_TRITON)]
+FUSED = [n for n in ei.variants.names() if n not in ("linear_elu", "linear_elu_causal", "flowformer") + tuple(NOT_FUSED)]
 
 
 @pytest.mark.parametrize("name", FUSED)

@@ -26,8 +26,7 @@ SOURCES = ["fox", "symmetric", "diff_attn", "masformer_heads", "shifted_sparse",
 UNION_AFTER_LOOP = "combines values whose presence is known only after a loop"
 NOT_FUSED = {
     "cpu": {"var_sink": UNION_AFTER_LOOP, "landmark": UNION_AFTER_LOOP},
-    "triton": {"var_sink": UNION_AFTER_LOOP, "landmark": UNION_AFTER_LOOP,
-               "psa": "a value spans three tile axes .p, m, f.; only 2-D tiles are emitted"},
+    "triton": {"var_sink": UNION_AFTER_LOOP, "landmark": UNION_AFTER_LOOP},
 }
 # Lowered, but the generated kernel is wrong: known emitter bugs, expected to fail until fixed.
 EMITTER_BUGS: dict[tuple[str, str], str] = {}
