@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from einsum_ir.graph import CascadeGraph
+from einsum_ir.graph import CascadeGraph, cascade_graph
 from einsum_ir.ir import Access, Binary, Call, Cascade, Einsum, Expr, Num, accesses, product_terms, rebuild
 from einsum_ir.lowering.exprs import product, summation
 
@@ -57,9 +57,18 @@ def _absorbs(name: str, cascade: Cascade, graph: CascadeGraph) -> bool:
             and writers[0].reduce == "sum" and writers[0].recurrence_var is None)
 
 
-def fold_log2e(c: Cascade, graph: CascadeGraph) -> Cascade:
-    """The cascade with every shift-form `exp(S - max S)` in base 2 (see the module doc);
-    unchanged when there is none."""
+def fold_log2e(c: Cascade, graph: CascadeGraph) -> tuple[Cascade, CascadeGraph]:
+    """The cascade with every shift-form `exp(S - max S)` in base 2 (see the module doc), one
+    score at a time (differential attention's two, each stage's of agent attention), and its
+    graph; both unchanged when there is none."""
+    while True:
+        rewritten = _fold_one(c, graph)
+        if rewritten is None:
+            return c, graph
+        c, graph = rewritten, cascade_graph(rewritten)
+
+
+def _fold_one(c: Cascade, graph: CascadeGraph) -> Cascade | None:
     for g_einsum in c.einsums:
         if g_einsum.reduce != "max" or not g_einsum.reduced or not isinstance(g_einsum.expr, Access):
             continue
@@ -71,7 +80,7 @@ def fold_log2e(c: Cascade, graph: CascadeGraph) -> Cascade:
         rewritten = _rewrite(c, graph, writers[0], g_einsum)
         if rewritten is not None:
             return rewritten
-    return c
+    return None
 
 
 def _rewrite(c: Cascade, graph: CascadeGraph, s_einsum: Einsum, g_einsum: Einsum) -> Cascade | None:

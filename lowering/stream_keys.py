@@ -74,10 +74,10 @@ def lower(c: Cascade) -> Plan:
     if scaled is not c:
         rewrites = rewrites + ("row scaling against underflow",)
         c, graph = scaled, cascade_graph(scaled)
-    base2 = fold_log2e(c, graph)
+    base2, graph = fold_log2e(c, graph)
     if base2 is not c:
         rewrites = rewrites + ("base-2 scores",)
-        c, graph = base2, cascade_graph(base2)
+        c = base2
     drafts = _find_stages(c, graph)
     owner = _assign(c, graph, drafts)
     # a score split that another stage's (stream, query) pair took every Einsum of launches nothing
