@@ -33,7 +33,7 @@ import sympy
 
 from einsum_ir.errors import LoweringError, located
 from einsum_ir.graph import CascadeGraph, cascade_graph
-from einsum_ir.indirect import bound_indirect
+from einsum_ir.indirect import bound_indirect, indirect_reads, read_bounds
 from einsum_ir.ir import (
     INT_DTYPES, Access, Binary, Cascade, Einsum, Expr, Index, Name, chain, conjuncts, index_vars, product_terms, rank_of,
     rebuild,
@@ -304,8 +304,12 @@ def _stage(c: Cascade, graph: CascadeGraph, index: int, d: _Draft, owner: dict[s
             if t not in local and t not in loads:
                 loads.append(t)
     atomic = _atomic(d, kinds, tile_stores)
-    predicate = _stage_predicate(d, kinds, depends)
+    predicate = _stage_predicate(d, kinds, depends, _read_bounds(c, d))
     loop = key_loop(predicate, d.query, d.stream, c.dims, _scope(c, d))
+    if loop.block_list and predicate != _stage_predicate(d, kinds, depends):
+        # a block list is built anyway (a selection read through the table): it tests the bounds too
+        predicate = _stage_predicate(d, kinds, depends)
+        loop = key_loop(predicate, d.query, d.stream, c.dims, _scope(c, d))
     undecided = _undecided_wheres(d, kinds, predicate)
     if undecided and loop.block_list:
         raise LoweringError(f"{undecided[0].name}'s predicate is not shared by every carried reduction and the "
@@ -429,16 +433,27 @@ def _rescale(c: Cascade, d: _Draft, kinds, online: list[str], depends, e: Einsum
     return rescale_ratio(e.name, to_sympy(e.expr, leaf), e.reduce)
 
 
-def _stage_predicate(d: _Draft, kinds, depends) -> Expr | None:
-    """The predicate guarding every carried reduction of the stage (what tiles may be skipped by)."""
+def _stage_predicate(d: _Draft, kinds, depends, unskipped: frozenset[Expr] = frozenset()) -> Expr | None:
+    """The predicate guarding every carried reduction of the stage (what tiles may be skipped
+    by), less the atoms in `unskipped`, which the masks of every tile test instead."""
     guarded = [e for e in d.einsums if kinds[e.name] in IN_LOOP and e.where is not None]
     common: list[Expr] | None = None
     for cr in (e for e in d.einsums if kinds[e.name] in REDUCTIONS):  # by conjunct: `A and B` shares A with `A`
         mine = [a for g in guarded if g.name in depends[cr.name] | {cr.name} for a in conjuncts(g.where)]
         common = mine if common is None else [w for w in common if w in mine]
+    common = [w for w in common or () if w not in unskipped]
     if not common:
         return None
     return _conjunction(list(dict.fromkeys(common)))
+
+
+def _read_bounds(c: Cascade, d: _Draft) -> frozenset[Expr]:
+    """The bounds of the stage's indirect reads (`Tbl[b, m // T] >= 0`, einsum_ir.indirect): a
+    page id out of range is an edge case, not a pattern to skip tiles by, so they are left to
+    the masks, and the loop keeps its bounds from the rest (`m < Len[b]`) with no block list
+    of tiles to build per call (unless the rest needs one)."""
+    return frozenset(b for e in d.einsums for a in indirect_reads(e.expr) + indirect_reads(e.where)
+                     for b in read_bounds(c, a))
 
 
 def _scope(c: Cascade, d: _Draft) -> GridScope:
