@@ -156,9 +156,11 @@ class SweepEmitter:
                 subs.append("".join(self.letters[a] for a in axes))
             if not ops:
                 raise LoweringError("a sum over positions of a constant; write it as a product with the extent")
-            eq = f"{','.join(subs)}->{''.join(self.letters[a] for a in out)}"
+            have = tuple(a for a in out if any(self.letters[a] in sub for sub in subs))
+            eq = f"{','.join(subs)}->{''.join(self.letters[a] for a in have)}"
             code = " * ".join([f"torch.einsum('{eq}', {', '.join(ops)})"] + scalar)
-            pieces.append(("-" if sign < 0 else "+", code))
+            # the same along the grid ranks no factor reads (a key range's count of keys)
+            pieces.append(("-" if sign < 0 else "+", code if have == out else self.spread(code, have, out)))
         return join_terms(pieces)
 
     # -------------------------------------------------------------- statements
@@ -201,7 +203,7 @@ class SweepEmitter:
         own, oth = t.own, t.other
         chunk = {QUERY: (SLICE, "t_lo", "hi_p"), KEY: (SLICE, "t_lo", "hi_m")}
         q, qax = self.value(t.query, {own: chunk[own]})
-        ke, kax = self.value(t.key_e, {oth: chunk[oth]})
+        ke, kax = self.value(t.summed_e, {oth: chunk[oth]})
         qax_want = self.canon((*self.plan.grid, own, *t.contracted))
         kax_want = self.canon((*self.plan.grid, oth, *t.contracted))
         q, ke = self.spread(q, qax, qax_want), self.spread(ke, kax, kax_want)
@@ -220,7 +222,7 @@ class SweepEmitter:
             more = "t_lo > 0"
         # terms with one query side, key side and decay (a normalized form's numerator and
         # denominator) share the chunk's scores
-        shared = (own, print_expr(t.query), print_expr(t.key_e), t.contracted,
+        shared = (own, print_expr(t.query), print_expr(t.summed_e), t.contracted,
                   None if t.decay is None else print_expr(t.decay))
         j = self.scores.setdefault(shared, i)
         if j == i:
@@ -235,7 +237,7 @@ class SweepEmitter:
             self.emit(f"a_{i}.tril_()  # m <= p inside the chunk")
         key = f"kc_{j}" if t.decay is not None else f"k_{j}"  # the key side carried to the next boundary
         if t.key_f is not None:
-            kf, fax = self.value(t.key_f, {oth: chunk[oth]})
+            kf, fax = self.value(t.summed_f, {oth: chunk[oth]})
             fax_want = self.canon((*self.plan.grid, oth, *t.kept))
             kf = self.spread(kf, fax, fax_want)
             self.emit(f"v_{i} = {kf}")

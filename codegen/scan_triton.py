@@ -278,8 +278,8 @@ class SweepKernel(StageEmitter):
         state_axes = self.canon(t.contracted + t.kept)
         sec.add(f"# {t.describe()}")
         q = self.as_clean(self.emit(t.query, sec), self.canon((own, *t.contracted)), sec, "q")
-        k = self.as_clean(self.emit(t.key_e, sec), self.canon((oth, *t.contracted)), sec, "k")
-        v = None if t.key_f is None else self.as_clean(self.emit(t.key_f, sec), self.canon((oth, *t.kept)), sec, "v")
+        k = self.as_clean(self.emit(t.summed_e, sec), self.canon((oth, *t.contracted)), sec, "k")
+        v = None if t.key_f is None else self.as_clean(self.emit(t.summed_f, sec), self.canon((oth, *t.kept)), sec, "v")
         h = Val(state, state_axes, "float")
         score = self.contract([q, k], set(t.contracted), pm, sec)
         if not is_simple(score):

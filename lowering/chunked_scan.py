@@ -18,7 +18,8 @@ strategy derives this from the cascade:
    (P, no M), key factors (M, no P), and at most one coupling factor `c(p, m)`, which must be a
    decay, `c(p, m) c(m, j) = c(p, j)` (checked symbolically: `pow(l, p - m)`,
    `exp(G[p] - G[m])`; a constant beside it, `pow(l, p - m - 1)`, becomes a factor). Its
-   predicate is `m <= p` (causal) or none. What reduces P against the keys (the backward's dK,
+   predicate is `m <= p` (causal) or none, and may select positions of the summed rank by their
+   own index (a partial state's key range), which the summed side's factors read as a select. What reduces P against the keys (the backward's dK,
    dV) is a *reverse* term, its own rank M, summed over the queries p >= m.
    - With no predicate and no decay the term is rewritten in the cascade: a state
      `Z_state = sum_m key factors` and `Z = sum query factors * Z_state` (one global state).
@@ -39,10 +40,10 @@ from dataclasses import dataclass, field, replace
 
 import sympy
 
-from einsum_ir.errors import LoweringError
+from einsum_ir.errors import LoweringError, located
 from einsum_ir.graph import cascade_graph
 from einsum_ir.ir import (
-    Access, Binary, Cascade, Einsum, Expr, Index, Num, Unary, conjuncts, index_vars, product_terms, rank_of,
+    Access, Binary, Call, Cascade, Einsum, Expr, Index, Num, Unary, conjuncts, index_vars, product_terms, rank_of,
     rebuild, substitute, walk,
 )
 from einsum_ir.lowering.exprs import product, summation, to_sympy
@@ -72,6 +73,15 @@ class Term:
     contracted: tuple[str, ...]
     kept: tuple[str, ...]
     own: str = QUERY
+    mask: Expr | None = None
+
+    @property
+    def summed_e(self) -> Expr:
+        return _masked(self.key_e, self.mask)
+
+    @property
+    def summed_f(self) -> Expr | None:
+        return _masked(self.key_f, self.mask)
 
     @property
     def other(self) -> str:
@@ -84,6 +94,8 @@ class Term:
             parts.append(f"({print_expr(self.key_f)})")
         decay = f" decay {print_expr(self.decay)}" if self.decay is not None else ""
         over = "m <= p" if self.own == QUERY else "p >= m"
+        if self.mask is not None:
+            over += f" and {print_expr(self.mask)}"
         return (f"{self.einsum} += {sign}sum[{over}] {' * '.join(parts)}; state over "
                 f"{','.join(self.contracted + self.kept) or '-'}{decay}")
 
@@ -199,11 +211,13 @@ def lower(c: Cascade) -> ScanPlan:
             einsums.append(e)
             continue
         if not set(TOKENS) <= set(e.space):
-            _check_single(e, coupled, c)
+            e = _single(c, e, coupled, grid)
             einsums += _pairwise(c, e, grid)
             continue
         own = QUERY if QUERY in e.lhs_vars else KEY
         found, causal = _terms(c, e, coupled, grid, own)
+        if found[0].mask is not None:
+            _absent_is_zero(c, e, found[0].mask)
         if any(len(t.contracted) > 1 for t in found):
             scanned, after = _hoist(c, e, coupled, found, causal)
             rewrites.append(f"{e.name}: the sum over the {'keys' if own == QUERY else 'queries'} keeps "
@@ -341,7 +355,8 @@ def _streamed_elsewhere(c: Cascade) -> None:
 
 
 def _grid(c: Cascade) -> tuple[str, ...]:
-    """One program per value of these: the indices every output over a token rank has, that both
+    """One program per value of these: the indices every output over a token rank has (every
+    output, where none is: a partial state's KV[b,h,e,f] and n_seen[b,h] give B, H), that both
     a query-side and a key-side input carry, and that no score over both token ranks contracts
     (B, H; not E, and not V's F, which the state holds). A per-position value summed across them
     would be summed across programs: declined (a state summed across them is summed after the
@@ -349,9 +364,9 @@ def _grid(c: Cascade) -> tuple[str, ...]:
     sides = [set(d.indices) for d in c.inputs]
     both = {v for s in sides if QUERY in s for v in s} & {v for s in sides if KEY in s for v in s}
     outs = [c.einsum(o).lhs_vars for o in c.output_names if set(c.einsum(o).lhs_vars) & set(TOKENS)]
+    outs = outs or [c.einsum(o).lhs_vars for o in c.output_names]  # states only: a partial state's
     contracted = {v for e in c.einsums if set(TOKENS) <= set(e.lhs_vars) for v in e.reduced}
-    return tuple(v for v in (outs or [c.einsum(c.output_names[0]).lhs_vars])[0]
-                 if v not in TOKENS and v in both and v not in contracted and all(v in o for o in outs))
+    return tuple(v for v in outs[0] if v not in TOKENS and v in both and v not in contracted and all(v in o for o in outs))
 
 
 def _check_across(c: Cascade, grid: tuple[str, ...]) -> None:
@@ -409,16 +424,39 @@ def _linear_in(r: Einsum, name: str) -> bool:
     return True
 
 
-def _check_single(e: Einsum, coupled: set[str], c: Cascade) -> None:
+def _single(c: Cascade, e: Einsum, coupled: set[str], grid: tuple[str, ...]) -> Einsum:
     """An Einsum over one token rank: plain index variables in its reads, and no read of a
-    tensor over both tokens (that tensor only exists inside a term)."""
+    tensor over both tokens (that tensor only exists inside a term). A sum over a token rank
+    may select positions by their own index (a partial state's `m >= key_lo and m < key_hi`):
+    it becomes a sum of the selected values, `where(mask, x, 0)`."""
     for a in (n for n in walk(e.expr) if isinstance(n, Access)):
         if a.tensor in coupled:
             raise LoweringError(f"{e.name} reads {a.tensor}, which is over both P and M, outside a product "
                                 f"summed over the keys: the scan has no P x M matrix to read")
     _plain_reads(e.expr, e.name)
-    if e.where is not None:
-        raise LoweringError(f"{e.name} has a predicate over one token rank; the scan's only mask is m <= p")
+    if e.where is None:
+        return e
+    summed = [v for v in e.reduced if v in TOKENS]
+    if e.reduce != "sum" or not summed:
+        raise LoweringError(located(e, f"{e.name} has a predicate but sums no token rank; the scan masks sums "
+                                       f"over the positions (m <= p, or a range of them)"))
+    _, mask = _predicate(e.where, e.name, summed[0], grid)
+    _absent_is_zero(c, e, mask)
+    return replace(e, expr=_masked_sum(e.expr, mask, summed[0]), where=None)
+
+
+def _masked_sum(expr: Expr, mask: Expr, summed: str) -> Expr:
+    """The summand `expr` with every factor over the summed index selected by `mask` (a divisor
+    by 1, the rest by 0), so the sum stays a contraction of its factors (and with none over it,
+    the mask as a factor of its own: `n_seen = 1.0` becomes `1.0 * where(mask, 1, 0)`)."""
+    pieces = []
+    for sign, factors in product_terms(expr):
+        masked = [(recip, Call("where", (mask, f, Num(1 if recip else 0))) if summed in index_vars(f) else f)
+                  for recip, f in factors]
+        if not any(summed in index_vars(f) and not recip for recip, f in factors):
+            masked.append((False, Call("where", (mask, Num(1), Num(0)))))
+        pieces.append(product(masked, sign))
+    return summation(pieces)
 
 
 def _plain_reads(expr: Expr, name: str) -> None:
@@ -439,10 +477,12 @@ def _terms(c: Cascade, e: Einsum, coupled: set[str], grid: tuple[str, ...], own:
                             f"product of both sides; only a sum reassociates")
     expanded = _expand(c, e.expr, e.where, coupled, e.name, set(e.space))
     kept = tuple(v for v in e.lhs_vars if v not in grid and v != own)
-    causal_flags = set()
+    causal_flags, masks = set(), set()
     out = []
     for sign, factors, where in expanded:
-        causal_flags.add(_causal(where, e.name))
+        causal, mask = _predicate(where, e.name, other, grid)
+        causal_flags.add(causal)
+        masks.add(mask)
         q, k, decay = [], [], []
         for recip, f in factors:
             vs = set(index_vars(f))
@@ -472,13 +512,18 @@ def _terms(c: Cascade, e: Einsum, coupled: set[str], grid: tuple[str, ...], own:
             raise LoweringError(f"{e.name}: the {'query' if own == QUERY else 'key'} side reads "
                                 f"{', '.join(sorted(stray))}, which the summed side does not; the scan's state is "
                                 f"over the summed side's features")
+        if kept and not key_f:
+            raise LoweringError(f"{e.name} keeps {', '.join(kept)}, which its summed side does not read: the same "
+                                f"sum for each; write it without {', '.join(kept)}")
         if len(contracted) > 2 or len(kept) > 1 or len(contracted) == 2 and kept:
             raise LoweringError(f"{e.name} contracts {len(contracted)} and keeps {len(kept)} feature ranks; the "
                                 f"scan's state is one matrix (one rank each)")
         out.append(Term(e.name, sign, product(q) if q else Num(1), product(key_e) if key_e else Num(1),
-                        product(key_f) if key_f else None, d, contracted, kept, own))
+                        product(key_f) if key_f else None, d, contracted, kept, own, mask))
     if len(causal_flags) != 1:
         raise LoweringError(f"{e.name} mixes causal and unmasked terms")
+    if len(masks) != 1:
+        raise LoweringError(f"{e.name} sums its terms over different positions; split it into one Einsum per mask")
     causal = causal_flags.pop()
     if not causal and any(t.decay is not None for t in out):
         raise LoweringError(f"{e.name} decays without m <= p: g(p)/g(m) grows without bound for m > p")
@@ -510,7 +555,7 @@ def _hoist(c: Cascade, e: Einsum, coupled: set[str], terms: list[Term], causal: 
         outside = mine
         inside.append(product([x for x in factors if x not in mine], sign))
     fresh = FreshNames(list(c.tensors) + list(c.dims) + [p.name for p in c.params])
-    where = Binary("<=", Index(KEY), Index(QUERY)) if causal else None
+    where = _and(Binary("<=", Index(KEY), Index(QUERY)) if causal else None, terms[0].mask)
     kept = Einsum(Access(fresh(f"{e.name}_{rank}"), tuple(Index(v) for v in dict.fromkeys(e.lhs_vars + [own, rank]))),
                   summation(inside), "sum", where, loc=e.loc)
     hoisted = product(outside + [(False, kept.target)])
@@ -570,18 +615,45 @@ def _and(a: Expr | None, b: Expr | None) -> Expr | None:
     return b if a is None else a if b is None else Binary("and", a, b)
 
 
-def _causal(where: Expr | None, name: str) -> bool:
-    """True for `m <= p` (or `p >= m`), False for no predicate; decline any other mask."""
-    clauses = set(conjuncts(where))
-    causal = {Binary("<=", Index(KEY), Index(QUERY)), Binary(">=", Index(QUERY), Index(KEY))}
-    if not clauses:
-        return False
-    strip = {Binary(cl.op, Index(cl.lhs.name), Index(cl.rhs.name)) for cl in clauses
-             if isinstance(cl, Binary) and isinstance(cl.lhs, Index) and isinstance(cl.rhs, Index)}
-    if len(strip) == len(clauses) and strip <= causal:
-        return True
-    raise LoweringError(f"{name} is masked by {print_expr(where)}; the chunked scan sums a prefix, m <= p, or "
-                        f"every key (a window or a block mask is streamed under a query tile)")
+def _predicate(where: Expr | None, name: str, summed: str, grid: tuple[str, ...]) -> tuple[bool, Expr | None]:
+    """Whether `where` holds `m <= p` (or `p >= m`), and the rest of it, which must select
+    positions of the summed rank by themselves (`m >= key_lo and m < Len[b]`: over the summed
+    index, the grid and parameters; None when there is none). Any other mask is declined."""
+    causal_forms = {Binary("<=", Index(KEY), Index(QUERY)), Binary(">=", Index(QUERY), Index(KEY))}
+    causal, side = False, []
+    for clause in conjuncts(where):
+        plain = isinstance(clause, Binary) and isinstance(clause.lhs, Index) and isinstance(clause.rhs, Index)
+        if plain and Binary(clause.op, Index(clause.lhs.name), Index(clause.rhs.name)) in causal_forms:
+            causal = True
+        elif set(index_vars(clause)) <= {summed, *grid}:
+            _plain_reads(clause, name)
+            side.append(clause)
+        else:
+            raise LoweringError(f"{name} is masked by {print_expr(where)}; the chunked scan sums a prefix (m <= p), "
+                                f"positions selected by their own index (m >= key_lo and m < Len[b]), or every "
+                                f"position (a window or a block mask is streamed under a query tile)")
+    mask = None
+    for clause in side:
+        mask = _and(mask, clause)
+    return causal, mask
+
+
+def _masked(x: Expr | None, mask: Expr | None) -> Expr | None:
+    """`x` where `mask` holds, else 0: a select, so that a value at a masked position (an inf,
+    or what an unwritten cache slot holds) goes nowhere."""
+    return x if x is None or mask is None else Call("where", (mask, x, Num(0)))
+
+
+def _absent_is_zero(c: Cascade, e: Einsum, mask: Expr) -> None:
+    """A masked sum is held as 0 where its mask selects no position; the cascade's value is
+    absent there, and so is everything that reads it. The two agree only for an output whose
+    fill is 0 (a partial state's sums are)."""
+    fill = next((o.fill for o in c.outputs if o.name == e.name), None)
+    if fill != 0:
+        raise LoweringError(located(e, f"{e.name} is masked by {print_expr(mask)}: where that selects no position, "
+                                       f"{e.name} is absent, but the scan's sum is 0; the scan takes such a mask only "
+                                       f"on an output filled with 0 (write the mask on the outputs' sums, or use "
+                                       f"backend key loop)"))
 
 
 def _decay(d: Expr, name: str) -> tuple[Expr, Expr | None]:
@@ -635,7 +707,7 @@ def _reassociate(c: Cascade, e: Einsum, terms: list[Term]) -> list[Einsum]:
     for i, t in enumerate(terms):
         state = fresh(f"{e.name}_state" + (str(i + 1) if len(terms) > 1 else ""))
         idx = tuple(Index(v) for v in grid + list(t.contracted) + list(t.kept))
-        key = t.key_e if t.key_f is None else Binary("*", t.key_e, t.key_f)
+        key = t.summed_e if t.key_f is None else Binary("*", t.summed_e, t.summed_f)
         out.append(Einsum(Access(state, idx), key, loc=e.loc))
         read = Binary("*", t.query, Access(state, idx))
         pieces.append(read if t.sign > 0 else Unary("-", read))
@@ -809,7 +881,7 @@ def _sweep(c, graph, index: int, kind, roots: list[str], terms, reductions, by_n
     body = [e for e in order if _token_of(e) is not None]
     reds = tuple(e for e in body if e.name in reductions and e.name in roots)
     maps = tuple(e for e in body if e not in reds)
-    stores = tuple(n for n in roots if n in c.output_names)
     states = tuple(e.name for e in reds)
+    stores = tuple(n for n in roots if n in c.output_names and n not in states)
     return Sweep(index, token, lockstep, prologue, maps, reds,
                  tuple(t for e in maps if e.name in terms for t in terms[e.name]), stores, states, tuple(loads))

@@ -16,8 +16,8 @@ from support import make_inputs, on_kernel_device
 
 DECLINED = {"flowformer": "GC reduces the keys and depends on KS, a reduction over every key",
             "landmark": "known only after a loop", "var_sink": "known only after a loop"}
-# Partial states taken from the cascade as written (no key loop): the chunked scan does not take
-# a key range yet, so their partial kernel runs on the interpreter (backend "auto").
+# Partial states taken from the cascade as written (no key loop): their partial kernel is a
+# chunked scan over the key range.
 AS_WRITTEN = ("linear_elu", "linear_elu_causal")
 MERGED = [n for n in ei.variants.names() if n not in DECLINED]
 SHAPES = [(13, 19), (21, 10)]  # P < M; P > M (a bottom-right mask leaves rows with no key)
@@ -73,7 +73,7 @@ def test_any_partition_merged_in_any_order_equals_the_kernel(name, shape):
     c = ei.variants.load(name)
     P, M = shape
     args = make_inputs(name, c, P=P, M=M, E=8, F=6, dtype=torch.float64)
-    kern = ei.compile(c, backend="auto" if name in AS_WRITTEN else "cpu")
+    kern = ei.compile(c, backend="cpu")
     want = kern(**args)
     rng = random.Random(hash((name, shape)) % 1000)
     m = _key_extent(c, args)
@@ -83,7 +83,8 @@ def test_any_partition_merged_in_any_order_equals_the_kernel(name, shape):
         _assert_same(_merged(c, states, rng).finalize(), want, 1e-10, f"{name} {ranges}")
 
 
-@pytest.mark.parametrize("name", ["softmax_causal", "softplus_l1", "moh", "agent_attention", "nbhd_2d"])
+@pytest.mark.parametrize("name", ["softmax_causal", "softplus_l1", "moh", "agent_attention", "nbhd_2d",
+                                  *AS_WRITTEN])
 def test_triton_partial_states_merge_to_the_kernel(name):
     c = ei.variants.load(name)
     args = on_kernel_device(make_inputs(name, c, P=13, M=19, E=8, F=6))
@@ -148,5 +149,41 @@ def test_linear_states_are_the_reductions_over_the_keys_as_written(name):
     m = derive(ei.variants.load(name))
     assert m.stage is None and {r.reduce for r in m.rules} == {"sum"}
     assert {r.name for r in m.rules} == ({"KV", "Z"} if name == "linear_elu" else {"NUM", "DEN"})
-    with pytest.raises(ei.LoweringError, match="chunked scan"):  # the fused partial kernel: not yet
-        ei.compile(ei.variants.load(name), backend="cpu").partials.kernel
+
+
+@pytest.mark.parametrize("name", AS_WRITTEN)
+def test_the_chunked_scan_sums_a_key_range_across_chunk_boundaries(name):
+    """The partial kernel of linear attention is a scan whose key factors are selected by the
+    range; with chunks of 4 positions a range starts and ends inside chunks."""
+    from einsum_ir.codegen.scan_cpu import ScanCpuKernel
+
+    c = ei.variants.load(name)
+    args = make_inputs(name, c, P=19, M=19, E=8, F=6, dtype=torch.float64)
+    kern = ei.compile(c, backend="cpu")
+    scan = kern.partials.kernel
+    assert isinstance(scan, ScanCpuKernel)
+    scan.chunk = 4
+    partial = kern.partials.merge.partial
+    for keys in [(0, 19), (3, 14), (5, 5), (17, 40)]:
+        st = kern.partial(keys=keys, **args)
+        want = ei.interpret(partial, **args, key_lo=keys[0], key_hi=max(keys))
+        for out, w in zip(partial.output_names, want):
+            torch.testing.assert_close(st.values[out], w, msg=f"{name} {keys} {out}")
+
+
+def test_the_scan_refuses_a_key_mask_where_absent_and_zero_differ():
+    """A length mask on a sum the cascade divides by: where a batch has no key, the cascade's
+    output is absent (its fill) but a scan's sums are 0 and 0/0 would be NaN."""
+    from einsum_ir.lowering import chunked_scan
+
+    c = ei.parse("""dims B H P M E F
+input Q[b,h,p,e], K[b,h,m,e], V[b,h,m,f], Len[b]: int32
+FQ[b,h,p,e]  = elu(Q[b,h,p,e]) + 1
+FK[b,h,m,e]  = elu(K[b,h,m,e]) + 1
+KV[b,h,e,f]  = FK[b,h,m,e] * V[b,h,m,f] where m < Len[b]
+Z[b,h,e]     = FK[b,h,m,e] where m < Len[b]
+O[b,h,p,f]   = FQ[b,h,p,e] * KV[b,h,e,f] / (FQ[b,h,p,e] * Z[b,h,e])
+output O
+""")
+    with pytest.raises(ei.LoweringError, match="KV is masked by m < Len.b.: where that selects no position"):
+        chunked_scan.lower(c)
