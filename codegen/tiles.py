@@ -11,7 +11,7 @@ import math
 from einsum_ir.codegen import dispatch
 from einsum_ir.codegen.dispatch import INTERPRETER_CONFIG, Config
 from einsum_ir.ir import index_vars, rank_of
-from einsum_ir.lowering.plan import Stage
+from einsum_ir.lowering.plan import Stage, page_flag
 
 
 def next_pow2(n: int) -> int:
@@ -66,7 +66,13 @@ def stage_tiles(stage: Stage, extents: dict, config: Config) -> dict:
     in_pred = set(index_vars(stage.predicate)) if stage.predicate is not None else set()
     tiles.update(_box(config.BLOCK_Q, stage.query, extents, "BLOCK_Q", in_pred))
     tiles.update(_box(config.BLOCK_S, stage.stream, extents, "BLOCK_S", in_pred))
+    # a page size is not a token rank, so it is exact in the bucket (a param's is unknown here);
+    # the in-page loads clamp page ids into their tables, which an empty table has no room for
+    nonempty = min(extents.values(), default=1) > 0
+    tiles.update({page_flag(d): int(nonempty and d in extents and extents[d] % config.BLOCK_S == 0)
+                  for d in stage.page_sizes})
     return tiles
+
 
 
 def choose_tiles(stage: Stage, extents: dict, device: str = "cpu") -> dict:

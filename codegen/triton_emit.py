@@ -28,16 +28,17 @@ from einsum_ir.codegen.block_emit import BlockEmitter, Section, Val, module_head
 from einsum_ir.codegen.scalar_code import TRITON, print_int
 from einsum_ir.errors import LoweringError
 from einsum_ir.functions import FUNCTIONS, TRITON_HELPERS
-from einsum_ir.indirect import position_bounds
-from einsum_ir.ir import Access, Einsum, Index, product_terms, rank_of
+from einsum_ir.indirect import indirect_reads, position_bounds
+from einsum_ir.ir import Access, Binary, Einsum, Expr, Index, Name, product_terms, rank_of, walk
 from einsum_ir.lowering.keyranges import Segment
-from einsum_ir.lowering.plan import Plan, Stage
+from einsum_ir.lowering.plan import Plan, Stage, page_flag
 
 
 class StageEmitter(BlockEmitter):
     """One stage of a plan -> one `@triton.jit` kernel (or, in list mode, its block-list kernel)."""
 
     pos_inf, neg_inf = 'float("inf")', 'float("-inf")'
+    in_page = False  # emitting the loops where every key tile lies in one page
 
     def __init__(self, plan: Plan, stage: Stage, name: str, list_mode: bool = False):
         super().__init__(plan, stage, name)
@@ -47,6 +48,9 @@ class StageEmitter(BlockEmitter):
         self.body_id = 0
         self.pointers: dict[str, tuple[str, list[tuple[str, str]]]] = {}  # name -> (base, [(key var, stride)])
         self.placed = False
+        # indirect reads and their tables' reads: the readers' predicates bound their positions
+        self.paged_reads = {n for e in stage.einsums for r in indirect_reads(e.expr)
+                            for n in [r] + [x for i in r.indices for x in walk(i) if isinstance(x, Access)]}
         self.load_names: dict[tuple, str] = {}
 
     # ------------------------------------------------------------------ axes and alignment
@@ -154,7 +158,9 @@ class StageEmitter(BlockEmitter):
         t = a.tensor
         idx_vals = [self.emit(i, sec) for i in a.indices]
         axes = self.canon([x for v in idx_vals for x in v.axes])
-        target = self.pre if (self.in_loop and "S" not in axes) else sec
+        # hoisted out of the loop unless it moves with the key tile (a page id is one value per tile)
+        moves = any(isinstance(n, Index) and n.name in self.s.stream for i in a.indices for n in walk(i))
+        target = self.pre if (self.in_loop and "S" not in axes and not moves) else sec
         where = "pre" if target is self.pre else (self.body_id, self.masked)
         key = (t, tuple(map(repr, a.indices)), where)
         if key in self.cache:
@@ -175,13 +181,22 @@ class StageEmitter(BlockEmitter):
                 if self.masked or not self.in_loop or self.list_mode:
                     masks.append(self.align(f"({var} < {rank})", ("S",), axes))
                 continue
-            offsets.append(f"{self.align(v.code, v.axes, axes)} * {stride}")
             if isinstance(idx, Index):
+                offsets.append(f"{self.align(v.code, v.axes, axes)} * {stride}")
                 if idx.name in self.s.query:
                     masks.append(self.align("q_valid", ("Q",), axes))
                 elif idx.name in self.s.features:
                     masks.append(self.align(self.feature_mask(idx.name), (idx.name,), axes))
+            elif not v.axes and moves and a in self.paged_reads:
+                # one position per key tile (a page id, its table slot): clamped into the rank
+                # rather than masked, as the reader's predicate states these bounds already
+                # (einsum_ir.indirect): a point read out of range is absent there
+                code = v.code
+                for b in position_bounds(self.c, idx, rank):
+                    code = f"tl.maximum({code}, 0)" if b.op == ">=" else f"tl.minimum({code}, {rank} - 1)"
+                offsets.append(f"{code} * {stride}")
             else:  # an index expression (a page id, m % T, p // BS): inside the rank only
+                offsets.append(f"{self.align(v.code, v.axes, axes)} * {stride}")
                 halves = [f"(({v.code}) >= 0)" if b.op == ">=" else f"(({v.code}) < {rank})"
                           for b in position_bounds(self.c, idx, rank)]
                 if halves:
@@ -423,7 +438,10 @@ class StageEmitter(BlockEmitter):
 
     def start_body(self, sec: Section) -> None:
         for k in self.s.stream:
-            sec.add(f"k_lo_{k} = j_{k} * {self.sub_block('S', k)}")
+            start = f"j_{k} * {self.sub_block('S', k)}"
+            # a page id's load is masked by a test of the tile start: a tensor, also where the
+            # loop index is a Python int (the interpreter)
+            sec.add(f"k_lo_{k} = " + (f"tl.cast({start}, tl.int32)" if self.in_page else start))
             sec.add(f"{k} = k_lo_{k} + {self.box_position('S', k, 'r_k')}")
 
     def body_lines(self, masked: bool, indent: int, placed: bool = False) -> list[str]:
@@ -493,11 +511,31 @@ class StageEmitter(BlockEmitter):
         for name, axes in self.counter_init():
             self.pre.add(f"{name} = {self.fill(axes, '0', 'int') if axes else '0'}")
         self.grid_values()
+        if s.page_sizes and not s.loop.block_list:
+            # the flag is a constexpr: one branch is compiled, and the loops stay branch-free
+            flags = " and ".join(page_flag(d) for d in s.page_sizes)
+            self.in_page = True
+            paged = self.key_loops(2)
+            self.in_page = False
+            loops = [f"    if {flags}:  # every key tile lies in one page: one page-table read per tile",
+                     *paged, "    else:", *self.key_loops(2)]
+        else:
+            loops = self.key_loops(1)
+        self.presence_after_loop()
+        for e in s.of_kind("epilogue"):
+            self.after_loop_einsum(e, self.post)
+        for t in s.stores:
+            self.store(t, self.post)
+        return self.render(self.pre.lines + loops + self.post.lines)
+
+    def key_loops(self, indent: int) -> list[str]:
+        """The loops over the key tiles, at `indent`: per segment, or over the block lists."""
+        s = self.s
         self.in_loop = True
         placed = s.loop.block_list or len(s.stream) > 1
-        bodies = {(m, placed): self.body_lines(m, 2, placed) for m in (False, True)}
+        bodies = {(m, placed): self.body_lines(m, indent + 1, placed) for m in (False, True)}
         self.in_loop = False
-        loop = Section()
+        loop = Section(indent=indent)
         if s.loop.block_list:
             loop.add("blk_row = pid_g * NQT + pid_q")
             self.list_loop("full", bodies[False, True], loop)
@@ -507,12 +545,19 @@ class StageEmitter(BlockEmitter):
                 loop.add(f"{sym.name} = {print_int(e, TRITON)}")
             for seg in s.loop.tile_segments:
                 self.segment_loop(seg, bodies, loop)
-        self.presence_after_loop()
-        for e in s.of_kind("epilogue"):
-            self.after_loop_einsum(e, self.post)
-        for t in s.stores:
-            self.store(t, self.post)
-        return self.render(self.pre.lines + loop.lines + self.post.lines)
+        return loop.lines
+
+    def emit(self, expr: Expr, sec: Section) -> Val:
+        """As the base emitter's, but where each key tile lies in one page (`in_page`) the page
+        of key m, `m // T`, is one value per tile and its slot `m % T` the tile's offset in the
+        page plus the lane."""
+        if (self.in_page and isinstance(expr, Binary) and expr.op in ("//", "%") and isinstance(expr.rhs, Name)
+                and expr.rhs.name in self.s.page_sizes and expr.lhs == Index(self.s.stream[0])):
+            k, size = self.s.stream[0], expr.rhs.name
+            if expr.op == "//":
+                return Val(f"(k_lo_{k} // {size})", (), "int")
+            return Val(f"(k_lo_{k} % {size} + r_k)", ("S",), "int")
+        return super().emit(expr, sec)
 
     def generate_list(self) -> str:
         """The block-list kernel: per query tile, the key tiles whose mask is full, and those with
@@ -590,6 +635,7 @@ class StageEmitter(BlockEmitter):
         if len(s.stream) > 1:
             args += [(f"BLOCK_S_{v}", "constexpr") for v in s.stream]
         args += [(self.block(f), "constexpr") for f in s.features]
+        args += [(page_flag(d), "constexpr") for d in s.page_sizes]
         return args
 
     def render(self, lines: list[str], doc: str | None = None) -> str:

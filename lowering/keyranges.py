@@ -345,9 +345,24 @@ class KeyLoop:
 def masked_everywhere(loop: KeyLoop) -> KeyLoop:
     """The same loop with every tile masked: for a stage whose values are guarded by predicates
     that the skipped region does not decide (a tile outside it may still hold absent points)."""
-    def masked(segments):
-        return tuple(replace(s, masked=True) for s in segments)
-    return replace(loop, key_segments=masked(loop.key_segments), tile_segments=masked(loop.tile_segments))
+    def masked(segments):  # consecutive ranges of one key rank, now alike, as one loop
+        out: list[Segment] = []
+        for s in segments:
+            if out and len(s.box) == len(out[-1].box) == 1:
+                (k, lo, mid), ((k2, start, hi),) = out[-1].box[0], s.box
+                if k == k2 and mid == start:
+                    out[-1] = Segment(True, ((k, lo, hi),))
+                    continue
+            out.append(replace(s, masked=True))
+        return tuple(out)
+    key_segments, tile_segments = masked(loop.key_segments), masked(loop.tile_segments)
+    need = {x for seg in key_segments + tile_segments for _, lo, hi in seg.box for x in lo.free_symbols | hi.free_symbols}
+    for sym, e in reversed(loop.key_defs + loop.tile_defs):  # the bounds the merged loops still read
+        if sym in need:
+            need |= e.free_symbols
+    return replace(loop, key_defs=tuple(d for d in loop.key_defs if d[0] in need),
+                   tile_defs=tuple(d for d in loop.tile_defs if d[0] in need),
+                   key_segments=key_segments, tile_segments=tile_segments)
 
 
 class _Names:

@@ -13,11 +13,17 @@ from dataclasses import dataclass, field
 import sympy
 
 from einsum_ir.cost_model.passes import rank_vars, resolve_ranks
-from einsum_ir.ir import Cascade, Einsum, Expr
+from einsum_ir.ir import Access, Binary, Cascade, Einsum, Expr, Index, Name, walk
 from einsum_ir.lowering.keyranges import KeyLoop
 from einsum_ir.printer import print_expr
 
 KINDS = ("prologue", "key_side", "stream", "carried", "tile_sum", "epilogue")
+
+
+def page_flag(size: str) -> str:
+    """The name of the launch constant that says every key tile lies in one page of `size`
+    keys (`Stage.page_sizes`)."""
+    return f"IN_PAGE_{size}"
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,21 @@ class Stage:
     def summed_across_programs(self) -> frozenset[str]:
         """Outputs several programs add into (atomic carried sums and tile sums): they start at 0, in fp32."""
         return self.atomic | {e.name for e in self.of_kind("tile_sum")}
+
+    @property
+    def page_sizes(self) -> tuple[str, ...]:
+        """The names D (dims) that an index position reads the key as `m // D` with: a paged
+        cache's page of D keys, `Kc[Tbl[b, m // T], m % T, ...]`, for one key rank. A key tile
+        starts at a multiple of its size, so where that size divides D the tile lies in one
+        page: `m // D` is one value per tile (one page-table read), and `m % D` the tile's
+        offset in the page plus the lane."""
+        if len(self.stream) != 1:
+            return ()
+        key = Index(self.stream[0])
+        found = [n.rhs.name for e in self.einsums for a in walk(e.expr) if isinstance(a, Access)
+                 for i in a.indices for n in walk(i)
+                 if isinstance(n, Binary) and n.op == "//" and n.lhs == key and isinstance(n.rhs, Name)]
+        return tuple(dict.fromkeys(found))
 
     def group_of(self, name: str) -> PresenceGroup | None:
         return next((g for g in self.groups if name in g.members), None)

@@ -274,7 +274,8 @@ def _triton_run(c, args: dict, tile: int, dtype=torch.float32):
     return kern.run(on_kernel_device(args), config)
 
 
-@pytest.mark.parametrize("T,J,tile", [(16, 3, 32), (32, 1, 16), (4, 5, 16)], ids=lambda x: str(x))
+# a tile that divides the page (32/16, 16/16) reads one page id per tile; the others per key
+@pytest.mark.parametrize("T,J,tile", [(16, 3, 32), (32, 1, 16), (16, 4, 16), (4, 5, 16)], ids=lambda x: str(x))
 def test_triton_equals_the_interpreter(T, J, tile):
     c = ei.variants.load("paged_decode")
     args = _paged(B=2, T=T, J=J, P=1, seed=3)
@@ -291,6 +292,29 @@ def test_triton_loads_page_ids_then_gathers_under_their_mask():
     assert "Kc = tl.load(Kc_ptr + Tbl[:, None] * stride_Kc_0" in src
     assert "mask=(((Tbl) >= 0) & ((Tbl) < N))[:, None]" in src
     assert "< T_" not in src and "(m // T_)) >= 0" not in src  # halves that always hold are not tested
+
+
+def test_triton_reads_one_page_id_per_tile_where_the_tile_divides_the_page():
+    """Under the constexpr IN_PAGE_T_ (the key tile divides the page size) the page id is one
+    scalar load per tile and the slot the tile's offset in the page plus the lane; the launch
+    sets it from the true page size, which the shape bucket keeps exact (and never for an
+    empty table, which has no slot to clamp a page id to)."""
+    from einsum_ir.codegen.kernel import compile_triton
+    from einsum_ir.codegen.tiles import stage_tiles
+
+    kern = compile_triton(ei.variants.load("paged_decode"))
+    src = kern.source()
+    assert "    if IN_PAGE_T_:  # every key tile lies in one page" in src
+    # clamped into the table and the cache, not masked: S's predicate holds those bounds
+    assert "Tbl = tl.load(Tbl_ptr + b * stride_Tbl_0 + tl.minimum((k_lo_m // T_), J - 1) * stride_Tbl_1)" in src
+    assert ("Kc = tl.load(Kc_ptr + tl.minimum(tl.maximum(Tbl, 0), N - 1) * stride_Kc_0 + "
+            "(k_lo_m % T_ + r_k)[:, None] * stride_Kc_1") in src
+    (stage,) = kern.plan.stages
+    assert stage.page_sizes == ("T_",)
+    extents = {"B": 2, "G": 2, "R": 2, "P": 1, "M": 256, "E": 8, "F": 4, "N": 8, "J": 4}
+    assert stage_tiles(stage, {**extents, "T_": 128}, Config(16, 64, 4, 1))["IN_PAGE_T_"] == 1
+    assert stage_tiles(stage, {**extents, "T_": 16}, Config(16, 64, 4, 1))["IN_PAGE_T_"] == 0
+    assert stage_tiles(stage, {**extents, "T_": 128, "J": 0}, Config(16, 64, 4, 1))["IN_PAGE_T_"] == 0
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -328,6 +352,7 @@ def test_a_flat_slot_mapping_reads_through_index_arithmetic():
     assert_outputs_close(ei.interpret(flat, **args), want)
     assert_outputs_close(compile_cpu(flat, block_q=4, block_s=8)(**args), want)
     assert_outputs_close(_triton_run(flat, args, 16), want)
+    assert_outputs_close(_triton_run(flat, args, 4), want)  # the tile is the page: one page id per tile
 
 
 def test_partial_states_over_a_paged_cache_merge_to_the_whole():
