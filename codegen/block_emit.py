@@ -27,7 +27,7 @@ import sympy
 
 from einsum_ir.builtins import PREDICATES
 from einsum_ir.errors import LoweringError
-from einsum_ir.functions import FUNCTIONS
+from einsum_ir.functions import FUNCTIONS, UNIONS, UnionForm
 from einsum_ir.ir import Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, Num, Unary, index_vars, product_terms, walk
 from einsum_ir.lowering.plan import Plan, Stage
 
@@ -171,6 +171,30 @@ class BlockEmitter:
                 x = name
             named.append(x)
         return spelling.format(*named)
+
+    def union(self, u: UnionForm, args: list[Val], axes: tuple[str, ...]) -> Val:
+        """A union form of values whose presence is known here (the final values after the
+        loop, lowering.unions): each operand where present, else the form's identity; present
+        where any operand is (everywhere, if one has no absent point)."""
+        out, present = None, []
+        for v in args:
+            code = self.align(self.num(v), v.axes, axes)
+            if v.pres:
+                code = self.select(self.align(v.pres, v.pres_axes, axes), code, self.number(u.identity))
+                present.append(Val(v.pres, v.pres_axes, "bool"))
+            if out is None:
+                out = code
+            elif u.combine == "+":
+                out = f"{out} + {code}"
+            else:  # max or min of two: a select that keeps the larger or smaller
+                first, second = paren(out), paren(code)
+                out = self.select(f"({first} {'>=' if u.combine == 'max' else '<='} {second})", first, second)
+        if len(present) < len(args):
+            return Val(f"({out})", axes, "float")
+        pres = present[0]
+        for v in present[1:]:
+            pres = self.logical("or", pres, v, self.canon(pres.axes + v.axes))
+        return Val(f"({out})", axes, "float", pres.code, pres.axes)
 
     def select(self, cond: str, a: str, b: str) -> str:
         """Elementwise `a if cond else b`."""
@@ -360,6 +384,8 @@ class BlockEmitter:
             return self.emit(PREDICATES[expr.fn].expand(expr.args), sec)
         args = [self.emit(a, sec) for a in expr.args]
         axes = self.canon([x for a in args for x in a.axes])
+        if expr.fn in UNIONS:
+            return self.union(UNIONS[expr.fn], args, axes)
         pres, pax = self.combine_pres(args)
         if expr.fn == "where":
             return self.where(args, axes, pres, pax)

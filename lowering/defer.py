@@ -4,8 +4,9 @@ A sum over rank(s) R whose summand reads a full reduction D over R (D has no R i
 be computed in the same traversal of R that computes D. But a factor without R indices
 commutes with the sum: `sum_m (SN/SD)*V = (sum_m SN*V) / SD`. The rewrite
 
-1. inlines map Einsums (no reduction, no predicate) whose values read such a D into the
-   contraction that reads them (`A = SN/SD; O = A*V` becomes `O = SN/SD*V`);
+1. inlines map Einsums (no reduction) whose values read such a D into the contraction that
+   reads them (`A = SN/SD; O = A*V` becomes `O = SN/SD*V`), a map's predicate joining the
+   contraction's (it sums where the map is present);
 2. expands the summand into signed terms of factors; in each term the factors with no R
    index that read D move out;
 3. writes `Z_num_k = sum_R inner_k` (one per term, keeping the predicate) and
@@ -18,7 +19,7 @@ original sum is, and so is D.
 from __future__ import annotations
 
 from einsum_ir.graph import CascadeGraph, cascade_graph
-from einsum_ir.ir import Access, Cascade, Einsum, Index, index_vars, product_terms, substitute
+from einsum_ir.ir import Access, Cascade, Einsum, Index, chain, index_vars, product_terms, substitute
 from einsum_ir.lowering.exprs import product, replace_accesses, summation, tensors_read
 
 
@@ -36,12 +37,12 @@ def _reduction_over(c: Cascade, graph: CascadeGraph, ranks: set[str]) -> set[str
 
 
 def _is_plain_map(e: Einsum) -> bool:
-    return (not e.reduced and e.where is None and e.recurrence_var is None
-            and all(isinstance(i, Index) for i in e.target.indices))
+    return not e.reduced and e.recurrence_var is None and all(isinstance(i, Index) for i in e.target.indices)
 
 
-def _inline(c: Cascade, graph: CascadeGraph, expr, barrier: set[str], ranks: set[str]):
-    """Inline plain maps over `ranks` that (transitively) read a barrier tensor."""
+def _inline(c: Cascade, graph: CascadeGraph, expr, barrier: set[str], ranks: set[str], where: list):
+    """Inline maps over `ranks` that (transitively) read a barrier tensor. A map's predicate
+    joins `where` (as read): the sum then runs over the points where the map is present."""
 
     def reads_barrier(name: str) -> bool:
         return bool((graph.ancestors[name] | {name}) & barrier)
@@ -53,8 +54,10 @@ def _inline(c: Cascade, graph: CascadeGraph, expr, barrier: set[str], ranks: set
         w = writers[-1]
         if _is_plain_map(w) and set(w.lhs_vars) & ranks and reads_barrier(a.tensor) and a.tensor not in barrier:
             mapping = {i.name: idx for i, idx in zip(w.target.indices, a.indices)}
-            body = _inline(c, graph, substitute(w.expr, mapping), barrier, ranks)
+            inner: list = []
+            body = _inline(c, graph, substitute(w.expr, mapping), barrier, ranks, inner)
             if _has_outer(body, barrier, ranks):
+                where.extend(inner + ([substitute(w.where, mapping)] if w.where is not None else []))
                 return body
         return a
 
@@ -88,7 +91,8 @@ def defer_division(c: Cascade, graph: CascadeGraph | None = None) -> Cascade:
             new.append(e)
             continue
         barrier = _reduction_over(c, graph, ranks)
-        expr = _inline(c, graph, e.expr, barrier, ranks)
+        predicates = [] if e.where is None else [e.where]
+        expr = _inline(c, graph, e.expr, barrier, ranks, predicates)
         terms = product_terms(expr, distribute=True)
         split = []
         for sign, factors in terms:
@@ -105,7 +109,7 @@ def defer_division(c: Cascade, graph: CascadeGraph | None = None) -> Cascade:
         for k, (sign, outer, inner) in enumerate(split):
             num = _fresh(c, f"{e.name}_num" if len(split) == 1 else f"{e.name}_num{k}", taken)
             num_access = Access(num, lhs.indices)
-            new.append(Einsum(num_access, product(inner), "sum", e.where))
+            new.append(Einsum(num_access, product(inner), "sum", chain("and", predicates) if predicates else None))
             parts.append(product(outer + [(False, num_access)], sign))
         new.append(Einsum(lhs, summation(parts), "sum", None))
     if not changed:

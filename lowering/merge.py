@@ -34,13 +34,15 @@ import sympy
 
 from einsum_ir.errors import LoweringError, located
 from einsum_ir.graph import cascade_graph
+from einsum_ir.functions import UNIONS
 from einsum_ir.ir import (
-    Access, Binary, Cascade, Einsum, Expr, Index, InputDecl, Name, Num, Output, Param, rank_of,
+    Access, Binary, Call, Cascade, Einsum, Expr, Index, InputDecl, Name, Num, Output, Param, rank_of, walk,
 )
 from einsum_ir.lowering.defer import prune
 from einsum_ir.lowering.exprs import tensors_read
 from einsum_ir.lowering.grad import FreshNames, trimmed
 from einsum_ir.lowering.strategy import key_loop_plan
+from einsum_ir.printer import print_expr
 
 IDENTITY = {"max": float("-inf"), "min": float("inf"), "sum": 0.0}
 KEY_RANK = "M"  # DESIGN section 2's naming: the keys' rank, where a cascade has several loops
@@ -172,6 +174,11 @@ def _finish(lowered: Cascade, carried: list[Einsum], keys: tuple[str, ...]) -> C
             raise LoweringError(located(e, f"{e.name} is over the keys ({', '.join(sorted(set(e.space) & set(keys)))}) "
                                            f"and not reduced into a carried value; a key range's state does not hold "
                                            f"it"))
+    for e in rest.einsums:
+        union = next((n for n in walk(e.expr) if isinstance(n, Call) and n.fn in UNIONS), None)
+        if union is not None:
+            raise LoweringError(located(e, f"{e.name}: {print_expr(union)} reads whether each carried value saw a "
+                                           f"point, which a partial state does not keep (one count per row)"))
     decls = list(lowered.inputs) + [InputDecl(e.name, _names(e.target)) for e in carried]
     read = {t for e in rest.einsums for t in tensors_read(e.expr) + tensors_read(e.where)} | set(lowered.output_names)
     finish = rest.replace(inputs=tuple(d for d in decls if d.name in read), doc="")

@@ -31,6 +31,12 @@ The rewrite, to a fixed point:
    contractions over a feature rank stays as it is;
 3. Einsums nothing reads any more are dropped, and Einsums that compute one right side under
    different predicates share one unmasked computation (one score contraction for all sets).
+
+A union with an operand known only after the loop (present where a reduction saw a point:
+var_sink's `AR`, present in rows that saw a sink) is not hoisted, and a sum over a reduced rank
+of one distributes over it instead (`_split_late`): the union then reads final values, which
+`eliminate_unions` leaves to the kernels (`after_every_reduction`), to be taken by each value's
+presence after the loop.
 """
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ from dataclasses import replace
 
 from einsum_ir.functions import UNIONS
 from einsum_ir.ir import (
-    Access, Binary, Call, Cascade, Einsum, Expr, Index, Num, accesses, chain, conjuncts, index_vars, product_terms,
+    Access, Binary, Call, Cascade, Einsum, Expr, Index, Num, Unary, accesses, chain, conjuncts, index_vars, product_terms,
     rebuild, substitute, walk,
 )
 from einsum_ir.printer import print_expr
@@ -70,16 +76,50 @@ def hoist_unions(c: Cascade) -> Cascade:
         return c
     names = {*c.tensors, *(d.name for d in c.inputs)}
     out = c.replace(einsums=tuple(replace(e, expr=flatten_unions(e.expr)) for e in c.einsums))
+    kept: set[str] = set()  # unions of reductions left as they are: an operand is known only after the loop
     changed = True
     while changed:
         changed = False
         for k, e in enumerate(out.einsums):
-            new = _name_inner_union(out, e, names) or _hoist(out, e, names)
+            new = _name_inner_union(out, e, names) or _split_late(out, e, names)
+            if new is None and e.name not in kept:
+                new = _hoist(out, e, names)
+                trial = None if new is None else out.replace(einsums=out.einsums[:k] + tuple(new) + out.einsums[k + 1:])
+                if trial is not None and any(_late_union(trial, n) for x in new for n in walk(x.expr)
+                                             if isinstance(n, Call) and n.fn in UNIONS):
+                    kept.add(e.name)
+                    new = None
             if new is not None:
                 out = out.replace(einsums=out.einsums[:k] + tuple(new) + out.einsums[k + 1:])
                 changed = True
                 break
-    return c if out is c else _share_masked_copies(_drop_unread(out), names)
+    if out.einsums == c.einsums:
+        return c
+    return _share_masked_copies(_drop_unread(out), names)
+
+
+def _split_late(c: Cascade, e: Einsum, names: set[str]) -> list[Einsum] | None:
+    """Step 2, the other way: a sum over a union whose operands are known only after the loop
+    (`O = sum_m union_sum(AK, AR) * V`, AR present only in rows that saw a sink) as the union
+    of the operands' sums, `O = union_sum(sum_m AK * V, sum_m AR * V)`: exact, since both sum
+    every present point of every operand (and are absent where none has one), and the union
+    then reads final values after the loop, where their presence is known."""
+    if e.reduce != "sum" or not e.reduced or e.recurrence_var:
+        return None
+    terms = product_terms(e.expr)
+    if len(terms) != 1:
+        return None
+    sign, factors = terms[0]
+    unions = [f for recip, f in factors if not recip and isinstance(f, Call) and f.fn == "union_sum"]
+    if len(unions) != 1 or not _late_union(c, unions[0]):
+        return None
+    rest = [f for f in factors if f[1] is not unions[0]]
+    parts = []
+    for x in unions[0].args:
+        target = Access(_fresh(names, f"{e.name}_u"), e.target.indices)
+        parts.append(replace(e, target=target, expr=_product([(False, x)] + rest) if sign > 0
+                             else Unary("-", _product([(False, x)] + rest))))
+    return parts + [Einsum(e.target, Call("union_sum", tuple(p.target for p in parts), unions[0].loc), loc=e.loc)]
 
 
 def _share_masked_copies(c: Cascade, names: set[str]) -> Cascade:
@@ -285,26 +325,18 @@ def eliminate_unions(c: Cascade) -> tuple[Cascade, str | None]:
     and the located reason for the first one that cannot."""
     from einsum_ir.errors import located
     from einsum_ir.lowering.absence import SENTINELS, abstract
-    from einsum_ir.validate import PresenceAnalysis, describe_presence, implies
+    from einsum_ir.validate import PresenceAnalysis, describe_presence
 
-    unions = [(e, n) for e in c.einsums for n in walk(e.expr) if isinstance(n, Call) and n.fn in UNIONS]
+    later = after_every_reduction(c)
+    unions = [(e, n) for e in c.einsums if e.name not in later
+              for n in walk(e.expr) if isinstance(n, Call) and n.fn in UNIONS]
     if not unions:
         return c, None
     writers = {e.name: e for e in c.einsums}
     analysis = PresenceAnalysis(c)
 
     def roots(expr: Expr) -> list[str]:
-        """The guarded values whose predicates make `expr` absent, up through maps."""
-        out: list[str] = []
-        for a in accesses(expr):
-            w = writers.get(a.tensor)
-            if w is None:
-                continue
-            if w.where is not None and not set(index_vars(w.where)) - set(w.lhs_vars) and a.tensor not in out:
-                out.append(a.tensor)
-            if not w.reduced and not w.recurrence_var:
-                out += [r for r in roots(w.expr) if r not in out]
-        return out
+        return _guard_roots(expr, writers)
 
     def why(e: Einsum, node: Call, text: str) -> str:
         return located(node, f"{e.name}: {print_expr(node)} {text}")
@@ -315,8 +347,7 @@ def eliminate_unions(c: Cascade) -> tuple[Cascade, str | None]:
             return c, why(e, node, "is nested in a union or a recurrence; the key loop carries flat unions")
         for x in node.args:
             rs = roots(x)
-            have = frozenset(a for r in rs for a in conjuncts(writers[r].where))
-            if not all(implies(have, atom) for atom in analysis.of(x)):
+            if _known_late(x, writers, analysis):
                 ranks = sorted({v for y in node.args for a in accesses(y) if a.tensor in writers
                                 for v in writers[a.tensor].reduced})
                 if len(ranks) > 1:  # sets over different key ranks (full-resolution and pooled keys)
@@ -331,9 +362,12 @@ def eliminate_unions(c: Cascade) -> tuple[Cascade, str | None]:
             operand_roots[id(x)] = rs
     guarded = list(dict.fromkeys(r for rs in operand_roots.values() for r in rs))
     for r in guarded:
-        if not _only_into_unions(c, r, set(operand_roots)):
-            return c, located(writers[r], f"{r} is guarded by a predicate and read outside the union forms it "
-                                          f"feeds; its absent points cannot hold a sentinel")
+        reader = _read_outside_unions(c, r, set(operand_roots))
+        if reader is not None:
+            what = "is an output" if reader == r else f"reaches {reader} outside the union forms it feeds"
+            return c, located(writers[r], f"{r} is guarded by a predicate and {what}; its absent points cannot "
+                                          f"hold a sentinel, and a key-stream kernel carries presence no other "
+                                          f"way, so this runs on the interpreter (backend 'reference', or 'auto')")
     choice = _sentinels(c, unions, operand_roots, guarded, writers, abstract, SENTINELS)
     if choice is None:
         e, node = unions[0]
@@ -364,6 +398,51 @@ def eliminate_unions(c: Cascade) -> tuple[Cascade, str | None]:
                        if isinstance(n, Call) and n.fn in UNIONS else None)
         einsums.append(replace(e, expr=expr, where=_and(where) if where else None))
     return c.replace(einsums=tuple(einsums)), None
+
+
+def _guard_roots(expr: Expr, writers: dict[str, Einsum]) -> list[str]:
+    """The guarded values whose predicates make `expr` absent, up through maps."""
+    out: list[str] = []
+    for a in accesses(expr):
+        w = writers.get(a.tensor)
+        if w is None:
+            continue
+        if w.where is not None and not set(index_vars(w.where)) - set(w.lhs_vars) and a.tensor not in out:
+            out.append(a.tensor)
+        if not w.reduced and not w.recurrence_var:
+            out += [r for r in _guard_roots(w.expr, writers) if r not in out]
+    return out
+
+
+def _known_late(x: Expr, writers: dict[str, Einsum], analysis) -> bool:
+    """The union operand `x` is present where more than its guards hold: where some reduction
+    it reads has a point (var_sink's `AR`, present only where the row saw a sink), which a key
+    loop knows only after the loop."""
+    from einsum_ir.validate import implies
+
+    have = frozenset(a for r in _guard_roots(x, writers) for a in conjuncts(writers[r].where))
+    return not all(implies(have, atom) for atom in analysis.of(x))
+
+
+def _late_union(c: Cascade, node: Call) -> bool:
+    """Some operand of the union `node` (a node of `c`) is known late (`_known_late`)."""
+    from einsum_ir.validate import PresenceAnalysis
+
+    writers = {e.name: e for e in c.einsums}
+    analysis = PresenceAnalysis(c)
+    return any(_known_late(x, writers, analysis) for x in node.args)
+
+
+def after_every_reduction(c: Cascade) -> set[str]:
+    """The Einsums that reduce nothing and that no reduction reads, directly or through maps:
+    they run after every loop, on final values whose presence the loops know (a carried value
+    is present where a point of it was), so a union there is left for the kernels to evaluate
+    by that presence rather than eliminated."""
+    from einsum_ir.graph import cascade_graph
+
+    ancestors = cascade_graph(c).ancestors
+    feeding = {a for e in c.einsums if e.reduced or e.recurrence_var for a in ancestors[e.name]}
+    return {e.name for e in c.einsums if not e.reduced and not e.recurrence_var and e.name not in feeding}
 
 
 def _sentinels(c, unions, operand_roots, guarded, writers, abstract, sentinels) -> dict[str, float] | None:
@@ -399,23 +478,27 @@ def _operand_is_identity(x, identity, rs, choice, writers, order, abstract) -> b
     return True
 
 
-def _only_into_unions(c: Cascade, name: str, operands: set[int]) -> bool:
-    """Every use of `name` reaches a union operand through maps only, and it is no output."""
+def _read_outside_unions(c: Cascade, name: str, operands: set[int]) -> str | None:
+    """The first use of `name` that does not reach a union operand through maps only (an
+    Einsum, or `name` itself where it is an output), or None when every use does."""
     if name in c.output_names:
-        return False
+        return name
     for e in c.einsums:
         if name not in {a.tensor for a in accesses(e.expr) + accesses(e.where)}:
             continue
         if name in {a.tensor for a in accesses(e.where)}:
-            return False
+            return e.name
         inside = [a for n in walk(e.expr) if isinstance(n, Call) and n.fn in UNIONS
                   for x in n.args if id(x) in operands for a in accesses(x) if a.tensor == name]
         every = [a for a in accesses(e.expr) if a.tensor == name]
         if len(inside) == len(every):
             continue
-        if e.reduced or e.recurrence_var or not _only_into_unions(c, e.name, operands):
-            return False
-    return True
+        if e.reduced or e.recurrence_var:
+            return e.name
+        further = _read_outside_unions(c, e.name, operands)
+        if further is not None:
+            return further
+    return None
 
 
 def _and(parts: list[Expr]) -> Expr:

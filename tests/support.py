@@ -22,7 +22,7 @@ def on_kernel_device(args: dict) -> dict:
 # Catalog variants a fused backend does not lower, with words of the LoweringError it raises
 # (docs/catalog.md has each one's reason): a union of sums whose presence is known only after
 # the key loop.
-NOT_FUSED = {"landmark": "known only after a loop", "var_sink": "known only after a loop"}
+NOT_FUSED = {"landmark": "cannot hold a sentinel"}
 
 
 # runtime params per variant; extents P, M are set by the caller

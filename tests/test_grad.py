@@ -36,7 +36,7 @@ WITH_BACKWARD = ["alibi", "bias_tensor", "diff_attn", "dma", "flashbias_lowrank"
 # forward lowers, backward is not derived: the reason (docs/backward.md lists the same)
 NO_BACKWARD = {"agent_attention": "the forward runs 2 stages", "psa": "the backward needs plain reads",
                "paged_decode": "the backward needs plain reads",
-               "landmark": "known only after a loop", "var_sink": "known only after a loop"}
+               "landmark": "cannot hold a sentinel", "var_sink": "no derivative point by point"}
 # (P, M, E, F): P = M; P < M ragged; P > M ragged
 SHAPES = [(12, 12, 8, 8), (9, 21, 8, 6), (21, 10, 6, 5)]
 

@@ -15,7 +15,7 @@ from einsum_ir.lowering.merge import derive
 from support import make_inputs, on_kernel_device
 
 DECLINED = {"flowformer": "GC reduces the keys and depends on KS, a reduction over every key",
-            "landmark": "known only after a loop", "var_sink": "known only after a loop"}
+            "landmark": "depends on GL, a reduction over every key", "var_sink": "which a partial state does not keep"}
 # Partial states taken from the cascade as written (no key loop): their partial kernel is a
 # chunked scan over the key range.
 AS_WRITTEN = ("linear_elu", "linear_elu_causal")
