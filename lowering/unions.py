@@ -327,6 +327,8 @@ def eliminate_unions(c: Cascade) -> tuple[Cascade, str | None]:
     from einsum_ir.lowering.absence import SENTINELS, abstract
     from einsum_ir.validate import PresenceAnalysis, describe_presence
 
+    if not has_unions(e.expr for e in c.einsums):
+        return c, None
     later = after_every_reduction(c)
     unions = [(e, n) for e in c.einsums if e.name not in later
               for n in walk(e.expr) if isinstance(n, Call) and n.fn in UNIONS]
