@@ -318,17 +318,24 @@ def with_backward(fn, q, k, v, dout):
     return step
 
 
+def case_inputs(case: str, n: int, g, backward: bool = False):
+    """Q, K, V of a case: one query per sequence against its keys for decode, else N of each."""
+    import torch
+
+    if case in DECODE_CASES:
+        q = torch.randn(DECODE_B, DECODE_H, 1, DECODE_D, generator=g)
+        k, v = (torch.randn(DECODE_B, DECODE_KV, n, DECODE_D, generator=g) for _ in range(2))
+        return q, k, v
+    return tuple(torch.randn(B, H, n, D, generator=g).requires_grad_(backward) for _ in range(3))
+
+
 def worker(case: str, n: int, impl: str, rounds: int, backward: bool, ref: str) -> dict:
     """One implementation's measurements. Ours writes its results to `ref`; the others compare
     with them there."""
     import torch
 
     g = torch.Generator().manual_seed(0)
-    if case in DECODE_CASES:
-        q = torch.randn(DECODE_B, DECODE_H, 1, DECODE_D, generator=g)
-        k, v = (torch.randn(DECODE_B, DECODE_KV, n, DECODE_D, generator=g) for _ in range(2))
-    else:
-        q, k, v = (torch.randn(B, H, n, D, generator=g).requires_grad_(backward) for _ in range(3))
+    q, k, v = case_inputs(case, n, g, backward)
     dout = torch.randn(*q.shape[:-1], v.shape[-1], generator=g)
     if backward and (impl == "quadratic" or case in DECODE_CASES):  # its training kernels would be the scan's again
         return {"status": "n/a (forward only)"}
@@ -373,8 +380,7 @@ def profile(case: str, n: int, impls: list[str]) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, n, D, generator=g) for _ in range(3))
+    q, k, v = case_inputs(case, n, torch.Generator().manual_seed(0))
     for impl in impls:
         fn, _ = build(impl, case, n, q, k, v)
         fn()
