@@ -36,13 +36,12 @@ from einsum_ir.errors import LoweringError, located
 from einsum_ir.graph import cascade_graph
 from einsum_ir.functions import UNIONS
 from einsum_ir.ir import (
-    Access, Binary, Call, Cascade, Einsum, Expr, Index, InputDecl, Name, Num, Output, Param, rank_of, walk,
+    Access, Binary, Call, Cascade, Einsum, Expr, Index, InputDecl, Name, Num, Output, Param, rank_of, rebuild, walk,
 )
 from einsum_ir.lowering.defer import prune
 from einsum_ir.lowering.exprs import tensors_read
 from einsum_ir.lowering.grad import FreshNames, trimmed
 from einsum_ir.lowering.strategy import key_loop_plan
-from einsum_ir.printer import print_expr
 
 IDENTITY = {"max": float("-inf"), "min": float("inf"), "sum": 0.0}
 KEY_RANK = "M"  # DESIGN section 2's naming: the keys' rank, where a cascade has several loops
@@ -143,11 +142,24 @@ def _assemble(c: Cascade, lowered: Cascade, carried: list[Einsum], predicate: Ex
             if e.name in held else e for e in lowered.einsums]
     seen = Binary("and", predicate, in_range) if predicate is not None else in_range
     body.append(Einsum(Access(count, tuple(Index(v) for v in rows)), Num(1.0), "sum", seen))
+    # a finish that takes a union reads whether each carried value saw a point: a count each
+    presence = {e.name: names(f"n_{e.name}") for e in carried} if _finish_has_union(lowered, held) else {}
+    for e in carried if presence else ():
+        where = Binary("and", seen, e.where) if e.where is not None else seen
+        body.append(Einsum(Access(presence[e.name], e.target.indices), Num(1.0), "sum", where))
+        rules.append(Rule(presence[e.name], _names(e.target), "sum", sympy.Integer(1)))
     params = lowered.params + (Param(key_lo, type="int"), Param(key_hi, type="int"))
-    outputs = tuple(Output(e.name, IDENTITY[e.reduce]) for e in carried) + (Output(count),)
+    outputs = tuple(Output(e.name, IDENTITY[e.reduce]) for e in carried) + (Output(count),) + \
+        tuple(Output(n) for n in presence.values())
     partial = trimmed(prune(lowered.replace(einsums=tuple(body), params=params, outputs=outputs, doc="")))
     rules.sort(key=lambda r: r.reduce == "sum")
-    return Merge(c, partial, tuple(rules), _finish(lowered, carried, keys), count, key_lo, key_hi, keys, stage)
+    finish = _finish(lowered, carried, keys, presence)
+    return Merge(c, partial, tuple(rules), finish, count, key_lo, key_hi, keys, stage)
+
+
+def _finish_has_union(lowered: Cascade, held: set[str]) -> bool:
+    return any(isinstance(n, Call) and n.fn in UNIONS for e in lowered.einsums if e.name not in held
+               for n in walk(e.expr))
 
 
 def _rows(carried: list[Einsum], among: set[str] | None = None) -> tuple[str, ...]:
@@ -161,9 +173,11 @@ def _names(a: Access) -> tuple[str, ...]:
     return tuple(i.name for i in a.indices)
 
 
-def _finish(lowered: Cascade, carried: list[Einsum], keys: tuple[str, ...]) -> Cascade:
+def _finish(lowered: Cascade, carried: list[Einsum], keys: tuple[str, ...], presence: dict[str, str]) -> Cascade:
     """The cascade after the carried values: every Einsum the outputs need but the carried
-    values are not, reading those as inputs."""
+    values are not, reading those as inputs. With `presence` (carried value -> its count of
+    points), each is read as `X_p = X where n_X > 0`: absent where no part saw a point of it,
+    as in the forward (var_sink's sink share, in rows without a sink)."""
     held = {e.name for e in carried}
     for o in lowered.outputs:
         if o.name not in held and held.isdisjoint(cascade_graph(lowered).ancestors[o.name]):
@@ -174,12 +188,17 @@ def _finish(lowered: Cascade, carried: list[Einsum], keys: tuple[str, ...]) -> C
             raise LoweringError(located(e, f"{e.name} is over the keys ({', '.join(sorted(set(e.space) & set(keys)))}) "
                                            f"and not reduced into a carried value; a key range's state does not hold "
                                            f"it"))
-    for e in rest.einsums:
-        union = next((n for n in walk(e.expr) if isinstance(n, Call) and n.fn in UNIONS), None)
-        if union is not None:
-            raise LoweringError(located(e, f"{e.name}: {print_expr(union)} reads whether each carried value saw a "
-                                           f"point, which a partial state does not keep (one count per row)"))
     decls = list(lowered.inputs) + [InputDecl(e.name, _names(e.target)) for e in carried]
+    if presence:
+        names = FreshNames(list(lowered.tensors) + list(presence.values()))
+        guarded = {x: names(f"{x}_p") for x in presence}
+        reads = [Einsum(Access(guarded[e.name], e.target.indices), e.target, where=Binary(
+            ">", Access(presence[e.name], e.target.indices), Num(0))) for e in carried]
+        rest = rest.replace(einsums=tuple(reads) + tuple(
+            replace(e, expr=rebuild(e.expr, lambda n: Access(guarded[n.tensor], n.indices)
+                                    if isinstance(n, Access) and n.tensor in guarded else None))
+            for e in rest.einsums))
+        decls += [InputDecl(presence[e.name], _names(e.target)) for e in carried]
     read = {t for e in rest.einsums for t in tensors_read(e.expr) + tensors_read(e.where)} | set(lowered.output_names)
     finish = rest.replace(inputs=tuple(d for d in decls if d.name in read), doc="")
     return trimmed(finish) if finish.einsums else finish

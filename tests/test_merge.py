@@ -15,7 +15,7 @@ from einsum_ir.lowering.merge import derive
 from support import make_inputs, on_kernel_device
 
 DECLINED = {"flowformer": "GC reduces the keys and depends on KS, a reduction over every key",
-            "landmark": "depends on GL, a reduction over every key", "var_sink": "which a partial state does not keep"}
+            "landmark": "depends on GL, a reduction over every key"}
 # Partial states taken from the cascade as written (no key loop): their partial kernel is a
 # chunked scan over the key range.
 AS_WRITTEN = ("linear_elu", "linear_elu_causal")
@@ -83,7 +83,7 @@ def test_any_partition_merged_in_any_order_equals_the_kernel(name, shape):
         _assert_same(_merged(c, states, rng).finalize(), want, 1e-10, f"{name} {ranges}")
 
 
-@pytest.mark.parametrize("name", ["softmax_causal", "softplus_l1", "moh", "agent_attention", "nbhd_2d",
+@pytest.mark.parametrize("name", ["softmax_causal", "softplus_l1", "moh", "agent_attention", "nbhd_2d", "var_sink",
                                   *AS_WRITTEN])
 def test_triton_partial_states_merge_to_the_kernel(name):
     c = ei.variants.load(name)

@@ -86,6 +86,17 @@ def test_catalog_variants_split(backend, name):
                          {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in args.items()}))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_a_union_taken_after_the_loop_splits_with_a_count_per_state(backend):
+    """var_sink's finish takes union_sum(O_u0, O_u1) by whether each sum saw a point (rows with
+    no sink have no redistributed share): its splits keep a count per carried value."""
+    c = ei.variants.load("var_sink")
+    args = make_inputs("var_sink", c, P=40, M=40, E=8, F=8)
+    merge = derive_split(c).merge
+    assert {"n_AS_num", "n_AI_num"} <= {r.name for r in merge.rules}
+    assert_outputs_close(ei.compile(c, backend=backend, split_kv=4)(**on_kernel_device(args)), ei.interpret(c, **args))
+
+
 def test_the_combine_kernel_is_generated_from_the_merge_rules():
     src = combine_source(derive_split(ei.parse(RAGGED)))
     # the merge's names as generated code spells them (codegen/names.py: O_num is O__num)
