@@ -11,7 +11,10 @@ is exact: each other read of S or G becomes `S' * ln(2)` (an LSE output reads `G
 a term of the exponent other than S and G is multiplied by c.
 
 c is pushed through sums into the tensors S is a sum of (alibi's `S = S0 - slope*(p - m)` puts
-it into `S0 = Q*K*scale`) when S is their only reader, so it lands on a scalar factor.
+it into `S0 = Q*K*scale`) when S is their only reader, so it lands on a scalar factor. A
+maximum over a map of several scores (PSA's union `max(S1, S2)`, each a select of a score and
+-inf) scales with them: max, min and selects with infinities commute with c > 0, so the factor
+goes to each score, and each score's exponential `exp(Si - G)` becomes base 2.
 """
 from __future__ import annotations
 
@@ -72,29 +75,58 @@ def _fold_one(c: Cascade, graph: CascadeGraph) -> Cascade | None:
     for g_einsum in c.einsums:
         if g_einsum.reduce != "max" or not g_einsum.reduced or not isinstance(g_einsum.expr, Access):
             continue
-        s_name, g_name = g_einsum.expr.tensor, g_einsum.name
-        writers = c.writers(s_name)
-        if (len(writers) != 1 or writers[0].recurrence_var is not None or writers[0].reduce != "sum"
-                or {s_name, g_name} & set(c.output_names) or c.writers(g_name) != [g_einsum]):
+        chain = _scores(c, g_einsum.expr.tensor)
+        if chain is None or g_einsum.name in c.output_names or c.writers(g_einsum.name) != [g_einsum]:
             continue
-        rewritten = _rewrite(c, graph, writers[0], g_einsum)
+        rewritten = _rewrite(c, graph, chain, g_einsum)
         if rewritten is not None:
             return rewritten
     return None
 
 
-def _rewrite(c: Cascade, graph: CascadeGraph, s_einsum: Einsum, g_einsum: Einsum) -> Cascade | None:
-    s_name, g_name = s_einsum.name, g_einsum.name
+def _scores(c: Cascade, name: str) -> dict[str, bool] | None:
+    """The tensors a maximum's operand is made of that scale with it, each with whether it
+    takes the factor itself (True: a sum, the score `Q*K*scale` or alibi's `S0 - slope*(p-m)`)
+    or scales with its parts (False: a map positively homogeneous in tensors that scale, max
+    and min of them and selects between them and infinities: PSA's `max(S1, S2)`,
+    `S1 = where(L == 1, S1_s0, -inf)`). None when the operand cannot scale."""
+    writers = c.writers(name)
+    if len(writers) != 1 or writers[0].recurrence_var is not None or name in c.output_names:
+        return None
+    e = writers[0]
+    leaves = None if e.reduced else _homogeneous_in(e.expr)
+    if leaves:
+        parts = [_scores(c, leaf) for leaf in leaves]
+        if all(p is not None for p in parts):
+            return {name: False} | {k: v for p in parts for k, v in p.items()}
+    return {name: True} if e.reduce == "sum" else None
+
+
+def _homogeneous_in(expr: Expr) -> list[str] | None:
+    """The tensors `expr` is positively homogeneous of degree 1 in (scaling them by c > 0 scales
+    it by c), or None."""
+    if isinstance(expr, Access):
+        return [expr.tensor]
+    if isinstance(expr, Num) and math.isinf(float(expr.value)):
+        return []
+    if isinstance(expr, Call) and expr.fn in ("max", "min", "where"):
+        parts = [_homogeneous_in(a) for a in (expr.args[1:] if expr.fn == "where" else expr.args)]
+        return None if any(p is None for p in parts) else [t for p in parts for t in p]
+    return None
+
+
+def _rewrite(c: Cascade, graph: CascadeGraph, chain: dict[str, bool], g_einsum: Einsum) -> Cascade | None:
+    g_name = g_einsum.name
     found = False
 
     def exps(expr: Expr) -> Expr:
-        """Shift-form exps to exp2; every other read of S or G scaled back by ln 2."""
+        """Shift-form exps to exp2; every other read of a scaled tensor or G scaled back by ln 2."""
         nonlocal found
 
         def replace(node: Expr) -> Expr | None:
             nonlocal found
             if isinstance(node, Call) and node.fn == "exp":
-                s_reads = [a for a in accesses(node.args[0]) if a.tensor == s_name]
+                s_reads = [a for a in accesses(node.args[0]) if a.tensor in chain]
                 g_reads = [a for a in accesses(node.args[0]) if a.tensor == g_name]
                 if len(s_reads) == 1 and len(g_reads) == 1:
                     terms = _shift_form(node.args[0], s_reads[0], g_reads[0])
@@ -108,7 +140,7 @@ def _rewrite(c: Cascade, graph: CascadeGraph, s_einsum: Einsum, g_einsum: Einsum
                             else:
                                 parts.append(product(factors + [(False, Num(LOG2E))], sign))
                         return Call("exp2", (summation(parts),))
-            if isinstance(node, Access) and node.tensor in (s_name, g_name):
+            if isinstance(node, Access) and (node.tensor in chain or node.tensor == g_name):
                 return Binary("*", node, Num(LN2))
             return None
 
@@ -117,9 +149,9 @@ def _rewrite(c: Cascade, graph: CascadeGraph, s_einsum: Einsum, g_einsum: Einsum
     out: list[Einsum] = []
     absorbed: dict[str, Expr] = {}
     for e in c.einsums:
-        if e is g_einsum:
+        if e is g_einsum or e.name in chain and not chain[e.name]:  # homogeneous: scaled by its parts
             out.append(e)
-        elif e is s_einsum:
+        elif e.name in chain:
             out.append(Einsum(e.target, _scaled(e.expr, LOG2E, c, graph, absorbed), e.reduce, e.where, e.loc))
         else:
             out.append(Einsum(e.target, exps(e.expr), e.reduce, e.where and exps(e.where), e.loc))
