@@ -514,11 +514,14 @@ class StageEmitter(BlockEmitter):
         if s.page_sizes and not s.loop.block_list:
             # the flag is a constexpr: one branch is compiled, and the loops stay branch-free
             flags = " and ".join(page_flag(d) for d in s.page_sizes)
+            bounds = Section()
+            for sym, e in s.loop.key_defs + s.loop.tile_defs:  # the same bounds for both branches
+                bounds.add(f"{sym.name} = {print_int(e, TRITON)}")
             self.in_page = True
-            paged = self.key_loops(2)
+            paged = self.key_loops(2, bounds=False)
             self.in_page = False
-            loops = [f"    if {flags}:  # every key tile lies in one page: one page-table read per tile",
-                     *paged, "    else:", *self.key_loops(2)]
+            loops = [*bounds.lines, f"    if {flags}:  # every key tile lies in one page: one page-table read per tile",
+                     *paged, "    else:", *self.key_loops(2, bounds=False)]
         else:
             loops = self.key_loops(1)
         self.presence_after_loop()
@@ -528,8 +531,9 @@ class StageEmitter(BlockEmitter):
             self.store(t, self.post)
         return self.render(self.pre.lines + loops + self.post.lines)
 
-    def key_loops(self, indent: int) -> list[str]:
-        """The loops over the key tiles, at `indent`: per segment, or over the block lists."""
+    def key_loops(self, indent: int, bounds: bool = True) -> list[str]:
+        """The loops over the key tiles, at `indent`: per segment (after the bounds' definitions,
+        unless `bounds` is False), or over the block lists."""
         s = self.s
         self.in_loop = True
         placed = s.loop.block_list or len(s.stream) > 1
@@ -541,7 +545,7 @@ class StageEmitter(BlockEmitter):
             self.list_loop("full", bodies[False, True], loop)
             self.list_loop("partial", bodies[True, True], loop)
         else:
-            for sym, e in s.loop.key_defs + s.loop.tile_defs:
+            for sym, e in (s.loop.key_defs + s.loop.tile_defs) if bounds else ():
                 loop.add(f"{sym.name} = {print_int(e, TRITON)}")
             for seg in s.loop.tile_segments:
                 self.segment_loop(seg, bodies, loop)
