@@ -332,6 +332,36 @@ output O fill -1.0
         torch.testing.assert_close(kern(**args).cpu(), want, atol=1e-4, rtol=1e-4)
 
 
+def late_union_spec(preds: list[str]) -> str:
+    """A union of unnormalized sums, one per masked key set: each is present where its set saw
+    a key, which a key loop knows only after the loop."""
+    lines = ["dims B H P M E F", "input Q[b,h,p,e], K[b,h,m,e], V[b,h,m,f]"]
+    for i, pred in enumerate(preds):
+        lines.append(f"S{i}[b,h,p,m] = Q[b,h,p,e] * K[b,h,m,e] where {pred}")
+        lines.append(f"N{i}[b,h,p,f] = S{i}[b,h,p,m] * V[b,h,m,f]")
+    reads = ", ".join(f"N{i}[b,h,p,f]" for i in range(len(preds)))
+    return "\n".join(lines + [f"O[b,h,p,f] = union_sum({reads})", "output O fill -1.0"]) + "\n"
+
+
+@pytest.mark.parametrize("case", list(range(6)))
+def test_fuzzed_unions_known_after_the_loop_on_the_interpreter_and_both_kernels(case):
+    """Rows that see no key of some set take the others' sums; rows of no key at all, the fill."""
+    preds, _, P, M = list(fuzz_cases(6, seed=77))[case]
+    c = ei.parse(late_union_spec([t for t, _ in preds]))
+    q, k, v = _qkv(P, M, E=16, F=8, seed=case)
+    p, m = torch.arange(P)[:, None], torch.arange(M)[None, :]
+    masks = [f(p, m).expand(P, M) for _, f in preds]
+    s = q @ k.transpose(-1, -2)
+    want = sum((s * mask) @ v for mask in masks)
+    seen = torch.stack(masks).any(0).any(-1)[None, None, :, None]
+    want = torch.where(seen, want, torch.full_like(want, -1.0))
+    torch.testing.assert_close(ei.interpret(c, Q=q, K=k, V=v), want, atol=1e-4, rtol=1e-4)
+    for backend in ("cpu", "triton"):
+        args = dict(Q=q, K=k, V=v)
+        got = ei.compile(c, backend=backend)(**(on_kernel_device(args) if backend == "triton" else args))
+        assert_outputs_close(got.cpu(), want, atol=1e-3, rtol=1e-3)
+
+
 def test_a_sum_over_a_union_known_late_is_the_union_of_the_sums():
     """`O = sum_m union_sum(AK, AR) * V` with AR present only in rows that saw a sink (var_sink):
     the sum distributes over the union, which then reads final values after the loop."""
