@@ -652,8 +652,8 @@ def _absent_is_zero(c: Cascade, e: Einsum, mask: Expr) -> None:
     if fill != 0:
         raise LoweringError(located(e, f"{e.name} is masked by {print_expr(mask)}: where that selects no position, "
                                        f"{e.name} is absent, but the scan's sum is 0; the scan takes such a mask only "
-                                       f"on an output filled with 0 (write the mask on the outputs' sums, or use "
-                                       f"backend key loop)"))
+                                       f"on an output filled with 0: make the masked sums outputs and compute what "
+                                       f"reads them after the kernel"))
 
 
 def _decay(d: Expr, name: str) -> tuple[Expr, Expr | None]:

@@ -23,7 +23,9 @@ range of that number.
 `derive(c)` returns that as plain data (`Merge`): the *partial* cascade (the forward with every
 carried reduction restricted to `key_lo <= key < key_hi`, returning the carried values with
 their identities as fills, and a count of the points each row saw), the merge rules, and the
-*finish* cascade (what follows the carried values, run on merged values). codegen/partial.py
+*finish* cascade (what follows the carried values, run on merged values). Where the finish
+takes a union of final values by their presence (var_sink), the state also counts each carried
+value's points, and the finish reads a value as absent where its count is 0. codegen/partial.py
 runs them.
 """
 from __future__ import annotations
@@ -158,6 +160,7 @@ def _assemble(c: Cascade, lowered: Cascade, carried: list[Einsum], predicate: Ex
 
 
 def _finish_has_union(lowered: Cascade, held: set[str]) -> bool:
+    """Some Einsum after the carried values takes a union form (of final values, by their presence)."""
     return any(isinstance(n, Call) and n.fn in UNIONS for e in lowered.einsums if e.name not in held
                for n in walk(e.expr))
 
@@ -194,10 +197,11 @@ def _finish(lowered: Cascade, carried: list[Einsum], keys: tuple[str, ...], pres
         guarded = {x: names(f"{x}_p") for x in presence}
         reads = [Einsum(Access(guarded[e.name], e.target.indices), e.target, where=Binary(
             ">", Access(presence[e.name], e.target.indices), Num(0))) for e in carried]
-        rest = rest.replace(einsums=tuple(reads) + tuple(
-            replace(e, expr=rebuild(e.expr, lambda n: Access(guarded[n.tensor], n.indices)
-                                    if isinstance(n, Access) and n.tensor in guarded else None))
-            for e in rest.einsums))
+        def guard(x):
+            return None if x is None else rebuild(x, lambda n: Access(guarded[n.tensor], n.indices)
+                                                  if isinstance(n, Access) and n.tensor in guarded else None)
+        rest = rest.replace(einsums=tuple(reads) + tuple(replace(e, expr=guard(e.expr), where=guard(e.where))
+                                                         for e in rest.einsums))
         decls += [InputDecl(presence[e.name], _names(e.target)) for e in carried]
     read = {t for e in rest.einsums for t in tensors_read(e.expr) + tensors_read(e.where)} | set(lowered.output_names)
     finish = rest.replace(inputs=tuple(d for d in decls if d.name in read), doc="")
