@@ -377,6 +377,10 @@ class _Names:
         same = next((sym for sym, x in self.defs if x == e), None)
         if same is not None:  # one name per value: equal bounds stay equal symbols
             return same
+        taken, base, k = {str(s) for s, _ in self.defs}, name, 1
+        while name in taken:  # two atoms of one kind (nbhd twice) bound differently: two names
+            k += 1
+            name = f"{base}_{k}"
         sym = symbol(name)
         self.defs.append((sym, e))
         return sym

@@ -83,6 +83,10 @@ weights = st.sampled_from([
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(predicate=predicates, score=scores, weight=weights, normalizer=st.sampled_from(["AD[b,h,p]", "M"]),
        p=st.integers(1, 37), seed=st.integers(0, 99))
+# two atoms of one kind with different bounds once shared one bound name (the second won): a
+# full tile the first window excludes
+@example(predicate="(nbhd(p, m, M, 1, 1)) and (nbhd(p, m, M, 2, 1))", score="S0[b,h,p,m]",
+         weight="sigmoid(S[b,h,p,m])", normalizer="AD[b,h,p]", p=2, seed=0)
 def test_score_maps_and_normalizations_agree(predicate, score, weight, normalizer, p, seed):
     c = ei.parse(MAPS.format(predicate=predicate, score=score, weight=weight, normalizer=normalizer))
     m = p  # nbhd atoms need one sequence
