@@ -74,7 +74,6 @@ def stage_tiles(stage: Stage, extents: dict, config: Config) -> dict:
     return tiles
 
 
-
 def choose_tiles(stage: Stage, extents: dict, device: str = "cpu") -> dict:
     """`stage_tiles` under the untuned default config."""
     return stage_tiles(stage, extents, default_config([stage], extents, device))

@@ -43,7 +43,7 @@ import sympy
 from einsum_ir.errors import LoweringError, located
 from einsum_ir.graph import cascade_graph
 from einsum_ir.ir import (
-    Access, Binary, Call, Cascade, Einsum, Expr, Index, Num, Unary, conjuncts, index_vars, product_terms, rank_of,
+    Access, Binary, Call, Cascade, Einsum, Expr, Index, Num, Unary, chain, conjuncts, index_vars, product_terms, rank_of,
     rebuild, substitute, walk,
 )
 from einsum_ir.lowering.exprs import product, summation, to_sympy
@@ -632,10 +632,7 @@ def _predicate(where: Expr | None, name: str, summed: str, grid: tuple[str, ...]
             raise LoweringError(f"{name} is masked by {print_expr(where)}; the chunked scan sums a prefix (m <= p), "
                                 f"positions selected by their own index (m >= key_lo and m < Len[b]), or every "
                                 f"position (a window or a block mask is streamed under a query tile)")
-    mask = None
-    for clause in side:
-        mask = _and(mask, clause)
-    return causal, mask
+    return causal, chain("and", side) if side else None
 
 
 def _masked(x: Expr | None, mask: Expr | None) -> Expr | None:

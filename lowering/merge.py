@@ -36,14 +36,14 @@ import sympy
 
 from einsum_ir.errors import LoweringError, located
 from einsum_ir.graph import cascade_graph
-from einsum_ir.functions import UNIONS
 from einsum_ir.ir import (
-    Access, Binary, Call, Cascade, Einsum, Expr, Index, InputDecl, Name, Num, Output, Param, rank_of, rebuild, walk,
+    Access, Binary, Cascade, Einsum, Expr, Index, InputDecl, Name, Num, Output, Param, rank_of, rebuild,
 )
 from einsum_ir.lowering.defer import prune
 from einsum_ir.lowering.exprs import tensors_read
 from einsum_ir.lowering.grad import FreshNames, trimmed
 from einsum_ir.lowering.strategy import key_loop_plan
+from einsum_ir.lowering.unions import has_unions
 
 IDENTITY = {"max": float("-inf"), "min": float("inf"), "sum": 0.0}
 KEY_RANK = "M"  # DESIGN section 2's naming: the keys' rank, where a cascade has several loops
@@ -145,7 +145,8 @@ def _assemble(c: Cascade, lowered: Cascade, carried: list[Einsum], predicate: Ex
     seen = Binary("and", predicate, in_range) if predicate is not None else in_range
     body.append(Einsum(Access(count, tuple(Index(v) for v in rows)), Num(1.0), "sum", seen))
     # a finish that takes a union reads whether each carried value saw a point: a count each
-    presence = {e.name: names(f"n_{e.name}") for e in carried} if _finish_has_union(lowered, held) else {}
+    later = has_unions(e.expr for e in lowered.einsums if e.name not in held)
+    presence = {e.name: names(f"n_{e.name}") for e in carried} if later else {}
     for e in carried if presence else ():
         where = Binary("and", seen, e.where) if e.where is not None else seen
         body.append(Einsum(Access(presence[e.name], e.target.indices), Num(1.0), "sum", where))
@@ -158,11 +159,6 @@ def _assemble(c: Cascade, lowered: Cascade, carried: list[Einsum], predicate: Ex
     finish = _finish(lowered, carried, keys, presence)
     return Merge(c, partial, tuple(rules), finish, count, key_lo, key_hi, keys, stage)
 
-
-def _finish_has_union(lowered: Cascade, held: set[str]) -> bool:
-    """Some Einsum after the carried values takes a union form (of final values, by their presence)."""
-    return any(isinstance(n, Call) and n.fn in UNIONS for e in lowered.einsums if e.name not in held
-               for n in walk(e.expr))
 
 
 def _rows(carried: list[Einsum], among: set[str] | None = None) -> tuple[str, ...]:

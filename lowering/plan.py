@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import sympy
 
@@ -89,7 +90,7 @@ class Stage:
         """Outputs several programs add into (atomic carried sums and tile sums): they start at 0, in fp32."""
         return self.atomic | {e.name for e in self.of_kind("tile_sum")}
 
-    @property
+    @cached_property  # read by every launch's tiles: derived once
     def page_sizes(self) -> tuple[str, ...]:
         """The names D (dims) that an index position reads the key as `m // D` with: a paged
         cache's page of D keys, `Kc[Tbl[b, m // T], m % T, ...]`, for one key rank. A key tile

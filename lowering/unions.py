@@ -45,9 +45,10 @@ from dataclasses import replace
 
 from einsum_ir.functions import UNIONS
 from einsum_ir.ir import (
-    Access, Binary, Call, Cascade, Einsum, Expr, Index, Num, Unary, accesses, chain, conjuncts, index_vars, product_terms,
+    Access, Binary, Call, Cascade, Einsum, Expr, Index, Num, accesses, chain, conjuncts, index_vars, product_terms,
     rebuild, substitute, walk,
 )
+from einsum_ir.lowering.exprs import product
 from einsum_ir.printer import print_expr
 
 
@@ -82,17 +83,18 @@ def hoist_unions(c: Cascade) -> Cascade:
         changed = False
         for k, e in enumerate(out.einsums):
             new = _name_inner_union(out, e, names) or _split_late(out, e, names)
-            if new is None and e.name not in kept:
+            hoisted = new is None and e.name not in kept
+            if hoisted:
                 new = _hoist(out, e, names)
-                trial = None if new is None else out.replace(einsums=out.einsums[:k] + tuple(new) + out.einsums[k + 1:])
-                if trial is not None and any(_late_union(trial, n) for x in new for n in walk(x.expr)
-                                             if isinstance(n, Call) and n.fn in UNIONS):
-                    kept.add(e.name)
-                    new = None
-            if new is not None:
-                out = out.replace(einsums=out.einsums[:k] + tuple(new) + out.einsums[k + 1:])
-                changed = True
-                break
+            if new is None:
+                continue
+            trial = out.replace(einsums=out.einsums[:k] + tuple(new) + out.einsums[k + 1:])
+            if hoisted and any(_late_union(trial, n) for x in new for n in walk(x.expr)
+                               if isinstance(n, Call) and n.fn in UNIONS):
+                kept.add(e.name)
+                continue
+            out, changed = trial, True
+            break
     if out.einsums == c.einsums:
         return c
     return _share_masked_copies(_drop_unread(out), names)
@@ -117,8 +119,7 @@ def _split_late(c: Cascade, e: Einsum, names: set[str]) -> list[Einsum] | None:
     parts = []
     for x in unions[0].args:
         target = Access(_fresh(names, f"{e.name}_u"), e.target.indices)
-        parts.append(replace(e, target=target, expr=_product([(False, x)] + rest) if sign > 0
-                             else Unary("-", _product([(False, x)] + rest))))
+        parts.append(replace(e, target=target, expr=product([(False, x)] + rest, sign)))
     return parts + [Einsum(e.target, Call("union_sum", tuple(p.target for p in parts), unions[0].loc), loc=e.loc)]
 
 
