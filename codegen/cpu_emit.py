@@ -44,6 +44,7 @@ from einsum_ir.codegen.scalar_code import GRID, PYTHON, print_int
 from einsum_ir.errors import LoweringError
 from einsum_ir.functions import FUNCTIONS
 from einsum_ir.ir import Access, Binary, Cascade, Einsum, Expr, Index, Name, rank_of
+from einsum_ir.lowering.exprs import to_sympy
 from einsum_ir.lowering.plan import Plan, Stage
 from einsum_ir.lowering.strategy import build_plan
 from einsum_ir.params import bind_arguments
@@ -62,23 +63,41 @@ def _tiles(lo, hi, block):
         yield lo + (hi - lo) * k // n, lo + (hi - lo) * (k + 1) // n - 1
 
 
-def _key_tiles(segments, block):
+def _key_tiles(segments, block, group=1, extent=None):
     """Key tiles (first, last, masked) over segments (lo, hi, masked) given in key order.
     Segments that touch are one run, cut into as few near-equal tiles as `block` allows; a tile
     is masked when it overlaps a masked segment. On a CPU few large tiles beat many small ones,
-    so a masked edge shares its tile with the full keys next to it."""
+    so a masked edge shares its tile with the full keys next to it. `group` > 1: the keys come
+    in groups of that many, which a tile holds whole (grouped reductions): runs widen to whole
+    groups (within `extent` keys) and tiles start at multiples of `group`."""
     runs = []
     for lo, hi, masked in segments:
         if hi <= lo:
             continue
-        if runs and runs[-1][-1][1] == lo:
-            runs[-1].append((lo, hi, masked))
+        if group > 1:
+            lo, hi = lo - lo % group, min(hi + (-hi) % group, extent)
+        if runs and runs[-1][-1][1] >= lo:  # touching (or, widened, overlapping): one run
+            runs[-1].append((lo, max(hi, runs[-1][-1][1]), masked))
         else:
             runs.append([(lo, hi, masked)])
     for run in runs:
         masked_parts = [(lo, hi) for lo, hi, m in run if m]
-        for first, last in _tiles(run[0][0], run[-1][1], block):
+        lo, hi = run[0][0], run[-1][1]
+        if group > 1:  # near-equal tiles of whole groups
+            tiles = ((lo + a * group, min(lo + (b + 1) * group, hi) - 1)
+                     for a, b in _tiles(0, -(-(hi - lo) // group), max(1, block // group)))
+        else:
+            tiles = _tiles(lo, hi, block)
+        for first, last in tiles:
             yield first, last, any(lo <= last and first < hi for lo, hi in masked_parts)
+
+
+def _group_max(x, dim, groups, n):
+    """The maximum of x over each group of its dim `dim` (`groups`: each position's group, of n)."""
+    shape = list(x.shape)
+    shape[dim] = n
+    index = groups.view([-1 if d == dim else 1 for d in range(x.dim())]).expand(x.shape)
+    return torch.full(shape, -math.inf, dtype=x.dtype).scatter_reduce_(dim, index, x, "amax")
 
 
 def _min(a, b):
@@ -103,32 +122,56 @@ def _select(cond, a, b):
 
 
 def _grid_segments(segments):
-    """Segments (lo, hi, masked) whose ends hold one value per program (tensors over the grid
-    ranks), as disjoint segments for every program at once, in key order: this tile runs all
-    the programs together, so it visits a key some program visits, and a key is full only
-    where it lies in a full segment of every program."""
-    ends = [torch.as_tensor(x) for lo, hi, _ in segments for x in (lo, hi)]
-    cuts = torch.unique(torch.cat([x.flatten() for x in ends]))
-    if cuts.numel() < 2:
-        return []
-    at = cuts[:-1]  # between consecutive cuts every program is in or out of a segment whole
-    shape = torch.broadcast_shapes(*(x.shape for x in ends)) + at.shape
-    seen = torch.zeros(shape, dtype=torch.bool, device=at.device)
-    full = torch.zeros(shape, dtype=torch.bool, device=at.device)
-    for lo, hi, masked in segments:
-        inside = (torch.as_tensor(lo)[..., None] <= at) & (at < torch.as_tensor(hi)[..., None])
-        seen = seen | inside
-        full = full if masked else full | inside
-    seen = seen.reshape(-1, at.numel()).any(0).tolist()
-    full = full.reshape(-1, at.numel()).all(0).tolist()
+    """Segments (lo, hi, masked) whose integer ends hold one value per program (tensors over
+    the grid ranks; an int is every program's), as disjoint segments for every program at once,
+    in key order: this tile runs all the programs together, so it visits a key some program
+    visits, and a key is full only where it lies in a full segment of every program.
+
+    Plain Python on the ends' values (one tolist per end): a decode step has a few programs
+    and a few segments, where a dozen tiny torch ops cost more than the whole sweep."""
+    ends = [x for lo, hi, _ in segments for x in (lo, hi)]
+    tensors = torch.broadcast_tensors(*(x for x in ends if isinstance(x, torch.Tensor)))
+    programs = tensors[0].numel() if tensors else 1
+    lists = iter([t.reshape(-1).tolist() for t in tensors])
+    values = iter([next(lists) if isinstance(x, torch.Tensor) else [x] * programs for x in ends])
+    per_program = [(next(values), next(values), masked) for _, _, masked in segments]
+    cuts = sorted({v for lo, hi, _ in per_program for v in lo + hi})
+    at = {c: k for k, c in enumerate(cuts)}
+    # Between consecutive cuts every program is in or out of a segment whole. For piece k
+    # (cuts[k] to cuts[k + 1]), count the programs that visit it and those that visit it in a
+    # full segment, as changes at the cuts: +1 where a program's visit starts, -1 where it ends.
+    seen, full = [0] * len(cuts), [0] * len(cuts)
+    for p in range(programs):
+        visits = [(at[lo[p]], at[hi[p]]) for lo, hi, _ in per_program]
+        full_visits = [(at[lo[p]], at[hi[p]]) for lo, hi, masked in per_program if not masked]
+        for count, spans in ((seen, visits), (full, full_visits)):
+            for a, b in _union(spans):  # overlapping segments of one program count it once
+                count[a] += 1
+                count[b] -= 1
     out = []
-    for lo, hi, s, f in zip(cuts[:-1].tolist(), cuts[1:].tolist(), seen, full):
-        if not s:
+    n_seen = n_full = 0
+    for k in range(len(cuts) - 1):
+        n_seen, n_full = n_seen + seen[k], n_full + full[k]
+        if not n_seen:
             continue
-        if out and out[-1][1] == lo and out[-1][2] == (not f):
-            out[-1] = (out[-1][0], hi, not f)
+        lo, hi, masked = cuts[k], cuts[k + 1], n_full < programs
+        if out and out[-1][1] == lo and out[-1][2] == masked:
+            out[-1] = (out[-1][0], hi, masked)
         else:
-            out.append((lo, hi, not f))
+            out.append((lo, hi, masked))
+    return out
+
+
+def _union(spans):
+    """The union of spans (a, b), each covering a <= x < b, as disjoint [a, b] in order."""
+    out = []
+    for a, b in sorted(spans):
+        if a >= b:
+            continue
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
     return out
 
 
@@ -150,7 +193,12 @@ _ALL = slice(None)
 def _gather(t, *idx):
     """t[idx...] for integer index tensors (broadcast together) and whole dims (`_ALL`); reads
     outside t are 0. Index tensors at adjacent positions put their dims there, between the
-    whole dims (torch's rule), else first."""
+    whole dims (torch's rule), else first. Index tensors that lead whole dims read rows
+    (`_take_rows`)."""
+    lead = next((k for k, i in enumerate(idx) if i is _ALL), len(idx))
+    if 0 < lead < len(idx) and all(i is _ALL for i in idx[lead:]) and t.is_contiguous() and \
+            any(isinstance(i, torch.Tensor) for i in idx[:lead]):
+        return _take_rows(t, _row_index(t, *idx[:lead]))
     valid = None
     clamped = []
     for pos, i in enumerate(idx):
@@ -159,8 +207,7 @@ def _gather(t, *idx):
             valid = ok if valid is None else valid & ok
             i = i.clamp(0, t.shape[pos] - 1)
         clamped.append(i)
-    out = _rows_of(t, clamped) if valid is not None else None
-    out = t[tuple(clamped)] if out is None else out
+    out = t[tuple(clamped)]
     if valid is None:
         return out.clone()  # constant indices give a view; callers may work in place
     if bool(valid.all()):  # no read outside t (the mask is over the index tensors: small)
@@ -172,20 +219,36 @@ def _gather(t, *idx):
     return torch.where(valid, out, torch.zeros((), dtype=out.dtype))
 
 
-def _rows_of(t, idx):
-    """t[idx...] as whole rows, where the index tensors lead and every later dim is whole (a
-    paged cache's pages and slots): one linear index per row and index_select, which copies
-    each row at once where advanced indexing computes an offset per element (3x faster for
-    rows of G x E floats). None where that does not apply."""
-    lead = next((k for k, i in enumerate(idx) if i is _ALL), len(idx))
-    if lead == 0 or any(i is not _ALL for i in idx[lead:]) or not t.is_contiguous():
-        return None
-    linear = 0
-    for k in range(lead):
-        linear = linear * t.shape[k] + idx[k]
-    linear = torch.as_tensor(linear)
-    rows = t.reshape((-1,) + tuple(t.shape[lead:])).index_select(0, linear.reshape(-1))
-    return rows.view(tuple(linear.shape) + tuple(t.shape[lead:]))
+def _row_index(t, *idx):
+    """The rows t[idx..., :] reads, for integer index tensors (broadcast together) and ints at
+    t's leading positions (a paged cache's pages and slots): (how many positions, the linear
+    row of each point, the points inside t or None when all are). It depends on t's leading
+    extents only, so the tensors that share them share it (a paged cache's Kc and Vc)."""
+    valid, linear = None, 0
+    for pos, i in enumerate(idx):
+        if isinstance(i, torch.Tensor):
+            ok = (i >= 0) & (i < t.shape[pos])
+            valid = ok if valid is None else valid & ok
+            i = i.clamp(0, t.shape[pos] - 1)
+        linear = linear * t.shape[pos] + i
+    return len(idx), torch.as_tensor(linear), None if valid is None or bool(valid.all()) else valid
+
+
+def _take_rows(t, rows, into=None):
+    """The whole rows `_row_index` found in t (contiguous), 0 outside it: index_select copies
+    each row at once where advanced indexing computes an offset per element (3x faster for rows
+    of G x E floats). `into` (buffers, name): copied into the call's scratch tensor of that
+    name, which every key tile reuses (a fresh tile of MiBs per key tile costs a quarter of a
+    paged decode step in page faults)."""
+    lead, linear, valid = rows
+    rest = tuple(t.shape[lead:])
+    shape = tuple(linear.shape) + rest
+    out = None if into is None else _scratch(into[0], into[1], (linear.numel(),) + rest, t.dtype)
+    out = torch.index_select(t.reshape((-1,) + rest), 0, linear.reshape(-1), out=out).view(shape)
+    if valid is None:
+        return out
+    valid = valid.reshape((1,) * (linear.dim() - valid.dim()) + tuple(valid.shape) + (1,) * len(rest))
+    return out.masked_fill_(~valid, 0.0) if into is not None else torch.where(valid, out, torch.zeros((), dtype=out.dtype))
 '''
 
 _METHOD = re.compile(r"torch\.(\w+)\(\{0\}\)")
@@ -197,8 +260,10 @@ class StageEmitter(BlockEmitter):
 
     def __init__(self, plan: Plan, stage: Stage, name: str):
         super().__init__(plan, stage, name)
-        self.order = list(stage.grid) + list(stage.query) + list(stage.stream) + list(stage.features)
-        self.qset, self.kset = set(stage.query), set(stage.stream)
+        self.grouping = stage.grouping
+        groups = [self.grouping.var] if self.grouping else []  # the key tile's groups sit beside its keys
+        self.order = list(stage.grid) + list(stage.query) + list(stage.stream) + groups + list(stage.features)
+        self.qset, self.kset, self.gset = set(stage.query), set(stage.stream), set(groups)
         self.letters = self._letters()
         self.used_index_values: set[str] = set()
         self.current: Einsum | None = None
@@ -239,7 +304,7 @@ class StageEmitter(BlockEmitter):
         return f"{paren(code)}[{', '.join(idx)}]"
 
     def shape(self, axes) -> str:
-        dims = [f"_n_{a}" if a in self.qset or a in self.kset else rank_of(a) for a in axes]
+        dims = [f"_n_{a}" if a in self.qset | self.kset | self.gset else rank_of(a) for a in axes]
         return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
 
     def fill(self, axes: tuple[str, ...], value: str, dtype: str = "float") -> str:
@@ -395,13 +460,13 @@ class StageEmitter(BlockEmitter):
         key = (t, tuple(map(repr, a.indices)), self.body_id)
         if key not in self.gathers:
             name = self.fresh(t)
-            sec.add(f"{name} = {self.gather(a, idx_vals, axes)}")
+            sec.add(f"{name} = {self.gather(a, idx_vals, axes, name, sec)}")
             self.full_inputs.add(t)
             self.gathers[key] = Val(name, axes, kind)
         return self.gathers[key]
 
-    def gather(self, a: Access, idx_vals: list[Val], axes: tuple[str, ...]) -> str:
-        """The code of a gathered tile over `axes`. A position read at a grid or feature rank's
+    def gather(self, a: Access, idx_vals: list[Val], axes: tuple[str, ...], name: str, sec: Section) -> str:
+        """The code of the gathered tile `name` over `axes`. A position read at a grid or feature rank's
         own variable is taken whole (a slice): a paged cache's Kc[Tbl[b, m // T], m % T, g, e]
         indexes two dims and copies rows of G x E, rather than index tensors for every element."""
         t, ranks = a.tensor, self.c.tensors[a.tensor].ranks
@@ -414,7 +479,13 @@ class StageEmitter(BlockEmitter):
             # slower, and a permuting copy costs more than the gather itself)
             lead = axes[:-1]
             codes = [self.align(v.code, v.axes, lead) if v.axes else v.code for v in idx_vals[:-1]]
-            return f"_gather({t}_all, {', '.join(codes)}, _ALL)"
+            if not any(v.axes for v in idx_vals[:-1]):
+                return f"_gather({t}_all, {', '.join(codes)}, _ALL)"
+            key = (ranks[:-1], tuple(codes), self.body_id)  # equal leading ranks: equal extents
+            if key not in self.row_indices:
+                self.row_indices[key] = self.fresh(f"{t}_rows")
+                sec.add(f"{self.row_indices[key]} = _row_index({t}_all, {', '.join(codes)})")
+            return f"_take_rows({t}_all, {self.row_indices[key]}, (_bufs, {name!r}))"
         indexed = [k for k, w in enumerate(whole) if not w]
         if not any(whole) or not indexed or any(not idx_vals[k].axes for k in indexed):
             codes = [self.align(v.code, v.axes, axes) if v.axes else v.code for v in idx_vals]
@@ -586,6 +657,17 @@ class StageEmitter(BlockEmitter):
             pres = (f"{e.name}_pres", pres[1])
         self.pres_after[e.name] = pres
 
+    def group_reduce(self, op: str, code: str, axes: tuple[str, ...], g) -> str:
+        dim, out = axes.index(g.key), tuple(g.var if a == g.key else a for a in axes)  # key axis: its variable
+        if op == "any":
+            return f"torch.zeros({self.shape(out)}, dtype=torch.int32).index_add_({dim}, _grp, {paren(code)}.int()) > 0"
+        if op == "sum":
+            return f"torch.zeros({self.shape(out)}, dtype=DT).index_add_({dim}, _grp, {code})"
+        return f"_group_max({code}, {dim}, _grp, _n_{g.var})"
+
+    def group_read(self, code: str, axes: tuple[str, ...], g) -> str:
+        return f"{paren(code)}.index_select({axes.index(g.var)}, _grp)"
+
     # ------------------------------------------------------------------ the stage function
     def start_body(self, sec: Section) -> None:
         pass
@@ -598,12 +680,18 @@ class StageEmitter(BlockEmitter):
         return sec.lines
 
     def _positions(self, ranks, side: str, indent: str) -> list[str]:
-        """Per rank of a tile: its length, and its positions when the cascade reads them as values."""
+        """Per rank of a tile: its length, and its positions when the cascade reads them as values
+        (a key tile of groups: how many it holds, and each key's group among them)."""
         lines = []
         for r in ranks:
             lines.append(f"{indent}_n_{r} = {side}_hi_{r} - {side}_lo_{r} + 1")
             if r in self.used_index_values:
                 lines.append(f"{indent}{r} = torch.arange({side}_lo_{r}, {side}_hi_{r} + 1)")
+            g = self.grouping
+            if g is not None and side == "k" and r == g.key:
+                size = print_int(to_sympy(g.size, None), PYTHON)
+                lines.append(f"{indent}_n_{g.var} = k_hi_{r} // {size} - k_lo_{r} // {size} + 1")
+                lines.append(f"{indent}_grp = torch.arange(k_lo_{r}, k_hi_{r} + 1) // {size} - k_lo_{r} // {size}")
         return lines
 
     def generate(self) -> str:
@@ -615,6 +703,7 @@ class StageEmitter(BlockEmitter):
         self.hoisted: dict = {}
         self.full_inputs: set[str] = set()
         self.gathers: dict = {}
+        self.row_indices: dict = {}  # (leading ranks, index codes, body) -> its `_row_index`
         self.body_id = 0
         self.stage_loads, self.query_loads, self.key_loads = Section(indent=1), Section(indent=2), Section(indent=3)
 
@@ -717,7 +806,10 @@ class StageEmitter(BlockEmitter):
         if self.s.loop.values:
             loop.add("# bounds per program: every program's keys at once, full where full for all")
             segs = f"_grid_segments({segs})"
-        loop.add(f"for k_lo_{k}, k_hi_{k}, _masked in _key_tiles({segs}, BLOCK_S):")
+        groups = ""
+        if self.grouping is not None:  # tiles of whole groups
+            groups = f", {print_int(to_sympy(self.grouping.size, None), PYTHON)}, {rank_of(k)}"
+        loop.add(f"for k_lo_{k}, k_hi_{k}, _masked in _key_tiles({segs}, BLOCK_S{groups}):")
         loop.lines += self._positions((k,), "k", "            ")
         loop.lines += self.key_loads.lines
         sec = Section(indent=3)

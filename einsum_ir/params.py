@@ -147,19 +147,23 @@ def bind_shapes(cascade: Cascade, args: dict, held: frozenset = frozenset()) -> 
     computes the same thing and Triton's dots see one dtype. Raises BindError on a missing input,
     a non-tensor, a wrong number of dims, two different extents of one rank, or a cross-rank
     read of two ranks with different extents."""
+    # `where`: the (input, dim) that last bound each rank, spelled out only in an error (this
+    # runs on every call: a decode step binds a dozen dims)
     tensors, extents, where = {}, {}, {}
     for d in cascade.inputs:
         if d.name not in args:
             raise BindError(f"missing input tensor {d.name}; the cascade takes {', '.join(cascade.input_names)}")
         t = _tensor(d.name, args.pop(d.name))
-        if t.dim() != len(d.indices):
+        shape = t.shape
+        if len(shape) != len(d.indices):
             raise BindError(f"input {d.name}[{', '.join(d.indices)}] has {len(d.indices)} dims, but the "
-                            f"tensor given has shape {tuple(t.shape)}")
+                            f"tensor given has shape {tuple(shape)}")
         for k, idx in enumerate(d.indices):
             r = rank_of(idx)
-            if r in extents and extents[r] != t.shape[k]:
-                raise BindError(f"rank {r} is {extents[r]} in {where[r]} but {t.shape[k]} in {d.name} (dim {k})")
-            extents[r], where[r] = int(t.shape[k]), f"{d.name} (dim {k})"
+            if r in extents and extents[r] != shape[k]:
+                raise BindError(f"rank {r} is {extents[r]} in {_dim_of(*where[r])} but {shape[k]} in "
+                                f"{_dim_of(d.name, k)}")
+            extents[r], where[r] = int(shape[k]), (d.name, k)
         tensors[d.name] = t
     dtype = result_dtype(tensors, held)
     for name, t in tensors.items():
@@ -172,10 +176,14 @@ def bind_shapes(cascade: Cascade, args: dict, held: frozenset = frozenset()) -> 
                 raise BindError(f"rank {d}={size!r}: an extent is an integer >= 0 that fits in int64")
             size = int(size)
             if d in extents and extents[d] != size:
-                raise BindError(f"rank {d}={size} given, but {where[d]} has {extents[d]}")
+                raise BindError(f"rank {d}={size} given, but {_dim_of(*where[d])} has {extents[d]}")
             extents[d] = size
     _bind_cross_rank_extents(cascade, extents)
     return tensors, extents
+
+
+def _dim_of(name: str, k: int) -> str:
+    return f"{name} (dim {k})"
 
 
 def _bind_cross_rank_extents(cascade: Cascade, extents: dict[str, int]) -> None:

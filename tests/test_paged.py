@@ -258,12 +258,37 @@ def test_page_id_bounds_are_masks_and_the_loop_is_bounded_by_the_length():
 def test_cpu_path_reads_the_pages_by_a_gather():
     """Rows of the head dim straight into the tile's order (b, g, m, e): the table, the slot
     and the head are index tensors over the tile's axes, the head dim is taken whole, and no
-    permute follows (torch's einsum on a permuted gather is ~10x slower)."""
+    permute follows (torch's einsum on a permuted gather is ~10x slower). K and V share one
+    row index per tile (equal leading ranks) and copy into scratch tiles the key tiles reuse."""
     src = compile_cpu(ei.variants.load("paged_decode")).source({"B": 2, "G": 2, "R": 2, "P": 1, "M": 64, "E": 8,
                                                                 "F": 4, "N": 8, "T": 16, "J": 4})
     table = re.search(r"(Tbl_\d+) = _gather\(Tbl_all, _ALL, \(m // T_\)\)", src).group(1)
-    assert f"_gather(Kc_all, {table}[:, None], (m % T_), g[:, None], _ALL)\n" in src
-    assert f"_gather(Vc_all, {table}[:, None], (m % T_), g[:, None], _ALL)\n" in src
+    rows = re.search(rf"(Kc_rows_\d+) = _row_index\(Kc_all, {table}\[:, None\], \(m % T_\), g\[:, None\]\)\n", src)
+    assert rows, src
+    kc = re.search(rf"(Kc_\d+) = _take_rows\(Kc_all, {rows.group(1)}, \(_bufs, '(Kc_\d+)'\)\)\n", src)
+    vc = re.search(rf"(Vc_\d+) = _take_rows\(Vc_all, {rows.group(1)}, \(_bufs, '(Vc_\d+)'\)\)\n", src)
+    assert kc and vc and kc.group(1) == kc.group(2) and vc.group(1) == vc.group(2)
+    assert src.count("= _row_index(") == src.count("= _take_rows(Kc_all")  # one per loop body, not per tensor
+
+
+def test_take_rows_reads_outside_as_zero_in_scratch_reused_by_tiles():
+    """Rows past the table (a page id of -1 or >= N) are 0, in the scratch tile as well as in a
+    fresh one, and a later, smaller tile reuses the scratch of the first."""
+    from einsum_ir.codegen.cpu_emit import HELPERS
+
+    ns = {"torch": torch}
+    exec(HELPERS, ns)
+    pool = torch.arange(5 * 3 * 2, dtype=torch.float32).reshape(5, 3, 2)
+    page = torch.tensor([[0, 4], [-1, 7]])
+    slot = torch.tensor([2, 0])
+    rows = ns["_row_index"](pool, page, slot)
+    bufs: dict = {}
+    want = torch.stack([torch.stack([pool[0, 2], pool[4, 0]]), torch.zeros(2, 2)])
+    assert torch.equal(ns["_take_rows"](pool, rows), want)
+    assert torch.equal(ns["_take_rows"](pool, rows, (bufs, "x")), want)
+    first = bufs["x"]
+    small = ns["_take_rows"](pool, ns["_row_index"](pool, torch.tensor([3]), 1), (bufs, "x"))
+    assert torch.equal(small, pool[3, 1][None]) and bufs["x"] is first
 
 
 def _triton_run(c, args: dict, tile: int, dtype=torch.float32):
