@@ -5,8 +5,9 @@ A kernel called on tensors that require grad records one autograd node (`record`
 forward runs the training forward (the lowered cascade plus its saved carried values, kept in
 fp32); its backward runs the prologue (the row statistics: a few tensor ops per row, through
 the interpreter), the backward kernel (one program per key tile, streaming the queries),
-compiled by the same backend as the forward, and the epilogue, if any (the contributions of an
-input read at both token ranks, added: through the interpreter). A cascade with no derivable backward
+compiled by the same backend as the forward, and the epilogue, if any (contributions the kernel
+returns apart, such as those of an input read at both token ranks, added: through the
+interpreter). A cascade with no derivable backward
 falls back to recomputation through the reference interpreter under autograd (exact, but
 O(N^2) memory), with the reason logged at WARNING once.
 """
@@ -80,7 +81,7 @@ def run_backward(t: Training, args: Mapping, outputs: tuple, saved: Mapping, see
     for kern, b in zip(t.backward, g.backward):
         result = kern(**{d.name: values[d.name] for d in b.inputs}, **declared(b))
         values.update(zip(b.output_names, result if isinstance(result, tuple) else (result,)))
-    if g.epilogue is not None:  # contributions of the readings at both token ranks, added: O(N) values
+    if g.epilogue is not None:  # contributions the kernel returns apart, added: O(N) values
         result = interpret(g.epilogue, **{d.name: values[d.name] for d in g.epilogue.inputs})
         values.update(zip(g.epilogue.output_names, result if isinstance(result, tuple) else (result,)))
     grads = {x: values[name].to(args[x].dtype) for x, name in g.grads.items()}

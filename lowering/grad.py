@@ -27,12 +27,22 @@ programs (plan kind `tile_sum`); a bias over both ranks is written tile by tile;
 scalar is summed across programs. An input read at both token ranks (FoX's gate G[p] - G[m],
 symmetric attention's Q[p] * Q[m]) gets one contribution per reading, one per query and one per
 key; the kernel returns each as its own output, and an *epilogue* cascade adds them position by
-position after it (a few tensor ops over O(N) values). docs/backward.md has the whole account.
+position after it (a few tensor ops over O(N) values). So does it for contributions the kernel
+cannot add itself: reductions over different sets of points, and the per-key shares of a
+gradient over neither token rank with several readings.
+
+A union form the forward takes after its key loop (of final values, by their presence) is
+differentiated by the presence of its operands: a union_sum passes the gradient to an operand
+where it is present, a union_max to the present operands that attain it. The backward reads
+saved values as inputs, present everywhere, so where a reduction saw no point is carried over
+as a count of its points, which the training forward saves (`PresenceCounts`).
+docs/backward.md has the whole account.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import sympy
 
@@ -41,10 +51,14 @@ from einsum_ir.functions import FUNCTIONS, UNIONS
 from einsum_ir.graph import cascade_graph
 from einsum_ir.ir import (
     FLOAT_DTYPES, Access, Binary, Call, Cascade, Einsum, Expr, Index, InputDecl, Name, Num, Output,
-    Unary, accesses, conjuncts, index_vars, rank_of, rebuild, walk,
+    Unary, accesses, chain, children, conjuncts, index_vars, product_terms, rank_of, rebuild, substitute, walk,
 )
 from einsum_ir.lowering.defer import prune
-from einsum_ir.lowering.exprs import tensors_read, to_sympy
+from einsum_ir.lowering.exprs import product, tensors_read, to_sympy
+from einsum_ir.validate import AnyOf, Exists, PresenceAnalysis, describe_presence, implies
+
+if TYPE_CHECKING:
+    from einsum_ir.lowering.plan import Stage
 
 # A saved carried value of a row that saw nothing: finite, and a divisor's 1 (DESIGN section 2:
 # its points are absent, so the value never reaches a result).
@@ -92,8 +106,7 @@ class Gradient:
         for k, b in enumerate(self.backward):
             parts += ["# backward: the gradients' cascade (its lowering below)", str(b)]
         if self.epilogue is not None:
-            parts += ["# backward epilogue: each input's contributions from its readings at both token ranks, "
-                      "added", str(self.epilogue)]
+            parts += ["# backward epilogue: contributions the kernels return apart, added", str(self.epilogue)]
         return "\n".join(parts)
 
 
@@ -136,11 +149,17 @@ def neg(a: Expr) -> Expr:
     return Unary("-", a)
 
 
-def diff(expr: Expr, target: Access, value: Expr | None = None) -> Expr:
+def diff(expr: Expr, target: Access, value: Expr | None = None,
+         present: Callable[[Expr], Expr | None] | None = None) -> Expr:
     """d expr / d target for one plain access `target`: a partial derivative, so a read of the
     same tensor at other indices (another reading, `_reads` lists each) is held fixed. `value`,
     when given, holds expr's own value (the tensor an Einsum writes), so `d exp(x) = exp(x) dx`
-    reads it instead of recomputing it."""
+    reads it instead of recomputing it. `present` gives, for an operand of a union form, the
+    predicate under which it is present (None: wherever `target` is); without it a union has
+    no derivative (`_union_diff`)."""
+    def d(x: Expr) -> Expr:
+        return diff(x, target, present=present)
+
     if isinstance(expr, (Num, Name, Index)):
         return Num(0)
     if isinstance(expr, Access):
@@ -148,15 +167,15 @@ def diff(expr: Expr, target: Access, value: Expr | None = None) -> Expr:
             return Num(0)
         return Num(1) if expr == target else Num(0)
     if isinstance(expr, Unary):
-        return Num(0) if expr.op == "not" else neg(diff(expr.operand, target))
+        return Num(0) if expr.op == "not" else neg(d(expr.operand))
     if isinstance(expr, Binary):
         if expr.op in ("+", "-"):
-            da, db = diff(expr.lhs, target), diff(expr.rhs, target)
+            da, db = d(expr.lhs), d(expr.rhs)
             return add(da, neg(db) if expr.op == "-" else db)
         if expr.op == "*":
-            return add(mul(diff(expr.lhs, target), expr.rhs), mul(expr.lhs, diff(expr.rhs, target)))
+            return add(mul(d(expr.lhs), expr.rhs), mul(expr.lhs, d(expr.rhs)))
         if expr.op == "/":
-            da, db = diff(expr.lhs, target), diff(expr.rhs, target)
+            da, db = d(expr.lhs), d(expr.rhs)
             out = Binary("/", da, expr.rhs) if not _zero(da) else Num(0)
             if not _zero(db):
                 out = add(out, neg(Binary("/", mul(expr.lhs, db), mul(expr.rhs, expr.rhs))))
@@ -166,23 +185,70 @@ def diff(expr: Expr, target: Access, value: Expr | None = None) -> Expr:
         return Num(0)  # comparisons, and, or: piecewise constant
     assert isinstance(expr, Call)
     if expr.fn in UNIONS and any(a.tensor == target.tensor for a in accesses(expr)):
-        # its value depends on which operands are present: no point-by-point derivative
-        raise LoweringError(located(expr, f"{expr.fn}(...) has no derivative point by point: which operands it "
-                                          f"adds depends on their presence; the key loop differentiates the "
-                                          f"cascade after eliminating its unions (lowering/unions.py)"))
+        return _union_diff(expr, target, present)
     if expr.fn not in FUNCTIONS:  # a predicate builtin
         return Num(0)
     f = FUNCTIONS[expr.fn]
     out: Expr = Num(0)
     for k, arg in enumerate(expr.args):
-        d = diff(arg, target)
-        if _zero(d):
+        dk = d(arg)
+        if _zero(dk):
             continue
         if f.derivative[k] is None:
             raise LoweringError(located(expr, f"{expr.fn}(...) has no derivative in argument {k + 1}, which reads "
                                           f"{target.tensor}; add one to its entry in einsum_ir/functions.py"))
-        out = add(out, mul(f.derivative[k](expr.args, value if value is not None else expr), d))
+        out = add(out, mul(f.derivative[k](expr.args, value if value is not None else expr), dk))
     return out
+
+
+def _union_diff(u: Call, target: Access, present: Callable[[Expr], Expr | None] | None) -> Expr:
+    """d union / d target, by the operands' presence (`present`, see `diff`).
+
+    A union is the reduction of its kind over its present operands (docs/spec.md, "Unions"), so
+    its derivative is that reduction's: a union_sum passes each operand's derivative on where
+    that operand is present (an absent one is the identity, a constant); a union_max (min) only
+    where the operand is also the maximum (minimum) of the present ones, split evenly between
+    those that attain it, as a max reduction's gradient is (`_argmax`). Exact at every point
+    where `target` is present; where it is absent its gradient reaches no present point."""
+    if present is None:
+        raise LoweringError(located(u, f"{u.fn}(...) has no derivative point by point: which operands it combines "
+                                       f"depends on their presence, which only the key loop's derivation "
+                                       f"(lowering/grad.py, `grad`) carries into the backward"))
+    form = UNIONS[u.fn]
+    hits = [present(x) for x in u.args]
+    share: Expr | None = None
+    if form.reduce != "sum":
+        value = union_value(u, present)
+        hits = [_both(h, Binary("==", x, value)) for x, h in zip(u.args, hits)]
+        share = Num(0)
+        for h in hits:
+            share = add(share, Call("where", (h, Num(1.0), Num(0.0))))
+    out: Expr = Num(0)
+    for x, h in zip(u.args, hits):
+        dx = diff(x, target, present=present)
+        if _zero(dx):
+            continue
+        if share is not None:
+            dx = Binary("/", dx, share)
+        # a select, not a product: an absent operand's derivative may be any number, even inf
+        out = add(out, dx if h is None else Call("where", (h, dx, Num(0.0))))
+    return out
+
+
+def union_value(u: Call, present: Callable[[Expr], Expr | None]) -> Expr:
+    """The union `u` as plain IR: each operand selected by its presence, the identity where it
+    is absent, then combined as where every operand is present (the union's value wherever
+    one is; the backward's operands are present everywhere, as its saved inputs are)."""
+    form = UNIONS[u.fn]
+    picked = []
+    for x in u.args:
+        h = present(x)
+        picked.append(x if h is None else Call("where", (h, x, Num(form.identity))))
+    return form.present_value(tuple(picked))
+
+
+def _both(a: Expr | None, b: Expr) -> Expr:
+    return b if a is None else Binary("and", a, b)
 
 
 
@@ -273,6 +339,117 @@ def _form(old: sympy.Expr, new: sympy.Expr, allowed: set) -> tuple[str, sympy.Ex
     return None
 
 
+# ---------------------------------------------------------------------------- presence in the backward
+
+
+class PresenceCounts:
+    """Presence the backward must be told, as counts of points the training forward computes.
+
+    The backward cascades read the forward's saved carried values as inputs, present
+    everywhere: a predicate still says where a recomputed score is absent, but nothing says
+    where a reduction saw no point. Mostly that does not matter, since a row whose reduction saw
+    nothing has no present point for its gradient to reach. It does where a value is present
+    while one that reads it is not: a union operand that is absent where the union is present
+    (a share present only in rows that saw a sink), or a product of a per-row value that saw a
+    point and one that did not. A contribution through such a value must be 0 there, and the
+    presence analysis (einsum_ir.validate) says where: each `Exists` atom ("some m has body")
+    becomes a count `n[rows] = sum[m] 1.0 where body`, computed by the forward beside its
+    carried values and read as `n > 0`. Exact, as the count is of the very points the
+    reduction saw."""
+
+    def __init__(self, c: Cascade, names: FreshNames, stage: Stage):
+        self.c = c
+        self.names = names
+        self.stage = stage  # the forward's key loop, which computes the counts per row
+        self.analysis = PresenceAnalysis(c)
+        self.counts: dict[tuple, Einsum] = {}  # (rows, body) -> the Einsum that counts it
+
+    @property
+    def einsums(self) -> tuple[Einsum, ...]:
+        return tuple(self.counts.values())
+
+    def have(self, z: Einsum, a: Access) -> frozenset:
+        """What holds wherever a contribution of z to its read `a` matters: a's presence (where
+        a is absent, its gradient reaches no present point) and z's predicates."""
+        return self.analysis.of(a) | {x for x in self._space(z) if not isinstance(x, (Exists, AnyOf))}
+
+    def between(self, z: Einsum, have: frozenset) -> Expr | None:
+        """Where z's points are present beyond `have` (None: wherever it holds): the reductions z
+        reads, where some saw no point while the read did (an intersecting map after the key
+        loop; inside it, a point's absence is its predicates' or a sentinel's, which the
+        backward recomputes)."""
+        if set(z.space) & set(self.stage.stream):
+            return None
+        return self._condition([x for x in self._space(z) if isinstance(x, Exists)], have, z.target)
+
+    def operand(self, x: Expr, have: frozenset) -> Expr | None:
+        """Where the union operand `x` is present beyond `have` (None: wherever it holds)."""
+        for atom in self.analysis.of(x):
+            if isinstance(atom, AnyOf):
+                raise LoweringError(located(x, f"{_text(x)} is a union operand that reads another union; the backward "
+                                               f"of a union is derived for flat ones: name the inner union as an "
+                                               f"Einsum of its own and write one union of every operand"))
+            if not isinstance(atom, Exists) and not implies(have, atom):
+                pred = describe_presence(frozenset({atom}))
+                raise LoweringError(located(x, f"{_text(x)} is a union operand present where {pred}, a predicate of "
+                                               f"its own, which the backward recomputes as absent; the backward of a "
+                                               f"union is derived for operands absent only where a reduction they "
+                                               f"read saw no point: select instead, where({pred}, {_text(x)}, the "
+                                               f"union's identity), which differs only where no other operand is "
+                                               f"present"))
+        return self._condition(self.analysis.of(x), have, x)
+
+    def replayed(self, e: Einsum) -> Einsum:
+        """`e` as the backward recomputes it: each union form as the plain IR of its value, its
+        operands selected by their presence (`union_value`)."""
+        have = frozenset(conjuncts(e.where))
+
+        def plain(n: Expr) -> Expr | None:
+            if not (isinstance(n, Call) and n.fn in UNIONS):
+                return None
+            return union_value(n, lambda x: self.operand(x, have))
+
+        return replace(e, expr=rebuild(e.expr, plain))
+
+    def _space(self, z: Einsum) -> frozenset:
+        """The presence of z's points, before its reduction."""
+        return frozenset(conjuncts(z.where)) | self.analysis.of(z.expr)
+
+    def _condition(self, atoms, have: frozenset, node) -> Expr | None:
+        parts: list[Expr] = []
+        for atom in sorted(atoms, key=lambda x: describe_presence(frozenset({x}))):
+            part = None if implies(have, atom) else Binary(">", self._count(atom, node), Num(0))
+            if part is not None and part not in parts:  # two reductions over one set of points
+                parts.append(part)
+        return chain("and", parts) if parts else None
+
+    def _count(self, atom: Exists, node) -> Access:
+        """The count of the points `atom` ranges over, one per row of its free variables."""
+        what = describe_presence(frozenset({atom}))
+        if any(isinstance(x, (Exists, AnyOf)) for x in atom.body):
+            raise LoweringError(located(node, f"{_text(node)} is present where {what}: a reduction over values that "
+                                              f"are themselves present only where another reduction saw a point; "
+                                              f"the backward counts the points of one reduction"))
+        free = set().union(*(index_vars(x) for x in atom.body)) - set(atom.bound)
+        rename: dict[str, Expr] = {}
+        for v in atom.bound:  # a witness takes its rank's index variable (`m'GM` is an m)
+            base = v.split("'")[0]
+            if base in free or Index(base) in rename.values() or rank_of(base) not in self.c.dims:
+                raise LoweringError(located(node, f"{_text(node)} is present where {what}; the backward cannot "
+                                                  f"count those points, as {base} is also free there"))
+            rename[v] = Index(base)
+        body = tuple(sorted((substitute(x, rename) for x in atom.body), key=_text))
+        # one count per row of the loop that computes it (a row of its grid and query indices)
+        dims = list(self.c.dims)
+        rows = tuple(sorted(free | set(self.stage.grid) | set(self.stage.query),
+                            key=lambda v: dims.index(rank_of(v)) if rank_of(v) in dims else len(dims)))
+        key = (rows, body)
+        if key not in self.counts:
+            self.counts[key] = Einsum(Access(self.names("n_seen"), tuple(Index(v) for v in rows)), Num(1.0),
+                                      "sum", chain("and", list(body)))
+        return self.counts[key].target
+
+
 # ---------------------------------------------------------------------------- the derivation
 
 
@@ -315,19 +492,37 @@ def grad(c: Cascade) -> Gradient:
     names = FreshNames(list(lowered.tensors) + list(lowered.dims) + [p.name for p in lowered.params])
     seeds = {o: names("d" + o) for o in lowered.output_names}
     floating = [d.name for d in lowered.inputs if (d.dtype or "fp32") in FLOAT_DTYPES]
-    grads_of, einsums, shift_only = _reverse(lowered, seeds, names)
-    einsums = _recover_from_outputs(lowered, saved, einsums)
+    # differentiated: the forward with its products over points and features apart
+    differentiated = _name_point_factors(lowered, stage, names)
+    counts = PresenceCounts(differentiated, names, stage)
+    grads_of, einsums, shift_only = _reverse(differentiated, seeds, names, counts)
+    einsums = _recover_from_outputs(differentiated, saved, einsums)
+    # the counts are carried values too: the training forward computes them, the backward reads
+    # them, and recomputes each union from its operands by their counts (`PresenceCounts.replayed`)
+    tallies = tuple(e.name for e in counts.einsums)
+    saved += tallies
+    replayed = tuple(counts.replayed(e) if e.name not in saved and e.name not in lowered.output_names else e
+                     for e in differentiated.einsums)
+    forward_source = lowered.replace(einsums=lowered.einsums + counts.einsums)
+    lowered = differentiated.replace(einsums=replayed + counts.einsums)
     recomputed = [e for e in lowered.einsums if e.name not in saved and e.name not in lowered.output_names]
     read = {t for e in einsums + recomputed for t in tensors_read(e.expr) + tensors_read(e.where)}
     saved = tuple(n for n in saved if n in read and n not in lowered.output_names)
     grads = {x: grads_of[x] for x in floating if x in grads_of}
     zero = tuple(x for x in floating if x not in grads_of)
-    joined = [e for e in einsums if e.name in grads.values() and _joins_partner_readings(e, einsums)]
+    joined: list[Einsum] = []
+    for name in grads.values():
+        e = _einsum(einsums, name)
+        if _adds_per_program_sums(e, stage):
+            einsums = _kept_per_key(e, einsums, stage)
+            joined.append(_einsum(einsums, name))
+        elif _joins_partner_readings(e, einsums):
+            joined.append(e)
     einsums = [e for e in einsums if e not in joined]
     # what the kernels return: the gradients, or, for a joined one, its contributions
     kernel_grads = [n for n in grads.values() if n not in {e.name for e in joined}]
     kernel_grads += list(dict.fromkeys(t for e in joined for t in tensors_read(e.expr)))
-    forward = _training_forward(lowered, stage, saved)
+    forward = _training_forward(forward_source, saved, tallies)
     inputs = _backward_inputs(lowered, saved, seeds)
     recomputed = [e for e in lowered.einsums if e.name not in saved and e.name not in lowered.output_names]
     per_query = _per_query(recomputed + einsums, set(stage.stream), inputs)
@@ -358,14 +553,84 @@ def grad(c: Cascade) -> Gradient:
 def _joins_partner_readings(e: Einsum, einsums: list[Einsum]) -> bool:
     """An input's gradient that adds contributions of which one was written over another rank
     (the reading at the partner rank, `dG_S2[b,h,m]` read at p): the kernel that computes them
-    keeps that one per key and the other per query, so the sum waits for the epilogue."""
+    keeps that one per key and the other per query, so the sum waits for the epilogue. So does
+    a union_sum of contributions (`_input_gradient`): the kernel returns each one, 0 where it
+    saw no point, and the epilogue adds them."""
     if e.reduce != "sum" or e.reduced or e.where is not None:
         return False
+    if isinstance(e.expr, Call) and e.expr.fn == "union_sum":
+        return True
     if any(not (isinstance(n, Access) or isinstance(n, Binary) and n.op == "+" or isinstance(n, Index))
            for n in walk(e.expr)):
         return False
     writers = {x.name: x for x in einsums}
     return any(a.tensor in writers and a.indices != writers[a.tensor].target.indices for a in accesses(e.expr))
+
+
+def _name_point_factors(c: Cascade, stage: Stage, names: FreshNames) -> Cascade:
+    """The cascade to differentiate: a contraction whose summand multiplies factors over the
+    scores' points by factors over a feature rank (`Rho[h] * SN[p,m] * V[m,f]`), where an input
+    among the former lacks a token index of the others, with the former named as a value of its
+    own (`T[p,m] = Rho[h] * SN[p,m]`, then `sum T * V`). The same sum; but the input's gradient
+    is then a sum of a 2-D product (`dT * SN`, with dT = dO . V^T a matrix product) instead of a
+    product over the points and the feature rank at once, which no kernel tiles."""
+    tokens, features = set(stage.stream) | set(stage.query), set(stage.features)
+    floating = {d.name for d in c.inputs if (d.dtype or "fp32") in FLOAT_DTYPES}
+    out: list[Einsum] = []
+    for e in c.einsums:
+        terms = product_terms(e.expr) if e.reduced and e.reduce == "sum" and not e.recurrence_var else []
+        point = [f for f in terms[0][1] if not set(index_vars(f[1])) & features] if len(terms) == 1 else []
+        rest = [f for f in terms[0][1] if f not in point] if point else []
+        span = {v for _, f in point for v in index_vars(f)}
+        if len(point) < 2 or not rest or not any(a.tensor in floating and (span & tokens) - set(index_vars(a))
+                                                 for _, f in point for a in accesses(f)):
+            out.append(e)
+            continue
+        named = Access(names(f"{e.name}_pt"), tuple(Index(v) for v in e.space if v in span))
+        out += [Einsum(named, product(point), loc=e.loc),
+                replace(e, expr=product([(False, named)] + rest, terms[0][0]))]
+    return c.replace(einsums=tuple(out))
+
+
+def _adds_per_program_sums(e: Einsum, stage: Stage) -> bool:
+    """An input's gradient over neither token rank that adds several contributions (a per-head
+    share read twice): each would be a sum across the backward's programs, which a kernel forms
+    only as an output of its own (`_kept_per_key`)."""
+    sums = isinstance(e.expr, Call) and e.expr.fn == "union_sum" or \
+        all(isinstance(n, (Access, Index)) or isinstance(n, Binary) and n.op == "+" for n in walk(e.expr))
+    return sums and len(accesses(e.expr)) > 1 and not e.reduced and e.where is None and \
+        not set(e.lhs_vars) & (set(stage.stream) | set(stage.query))
+
+
+def _kept_per_key(total: Einsum, einsums: list[Einsum], stage: Stage) -> list[Einsum]:
+    """`einsums` with the contributions that `total` adds kept per key and program (over the
+    forward's key and grid indices they reduce: `dRho_X[b,h,m]` for `dRho_X[h]`, a per-key
+    output of the backward kernel as dK is), and `total` their sum over those indices, for the
+    epilogue: the same sum, regrouped."""
+    order = list(stage.grid) + list(stage.stream)
+    writers = {e.name: e for e in einsums}
+    parts: dict[str, Access] = {}
+    for a in accesses(total.expr):
+        e = writers.get(a.tensor)
+        kept = [v for v in order if e is not None and v in e.reduced]
+        shared = any(a.tensor in tensors_read(x.expr) for x in einsums if x is not total)
+        if e is None or shared or not set(kept) & set(stage.stream):
+            raise LoweringError(located(total.target, f"{total.name} adds {a.tensor}, which is not a sum over the "
+                                                      f"keys of its own; the backward adds several contributions "
+                                                      f"to a gradient over neither token rank when each sums over "
+                                                      f"the keys"))
+        indices = [v for v in order if v in kept or v in e.lhs_vars] + [v for v in e.lhs_vars if v not in order]
+        parts[a.tensor] = Access(a.tensor, tuple(Index(v) for v in indices))
+    out = []
+    for e in einsums:
+        if e.name in parts:
+            out.append(replace(e, target=parts[e.name]))
+        elif e is total:
+            out.append(replace(e, expr=rebuild(e.expr, lambda n: parts.get(n.tensor) if isinstance(n, Access)
+                                               else None)))
+        else:
+            out.append(e)
+    return out
 
 
 def _scan_gradient(c: Cascade) -> Gradient:
@@ -400,9 +665,13 @@ def _per_query(einsums: list[Einsum], stream: set[str], inputs) -> set[str]:
     return per_query - {d.name for d in inputs}
 
 
-def _training_forward(lowered: Cascade, stage, saved: tuple[str, ...]) -> Cascade:
-    extra = tuple(Output(n, SAFE_FILL[lowered.einsum(n).reduce]) for n in saved if n not in lowered.output_names)
-    return lowered.replace(outputs=lowered.outputs + extra)
+def _training_forward(lowered: Cascade, saved: tuple[str, ...], tallies: tuple[str, ...]) -> Cascade:
+    """The forward returning its saved values too: a carried value with its safe fill, a count
+    of points (`PresenceCounts`) with 0, the count of a row that saw none."""
+    extra = tuple(Output(n, 0.0 if n in tallies else SAFE_FILL[lowered.einsum(n).reduce])
+                  for n in saved if n not in lowered.output_names)
+    return lowered.replace(einsums=tuple(e for e in lowered.einsums if e.name not in tallies or e.name in saved),
+                           outputs=lowered.outputs + extra)
 
 
 def _recover_from_outputs(lowered: Cascade, saved: tuple[str, ...], einsums: list[Einsum]) -> list[Einsum]:
@@ -461,12 +730,16 @@ def _backward_inputs(lowered: Cascade, saved, seeds) -> tuple[InputDecl, ...]:
     return tuple(decls)
 
 
-def _reverse(c: Cascade, seeds: dict[str, str], names: FreshNames) -> tuple[dict[str, str], list[Einsum], tuple[str, ...]]:
+def _reverse(c: Cascade, seeds: dict[str, str], names: FreshNames, counts: PresenceCounts | None = None
+             ) -> tuple[dict[str, str], list[Einsum], tuple[str, ...]]:
     """Gradient Einsums of every tensor that receives one, in an order the cascade can run, and
-    the maxima that get no gradient because they only shift an exponential."""
+    the maxima that get no gradient because they only shift an exponential. With `counts`, a
+    contribution is also restricted to where the values between it and its read are present
+    (`PresenceCounts.between`), union forms are differentiated by their operands' presence, and
+    a sum of contributions adds alike ones (`Contributions`)."""
     graph = cascade_graph(c)
     contributions: dict[str, list[Access]] = {o: [Access(d, c.einsum(o).target.indices)] for o, d in seeds.items()}
-    out: list[Einsum] = []
+    made = Contributions(counts.analysis if counts is not None else None)
     grads: dict[str, str] = {}
     shift_only: list[str] = []
     presence = _presence(c, graph)
@@ -479,51 +752,173 @@ def _reverse(c: Cascade, seeds: dict[str, str], names: FreshNames) -> tuple[dict
         if any(not isinstance(i, Index) for i in z.target.indices):
             raise LoweringError(located(z.target, f"{z.name} is written at index expressions; the backward needs "
                                               f"plain target indices"))
-        dz = _total(c, z, contributions.pop(z.name), names, out)
+        dz = _total(z, contributions.pop(z.name), names, made)
         grads[z.name] = dz.tensor
         if z.reduce == "max" and z.reduced:
             if shift_invariant(c, z.name):
                 shift_only.append(z.name)
                 continue  # the outputs do not move with this max: no gradient (softmax's GM)
-            _argmax(c, z, dz, names, out, contributions)
+            _argmax(c, z, dz, names, made, contributions)
             continue
         if z.reduce not in ("sum",):
             raise LoweringError(located(z.target, f"{z.name} is a {z.reduce} reduction; the backward is derived "
                                               f"for sum and max"))
         for a in _reads(z, set(c.input_names), _constant(c)):
-            g = diff(z.expr, a, z.target if not z.reduced else None)
+            present, mask = None, None
+            if counts is not None:
+                have = counts.have(z, a)
+                present = lambda x, have=have: counts.operand(x, have)  # noqa: E731
+                mask = counts.between(z, have)
+            g = diff(z.expr, a, z.target if not z.reduced else None, present=present)
             if _zero(g):
                 continue
-            if _one(g) and not z.reduced and z.where is None and a.indices == z.target.indices:
+            if mask is None and _one(g) and not z.reduced and z.where is None and a.indices == z.target.indices:
                 contributions.setdefault(a.tensor, []).append(dz)  # a copy passes its gradient on
                 continue
             name = names(f"d{a.tensor}_{z.name}")
-            where = _conjunction([z.where] + ([presence[a.tensor]] if a.tensor in presence and
-                                              a.indices == c.einsum(a.tensor).target.indices else []))
-            e = Einsum(Access(name, a.indices), mul(dz, g), "sum", where)
-            out.append(e)
+            at_own = a.tensor in presence and a.indices == c.einsum(a.tensor).target.indices
+            own = [presence[a.tensor]] if at_own else []
+            conds = conjuncts(_conjunction([z.where] + own))
+            # with counts, a conjunct over an intermediate's own points that neither its presence
+            # nor dz's has (a sum over the sinks, `where Sink[b,m]`, on the scores) is a select:
+            # the contribution is 0 there, absent only where the intermediate is, as its other
+            # contributions are (an input's are made alike when they are added: `Contributions`)
+            selected = [x for x in conds if counts is not None and a.tensor not in c.input_names and
+                        x not in conjuncts(_conjunction(own)) and set(index_vars(x)) <= set(index_vars(a))
+                        and not implies(made.presence(dz), x)]
+            where = _conjunction([x for x in conds if x not in selected])
+            expr = _select_factor(_conjunction([mask] + selected), mul(dz, g))
+            made.add(Einsum(Access(name, a.indices), expr, "sum", where), z, dz)
             contributions.setdefault(a.tensor, []).append(Access(name, a.indices))
     for d in c.inputs:
         if d.name in contributions:
-            grads[d.name] = _input_gradient(d.name, d.indices, contributions.pop(d.name), names, out)
-    return grads, out, tuple(shift_only)
+            grads[d.name] = _input_gradient(d.name, d.indices, contributions.pop(d.name), names, made)
+    return grads, made.out, tuple(shift_only)
+
+
+class Contributions:
+    """The gradient Einsums made so far (`out`) and, with the forward's presence analysis, what
+    each one is present by in the backward, so that a sum of contributions adds alike ones.
+
+    A contribution is absent where its reader's points are (its predicate), which means 0 there;
+    but a plain `+` of contributions present at different points (a reader under `Sink[b,m]`,
+    another under `m <= p`) is absent wherever one is. So a sum first makes its parts alike: a
+    conjunct of a part's predicate that not every part has becomes a select (`where(Sink[b,m],
+    x, 0)`, exact: a zero adds nothing). In the backward the forward's reductions are saved
+    inputs, present everywhere, so a part is present by predicates alone: those of the values it
+    reads (the analysis of its reader's right side), its own, and those of the gradient it
+    multiplies; a part that reduces is absent where none of its points is."""
+
+    def __init__(self, analysis: PresenceAnalysis | None):
+        self.analysis = analysis
+        self.out: list[Einsum] = []
+        self.reads: dict[str, frozenset] = {}  # a contribution -> the presence of what it reads
+
+    def add(self, e: Einsum, z: Einsum | None = None, dz: Access | None = None) -> None:
+        """Record `e`: the contribution of `z` (its reader) through the gradient `dz`, or a sum
+        of alike contributions (no z)."""
+        self.out.append(e)
+        if self.analysis is not None and z is not None:
+            plain = {x for x in self.analysis.of(z.expr) if not isinstance(x, (Exists, AnyOf))}
+            self.reads[e.name] = frozenset(plain) | (self.presence(dz) if dz is not None else frozenset())
+
+    def writer(self, name: str) -> Einsum | None:
+        return next((e for e in self.out if e.name == name), None)
+
+    def presence(self, part: Access) -> frozenset:
+        """Where `part` is present, as atoms over its writer's indices (empty: everywhere)."""
+        e = self.writer(part.tensor)
+        if self.analysis is None or e is None:  # a seed: an input of the backward
+            return frozenset()
+        if e.name not in self.reads and e.where is None and not e.reduced:  # a sum of alike parts
+            first = accesses(e.expr)
+            return self.presence(first[0]) if first else frozenset()
+        return self.analysis.reduce(self.reads.get(e.name, frozenset()) | frozenset(conjuncts(e.where)),
+                                    e.reduced, e.name)
+
+    def groups(self, parts: list[Access], target: str | None = None) -> list[list[Access]]:
+        """`parts` grouped by presence, made alike first where selects make them one group. For
+        the gradient of an intermediate `target`, only where it is present matters (elsewhere
+        its gradient reaches no present point)."""
+        context = self.analysis.tensors.get(target, frozenset()) if self.analysis and target else frozenset()
+        groups = self._grouped(parts, context)
+        if len(groups) > 1:
+            before = list(self.out)
+            self._align(parts)
+            aligned = self._grouped(parts, context)
+            if len(aligned) == 1:
+                return aligned
+            self.out[:] = before  # some part reduces other points: selects would not help
+        return groups
+
+    def _grouped(self, parts: list[Access], context: frozenset) -> list[list[Access]]:
+        groups: list[tuple[frozenset, list[Access]]] = []
+        for p in parts:
+            atoms = frozenset(x for x in self.presence(p) if not implies(context, x))
+            same = next((g for a, g in groups if all(implies(a, x) for x in atoms) and
+                         all(implies(atoms, x) for x in a)), None)
+            if same is None:
+                groups.append((atoms, [p]))
+            else:
+                same.append(p)
+        return [g for _, g in groups]
+
+    def _align(self, parts: list[Access]) -> None:
+        """Each part's predicate without the conjuncts some other part lacks, those as a select."""
+        writers = [self.writer(p.tensor) for p in parts]
+        sets = [set(conjuncts(w.where)) if w is not None and w.name in self.reads else set() for w in writers]
+        common = set.intersection(*sets)
+        for w, mine in zip(writers, sets):
+            moved = [x for x in conjuncts(w.where) if x not in common] if w is not None and mine else []
+            if moved:
+                where = _conjunction([x for x in conjuncts(w.where) if x in common])
+                self.out[self.out.index(w)] = replace(w, expr=_select_factor(chain("and", moved), w.expr),
+                                                      where=where)
+
+
+def _select_factor(cond: Expr | None, expr: Expr) -> Expr:
+    """`expr`, 0 where `cond` fails: a select on the innermost factor of a product that reads
+    every index cond does (so that a contraction stays a product of 2-D factors), else on the
+    whole."""
+    if cond is None or _zero(expr):
+        return expr
+    if isinstance(expr, Binary) and expr.op == "*":
+        for side in ("lhs", "rhs"):
+            factor = getattr(expr, side)
+            if set(index_vars(cond)) <= set(index_vars(factor)):
+                return replace(expr, **{side: _select_factor(cond, factor)})
+    return _select(cond, expr)
 
 
 def _presence(c: Cascade, graph) -> dict[str, Expr]:
     """Where each intermediate is present, as a predicate over its own indices (when one says
     so): its `where`, and its operands' (a map is absent where an operand is; a reduction drops
-    what mentions the reduced indices). A gradient is restricted to where its tensor is present:
+    what mentions the reduced indices; a union form's operands do not restrict it, as it is
+    present where any one is). A gradient is restricted to where its tensor is present:
     elsewhere nothing reads it."""
     out: dict[str, Expr] = {}
     for e in graph.order:
         parts = [e.where] if e.where is not None else []
-        for a in accesses(e.expr):
+        for a in _outside_unions(e.expr):
             if a.tensor in out and a.indices == c.einsum(a.tensor).target.indices:
                 parts.append(out[a.tensor])
         parts = [p for p in parts if not set(index_vars(p)) & set(e.reduced)]
         if parts:
             out[e.name] = _conjunction(parts)
     return out
+
+
+def _outside_unions(expr: Expr) -> list[Access]:
+    """The accesses of `expr` that no union form encloses."""
+    if isinstance(expr, Call) and expr.fn in UNIONS:
+        return []
+    inner = [a for x in children(expr) for a in _outside_unions(x)]
+    return [expr] + inner if isinstance(expr, Access) else inner
+
+
+def _select(cond: Expr | None, g: Expr) -> Expr:
+    """`g` where `cond` holds, else 0 (a select: g may be any number where cond fails)."""
+    return g if cond is None or _zero(g) else Call("where", (cond, g, Num(0.0)))
 
 
 def _conjunction(parts: list[Expr | None]) -> Expr | None:
@@ -565,40 +960,61 @@ def _reads(z: Einsum, inputs: set[str], constant: set[str]) -> list[Access]:
     return out
 
 
-def _total(c: Cascade, z: Einsum, parts: list[Access], names: FreshNames, out: list[Einsum]) -> Access:
+def _total(z: Einsum, parts: list[Access], names: FreshNames, made: Contributions) -> Access:
     """The gradient of an intermediate: its one contribution, or their sum as one more Einsum."""
     if len(parts) == 1:
         return parts[0]
+    if len(made.groups(parts, z.name)) > 1:
+        raise LoweringError(located(z.target, f"the gradient of {z.name} adds contributions present at different "
+                                              f"points ({', '.join(p.tensor for p in parts)}: reductions whose "
+                                              f"points differ, or reads of values absent at different points); the "
+                                              f"backward adds such contributions for inputs only"))
     name = names("d" + z.name)
-    out.append(_sum_of(name, z.target.indices, parts))
+    made.add(_sum_of(name, z.target.indices, parts))
     return Access(name, z.target.indices)
 
 
 def _sum_of(name: str, indices, parts: list[Access]) -> Einsum:
+    return Einsum(Access(name, indices), _added(parts))
+
+
+def _added(parts: list[Access]) -> Expr:
     total: Expr = Num(0)
     for p in parts:
         total = add(total, p)
-    return Einsum(Access(name, indices), total)
+    return total
 
 
 def _input_gradient(x: str, declared: tuple[str, ...], parts: list[Access], names: FreshNames,
-                    out: list[Einsum]) -> str:
+                    made: Contributions) -> str:
     """An input's gradient gets its own name (an output of the backward): its one contribution
     renamed, or the sum of several, each read position by position at the input's declared
-    indices (a reading at a partner rank wrote its contribution over that rank, of equal extent)."""
+    indices (a reading at a partner rank wrote its contribution over that rank, of equal extent).
+    Contributions present at different points (reductions whose points differ: one absent where
+    another is present) are joined by a union_sum, which the epilogue takes after the kernels."""
     name = names("d" + x)
-    parts = [Access(p.tensor, tuple(Index(v) for v in declared)) for p in parts]
+    out = made.out
+    partner = any(p.indices != tuple(Index(v) for v in declared) for p in parts)
+    groups = [parts] if partner or len(parts) == 1 else made.groups(parts)  # a partner's: the epilogue's
+    at = lambda p: Access(p.tensor, tuple(Index(v) for v in declared))  # noqa: E731
     own = [k for k, e in enumerate(out) if e.name == parts[0].tensor]
     read = any(parts[0].tensor in tensors_read(e.expr) for e in out)
     if len(parts) == 1 and own and not read:
         e = out[own[0]]
         out[own[0]] = Einsum(Access(name, e.target.indices), e.expr, e.reduce, e.where)
         return name
-    out.append(_sum_of(name, parts[0].indices, parts))
+    if len(groups) == 1:
+        made.add(_sum_of(name, at(parts[0]).indices, [at(p) for p in parts]))
+        return name
+    if len(groups) > UNIONS["union_sum"].arity[1]:
+        raise LoweringError(f"the gradient of {x} adds contributions present at {len(groups)} different sets of "
+                            f"points; a union_sum takes at most {UNIONS['union_sum'].arity[1]}")
+    terms = tuple(_added([at(p) for p in g]) for g in groups)
+    made.add(Einsum(Access(name, at(parts[0]).indices), Call("union_sum", terms)))
     return name
 
 
-def _argmax(c: Cascade, z: Einsum, dz: Access, names: FreshNames, out: list[Einsum], contributions) -> None:
+def _argmax(c: Cascade, z: Einsum, dz: Access, names: FreshNames, made: Contributions, contributions) -> None:
     """A max whose value the outputs read: its gradient splits over the points that attain it."""
     if not isinstance(z.expr, Access):
         raise LoweringError(located(z.target, f"{z.name} is a max of an expression; write the maximized tensor as "
@@ -606,10 +1022,10 @@ def _argmax(c: Cascade, z: Einsum, dz: Access, names: FreshNames, out: list[Eins
     a = z.expr
     hit = Call("where", (Binary("==", a, z.target), Num(1.0), Num(0.0)))
     count = names(f"n{z.name}")
-    out.append(Einsum(Access(count, z.target.indices), hit, "sum", z.where))
+    made.add(Einsum(Access(count, z.target.indices), hit, "sum", z.where), z)
     name = names(f"d{a.tensor}_{z.name}")
-    out.append(Einsum(Access(name, a.indices), Binary("/", mul(dz, hit), Access(count, z.target.indices)),
-                      "sum", z.where))
+    made.add(Einsum(Access(name, a.indices), Binary("/", mul(dz, hit), Access(count, z.target.indices)),
+                    "sum", z.where), z, dz)
     contributions.setdefault(a.tensor, []).append(Access(name, a.indices))
 
 
