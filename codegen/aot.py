@@ -20,7 +20,7 @@ import tempfile
 from einsum_ir.codegen import cache, dispatch
 from einsum_ir.codegen.dispatch import Config
 from einsum_ir.codegen.modules import import_source
-from einsum_ir.codegen.tiles import default_config, launch_options, stage_tiles
+from einsum_ir.codegen.tiles import default_config, group_tiles, launch_options, stage_tiles
 
 DTYPE_SIG = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 INT_SIG = {"bool": "i8", "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64"}
@@ -52,6 +52,7 @@ def specialization(kern, stage_index: int, shapes: dict, dtype: str = "bf16",
     ext = kern._extents_from_shapes(shapes)
     bucket = dict(dispatch.bucket_of(ext, kern.token_ranks))
     tiles = stage_tiles(stage, bucket, config or default_config(kern.plan.stages, ext, "gpu"))
+    tiles.update(group_tiles(stage, {**ext, **shapes}, tiles["BLOCK_S"]))  # a group size given with the shapes
     sig, constexprs, attrs = {}, {}, {}
     for pos, (n, k) in enumerate(em.arg_names()):
         if k == "ptr":

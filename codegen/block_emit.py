@@ -28,7 +28,10 @@ import sympy
 from einsum_ir.builtins import PREDICATES
 from einsum_ir.errors import LoweringError
 from einsum_ir.functions import FUNCTIONS, UNIONS, UnionForm
-from einsum_ir.ir import Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, Num, Unary, index_vars, product_terms, walk
+from einsum_ir.ir import (
+    Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, Num, Unary, chain, conjuncts, index_vars, product_terms, walk,
+)
+from einsum_ir.lowering.groups import group_tie
 from einsum_ir.lowering.plan import Plan, Stage
 
 
@@ -397,6 +400,8 @@ class BlockEmitter:
         t = a.tensor
         if t not in self.local or t in self.s.loads:
             return self.load(a, sec)
+        if self.s.kind(t) == "group":
+            return self.group_value(t, a)
         e = self.local[t]
         lhs = [i.name for i in e.target.indices]
         if [i.name if isinstance(i, Index) else None for i in a.indices] != lhs:
@@ -410,6 +415,57 @@ class BlockEmitter:
         if kind in ("carried", "epilogue", "prologue") and not self.in_loop:
             pres, pax = self.pres_after.get(t, (None, ()))
         return Val(code, self.axes_of[t], "float", pres, pax, bound=self.s.bounds.get(t))
+
+    # ------------------------------------------------------------------ grouped reductions
+    def group_einsum(self, e: Einsum, sec: Section) -> None:
+        """A grouped reduction (lowering.groups): the tile's keys reduced group by group, the
+        tile holding whole groups; a group is present where one of its keys is."""
+        g = self.s.grouped[e.name]
+        axes = self.axes_of[e.name]
+        (key,) = self.var_axes(g.key)
+        full = tuple(key if a == g.var else a for a in axes)  # the summand's axes: its keys
+        v = self.emit(e.expr, sec)
+        rest = [a for a in conjuncts(e.where) if a != group_tie(e, g)]
+        parts = [(v.pres, v.pres_axes), self.named_mask("k_valid", self.key_bound(), sec)]
+        if rest:
+            parts.append(self.named_mask(f"{e.name}_mask", chain("and", rest), sec))
+        mask, max_ = self.conjunction([p for p in parts if p[0]])
+        code = self.num(v)
+        code = self.broadcast(code, v.axes, full) if set(v.axes) != set(full) else self.align(code, v.axes, full)
+        if mask:
+            code = self.select(self.align(mask, max_, full), code, self.number(-math.inf if e.reduce == 'max' else 0.0))
+        sec.add(f"{e.name} = {self.group_reduce(e.reduce, code, full, g)}")
+        if mask:
+            seen = self.group_reduce("any", mask, max_, g) if key in max_ else mask
+            sec.add(f"{e.name}_pres = {seen}")
+            self.mask_of[e.name] = (f"{e.name}_pres", tuple(g.var if a == key else a for a in max_))
+
+    def group_value(self, t: str, a: Access) -> Val:
+        """A grouped reduction read at its key's group, `X[.., m // L]`: each key takes its group's
+        value and presence, once per tile."""
+        g = self.s.grouped[t]
+        want = tuple(g.read_at() if i == Index(g.var) else i for i in self.local[t].target.indices)
+        if tuple(a.indices) != want:
+            raise LoweringError(f"{t} is read as {t}[{', '.join(map(str, a.indices))}]; a grouped reduction is "
+                                f"read at its key's group, {t}[{', '.join(map(str, want))}]")
+        if t not in self.group_vals:
+            axes = self.axes_of[t]
+            (key,) = self.var_axes(g.key)
+            at_key = tuple(key if x == g.var else x for x in axes)
+            pres, pax = self.mask_of.get(t, (None, ()))
+            if pres is not None:
+                pres, pax = self.group_read(pres, pax, g), tuple(key if x == g.var else x for x in pax)
+            self.group_vals[t] = Val(self.group_read(t, axes, g), at_key, "float", pres, pax)
+        return self.group_vals[t]
+
+    def group_reduce(self, op: str, code: str, axes: tuple[str, ...], g) -> str:
+        """`op` (sum | max | any) of `code` over each group of the key axis (`g.key`'s): the same
+        axes with the group axis `g.var` in its place."""
+        raise NotImplementedError
+
+    def group_read(self, code: str, axes: tuple[str, ...], g) -> str:
+        """A value over the group axis `g.var` read at each key of the tile (the key axis in its place)."""
+        raise NotImplementedError
 
     def reduce_sum(self, e: Einsum, sec: Section, red: set[str], mask: tuple | None) -> str:
         """Code for the sum over tile axes `red` of e.expr, term by term (division deferral
@@ -447,11 +503,15 @@ class BlockEmitter:
         self.masked = masked
         self.mask_of, self.guard_cache, self.finalize, self.alpha, self.views = {}, {}, [], {}, set()
         self.start_body(sec)
-        for e in self.s.of_kind("stream", "key_side", "carried", "tile_sum"):
+        self.group_vals: dict[str, Val] = {}
+        self.summand_masks: dict[str, tuple | None] = {}
+        for e in self.s.of_kind("stream", "key_side", "group", "carried", "tile_sum"):
             summed = self.s.kind(e.name) == "tile_sum" or set(e.reduced) & set(self.s.query)
             self.summed_rows = self.query_bound() if summed else None
             if self.s.kind(e.name) == "carried":
                 self.carried_einsum(e, sec)
+            elif self.s.kind(e.name) == "group":
+                self.group_einsum(e, sec)
             elif self.s.kind(e.name) == "tile_sum":
                 self.tile_sum(e, sec)
             else:
@@ -461,8 +521,11 @@ class BlockEmitter:
             self.after_einsum(e, sec)
         self.summed_rows = None
         for g in self.s.groups:
-            if g.counter is not None:
+            if g.counter is not None and self.s.by_presence:  # seen where its own summand is present
+                mask = self.summand_masks.get(g.members[0]) or (None, ())
+            elif g.counter is not None:
                 mask = self.conjunction([self.guard_mask(n, sec) for n in sorted(g.guards)]) if masked else None
+            if g.counter is not None:
                 self.count_presence(g, mask if mask and mask[0] else None, sec)
         for line in self.finalize:
             sec.add(line)
@@ -585,6 +648,7 @@ class BlockEmitter:
     def carried_einsum(self, e: Einsum, sec: Section) -> None:
         red = {x for v in e.reduced for x in self.var_axes(v)}
         mask = self.summand_mask(e, sec)
+        self.summand_masks[e.name] = mask
         if e.reduce == "max":
             self.carried_max(e, red, mask, sec)
             return

@@ -15,7 +15,7 @@ from einsum_ir.codegen.names import spell
 from einsum_ir.codegen.modules import check_compiler, check_interpreter, interpret_env, load_module
 from einsum_ir.codegen.outputs import collect_outputs, interpreted
 from einsum_ir.codegen.derived import DerivedKernels
-from einsum_ir.codegen.tiles import launch_options, query_tiles, stage_tiles
+from einsum_ir.codegen.tiles import group_tiles, launch_options, query_tiles, stage_tiles
 from einsum_ir.errors import BindError, LoweringError
 from einsum_ir.graph import cascade_graph
 from einsum_ir.ir import Cascade, rank_of
@@ -236,6 +236,7 @@ class TritonKernel(DerivedKernels):
         for s, em in zip(self.plan.stages, self.emitters):
             # tiles from the bucket, grid from the true extents: one binary per bucket
             tiles = stage_tiles(s, bucket, config)
+            tiles.update(group_tiles(s, {**extents, **params}, tiles["BLOCK_S"]))  # the call's group size
             ng = math.prod(extents[rank_of(v)] for v in s.grid)
             nqt = query_tiles(s, extents, tiles)
             grid = (nqt, max(ng, 1))

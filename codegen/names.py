@@ -29,7 +29,7 @@ from einsum_ir.ir import (
 )
 
 # The emitters' own names without a `_` (the generated Python and Triton), module names included.
-EMITTER_NAMES = ("CHUNK", "DT", "KT", "NQT", "alpha", "block", "buf", "bufs", "clamped", "dtype", "first", "full", "hi",
+EMITTER_NAMES = ("CHUNK", "DT", "GROUP", "KT", "NQT", "alpha", "block", "buf", "bufs", "clamped", "dtype", "first", "full", "hi",
                  "i", "idx", "itertools", "k", "last", "live", "lo", "masked", "math", "name", "numel", "ok", "out",
                  "pos", "run", "runs", "segments", "shape", "some", "t", "tl", "torch", "triton", "valid", "np")
 RESERVED = frozenset((*keyword.kwlist, *keyword.softkwlist, *dir(builtins), *EMITTER_NAMES))

@@ -6,20 +6,27 @@ best estimate that compiles without spills; no GPU timing)."""
 from __future__ import annotations
 
 from einsum_ir.errors import LoweringError
-from einsum_ir.ir import Cascade
+from einsum_ir.ir import Cascade, Name
+from einsum_ir.lowering.groups import groupings
 
 DEFAULT_SHAPES = {"B": 1, "H": 8, "G": 2, "R": 4, "N": 64, "P": 4096, "M": 4096,
                   "PX": 64, "PY": 64, "MX": 64, "MY": 64, "PB": 64, "MB": 64}
 OTHER_DIM = 16
+DEFAULT_GROUP = 16  # keys per group of a grouped reduction (landmark's block): divides every key tile
 
 
 def default_shapes(cascade: Cascade, head_dim: int) -> dict:
+    """Dims of the report's shapes, and a group size (a constexpr of Triton's key tiles) for each
+    grouped reduction's parameter."""
     shapes = {}
     for d in cascade.dims:
         if d in ("E", "F"):
             shapes[d] = head_dim
         else:
             shapes[d] = DEFAULT_SHAPES.get(d, OTHER_DIM)
+    for g in groupings(cascade).values():
+        if isinstance(g.size, Name):
+            shapes.setdefault(g.size.name, DEFAULT_GROUP)
     return shapes
 
 

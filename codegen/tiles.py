@@ -10,7 +10,8 @@ import math
 
 from einsum_ir.codegen import dispatch
 from einsum_ir.codegen.dispatch import INTERPRETER_CONFIG, Config
-from einsum_ir.ir import index_vars, rank_of
+from einsum_ir.errors import LoweringError
+from einsum_ir.ir import Name, index_vars, rank_of
 from einsum_ir.lowering.plan import Stage, page_flag
 
 
@@ -72,6 +73,22 @@ def stage_tiles(stage: Stage, extents: dict, config: Config) -> dict:
     tiles.update({page_flag(d): int(nonempty and d in extents and extents[d] % config.BLOCK_S == 0)
                   for d in stage.page_sizes})
     return tiles
+
+
+def group_tiles(stage: Stage, values: dict, block_s: int) -> dict:
+    """GROUP (keys per group) and BLOCK_G (groups per key tile) of a stage with grouped
+    reductions (lowering.groups), from the call's group size; {} without. A key tile starts at a
+    multiple of BLOCK_S, so it holds whole groups when the size divides it; Triton reshapes the
+    tile into (groups, keys of a group), which needs a power of two."""
+    g = stage.grouping
+    if g is None:
+        return {}
+    size = int(values[g.size.name]) if isinstance(g.size, Name) else int(g.size.value)
+    if size < 1 or size & (size - 1) or block_s % size:
+        raise LoweringError(f"{g.describe()}: a Triton key tile of {block_s} keys holds whole groups of a power of "
+                            f"two that divides it, and this call groups {size} keys; use backend 'cpu' (any "
+                            f"group size) or a group size of a power of two up to {block_s}")
+    return {"GROUP": size, "BLOCK_G": block_s // size}
 
 
 def choose_tiles(stage: Stage, extents: dict, device: str = "cpu") -> dict:

@@ -42,7 +42,8 @@ class StageEmitter(BlockEmitter):
 
     def __init__(self, plan: Plan, stage: Stage, name: str, list_mode: bool = False):
         super().__init__(plan, stage, name)
-        self.order = ["Q", "S"] + list(stage.features)
+        self.grouping = stage.grouping
+        self.order = ["Q", "S"] + ([self.grouping.var] if self.grouping else []) + list(stage.features)
         self.list_mode = list_mode
         self.cache: dict = {}
         self.body_id = 0
@@ -88,7 +89,27 @@ class StageEmitter(BlockEmitter):
         return f"({self.align(code, frm, to)} + {self.fill(to, '0.0')})"
 
     def block(self, a: str) -> str:
+        if self.grouping is not None and a == self.grouping.var:
+            return "BLOCK_G"  # the key tile's groups: BLOCK_S // GROUP
         return {"Q": "BLOCK_Q", "S": "BLOCK_S"}.get(a, f"BLOCK_{a.upper()}")
+
+    def group_reduce(self, op: str, code: str, axes: tuple[str, ...], g) -> str:
+        """The key axis split into (groups, keys of a group), then reduced over the latter."""
+        k = axes.index("S")
+        dims = [self.block(a) for a in axes]
+        split = ", ".join(dims[:k] + ["BLOCK_G", "GROUP"] + dims[k + 1:])
+        if op == "any":
+            return f"(tl.max(tl.reshape({paren(code)}.to(tl.int32), [{split}]), axis={k + 1}) > 0)"
+        return f"tl.{op}(tl.reshape({code}, [{split}]), axis={k + 1})"
+
+    def group_read(self, code: str, axes: tuple[str, ...], g) -> str:
+        """Each group's value repeated over its keys: (groups, keys of a group) as the key axis."""
+        k = axes.index(g.var)
+        dims = [self.block(a) for a in axes]
+        wide = ", ".join(dims[:k] + ["BLOCK_G", "GROUP"] + dims[k + 1:])
+        out = ", ".join(dims[:k] + ["BLOCK_S"] + dims[k + 1:])
+        at = ", ".join([":"] * (k + 1) + ["None"] + [":"] * (len(axes) - k - 1))
+        return f"tl.reshape(tl.broadcast_to({paren(code)}[{at}], [{wide}]), [{out}])"
 
     def shape(self, axes) -> str:
         return "[" + ", ".join(self.block(a) for a in axes) + "]"
@@ -640,6 +661,8 @@ class StageEmitter(BlockEmitter):
             args += [(f"BLOCK_S_{v}", "constexpr") for v in s.stream]
         args += [(self.block(f), "constexpr") for f in s.features]
         args += [(page_flag(d), "constexpr") for d in s.page_sizes]
+        if self.grouping is not None:  # keys per group and groups per key tile (codegen.tiles.group_tiles)
+            args += [("GROUP", "constexpr"), ("BLOCK_G", "constexpr")]
         return args
 
     def render(self, lines: list[str], doc: str | None = None) -> str:

@@ -439,7 +439,7 @@ def _flat(atoms) -> set:
 
 def implies(have: Presence, atom: Expr | Exists | AnyOf) -> bool:
     """`have` (a conjunction) implies `atom`: structurally, with the witnesses of an Exists
-    searched among the index variables `have` mentions (a few: one per rank, at most)."""
+    searched among the index variables `have` and the atom mention (a few: one per rank, at most)."""
     if atom in have or isinstance(atom, Binary) and atom.op in ("==", "<=", ">=") and atom.lhs == atom.rhs:
         return True  # held, or true everywhere (`m // L == m // L`, once a witness is put in)
     if isinstance(atom, AnyOf):
@@ -451,8 +451,8 @@ def implies(have: Presence, atom: Expr | Exists | AnyOf) -> bool:
     if any(isinstance(a, AnyOf) and all(implies(frozenset(b) | (flat - {a}), atom) for b in a.branches)
            for a in flat):
         return True
-    if isinstance(atom, Exists):
-        names = sorted(set().union(*map(_free, flat)) if flat else set())
+    if isinstance(atom, Exists):  # witnesses: the variables we have, and the atom's own free ones
+        names = sorted(set().union(*map(_free, flat), _free(atom)))  # (`some m' has m' // L == m // L`: m)
         for witness in itertools.islice(itertools.product(names, repeat=len(atom.bound)), 512):
             sigma = {v: Index(w) for v, w in zip(atom.bound, witness)}
             if all(implies(flat, _subst(x, sigma)) for x in atom.body):
@@ -514,8 +514,11 @@ class PresenceAnalysis:
     `of(expr)` is an expression's presence (a frozenset of atoms, empty: everywhere); the
     lowering asks it whether a union operand is present exactly where its predicates hold."""
 
-    def __init__(self, c: Cascade, order: list[Einsum] | None = None):
-        """`order`: the Einsums, each after those it reads (default: `topological_einsums`)."""
+    def __init__(self, c: Cascade, order: list[Einsum] | None = None, tile_local: frozenset[str] = frozenset()):
+        """`order`: the Einsums, each after those it reads (default: `topological_einsums`).
+        `tile_local`: reductions the lowering knows, with their presence, inside each key tile
+        (grouped reductions, lowering.groups), taken as present wherever read: what the
+        lowering asks is whether a value is known only after the key loop."""
         self.c = c
         self.fresh = itertools.count()
         self.tensors: dict[str, Presence] = {}
@@ -525,9 +528,10 @@ class PresenceAnalysis:
         self.nodes: dict[int, Presence] = {}
         iterative = {e.name for e in c.einsums if e.recurrence_var}
         for e in topological_einsums(c) if order is None else order:
-            if e.name in iterative:
+            if e.name in iterative or e.name in tile_local:
                 # An iterative tensor's absent update keeps its previous value, so its reads are
-                # present (the carry is already the union with the previous step).
+                # present (the carry is already the union with the previous step); a tile-local
+                # one is known, with its presence, wherever the key loop reads it.
                 self.tensors[e.name] = frozenset()
                 continue
             space = frozenset(conjuncts(e.where)) | self.of(e.expr)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import sympy
 
-from einsum_ir.functions import FUNCTIONS
+from einsum_ir.functions import FUNCTIONS, UNIONS
 from einsum_ir.ir import Access, Binary, Call, Expr, Index, Name, Num, Unary, rebuild, walk
 
 
@@ -80,6 +80,8 @@ def to_sympy(expr: Expr, leaf: Callable[[Access], sympy.Expr]) -> sympy.Expr:
                                        ">=": "ge", "==": "eq", "!=": "ne", "and": "and",
                                        "or": "or"}[expr.op])(a, b)
     assert isinstance(expr, Call)
+    if expr.fn in UNIONS:  # its value where every operand is present: how each one scales
+        return to_sympy(UNIONS[expr.fn].present_value(expr.args), leaf)
     args = [to_sympy(a, leaf) for a in expr.args]
     if expr.fn in FUNCTIONS and expr.fn != "where":
         return FUNCTIONS[expr.fn].sympy(*args)

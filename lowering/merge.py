@@ -42,6 +42,7 @@ from einsum_ir.ir import (
 from einsum_ir.lowering.defer import prune
 from einsum_ir.lowering.exprs import tensors_read
 from einsum_ir.lowering.grad import FreshNames, trimmed
+from einsum_ir.lowering.groups import no_key_ranges
 from einsum_ir.lowering.strategy import key_loop_plan
 from einsum_ir.lowering.unions import has_unions
 
@@ -88,6 +89,9 @@ def derive(c: Cascade) -> Merge:
         raise LoweringError(f"the forward runs {len(plan.stages)} stages and {len(streaming)} of them stream the key "
                             f"rank {KEY_RANK}; partial states are one key loop's")
     (stage,) = streaming
+    why = no_key_ranges(plan.cascade, stage.grouped)
+    if why is not None:
+        raise LoweringError(why)
     carried = list(stage.of_kind("carried"))
     if not carried:
         raise LoweringError("the key loop carries no reduction: there is no state to merge")

@@ -23,8 +23,9 @@ from einsum_ir.ir import (
 )
 from einsum_ir.lowering.defer import defer_division
 from einsum_ir.lowering.exprs import replace_accesses, tensors_read, to_sympy
+from einsum_ir.lowering.groups import groupings
 from einsum_ir.lowering.recurrence import fold_recurrences
-from einsum_ir.lowering.unions import eliminate_unions, hoist_unions
+from einsum_ir.lowering.unions import eliminate_unions, hoist_unions, unions_as_maps
 
 
 def _split_target(e: Einsum, m: str, m1: str, m0: str) -> Access:
@@ -143,11 +144,15 @@ def prepare(c: Cascade) -> tuple[Cascade, tuple[str, ...], CascadeGraph]:
     if hoisted is not c:
         rewrites.append("unions of reductions as reductions of unions")
         c = hoisted
-    plain, union_reason = eliminate_unions(c)
+    # grouped reductions (lowering.groups) are known only inside each key tile, with their
+    # presence point by point, which no predicate states: unions stay, taken by presence there
+    by_presence = bool(groupings(c))
+    plain, union_reason = (unions_as_maps(c), None) if by_presence else eliminate_unions(c)
     if union_reason is not None:
         raise LoweringError(union_reason)
     if plain is not c:
-        rewrites.append("unions as sentinels under a disjunction")
+        rewrites.append("unions in reductions as maps, taken by presence" if by_presence
+                        else "unions as sentinels under a disjunction")
         c = plain
     folded = fold_recurrences(c)
     if folded is not c:
@@ -165,10 +170,11 @@ def online(c: Cascade, rank: str = "M", tile: str = "M0") -> Cascade:
     """The 1-pass form: local reductions per key tile and recurrences over the tiles, after the
     key loop's own rewrites (`prepare`)."""
     c = prepare(c)[0]
+    grouped = set(groupings(c))  # complete inside the key tile that holds the group: not carried
     c = partition(c, rank, tile)
     outer = c.splits[-1].outer
     m1, m0 = outer.lower(), tile.lower()
-    full = [e for e in c.einsums if {m1, m0} <= set(e.reduced)]
+    full = [e for e in c.einsums if {m1, m0} <= set(e.reduced) and e.name not in grouped]
     if not full:
         return c
     names = set(c.tensors)
@@ -218,7 +224,7 @@ def online(c: Cascade, rank: str = "M", tile: str = "M0") -> Cascade:
                 continue
             if e.reduce != "sum":
                 raise LoweringError(f"{e.name}: only sum and max reductions have an online form")
-            ratio = _ratio(c, e, online_max, per_tile)
+            ratio = _ratio(c, e, online_max, per_tile, grouped)
             if ratio == 1:
                 out.append(Einsum(nxt, Binary("+", lt, prev)))
                 continue
@@ -250,13 +256,15 @@ def online(c: Cascade, rank: str = "M", tile: str = "M0") -> Cascade:
     return c.replace(einsums=tuple(out), inits=tuple(inits))
 
 
-def _ratio(c: Cascade, e: Einsum, online_max: set[str], per_tile: set[str]) -> sympy.Expr:
+def _ratio(c: Cascade, e: Einsum, online_max: set[str], per_tile: set[str], grouped: set[str]) -> sympy.Expr:
     """E(g_new)/E(g_old) for the summand of `e`, with the online maxima g as symbols."""
 
     def leaf(a: Access):
         if a.tensor in online_max:
             return sympy.Symbol("G_" + a.tensor)
         ws = c.writers(a.tensor)
+        if ws and a.tensor in grouped and ws[-1].reduce == "sum":
+            return to_sympy(ws[-1].expr, leaf)  # a sum of points that all scale alike scales alike
         if ws and a.tensor in per_tile and not ws[-1].reduced:
             w = ws[-1]
             mapping = {i.name: j for i, j in zip(w.target.indices, a.indices) if isinstance(i, Index)}

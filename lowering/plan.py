@@ -15,10 +15,11 @@ import sympy
 
 from einsum_ir.cost_model.passes import rank_vars, resolve_ranks
 from einsum_ir.ir import Access, Binary, Cascade, Einsum, Expr, Index, Name, walk
+from einsum_ir.lowering.groups import Grouping
 from einsum_ir.lowering.keyranges import KeyLoop
 from einsum_ir.printer import print_expr
 
-KINDS = ("prologue", "key_side", "stream", "carried", "tile_sum", "epilogue")
+KINDS = ("prologue", "key_side", "stream", "group", "carried", "tile_sum", "epilogue")
 
 
 def page_flag(size: str) -> str:
@@ -43,7 +44,9 @@ class PresenceGroup:
 class Stage:
     """One kernel launch: a grid of (query tiles) x (grid ranks), each program looping over key
     tiles. Einsum classes: `prologue` (no key rank, before the loop), `key_side` (key rank, no
-    query rank), `stream` (both), `carried` (reduces the key rank: a loop-carried accumulator),
+    query rank), `stream` (both), `group` (reduces the key tile's keys group by group into a
+    value per group, read back at each key of the group: lowering.groups), `carried` (reduces
+    the key rank: a loop-carried accumulator),
     `tile_sum` (keeps the key rank and sums the query rank: each program adds its key tile's
     share to the output, atomically), `epilogue` (after the loop)."""
 
@@ -72,6 +75,11 @@ class Stage:
     last_use: Mapping[str, str]  # in-loop value -> the last in-loop Einsum that reads it
     bounds: Mapping[str, float] = field(default_factory=dict)  # in-loop map -> a bound on |value|
     # where present (lowering.bounds): what may be cast to fp16 for a dot
+    grouped: Mapping[str, Grouping] = field(default_factory=dict)  # `group` Einsums: how they group
+    # the keys (lowering.groups); the key tiles are aligned to the groups
+    by_presence: bool = False  # values carry their presence point by point in every tile (unions
+    # and grouped reductions in the loop: no sentinel or predicate states it); each carried
+    # reduction is seen where its summand is present
 
     def kind(self, name: str) -> str:
         return self.kinds[name]
@@ -104,6 +112,12 @@ class Stage:
                  for i in a.indices for n in walk(i)
                  if isinstance(n, Binary) and n.op == "//" and n.lhs == key and isinstance(n.rhs, Name)]
         return tuple(dict.fromkeys(found))
+
+    @property
+    def grouping(self) -> Grouping | None:
+        """How the stage's grouped reductions group its keys, all alike (lowering.stream_keys
+        checks it); None when it has none."""
+        return next(iter(self.grouped.values()), None)
 
     def group_of(self, name: str) -> PresenceGroup | None:
         return next((g for g in self.groups if name in g.members), None)

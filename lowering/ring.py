@@ -27,6 +27,7 @@ from einsum_ir.errors import LoweringError, located
 from einsum_ir.ir import Access, Binary, Cascade, Einsum, Expr, Index, Name, Param, index_vars, rank_of, rebuild
 from einsum_ir.lowering.grad import FreshNames
 from einsum_ir.lowering.keyranges import KeyLoop
+from einsum_ir.lowering.groups import no_key_ranges
 from einsum_ir.lowering.merge import Merge, derive as derive_merge
 from einsum_ir.lowering.strategy import key_loop_plan
 from einsum_ir.lowering.symbolic import evaluate, query_hi, query_lo
@@ -56,6 +57,9 @@ def derive(c: Cascade, query: str | None = None) -> Ring:
     if len(plan.stages) != 1:
         raise LoweringError(f"the forward runs {len(plan.stages)} stages; a ring merges one key loop's states")
     (stage,) = plan.stages
+    why = no_key_ranges(plan.cascade, stage.grouped)
+    if why is not None:  # a key shard is a key range
+        raise LoweringError(why)
     if len(stage.stream) != 1:
         raise LoweringError(f"the keys span {len(stage.stream)} ranks ({', '.join(stage.stream)}); a ring shards "
                             f"one key rank")

@@ -35,17 +35,20 @@ from einsum_ir.errors import LoweringError, located
 from einsum_ir.graph import CascadeGraph, cascade_graph
 from einsum_ir.indirect import bound_indirect, indirect_reads, read_bounds
 from einsum_ir.ir import (
-    INT_DTYPES, Access, Binary, Cascade, Einsum, Expr, Index, Name, chain, conjuncts, index_vars, product_terms, rank_of,
-    rebuild,
+    INT_DTYPES, Access, Binary, Call, Cascade, Einsum, Expr, Index, Name, chain, children, conjuncts, index_vars,
+    product_terms, rank_of, rebuild,
 )
+from einsum_ir.functions import UNIONS
 from einsum_ir.lowering.absence import place_sentinels
 from einsum_ir.lowering.base2 import fold_log2e
 from einsum_ir.lowering.bounds import magnitudes
 from einsum_ir.lowering.exprs import tensors_read, to_sympy
+from einsum_ir.lowering.groups import Grouping, groupings
 from einsum_ir.lowering.keyranges import GridScope, key_loop, masked_everywhere
 from einsum_ir.lowering.online import prepare, rescale_ratio
 from einsum_ir.lowering.plan import Plan, PresenceGroup, Stage
 from einsum_ir.lowering.underflow import scale_rows
+from einsum_ir.lowering.unions import has_unions
 
 NAME = "stream keys under a query tile"
 
@@ -274,13 +277,20 @@ def _order(graph: CascadeGraph, drafts: list[_Draft], owner: dict[str, _Draft]) 
 # ---------------------------------------------------------------------------- one stage
 
 
-IN_LOOP = ("stream", "key_side", "carried", "tile_sum")
+IN_LOOP = ("stream", "key_side", "group", "carried", "tile_sum")
 REDUCTIONS = ("carried", "tile_sum")  # what the key loop's skipped tiles must not reach
 
 
 def _stage(c: Cascade, graph: CascadeGraph, index: int, d: _Draft, owner: dict[str, _Draft]) -> Stage:
     local = {e.name for e in d.einsums}
-    kinds = _classify(c, graph, d, local)
+    grouped = {n: g for n, g in groupings(c).items() if n in local and g.key in d.stream}
+    if len(set(grouped.values())) > 1:
+        raise LoweringError(f"the key loop over {','.join(d.stream)} groups its keys in more than one way "
+                            f"({', '.join(sorted({g.describe() for g in grouped.values()}))}); one key tile "
+                            f"holds whole groups of one size: give the grouped reductions one group rank")
+    kinds = _classify(c, graph, d, local, grouped)
+    # unions left in the loop (grouped reductions keep them) are taken by each point's presence
+    by_presence = bool(grouped) or has_unions(e.expr for e in d.einsums if kinds[e.name] in IN_LOOP)
     online = _online(c, d, kinds)
     in_loop = [e for e in d.einsums if kinds[e.name] in IN_LOOP]
     depends = {e.name: frozenset(graph.ancestors[e.name] & local) for e in d.einsums}
@@ -304,13 +314,18 @@ def _stage(c: Cascade, graph: CascadeGraph, index: int, d: _Draft, owner: dict[s
             if t not in local and t not in loads:
                 loads.append(t)
     atomic = _atomic(d, kinds, tile_stores)
-    predicate = _stage_predicate(d, kinds, depends, _read_bounds(c, d))
+    predicate = _stage_predicate(d, kinds, depends, _read_bounds(c, d), by_presence)
     loop = key_loop(predicate, d.query, d.stream, c.dims, _scope(c, d))
-    if loop.block_list and predicate != _stage_predicate(d, kinds, depends):
+    if loop.block_list and predicate != _stage_predicate(d, kinds, depends, by_presence=by_presence):
         # a block list is built anyway (a selection read through the table): it tests the bounds too
-        predicate = _stage_predicate(d, kinds, depends)
+        predicate = _stage_predicate(d, kinds, depends, by_presence=by_presence)
         loop = key_loop(predicate, d.query, d.stream, c.dims, _scope(c, d))
-    undecided = _undecided_wheres(d, kinds, predicate)
+    if loop.block_list and by_presence:
+        # every tile is masked anyway: skip by the conjuncts that bound the keys, test the rest
+        bounding = [a for a in conjuncts(predicate) if not key_loop(a, d.query, d.stream, c.dims, _scope(c, d)).block_list]
+        predicate = _conjunction(bounding) if bounding else None
+        loop = key_loop(predicate, d.query, d.stream, c.dims, _scope(c, d))
+    undecided = _undecided_wheres(d, kinds, predicate) or by_presence
     if undecided and loop.block_list:
         raise LoweringError(f"{undecided[0].name}'s predicate is not shared by every carried reduction and the "
                             f"key loop's mask is built at run time; give the reductions one predicate")
@@ -326,7 +341,7 @@ def _stage(c: Cascade, graph: CascadeGraph, index: int, d: _Draft, owner: dict[s
                                 f"{','.join(e.reduced)}: reduce it after the cascade instead")
     carried = [e for e in in_loop if kinds[e.name] == "carried"]
     sums = {n: "carried" if k == "tile_sum" else k for n, k in kinds.items()}  # both take identities
-    sentinels = place_sentinels(in_loop, sums, list(guards), set(online), depends) if guards else {}
+    sentinels = None if by_presence else place_sentinels(in_loop, sums, list(guards), set(online), depends) if guards else {}
     self_masked = {}
     if sentinels is not None:  # reductions the sentinels do not reach mask themselves
         for e in (e for e in in_loop if kinds[e.name] in REDUCTIONS):
@@ -337,19 +352,26 @@ def _stage(c: Cascade, graph: CascadeGraph, index: int, d: _Draft, owner: dict[s
                 self_masked[e.name] = _conjunction(parts)
     maps = {e.name for e in in_loop if kinds[e.name] in ("stream", "key_side") and not e.reduced}
     maxima = {t: c.einsum(t).expr for t in online if isinstance(c.einsum(t).expr, Access)}
-    return Stage(index, d.stream, d.query, d.grid, _features(d), tuple(d.einsums), kinds, tuple(online),
+    return Stage(index, d.stream, d.query, d.grid, _features(d, grouped), tuple(d.einsums), kinds, tuple(online),
                  rescale, tuple(loads), tuple(stores), frozenset(atomic),
                  stored_guards, predicate, loop,
-                 guards, sentinels, self_masked, _groups(carried, guards, depends, online, d),
-                 _last_use(in_loop), magnitudes(in_loop, maps, maxima))
+                 guards, sentinels, self_masked, _groups(carried, guards, depends, online, d, by_presence),
+                 _last_use(in_loop), magnitudes(in_loop, maps, maxima), grouped, by_presence)
 
 
-def _classify(c: Cascade, graph: CascadeGraph, d: _Draft, local: set[str]) -> dict[str, str]:
+def _classify(c: Cascade, graph: CascadeGraph, d: _Draft, local: set[str],
+              grouped: dict[str, Grouping]) -> dict[str, str]:
     kinds: dict[str, str] = {}
     stream = set(d.stream)
     for e in d.einsums:
         space = set(e.space)
-        if stream & set(e.reduced):
+        if e.name in grouped:
+            if set(e.lhs_vars) & set(d.grid) != set(d.grid) or not set(d.query) <= set(e.lhs_vars):
+                raise LoweringError(located(e, f"{e.name} reduces the keys {grouped[e.name].describe()} in "
+                                               f"groups but not per query row and program; keep the query "
+                                               f"and batch ranks on its left side"))
+            kinds[e.name] = "group"
+        elif stream & set(e.reduced):
             if not stream <= set(e.reduced):
                 raise LoweringError(f"{e.name} reduces only part of the key ranks {','.join(d.stream)}")
             if e.reduce not in ("sum", "max"):
@@ -420,10 +442,12 @@ def _rescale(c: Cascade, d: _Draft, kinds, online: list[str], depends, e: Einsum
         t = a.tensor
         if t in online:
             return sympy.Symbol(f"G_{t}")
-        if kinds.get(t) in ("stream", "key_side"):
+        if kinds.get(t) in ("stream", "key_side", "group"):
             if not ((depends[t] | {t}) & set(online)):
                 return sympy.Symbol(f"T_{t}")
             w = c.einsum(t)
+            if kinds[t] == "group" and w.reduce == "sum":
+                return to_sympy(w.expr, leaf)  # a sum of points that all scale alike scales alike
             if w.reduced:
                 raise LoweringError(f"{t} reduces over {','.join(w.reduced)} a value that depends on the "
                                     f"running maximum {sorted(depends[t] & set(online))}")
@@ -433,18 +457,51 @@ def _rescale(c: Cascade, d: _Draft, kinds, online: list[str], depends, e: Einsum
     return rescale_ratio(e.name, to_sympy(e.expr, leaf), e.reduce)
 
 
-def _stage_predicate(d: _Draft, kinds, depends, unskipped: frozenset[Expr] = frozenset()) -> Expr | None:
+def _stage_predicate(d: _Draft, kinds, depends, unskipped: frozenset[Expr] = frozenset(),
+                     by_presence: bool = False) -> Expr | None:
     """The predicate guarding every carried reduction of the stage (what tiles may be skipped
-    by), less the atoms in `unskipped`, which the masks of every tile test instead."""
+    by), less the atoms in `unskipped`, which the masks of every tile test instead. With values
+    present point by point (`by_presence`), what every reduction's summand needs to be present."""
     guarded = [e for e in d.einsums if kinds[e.name] in IN_LOOP and e.where is not None]
     common: list[Expr] | None = None
+    needs = _needed_atoms(d, kinds) if by_presence else None
     for cr in (e for e in d.einsums if kinds[e.name] in REDUCTIONS):  # by conjunct: `A and B` shares A with `A`
-        mine = [a for g in guarded if g.name in depends[cr.name] | {cr.name} for a in conjuncts(g.where)]
+        if needs is not None:
+            mine = list(needs[cr.name])
+        else:
+            mine = [a for g in guarded if g.name in depends[cr.name] | {cr.name} for a in conjuncts(g.where)]
         common = mine if common is None else [w for w in common if w in mine]
     common = [w for w in common or () if w not in unskipped]
     if not common:
         return None
     return _conjunction(list(dict.fromkeys(common)))
+
+
+def _needed_atoms(d: _Draft, kinds) -> dict[str, tuple[Expr, ...]]:
+    """Per in-loop Einsum, conjuncts that hold wherever its value is present: its own
+    predicate's and those of every value it reads, but of a union form only those its operands
+    share (present where any is), and none through a grouped reduction's read (present where
+    some key of the group is). Computed in cascade order."""
+    needs: dict[str, tuple[Expr, ...]] = {}
+
+    def of(x: Expr) -> tuple[Expr, ...]:
+        if isinstance(x, Access):
+            return needs.get(x.tensor, ()) if kinds.get(x.tensor) != "group" else ()
+        if isinstance(x, Call) and x.fn in UNIONS:
+            shared = [of(a) for a in x.args]
+            return tuple(a for a in shared[0] if all(a in other for other in shared[1:]))
+        if isinstance(x, Call) and x.fn == "where":
+            return tuple(dict.fromkeys(of(x.args[1]) + of(x.args[2])))
+        parts: tuple[Expr, ...] = ()
+        for child in children(x):
+            parts += of(child)
+        return tuple(dict.fromkeys(parts))
+
+    for e in d.einsums:
+        if kinds[e.name] in IN_LOOP:
+            own = () if kinds[e.name] == "group" else tuple(conjuncts(e.where))
+            needs[e.name] = tuple(dict.fromkeys(own + of(e.expr)))
+    return needs
 
 
 def _read_bounds(c: Cascade, d: _Draft) -> frozenset[Expr]:
@@ -496,24 +553,29 @@ def _guards(d: _Draft, kinds, local: set[str]) -> dict[str, Expr]:
     return guards
 
 
-def _groups(carried: list[Einsum], guards, depends, online, d: _Draft) -> tuple[PresenceGroup, ...]:
+def _groups(carried: list[Einsum], guards, depends, online, d: _Draft,
+            by_presence: bool = False) -> tuple[PresenceGroup, ...]:
     """Carried reductions grouped by the guards their summands are subject to; only guards that
-    a predicate (not just the key bound) holds matter for presence after the loop."""
-    by_key: dict[frozenset, list[Einsum]] = {}
+    a predicate (not just the key bound) holds matter for presence after the loop. With values
+    present point by point (`by_presence`) each reduction is a group of its own, seen where its
+    summand's presence holds: a union's operands do not intersect. A group's members share
+    their query rows too (one counter per row: a per-head sum is not counted with a per-row one)."""
+    by_key: dict[tuple[frozenset, tuple[str, ...]], list[Einsum]] = {}
     for e in carried:
         key = frozenset(g for g in guards if g in depends[e.name] and _has_where(d, g))
         if e.where is not None:
             key |= {e.name}
+        if by_presence and key:
+            key = frozenset({e.name})
         if key:
-            by_key.setdefault(key, []).append(e)
+            by_key.setdefault((key, tuple(v for v in e.lhs_vars if v in d.query)), []).append(e)
     groups = []
-    for key, members in by_key.items():
-        rows = {tuple(v for v in e.lhs_vars if v in d.query) for e in members}
+    for (key, rows), members in by_key.items():
         maximum = next((e.name for e in members if e.reduce == "max"
-                        and tuple(v for v in e.lhs_vars if v not in d.grid) == max(rows, key=len)), None)
+                        and tuple(v for v in e.lhs_vars if v not in d.grid) == rows), None)
         counter = None if maximum else f"{members[0].name}_seen"
         groups.append(PresenceGroup(key, tuple(e.name for e in members), maximum, counter))
-    return _share_maxima(groups, d)
+    return tuple(groups) if by_presence else _share_maxima(groups, d)
 
 
 def _share_maxima(groups: list[PresenceGroup], d: _Draft) -> tuple[PresenceGroup, ...]:
@@ -560,10 +622,11 @@ def _last_use(in_loop: list[Einsum]) -> dict[str, str]:
     return last
 
 
-def _features(d: _Draft) -> tuple[str, ...]:
+def _features(d: _Draft, grouped: dict[str, Grouping]) -> tuple[str, ...]:
+    groups = {g.var for g in grouped.values()}  # a group rank is a tile axis: the key tile's groups
     seen: dict[str, None] = {}
     for e in d.einsums:
         for v in e.space + index_vars(e.where):
-            if v not in d.stream and v not in d.query and v not in d.grid:
+            if v not in d.stream and v not in d.query and v not in d.grid and v not in groups:
                 seen[v] = None
     return tuple(seen)

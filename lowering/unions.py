@@ -49,6 +49,7 @@ from einsum_ir.ir import (
     rebuild, substitute, walk,
 )
 from einsum_ir.lowering.exprs import product
+from einsum_ir.lowering.groups import groupings
 from einsum_ir.printer import print_expr
 
 
@@ -98,6 +99,32 @@ def hoist_unions(c: Cascade) -> Cascade:
     if out.einsums == c.einsums:
         return c
     return _share_masked_copies(_drop_unread(out), names)
+
+
+def unions_as_maps(c: Cascade) -> Cascade:
+    """A union form inside a reduction (`O = sum_m union_sum(EO, W) * V`) as a map of its own
+    (`O_u[p,m] = union_sum(EO, W)`, `O = sum_m O_u * V`), for a key loop that takes unions by
+    each point's presence: the reduction then sums where that one value is present, the union
+    of its operands' presence, not where all of them are."""
+    names = {*c.tensors, *(d.name for d in c.inputs)}
+    einsums: list[Einsum] = []
+    changed = False
+    for e in c.einsums:
+        found: list[Call] = []
+        if e.reduced and not e.recurrence_var:  # the outermost unions: an inner one is its map's
+            rebuild(e.expr, lambda n: found.append(n) or n if isinstance(n, Call) and n.fn in UNIONS else None)
+        if not found:
+            einsums.append(e)
+            continue
+        maps: dict[int, Access] = {}
+        for node in found:
+            space = [v for v in e.lhs_vars + list(e.reduced) if v in index_vars(node)]
+            target = Access(_fresh(names, f"{e.name}_u"), tuple(Index(v) for v in dict.fromkeys(space)))
+            einsums.append(Einsum(target, node, loc=node.loc))
+            maps[id(node)] = target
+        einsums.append(replace(e, expr=rebuild(e.expr, lambda n: maps.get(id(n)))))
+        changed = True
+    return c.replace(einsums=tuple(einsums)) if changed else c
 
 
 def _split_late(c: Cascade, e: Einsum, names: set[str]) -> list[Einsum] | None:
@@ -432,7 +459,7 @@ def _late_union(c: Cascade, node: Call) -> bool:
     from einsum_ir.validate import PresenceAnalysis
 
     writers = {e.name: e for e in c.einsums}
-    analysis = PresenceAnalysis(c)
+    analysis = PresenceAnalysis(c, tile_local=frozenset(groupings(c)))
     return any(_known_late(x, writers, analysis) for x in node.args)
 
 

@@ -15,7 +15,7 @@ from einsum_ir.lowering.merge import derive
 from support import make_inputs, on_kernel_device
 
 DECLINED = {"flowformer": "GC reduces the keys and depends on KS, a reduction over every key",
-            "landmark": "depends on GL, a reduction over every key"}
+            "landmark": "GB reduces the keys in groups"}
 # Partial states taken from the cascade as written (no key loop): their partial kernel is a
 # chunked scan over the key range.
 AS_WRITTEN = ("linear_elu", "linear_elu_causal")

@@ -508,7 +508,7 @@ _PARAMS: dict[str, dict[str, dict[str, int | float]]] = {
     "vmoba": {"small": {"BT": 1, "BY": 2, "BX": 2}, "rect": {"BT": 2, "BY": 1, "BX": 2},
               "tall": {"BT": 1, "BY": 2, "BX": 3}},
     "psa": {"small": {"BS": 4}, "rect": {"BS": 3}, "tall": {"BS": 2}},
-    "landmark": {"small": {"L": 3}, "rect": {"L": 4}, "tall": {"L": 3}},
+    "landmark": {"small": {"L": 4}, "rect": {"L": 4}, "tall": {"L": 2}},  # powers of two, as Triton needs
 }
 
 # vmoba's video grid (T, Y, X) per size; queries and keys sit on the same grid.
