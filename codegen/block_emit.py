@@ -520,13 +520,12 @@ class BlockEmitter:
                     self.tile_store(e, self.tile_presence(e, sec), sec)
             self.after_einsum(e, sec)
         self.summed_rows = None
-        for g in self.s.groups:
-            if g.counter is not None and self.s.by_presence:  # seen where its own summand is present
+        for g in (g for g in self.s.groups if g.counter is not None):
+            if self.s.by_presence:  # seen where its own summand is present
                 mask = self.summand_masks.get(g.members[0]) or (None, ())
-            elif g.counter is not None:
+            else:
                 mask = self.conjunction([self.guard_mask(n, sec) for n in sorted(g.guards)]) if masked else None
-            if g.counter is not None:
-                self.count_presence(g, mask if mask and mask[0] else None, sec)
+            self.count_presence(g, mask if mask and mask[0] else None, sec)
         for line in self.finalize:
             sec.add(line)
 

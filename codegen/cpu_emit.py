@@ -248,7 +248,7 @@ def _take_rows(t, rows, into=None):
     if valid is None:
         return out
     valid = valid.reshape((1,) * (linear.dim() - valid.dim()) + tuple(valid.shape) + (1,) * len(rest))
-    return out.masked_fill_(~valid, 0.0) if into is not None else torch.where(valid, out, torch.zeros((), dtype=out.dtype))
+    return out.masked_fill_(~valid, 0.0)  # index_select's rows are this call's own, scratch or fresh
 '''
 
 _METHOD = re.compile(r"torch\.(\w+)\(\{0\}\)")
@@ -261,6 +261,8 @@ class StageEmitter(BlockEmitter):
     def __init__(self, plan: Plan, stage: Stage, name: str):
         super().__init__(plan, stage, name)
         self.grouping = stage.grouping
+        # the keys per group, as Python code (a parameter's name or a number)
+        self.group_size = print_int(to_sympy(self.grouping.size, None), PYTHON) if self.grouping else None
         groups = [self.grouping.var] if self.grouping else []  # the key tile's groups sit beside its keys
         self.order = list(stage.grid) + list(stage.query) + list(stage.stream) + groups + list(stage.features)
         self.qset, self.kset, self.gset = set(stage.query), set(stage.stream), set(groups)
@@ -689,7 +691,7 @@ class StageEmitter(BlockEmitter):
                 lines.append(f"{indent}{r} = torch.arange({side}_lo_{r}, {side}_hi_{r} + 1)")
             g = self.grouping
             if g is not None and side == "k" and r == g.key:
-                size = print_int(to_sympy(g.size, None), PYTHON)
+                size = self.group_size
                 lines.append(f"{indent}_n_{g.var} = k_hi_{r} // {size} - k_lo_{r} // {size} + 1")
                 lines.append(f"{indent}_grp = torch.arange(k_lo_{r}, k_hi_{r} + 1) // {size} - k_lo_{r} // {size}")
         return lines
@@ -808,7 +810,7 @@ class StageEmitter(BlockEmitter):
             segs = f"_grid_segments({segs})"
         groups = ""
         if self.grouping is not None:  # tiles of whole groups
-            groups = f", {print_int(to_sympy(self.grouping.size, None), PYTHON)}, {rank_of(k)}"
+            groups = f", {self.group_size}, {rank_of(k)}"
         loop.add(f"for k_lo_{k}, k_hi_{k}, _masked in _key_tiles({segs}, BLOCK_S{groups}):")
         loop.lines += self._positions((k,), "k", "            ")
         loop.lines += self.key_loads.lines

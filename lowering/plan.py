@@ -46,9 +46,9 @@ class Stage:
     tiles. Einsum classes: `prologue` (no key rank, before the loop), `key_side` (key rank, no
     query rank), `stream` (both), `group` (reduces the key tile's keys group by group into a
     value per group, read back at each key of the group: lowering.groups), `carried` (reduces
-    the key rank: a loop-carried accumulator),
-    `tile_sum` (keeps the key rank and sums the query rank: each program adds its key tile's
-    share to the output, atomically), `epilogue` (after the loop)."""
+    the key rank: a loop-carried accumulator), `tile_sum` (keeps the key rank and sums the
+    query rank: each program adds its key tile's share to the output, atomically), `epilogue`
+    (after the loop)."""
 
     index: int
     stream: tuple[str, ...]  # key index variables (one tile axis)

@@ -316,9 +316,10 @@ def _stage(c: Cascade, graph: CascadeGraph, index: int, d: _Draft, owner: dict[s
     atomic = _atomic(d, kinds, tile_stores)
     predicate = _stage_predicate(d, kinds, depends, _read_bounds(c, d), by_presence)
     loop = key_loop(predicate, d.query, d.stream, c.dims, _scope(c, d))
-    if loop.block_list and predicate != _stage_predicate(d, kinds, depends, by_presence=by_presence):
+    with_bounds = _stage_predicate(d, kinds, depends, by_presence=by_presence)
+    if loop.block_list and predicate != with_bounds:
         # a block list is built anyway (a selection read through the table): it tests the bounds too
-        predicate = _stage_predicate(d, kinds, depends, by_presence=by_presence)
+        predicate = with_bounds
         loop = key_loop(predicate, d.query, d.stream, c.dims, _scope(c, d))
     if loop.block_list and by_presence:
         # every tile is masked anyway: skip by the conjuncts that bound the keys, test the rest
