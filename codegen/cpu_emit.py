@@ -43,7 +43,8 @@ from einsum_ir.codegen.names import spell
 from einsum_ir.codegen.scalar_code import GRID, PYTHON, print_int
 from einsum_ir.errors import LoweringError
 from einsum_ir.functions import FUNCTIONS
-from einsum_ir.ir import Access, Binary, Cascade, Einsum, Expr, Index, Name, rank_of
+from einsum_ir.indirect import position_bounds
+from einsum_ir.ir import Access, Binary, Cascade, Einsum, Expr, Index, Name, conjuncts, rank_of
 from einsum_ir.lowering.exprs import to_sympy
 from einsum_ir.lowering.plan import Plan, Stage
 from einsum_ir.lowering.strategy import build_plan
@@ -190,15 +191,17 @@ def _scratch(bufs, name, shape, dtype):
 _ALL = slice(None)
 
 
-def _gather(t, *idx):
+def _gather(t, *idx, inside=False):
     """t[idx...] for integer index tensors (broadcast together) and whole dims (`_ALL`); reads
     outside t are 0. Index tensors at adjacent positions put their dims there, between the
     whole dims (torch's rule), else first. Index tensors that lead whole dims read rows
-    (`_take_rows`)."""
+    (`_take_rows`). `inside`: the tile's bounds say every index is inside t (nothing to test)."""
     lead = next((k for k, i in enumerate(idx) if i is _ALL), len(idx))
     if 0 < lead < len(idx) and all(i is _ALL for i in idx[lead:]) and t.is_contiguous() and \
             any(isinstance(i, torch.Tensor) for i in idx[:lead]):
-        return _take_rows(t, _row_index(t, *idx[:lead]))
+        return _take_rows(t, _row_index(t, *idx[:lead], inside=inside))
+    if inside and any(isinstance(i, torch.Tensor) for i in idx):
+        return t[idx]
     valid = None
     clamped = []
     for pos, i in enumerate(idx):
@@ -219,14 +222,15 @@ def _gather(t, *idx):
     return torch.where(valid, out, torch.zeros((), dtype=out.dtype))
 
 
-def _row_index(t, *idx):
+def _row_index(t, *idx, inside=False):
     """The rows t[idx..., :] reads, for integer index tensors (broadcast together) and ints at
     t's leading positions (a paged cache's pages and slots): (how many positions, the linear
     row of each point, the points inside t or None when all are). It depends on t's leading
-    extents only, so the tensors that share them share it (a paged cache's Kc and Vc)."""
+    extents only, so the tensors that share them share it (a paged cache's Kc and Vc).
+    `inside`: the tile's bounds say every index is inside t (nothing to test or clamp)."""
     valid, linear = None, 0
     for pos, i in enumerate(idx):
-        if isinstance(i, torch.Tensor):
+        if isinstance(i, torch.Tensor) and not inside:
             ok = (i >= 0) & (i < t.shape[pos])
             valid = ok if valid is None else valid & ok
             i = i.clamp(0, t.shape[pos] - 1)
@@ -271,6 +275,9 @@ class StageEmitter(BlockEmitter):
         self.current: Einsum | None = None
         self.buffers = 0
         self.scratch: str | None = None  # the in-loop Einsum whose matrix products get buffers
+        # a tile tests the bounds left to the masks and runs full where they hold (Stage.tile_checks)
+        self.keys = stage.checked_loop or stage.loop
+        self.held: frozenset[Expr] = frozenset()  # predicate atoms true at every point of the tile being emitted
 
     # ------------------------------------------------------------------ axes
     def _letters(self) -> dict[str, str]:
@@ -304,6 +311,13 @@ class StageEmitter(BlockEmitter):
         if not idx:
             return code
         return f"{paren(code)}[{', '.join(idx)}]"
+
+    def arrange(self, code: str, frm: tuple[str, ...], to: tuple[str, ...]) -> str:
+        """`align`, for dims `frm` in any order: permuted into `to`'s order first."""
+        order = tuple(x for x in to if x in frm)
+        if order != frm:
+            code = f"{paren(code)}.permute({', '.join(str(frm.index(x)) for x in order)})"
+        return self.align(code, order, to)
 
     def shape(self, axes) -> str:
         dims = [f"_n_{a}" if a in self.qset | self.kset | self.gset else rank_of(a) for a in axes]
@@ -473,25 +487,33 @@ class StageEmitter(BlockEmitter):
         indexes two dims and copies rows of G x E, rather than index tensors for every element."""
         t, ranks = a.tensor, self.c.tensors[a.tensor].ranks
         tiled = self.qset | self.kset
+        bounds = [b for i, r in zip(a.indices, ranks) for b in position_bounds(self.c, i, r)]
+        inside = ", inside=True" if bounds and all(b in self.held for b in bounds) else ""
         whole = [isinstance(i, Index) and i.name not in tiled and rank_of(i.name) == r and a.indices.count(i) == 1
                  for i, r in zip(a.indices, ranks)]
-        if len(whole) > 1 and whole[-1] and axes[-1] == a.indices[-1].name:
-            # rows of the last dim straight into the tile's order: every other position an
-            # index tensor over the tile's axes (a permuted gather makes torch's einsum ~10x
-            # slower, and a permuting copy costs more than the gather itself)
-            lead = axes[:-1]
-            codes = [self.align(v.code, v.axes, lead) if v.axes else v.code for v in idx_vals[:-1]]
-            if not any(v.axes for v in idx_vals[:-1]):
-                return f"_gather({t}_all, {', '.join(codes)}, _ALL)"
-            key = (ranks[:-1], tuple(codes), self.body_id)  # equal leading ranks: equal extents
+        tail = next((n for n in range(len(whole), 0, -1) if all(whole[-n:])), 0)
+        if 0 < tail < len(whole) and axes[-1] == a.indices[-1].name:
+            # rows of the trailing whole dims (a paged cache's G x E floats of one token), the
+            # other positions index tensors in key-major order: the tile is the view of rows
+            # (m, b, ...) as (b, ..., m, e), whose grid ranks stay one batch stride for torch's
+            # matrix products (rows in (b, m) order would make einsum copy the tile first)
+            rows = [x.name for x in a.indices[-tail:]]
+            lead = tuple(x for x in axes if x in self.kset) + tuple(x for x in axes if x not in self.kset and x not in rows)
+            codes = [self.arrange(v.code, v.axes, lead) if v.axes else v.code for v in idx_vals[:-tail]]
+            if not any(v.axes for v in idx_vals[:-tail]):
+                return f"_gather({t}_all, {', '.join(codes)}, {', '.join(['_ALL'] * tail)}{inside})"
+            key = (ranks[:-tail], tuple(codes), self.body_id)  # equal leading ranks: equal extents
             if key not in self.row_indices:
                 self.row_indices[key] = self.fresh(f"{t}_rows")
-                sec.add(f"{self.row_indices[key]} = _row_index({t}_all, {', '.join(codes)})")
-            return f"_take_rows({t}_all, {self.row_indices[key]}, (_bufs, {name!r}))"
+                sec.add(f"{self.row_indices[key]} = _row_index({t}_all, {', '.join(codes)}{inside})")
+            code = f"_take_rows({t}_all, {self.row_indices[key]}, (_bufs, {name!r}))"
+            got = list(lead) + rows
+            perm = [got.index(x) for x in axes]
+            return code if perm == sorted(perm) else f"{code}.permute({', '.join(map(str, perm))})"
         indexed = [k for k, w in enumerate(whole) if not w]
         if not any(whole) or not indexed or any(not idx_vals[k].axes for k in indexed):
             codes = [self.align(v.code, v.axes, axes) if v.axes else v.code for v in idx_vals]
-            return f"_gather({t}_all, {', '.join(codes)})"
+            return f"_gather({t}_all, {', '.join(codes)}{inside})"
         inner = self.canon([x for k in indexed for x in idx_vals[k].axes])
         codes = ["_ALL" if w else self.align(v.code, v.axes, inner) for w, v in zip(whole, idx_vals)]
         kept = [(k, a.indices[k].name) for k, w in enumerate(whole) if w]
@@ -499,7 +521,7 @@ class StageEmitter(BlockEmitter):
             got = [v for k, v in kept if k < indexed[0]] + list(inner) + [v for k, v in kept if k > indexed[-1]]
         else:
             got = list(inner) + [v for _, v in kept]
-        code = f"_gather({t}_all, {', '.join(codes)})"
+        code = f"_gather({t}_all, {', '.join(codes)}{inside})"
         perm = [got.index(x) for x in axes]
         return code if perm == sorted(perm) else f"{code}.permute({', '.join(map(str, perm))})"
 
@@ -674,8 +696,9 @@ class StageEmitter(BlockEmitter):
     def start_body(self, sec: Section) -> None:
         pass
 
-    def body_lines(self, masked: bool, indent: int) -> list[str]:
-        self.body_id += 1
+    def body_lines(self, masked: bool, indent: int, fresh: bool = True) -> list[str]:
+        """A loop body's lines; `fresh` False: it reuses the gathers of the lines just before it."""
+        self.body_id += fresh
         sec = Section(indent=indent)
         sec.add(f"_stats['{'partial' if masked else 'full'}'] += 1")
         self.body(masked, sec)
@@ -722,9 +745,9 @@ class StageEmitter(BlockEmitter):
 
         values = self.grid_values()
         loop = Section(indent=2)
-        for sym, e in s.loop.key_defs:
-            loop.add(f"{sym.name} = {print_int(e, GRID if s.loop.values else PYTHON)}")
-        if s.loop.block_list:
+        for sym, e in self.keys.key_defs:
+            loop.add(f"{sym.name} = {print_int(e, GRID if self.keys.values else PYTHON)}")
+        if self.keys.block_list:
             self.tested_loop(loop)
         elif len(s.stream) == 1:
             self.run_loop(loop)
@@ -732,7 +755,7 @@ class StageEmitter(BlockEmitter):
             self.in_loop = True
             bodies = {m: self.body_lines(m, 3) for m in (False, True)}
             self.in_loop = False
-            for seg in s.loop.key_segments:
+            for seg in self.keys.key_segments:
                 self.segment_loop(seg, bodies[seg.masked], loop)
 
         post = Section(indent=2)
@@ -749,7 +772,7 @@ class StageEmitter(BlockEmitter):
         lines.append(f'    """Stage {s.index}: stream {",".join(s.stream)} | query {",".join(s.query)} | '
                      f'grid {",".join(s.grid) or "-"} | features {",".join(s.features) or "-"}.')
         lines.append(f"    {kinds}")
-        lines.append(f'    Keys: {s.loop.describe()}."""')
+        lines.append(f'    Keys: {self.keys.describe()}."""')
         lines.append("    _bufs = {}")
         for t in sorted(self.full_inputs):
             info = c.tensors[t]
@@ -781,7 +804,7 @@ class StageEmitter(BlockEmitter):
         """The loop header over the key tiles of a box [lo, hi) per key rank, and the tile's
         positions and loads."""
         ks = self.s.stream
-        if len(ks) == 1 and self.s.loop.values:  # bounds per program: the keys some program visits
+        if len(ks) == 1 and self.keys.values:  # bounds per program: the keys some program visits
             (k, lo, hi), = box
             loop.add(f"for k_lo_{k}, k_hi_{k}, _ in _key_tiles(_grid_segments([({print_int(lo, PYTHON)}, "
                      f"{print_int(hi, PYTHON)}, True)]), BLOCK_S):")
@@ -799,13 +822,22 @@ class StageEmitter(BlockEmitter):
         """One key rank: every segment's tiles in one loop, each tile running the full or the
         masked body (the plan's segments decide which)."""
         self.in_loop = True
-        full, masked = self.body_lines(False, 4), self.body_lines(True, 4)
+        check = Section(indent=4)
+        self.held = frozenset(conjuncts(self.s.predicate))  # a full tile's bounds hold
+        if self.s.tile_checks is not None:  # its gathers (the tile's page ids) serve the full body
+            self.body_id += 1
+            inside, _ = self.named_mask("_reads_inside", self.s.tile_checks, check)
+            check.add(f"_masked = not bool({inside}.all())")
+            self.held |= frozenset(conjuncts(self.s.tile_checks))
+        full = self.body_lines(False, 4, fresh=self.s.tile_checks is None)
+        self.held = frozenset()
+        masked = self.body_lines(True, 4)
         self.in_loop = False
         k = self.s.stream[0]
         segs = "[" + ", ".join(f"({print_int(lo, PYTHON)}, {print_int(hi, PYTHON)}, {seg.masked})"
-                               for seg in self.s.loop.key_segments for _, lo, hi in seg.box) + "]"
+                               for seg in self.keys.key_segments for _, lo, hi in seg.box) + "]"
         loop.add("# the key segments' tiles: full ones unmasked, masked ones tested")
-        if self.s.loop.values:
+        if self.keys.values:
             loop.add("# bounds per program: every program's keys at once, full where full for all")
             segs = f"_grid_segments({segs})"
         groups = ""
@@ -815,6 +847,10 @@ class StageEmitter(BlockEmitter):
         loop.lines += self._positions((k,), "k", "            ")
         loop.lines += self.key_loads.lines
         sec = Section(indent=3)
+        if check.lines:
+            sec.add("if not _masked:  # full by the bounds: full where the tile's reads are inside their tensors")
+            loop.lines += sec.lines + check.lines
+            sec.lines = []
         sec.add("if _masked:")
         loop.lines += sec.lines + masked
         sec.lines = []
@@ -829,7 +865,7 @@ class StageEmitter(BlockEmitter):
     def tested_loop(self, loop: Section) -> None:
         """A mask read from a tensor: each tile of the bounded range is tested first; the bodies
         reuse the tested mask."""
-        (seg,) = self.s.loop.key_segments
+        (seg,) = self.keys.key_segments
         test = Section(indent=3)
         self.in_loop, self.masked = True, True
         self.body_id += 1
@@ -855,7 +891,7 @@ class StageEmitter(BlockEmitter):
         grid ranks (the bounds of one tile are then the loosest over the programs)."""
         sec = Section(indent=1)
         grid = self.canon(self.s.grid)
-        for name, e in self.s.loop.values:
+        for name, e in self.keys.values:
             v = self.index(e.name) if isinstance(e, Index) else self.emit(e, sec)
             sec.add(f"{name} = {self.align(v.code, v.axes, grid)}")
         return sec

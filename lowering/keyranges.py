@@ -163,6 +163,7 @@ def _classify(atom: Expr, qs: tuple[str, ...], ks: tuple[str, ...], subs: dict) 
         # offsets over grid indices stay index symbols here: _group bounds them by |k - q| < G
         reads = {s: v for s, v in subs.items() if not s.name.startswith("_idx_")}
         return _group(atom, lhs.xreplace(reads), rhs.xreplace(reads), qs, ks) or opaque
+    lhs, rhs = _undivided(atom.op, lhs, rhs)
     lhs, rhs = lhs.xreplace(subs), rhs.xreplace(subs)
     used = {s.name[len("_idx_"):] for s in (lhs - rhs).free_symbols if s.name.startswith("_idx_")}
     q = next((v for v in qs if v in used), None)
@@ -181,6 +182,26 @@ def _classify(atom: Expr, qs: tuple[str, ...], ks: tuple[str, ...], subs: dict) 
             return opaque
         out.append(Atom("affine", atom, q, k, int(a), int(b), rest))
     return out
+
+
+def _undivided(op: str, lhs: sympy.Expr, rhs: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr]:
+    """`u // g OP x` with x an integer as a comparison of u itself (`m // T < J` is `m < J*T`,
+    a bound on the keys), since floor(y) < x exactly when y < x for integer x; `op` stays the
+    same when the comparison is strict from the division's side (< and >=), else the bound
+    moves by one g. Other comparisons as they are. A divisor over dims or params may be 0 at a
+    call, where the predicate itself divides by zero: the bound uses at least 1."""
+    flipped = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "=="}
+    if isinstance(rhs, FloorDiv) and not isinstance(lhs, FloorDiv):
+        rhs_, lhs_ = _undivided(flipped[op], rhs, lhs)
+        return lhs_, rhs_
+    if not isinstance(lhs, FloorDiv) or op == "==" or not rhs.is_integer \
+            or any(s.name.startswith("_idx_") for s in rhs.free_symbols):
+        return lhs, rhs
+    u, g = lhs.args
+    if any(s.name.startswith("_idx_") for s in g.free_symbols):
+        return lhs, rhs
+    g = g if proves(sympy.simplify(g > 0)) else sympy.Max(g, 1)
+    return u, rhs * g if op in ("<", ">=") else (rhs + 1) * g - 1  # <= and >: u <= (x+1)*g - 1
 
 
 def _group(atom: Expr, lhs: FloorDiv, rhs: FloorDiv, qs: tuple[str, ...], ks: tuple[str, ...]) -> list[Atom]:

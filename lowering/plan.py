@@ -80,6 +80,12 @@ class Stage:
     by_presence: bool = False  # values carry their presence point by point in every tile (unions
     # and grouped reductions in the loop: no sentinel or predicate states it); each carried
     # reduction is seen where its summand is present
+    # bounds left to the masks (a page id in range: lowering.stream_keys) that decide nothing
+    # else: `checked_loop` is the key loop had they held, whose full tiles are full where one
+    # test of the tile finds `tile_checks` true at every point (masked where not). An emitter
+    # that does not test tiles runs `loop`, every tile masked.
+    tile_checks: Expr | None = None
+    checked_loop: KeyLoop | None = None
 
     def kind(self, name: str) -> str:
         return self.kinds[name]
@@ -138,6 +144,9 @@ class Stage:
                 extra = f" (absent points = {value}: {', '.join(guards)})"
             lines.append(f"  {self.kinds[e.name]:9s} {e.name}{extra}")
         lines.append(f"  keys: {self.loop.describe()}")
+        if self.checked_loop is not None:
+            full = sum(not seg.masked for seg in self.checked_loop.tile_segments)
+            lines.append(f"  tested tiles: {full} loop(s) unmasked where {print_expr(self.tile_checks)} holds in the tile")
         for name, mask in self.guards.items():
             lines.append(f"  masked tiles: {name} present where {print_expr(mask)}")
         if self.sentinels is None and self.guards:

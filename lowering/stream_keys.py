@@ -44,7 +44,7 @@ from einsum_ir.lowering.base2 import fold_log2e
 from einsum_ir.lowering.bounds import magnitudes
 from einsum_ir.lowering.exprs import tensors_read, to_sympy
 from einsum_ir.lowering.groups import Grouping, groupings
-from einsum_ir.lowering.keyranges import GridScope, key_loop, masked_everywhere
+from einsum_ir.lowering.keyranges import GridScope, classify, key_loop, masked_everywhere
 from einsum_ir.lowering.online import prepare, rescale_ratio
 from einsum_ir.lowering.plan import Plan, PresenceGroup, Stage
 from einsum_ir.lowering.underflow import scale_rows
@@ -314,7 +314,8 @@ def _stage(c: Cascade, graph: CascadeGraph, index: int, d: _Draft, owner: dict[s
             if t not in local and t not in loads:
                 loads.append(t)
     atomic = _atomic(d, kinds, tile_stores)
-    predicate = _stage_predicate(d, kinds, depends, _read_bounds(c, d), by_presence)
+    tested = _read_bounds(c, d)
+    predicate = _stage_predicate(d, kinds, depends, tested, by_presence)
     loop = key_loop(predicate, d.query, d.stream, c.dims, _scope(c, d))
     with_bounds = _stage_predicate(d, kinds, depends, by_presence=by_presence)
     if loop.block_list and predicate != with_bounds:
@@ -330,6 +331,13 @@ def _stage(c: Cascade, graph: CascadeGraph, index: int, d: _Draft, owner: dict[s
     if undecided and loop.block_list:
         raise LoweringError(f"{undecided[0].name}'s predicate is not shared by every carried reduction and the "
                             f"key loop's mask is built at run time; give the reductions one predicate")
+    tile_checks, checked_loop = None, None
+    if undecided and not by_presence and not loop.block_list and len(d.stream) == 1:
+        # the bounds left to the masks decide nothing else: a tile full by the loop is full
+        # wherever they hold, which one test of the tile's page ids says (an emitter's choice)
+        checked = [b for b in tested if any(b in conjuncts(e.where) for e in d.einsums if kinds[e.name] in IN_LOOP)]
+        if checked and not _undecided_wheres(d, kinds, _conjunction(list(conjuncts(predicate)) + checked)):
+            tile_checks, checked_loop = _conjunction(checked), loop
     if undecided:
         loop = masked_everywhere(loop)
     guards = _guards(d, kinds, local)
@@ -357,7 +365,8 @@ def _stage(c: Cascade, graph: CascadeGraph, index: int, d: _Draft, owner: dict[s
                  rescale, tuple(loads), tuple(stores), frozenset(atomic),
                  stored_guards, predicate, loop,
                  guards, sentinels, self_masked, _groups(carried, guards, depends, online, d, by_presence),
-                 _last_use(in_loop), magnitudes(in_loop, maps, maxima), grouped, by_presence)
+                 _last_use(in_loop), magnitudes(in_loop, maps, maxima), grouped, by_presence,
+                 tile_checks, checked_loop)
 
 
 def _classify(c: Cascade, graph: CascadeGraph, d: _Draft, local: set[str],
@@ -458,7 +467,7 @@ def _rescale(c: Cascade, d: _Draft, kinds, online: list[str], depends, e: Einsum
     return rescale_ratio(e.name, to_sympy(e.expr, leaf), e.reduce)
 
 
-def _stage_predicate(d: _Draft, kinds, depends, unskipped: frozenset[Expr] = frozenset(),
+def _stage_predicate(d: _Draft, kinds, depends, unskipped: tuple[Expr, ...] = (),
                      by_presence: bool = False) -> Expr | None:
     """The predicate guarding every carried reduction of the stage (what tiles may be skipped
     by), less the atoms in `unskipped`, which the masks of every tile test instead. With values
@@ -505,13 +514,16 @@ def _needed_atoms(d: _Draft, kinds) -> dict[str, tuple[Expr, ...]]:
     return needs
 
 
-def _read_bounds(c: Cascade, d: _Draft) -> frozenset[Expr]:
-    """The bounds of the stage's indirect reads (`Tbl[b, m // T] >= 0`, einsum_ir.indirect): a
-    page id out of range is an edge case, not a pattern to skip tiles by, so they are left to
-    the masks, and the loop keeps its bounds from the rest (`m < Len[b]`) with no block list
-    of tiles to build per call (unless the rest needs one)."""
-    return frozenset(b for e in d.einsums for a in indirect_reads(e.expr) + indirect_reads(e.where)
-                     for b in read_bounds(c, a))
+def _read_bounds(c: Cascade, d: _Draft) -> tuple[Expr, ...]:
+    """The bounds of the stage's indirect reads that the key loop cannot state (a page id in
+    range, `Tbl[b, m // T] >= 0`, einsum_ir.indirect): an id out of range is an edge case, not
+    a pattern to skip tiles by, so they are left to the masks, and the loop keeps its bounds
+    from the rest (`m < Len[b]`, and the table's extent `m // T < J`, an affine bound) with no
+    block list of tiles to build per call (unless the rest needs one)."""
+    scope = _scope(c, d)
+    found = (b for e in d.einsums for a in indirect_reads(e.expr) + indirect_reads(e.where) for b in read_bounds(c, a))
+    return tuple(dict.fromkeys(b for b in found
+                               if any(a.kind == "opaque" for a in classify(b, d.query, d.stream, scope))))
 
 
 def _scope(c: Cascade, d: _Draft) -> GridScope:

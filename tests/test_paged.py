@@ -244,31 +244,50 @@ def test_cpu_path_equals_the_interpreter(T, J, tile):
         assert_outputs_close(kern(**args), ei.interpret(c, **args))
 
 
-def test_page_id_bounds_are_masks_and_the_loop_is_bounded_by_the_length():
+def test_page_id_bounds_are_tested_per_tile_and_the_loop_is_bounded_by_the_length():
     """An out-of-range page id is an edge case, not a pattern to skip tiles by: the loop takes
-    its per-program bound from m < Len[b] and builds no block list per call, and the masks
-    test the page ids (out-of-range ones are covered by the tests above)."""
+    its per-program bound from m < Len[b] and from the table's extent (m // T < J, affine),
+    builds no block list per call, and a tile the bounds call full tests its page ids once:
+    full where they are all inside the cache, masked where one is not (Stage.tile_checks)."""
     from einsum_ir.lowering.strategy import key_loop_plan
 
     (stage,) = key_loop_plan(ei.variants.load("paged_decode")).stages
     assert not stage.loop.block_list and "Len[b]" in stage.loop.describe()
-    assert "Tbl[b,m//T] >= 0" not in print_expr(stage.predicate)
+    assert "m // T < J" in print_expr(stage.predicate) and "Tbl[b,m//T] >= 0" not in print_expr(stage.predicate)
+    assert print_expr(stage.tile_checks) == "Tbl[b,m//T] >= 0 and Tbl[b,m//T] < N"
+    assert not any(not s.masked for s in stage.loop.tile_segments)  # what a kernel that does not test runs
+    assert any(not s.masked for s in stage.checked_loop.key_segments)
+
+    c = ei.variants.load("paged_decode")
+    kern = compile_cpu(c, block_q=4, block_s=16)
+    args = _paged(T=16, J=5, seed=3)
+    args["Tbl"] = torch.randint(0, 9, (3, 5), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
+    args["Len"][:] = 64
+    assert_outputs_close(kern(**args), ei.interpret(c, **args))
+    assert kern.last_stats["partial"] == 0 and kern.last_stats["full"] == 4
+    args["Tbl"][1, 2] = -1  # keys 32..47 of sequence 1 are absent: that tile runs masked
+    assert_outputs_close(kern(**args), ei.interpret(c, **args))
+    assert kern.last_stats["partial"] == 1 and kern.last_stats["full"] == 3
 
 
 def test_cpu_path_reads_the_pages_by_a_gather():
-    """Rows of the head dim straight into the tile's order (b, g, m, e): the table, the slot
-    and the head are index tensors over the tile's axes, the head dim is taken whole, and no
-    permute follows (torch's einsum on a permuted gather is ~10x slower). K and V share one
-    row index per tile (equal leading ranks) and copy into scratch tiles the key tiles reuse."""
+    """Rows of a token's heads (G x E floats) in key-major order, viewed as the tile's order
+    (b, g, m, e): the grid ranks stay one batch stride for torch's matrix products (rows in
+    (b, m) order would make einsum copy the tile). K and V share one row index per tile (equal
+    leading ranks) and copy into scratch tiles the key tiles reuse. A full tile's reads are
+    inside the table and the cache (its bounds and its tested page ids say so): no clamps."""
     src = compile_cpu(ei.variants.load("paged_decode")).source({"B": 2, "G": 2, "R": 2, "P": 1, "M": 64, "E": 8,
                                                                 "F": 4, "N": 8, "T": 16, "J": 4})
-    table = re.search(r"(Tbl_\d+) = _gather\(Tbl_all, _ALL, \(m // T_\)\)", src).group(1)
-    rows = re.search(rf"(Kc_rows_\d+) = _row_index\(Kc_all, {table}\[:, None\], \(m % T_\), g\[:, None\]\)\n", src)
+    table = re.search(r"(Tbl_\d+) = _gather\(Tbl_all, _ALL, \(m // T_\), inside=True\)", src).group(1)
+    rows = re.search(rf"(Kc_rows_\d+) = _row_index\(Kc_all, {table}\.permute\(1, 0\), \(m % T_\)\[:, None\], "
+                     rf"inside=True\)\n", src)
     assert rows, src
-    kc = re.search(rf"(Kc_\d+) = _take_rows\(Kc_all, {rows.group(1)}, \(_bufs, '(Kc_\d+)'\)\)\n", src)
-    vc = re.search(rf"(Vc_\d+) = _take_rows\(Vc_all, {rows.group(1)}, \(_bufs, '(Vc_\d+)'\)\)\n", src)
+    tile = r"\.permute\(1, 2, 0, 3\)\n"
+    kc = re.search(rf"(Kc_\d+) = _take_rows\(Kc_all, {rows.group(1)}, \(_bufs, '(Kc_\d+)'\)\){tile}", src)
+    vc = re.search(rf"(Vc_\d+) = _take_rows\(Vc_all, {rows.group(1)}, \(_bufs, '(Vc_\d+)'\)\){tile}", src)
     assert kc and vc and kc.group(1) == kc.group(2) and vc.group(1) == vc.group(2)
     assert src.count("= _row_index(") == src.count("= _take_rows(Kc_all")  # one per loop body, not per tensor
+    assert src.count("inside=True") == 2  # the masked body tests its reads
 
 
 def test_take_rows_reads_outside_as_zero_in_scratch_reused_by_tiles():

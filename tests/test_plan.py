@@ -326,3 +326,17 @@ output O
 """)
     loop = key_loop_plan(c).stages[0].loop
     assert loop.block_list and loop.atoms == (("affine", "affine", "opaque"),)  # |m - p| < G, then per tile
+
+
+@pytest.mark.parametrize("pred", ["m // W < NS", "m // W <= NS", "m // W > NS", "m // W >= NS", "NS > m // W",
+                                  "p // W >= m // 4", "m // W < NS and m <= p"])
+@pytest.mark.parametrize("params", [{"W": 4, "NS": 3}, {"W": 5, "NS": 0}, {"W": 1, "NS": 7}])
+def test_a_quotient_of_the_key_bounds_the_key_loop(pred, params):
+    """`m // W < NS` holds exactly where m < NS*W (floor(y) < x for an integer x is y < x): a
+    paged cache's table extent `m // T < J` bounds the loop like any affine atom; a quotient
+    compared with one over the query stays opaque (a block list)."""
+    kl, _ = _check(pred, {"ST": 1, **params})
+    if "p //" in pred:
+        assert kl.block_list
+    else:
+        assert kl.exact and not kl.block_list
