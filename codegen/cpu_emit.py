@@ -43,8 +43,8 @@ from einsum_ir.codegen.names import spell
 from einsum_ir.codegen.scalar_code import GRID, PYTHON, print_int
 from einsum_ir.errors import LoweringError
 from einsum_ir.functions import FUNCTIONS
-from einsum_ir.indirect import position_bounds
-from einsum_ir.ir import Access, Binary, Cascade, Einsum, Expr, Index, Name, conjuncts, rank_of
+from einsum_ir.indirect import indirect_reads, position_bounds
+from einsum_ir.ir import Access, Binary, Cascade, Einsum, Expr, Index, Name, conjuncts, index_vars, rank_of
 from einsum_ir.lowering.exprs import to_sympy
 from einsum_ir.lowering.plan import Plan, Stage
 from einsum_ir.lowering.strategy import build_plan
@@ -53,6 +53,8 @@ from einsum_ir.params import bind_arguments
 DEFAULT_BLOCK_Q = 128
 DEFAULT_BLOCK_S = 640  # the most keys per tile; fewer when the outputs are small (CpuKernel.key_tile)
 MIN_BLOCK_S = 128
+SCORE_TILE_FLOOR = 2 ** 16  # elements a score tile may hold whatever the outputs (256 KiB in fp32)
+GATHER_TILE_ELEMENTS = 2 ** 20  # a key tile's copy of a tensor read through a page table (4 MiB in fp32)
 
 HELPERS = '''
 def _tiles(lo, hi, block):
@@ -1039,6 +1041,9 @@ class CpuKernel(GeneratedPython):
         self.plan: Plan = plan or build_plan(self.spelled.cascade)
         self.block_q, self.block_s = block_q, block_s
         self._source, self.emitters = emit_plan(self.plan, str(self.spelled.cascade))
+        # per tensor a key tile gathers through an indirect index: the tile's other index variables
+        self.gathered = tuple(frozenset(index_vars(a)) - set(s.stream) for s in self.plan.stages
+                              for e in s.einsums for a in indirect_reads(e.expr))
         self.load("cpu kernel")
         self.last_stats: dict = {}
 
@@ -1050,16 +1055,23 @@ class CpuKernel(GeneratedPython):
         return text
 
     def key_tile(self, extents: dict) -> int:
-        """BLOCK_S of a call: the one asked for, else DEFAULT_BLOCK_S, or fewer keys when the
-        outputs are small, so that a score tile (grid x BLOCK_Q x BLOCK_S) holds at most a
-        quarter of the outputs' elements: at short sequences the few MiB of a large tile would
-        otherwise outweigh the result."""
+        """BLOCK_S of a call: the one asked for, else DEFAULT_BLOCK_S, or fewer keys (down to
+        MIN_BLOCK_S) where the outputs are small, so that a score tile (grid x query rows x
+        BLOCK_S) holds at most a quarter of the outputs' elements or SCORE_TILE_FLOOR (at short
+        sequences the few MiB of a large tile would otherwise outweigh the result, while a
+        decode step's few query rows take a few hundred keys per tile), and where a tile copies
+        pages of a cache (an indirect read's gather), so that each copy holds at most
+        GATHER_TILE_ELEMENTS: it stays in the last-level cache for the products that read it."""
         if self.block_s is not None:
             return self.block_s
-        c = self.plan.cascade
-        grid = math.prod(extents.get(rank_of(v), 1) for v in self.plan.stages[0].grid)
+        c, first = self.plan.cascade, self.plan.stages[0]
+        size = lambda vs: math.prod(extents.get(rank_of(v), 1) for v in vs)  # noqa: E731
+        rows = max(1, min(self.block_q, size(first.query)))
         outputs = sum(math.prod(extents.get(r, 1) for r in c.tensors[o].ranks) for o in c.output_names)
-        return max(MIN_BLOCK_S, min(DEFAULT_BLOCK_S, outputs // (4 * max(grid, 1) * self.block_q)))
+        keys = max(outputs // 4, SCORE_TILE_FLOOR) // (max(size(first.grid), 1) * rows)
+        if self.gathered:
+            keys = min(keys, GATHER_TILE_ELEMENTS // max(size(vs) for vs in self.gathered))
+        return max(MIN_BLOCK_S, min(DEFAULT_BLOCK_S, keys))
 
     def same_backend(self, cascade: Cascade, fp32: frozenset = frozenset()) -> "CpuKernel":
         return CpuKernel(cascade, self.block_q, self.block_s, fp32)

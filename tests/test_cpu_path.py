@@ -343,8 +343,9 @@ output O
 
 
 def test_the_key_tile_shrinks_with_small_outputs_unless_one_is_asked_for():
-    """A score tile holds at most a quarter of the outputs' elements (down to 128 keys), so the
-    tile does not set the peak memory of a short sequence; an explicit BLOCK_S is kept."""
+    """A score tile holds at most a quarter of the outputs' elements (or 2**16, down to 128
+    keys), so the tile does not set the peak memory of a short sequence; an explicit BLOCK_S is
+    kept."""
     from einsum_ir.codegen.cpu_emit import DEFAULT_BLOCK_S, MIN_BLOCK_S
 
     c = ei.variants.load("softmax_causal")
@@ -353,3 +354,20 @@ def test_the_key_tile_shrinks_with_small_outputs_unless_one_is_asked_for():
     tiles = [kern.key_tile(shapes(n)) for n in (64, 2048, 4096, 8192, 65536)]
     assert tiles == [MIN_BLOCK_S, 256, 512, DEFAULT_BLOCK_S, DEFAULT_BLOCK_S]
     assert compile_cpu(c, block_s=96).key_tile(shapes(8192)) == 96
+
+
+def test_a_decode_step_takes_larger_key_tiles_unless_it_copies_pages():
+    """A decode step's score tile has a few query rows (GQA's 4 heads of one query), so its
+    floor of 2**16 elements gives 256 keys per tile for 64 (batch, head) programs, not the
+    128 of the outputs' rule; a paged cache's tile copies B x G x E floats per key, which caps
+    the copy at 2**20 elements (128 keys at B=8, G=8, E=128), and a single sequence's copy is
+    small (the score tile's 640)."""
+    from einsum_ir.codegen.cpu_emit import DEFAULT_BLOCK_S
+
+    decode = dict(G=8, R=4, P=1, M=4096, E=128, F=128)
+    gqa = compile_cpu(ei.variants.load("softmax_gqa"))
+    assert gqa.key_tile(gqa.spelled.args(dict(B=8, **decode))) == 256
+    paged = compile_cpu(ei.variants.load("paged_decode"))
+    pages = dict(N=2048, T=16, J=256)
+    assert paged.key_tile(paged.spelled.args(dict(B=8, **decode, **pages))) == 128
+    assert paged.key_tile(paged.spelled.args(dict(B=1, **decode, **pages))) == DEFAULT_BLOCK_S
