@@ -52,6 +52,7 @@ from einsum_ir.lowering.symbolic import (
 )
 
 NEGATE = {"<": ">=", "<=": ">", ">": "<=", ">=": "<", "==": "!=", "!=": "=="}
+_MIRRORED = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "=="}  # a OP b is b MIRRORED[OP] a
 
 
 def to_dnf(expr: Expr, negate: bool = False) -> list[list[Expr]]:
@@ -185,14 +186,13 @@ def _classify(atom: Expr, qs: tuple[str, ...], ks: tuple[str, ...], subs: dict) 
 
 
 def _undivided(op: str, lhs: sympy.Expr, rhs: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr]:
-    """`u // g OP x` with x an integer as a comparison of u itself (`m // T < J` is `m < J*T`,
-    a bound on the keys), since floor(y) < x exactly when y < x for integer x; `op` stays the
-    same when the comparison is strict from the division's side (< and >=), else the bound
-    moves by one g. Other comparisons as they are. A divisor over dims or params may be 0 at a
-    call, where the predicate itself divides by zero: the bound uses at least 1."""
-    flipped = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "=="}
+    """The sides of `u // g OP x` (x an integer) as a comparison of u itself, with the same
+    OP: `m // T < J` is `m < J*T`, a bound on the keys, since floor(y) < x exactly when y < x
+    for an integer x (`<`, `>=` compare u with x*g; `<=`, `>` with (x + 1)*g - 1). `x OP u // g`
+    likewise; other comparisons as they are. A divisor over dims or params may be 0 at a call,
+    where the predicate itself divides by zero: the bound uses at least 1."""
     if isinstance(rhs, FloorDiv) and not isinstance(lhs, FloorDiv):
-        rhs_, lhs_ = _undivided(flipped[op], rhs, lhs)
+        rhs_, lhs_ = _undivided(_MIRRORED[op], rhs, lhs)
         return lhs_, rhs_
     if not isinstance(lhs, FloorDiv) or op == "==" or not rhs.is_integer \
             or any(s.name.startswith("_idx_") for s in rhs.free_symbols):
@@ -201,7 +201,7 @@ def _undivided(op: str, lhs: sympy.Expr, rhs: sympy.Expr) -> tuple[sympy.Expr, s
     if any(s.name.startswith("_idx_") for s in g.free_symbols):
         return lhs, rhs
     g = g if proves(sympy.simplify(g > 0)) else sympy.Max(g, 1)
-    return u, rhs * g if op in ("<", ">=") else (rhs + 1) * g - 1  # <= and >: u <= (x+1)*g - 1
+    return u, rhs * g if op in ("<", ">=") else (rhs + 1) * g - 1
 
 
 def _group(atom: Expr, lhs: FloorDiv, rhs: FloorDiv, qs: tuple[str, ...], ks: tuple[str, ...]) -> list[Atom]:
