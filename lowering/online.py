@@ -7,8 +7,8 @@
   m1; a `max` read by `exp(x - max)` becomes a running max, and each sum that depends on it is
   rescaled by the factor sympy derives (`exp(RM[m1] - RM[m1+1])`). On FuseMax's Cascade 4 this
   yields Cascade 5. The cost model reports the pass count of this form beside the written one.
-- `rescale_ratio`: that factor, derived once for both this rewrite and the kernel plans' running
-  accumulators.
+- `carried_ratio` / `rescale_ratio`: that factor, derived once for both this rewrite and the
+  kernel plans' running accumulators.
 """
 from __future__ import annotations
 
@@ -224,7 +224,7 @@ def online(c: Cascade, rank: str = "M", tile: str = "M0") -> Cascade:
                 continue
             if e.reduce != "sum":
                 raise LoweringError(f"{e.name}: only sum and max reductions have an online form")
-            ratio = _ratio(c, e, online_max, per_tile, grouped)
+            ratio = carried_ratio(c, e, online_max, grouped, per_tile)
             if ratio == 1:
                 out.append(Einsum(nxt, Binary("+", lt, prev)))
                 continue
@@ -256,20 +256,35 @@ def online(c: Cascade, rank: str = "M", tile: str = "M0") -> Cascade:
     return c.replace(einsums=tuple(out), inits=tuple(inits))
 
 
-def _ratio(c: Cascade, e: Einsum, online_max: set[str], per_tile: set[str], grouped: set[str]) -> sympy.Expr:
-    """E(g_new)/E(g_old) for the summand of `e`, with the online maxima g as symbols."""
+def carried_ratio(c: Cascade, e: Einsum, maxima: set[str], grouped: set[str], pointwise: set[str]) -> sympy.Expr:
+    """`rescale_ratio` of the running reduction `e`, its summand read through the tensors it
+    reads: a running maximum in `maxima` is the symbol G_X; a tensor in `pointwise` (computed
+    per key point) or a sum in `grouped` (a sum of points that all scale alike scales alike) is
+    its own expression; any other tensor, or one that reads no maximum, is a constant T_X.
+    Raises LoweringError for any other reduction over values that depend on a maximum."""
 
-    def leaf(a: Access):
-        if a.tensor in online_max:
-            return sympy.Symbol("G_" + a.tensor)
-        ws = c.writers(a.tensor)
-        if ws and a.tensor in grouped and ws[-1].reduce == "sum":
-            return to_sympy(ws[-1].expr, leaf)  # a sum of points that all scale alike scales alike
-        if ws and a.tensor in per_tile and not ws[-1].reduced:
-            w = ws[-1]
-            mapping = {i.name: j for i, j in zip(w.target.indices, a.indices) if isinstance(i, Index)}
-            return to_sympy(substitute(w.expr, mapping), leaf)
-        return sympy.Symbol("T_" + a.tensor)
+    moving: dict[str, frozenset[str]] = {}
+
+    def maxima_read(t: str) -> frozenset[str]:
+        if t not in moving:
+            moving[t] = frozenset()  # a recurrence reads itself
+            ws = c.writers(t)
+            moving[t] = frozenset({t} & maxima).union(
+                *(maxima_read(r) for w in ws if t not in maxima for r in tensors_read(w.expr)))
+        return moving[t]
+
+    def leaf(a: Access) -> sympy.Expr:
+        t = a.tensor
+        if t in maxima:
+            return sympy.Symbol("G_" + t)
+        if t not in pointwise | grouped or not maxima_read(t):
+            return sympy.Symbol("T_" + t)
+        w = c.einsum(t)
+        if w.reduced and not (t in grouped and w.reduce == "sum"):
+            raise LoweringError(f"{t} reduces over {','.join(w.reduced)} a value that depends on the "
+                                f"running maximum {sorted(maxima_read(t))}")
+        mapping = {i.name: j for i, j in zip(w.target.indices, a.indices) if isinstance(i, Index)}
+        return to_sympy(substitute(w.expr, mapping), leaf)
 
     return rescale_ratio(e.name, to_sympy(e.expr, leaf), e.reduce)
 

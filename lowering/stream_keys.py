@@ -29,8 +29,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-import sympy
-
 from einsum_ir.errors import LoweringError, located
 from einsum_ir.graph import CascadeGraph, cascade_graph
 from einsum_ir.indirect import bound_indirect, indirect_reads, read_bounds
@@ -42,10 +40,10 @@ from einsum_ir.functions import UNIONS
 from einsum_ir.lowering.absence import place_sentinels
 from einsum_ir.lowering.base2 import fold_log2e
 from einsum_ir.lowering.bounds import magnitudes
-from einsum_ir.lowering.exprs import tensors_read, to_sympy
+from einsum_ir.lowering.exprs import tensors_read
 from einsum_ir.lowering.groups import Grouping, groupings
 from einsum_ir.lowering.keyranges import GridScope, classify, key_loop, masked_everywhere
-from einsum_ir.lowering.online import prepare, rescale_ratio
+from einsum_ir.lowering.online import carried_ratio, prepare
 from einsum_ir.lowering.plan import Plan, PresenceGroup, Stage
 from einsum_ir.lowering.underflow import scale_rows
 from einsum_ir.lowering.unions import has_unions
@@ -294,7 +292,10 @@ def _stage(c: Cascade, graph: CascadeGraph, index: int, d: _Draft, owner: dict[s
     online = _online(c, d, kinds)
     in_loop = [e for e in d.einsums if kinds[e.name] in IN_LOOP]
     depends = {e.name: frozenset(graph.ancestors[e.name] & local) for e in d.einsums}
-    rescale = {e.name: _rescale(c, d, kinds, online, depends, e) for e in in_loop if kinds[e.name] == "carried"}
+    per_point = {t for t, k in kinds.items() if k in ("stream", "key_side", "group")}
+    grouped_sums = {t for t, k in kinds.items() if k == "group"}
+    rescale = {e.name: carried_ratio(c, e, set(online), grouped_sums, per_point)
+               for e in in_loop if kinds[e.name] == "carried"}
     stores, loads, tile_stores = [], [], []
     for e in d.einsums:
         readers = graph.readers.get(e.name, ())
@@ -443,28 +444,6 @@ def _online(c: Cascade, d: _Draft, kinds: dict[str, str]) -> list[str]:
             elif kinds.get(t) == "epilogue":
                 raise LoweringError(f"{e.name} reads {t} inside the key loop, but {t} is known only after it")
     return online
-
-
-def _rescale(c: Cascade, d: _Draft, kinds, online: list[str], depends, e: Einsum) -> sympy.Expr:
-    """The factor a carried reduction's accumulator takes when running maxima grow."""
-
-    def leaf(a: Access):
-        t = a.tensor
-        if t in online:
-            return sympy.Symbol(f"G_{t}")
-        if kinds.get(t) in ("stream", "key_side", "group"):
-            if not ((depends[t] | {t}) & set(online)):
-                return sympy.Symbol(f"T_{t}")
-            w = c.einsum(t)
-            if kinds[t] == "group" and w.reduce == "sum":
-                return to_sympy(w.expr, leaf)  # a sum of points that all scale alike scales alike
-            if w.reduced:
-                raise LoweringError(f"{t} reduces over {','.join(w.reduced)} a value that depends on the "
-                                    f"running maximum {sorted(depends[t] & set(online))}")
-            return to_sympy(w.expr, leaf)
-        return sympy.Symbol(f"T_{t}")
-
-    return rescale_ratio(e.name, to_sympy(e.expr, leaf), e.reduce)
 
 
 def _stage_predicate(d: _Draft, kinds, depends, unskipped: tuple[Expr, ...] = (),
