@@ -105,16 +105,16 @@ def _group_max(x, dim, groups, n):
 
 def _min(a, b):
     """min of two bounds, ints or per-program values (tensors over the grid ranks)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
-    return min(a, b)
+    if isinstance(a, torch.Tensor):
+        return torch.minimum(a, b) if isinstance(b, torch.Tensor) else a.clamp_max(b)
+    return b.clamp_max(a) if isinstance(b, torch.Tensor) else min(a, b)
 
 
 def _max(a, b):
     """max of two bounds, ints or per-program values (tensors over the grid ranks)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
-    return max(a, b)
+    if isinstance(a, torch.Tensor):
+        return torch.maximum(a, b) if isinstance(b, torch.Tensor) else a.clamp_min(b)
+    return b.clamp_min(a) if isinstance(b, torch.Tensor) else max(a, b)
 
 
 def _select(cond, a, b):
@@ -321,8 +321,12 @@ class StageEmitter(BlockEmitter):
             code = f"{paren(code)}.permute({', '.join(str(frm.index(x)) for x in order)})"
         return self.align(code, order, to)
 
+    def dims(self, axes) -> list[str]:
+        """Each axis's size as code: a tile's extent for tiled ranks, else the rank's."""
+        return [f"_n_{a}" if a in self.qset | self.kset | self.gset else rank_of(a) for a in axes]
+
     def shape(self, axes) -> str:
-        dims = [f"_n_{a}" if a in self.qset | self.kset | self.gset else rank_of(a) for a in axes]
+        dims = self.dims(axes)
         return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
 
     def fill(self, axes: tuple[str, ...], value: str, dtype: str = "float") -> str:
@@ -593,25 +597,34 @@ class StageEmitter(BlockEmitter):
 
     def contraction(self, ops: list[tuple[str, tuple]], out: tuple[str, ...]) -> str:
         """A sum of a product: `torch.matmul` when it is a batched matrix product (same leading
-        axes, one contracted axis last in the first operand), else `torch.einsum`."""
+        axes, one contracted axis at an end of both operands, the first operand's other axes
+        flattened into matrix rows), else `torch.einsum`: matmul skips einsum's per-call
+        planning, which costs more than the product itself at a decode step's sizes."""
         for (a, aa), (b, ba) in ([ops, ops[::-1]] if len(ops) == 2 else []):
             red = set(aa) & set(ba) - set(out)
-            batch = [x for x in aa if x in ba and x not in red]
-            if len(red) != 1 or not aa[:len(batch)] == ba[:len(batch)] == tuple(batch):
+            batch = tuple(x for x in aa if x in ba and x not in red)
+            nb = len(batch)
+            if len(red) != 1 or not aa[:nb] == ba[:nb] == batch:
                 continue
             r = red.pop()
-            ar, br = aa[len(batch):], ba[len(batch):]
-            if len(ar) != 2 or len(br) != 2 or r not in ar or r not in br:
+            rows, cols = tuple(x for x in aa[nb:] if x != r), tuple(x for x in ba[nb:] if x != r)
+            if (not rows or len(cols) != 1 or aa[nb:] not in (rows + (r,), (r,) + rows)
+                    or ba[nb:] not in (cols + (r,), (r,) + cols) or out != batch + rows + cols):
                 continue
-            if out != tuple(batch) + (ar[1 - ar.index(r)], br[1 - br.index(r)]):
-                continue
-            lhs = a if ar[1] == r else f"{paren(a)}.transpose(-1, -2)"
-            rhs = b if br[0] == r else f"{paren(b)}.transpose(-1, -2)"
+            lhs = a
+            if len(rows) > 1:  # matmul takes one row rank
+                first = nb + (aa[nb] == r)
+                lhs = f"{paren(a)}.flatten({first}, {first + len(rows) - 1})"
+            lhs = lhs if aa[-1] == r else f"{paren(lhs)}.transpose(-1, -2)"
+            rhs = b if ba[nb] == r else f"{paren(b)}.transpose(-1, -2)"
+            dims = self.dims(out)
+            flat = "(" + ", ".join(dims[:nb] + ["*".join(dims[nb:-1]), dims[-1]]) + ")"
+            unflatten = f".view({self.shape(out)})" if len(rows) > 1 else ""
             if self.scratch is not None:  # in the loop: a buffer per product of the Einsum
                 self.buffers += 1
-                dest = f"_scratch(_bufs, {self.scratch + '_' + str(self.buffers)!r}, {self.shape(out)}, DT)"
-                return f"torch.matmul({lhs}, {rhs}, out={dest})"
-            return f"torch.matmul({lhs}, {rhs})"
+                dest = f"_scratch(_bufs, {self.scratch + '_' + str(self.buffers)!r}, {flat}, DT)"
+                return f"torch.matmul({lhs}, {rhs}, out={dest}){unflatten}"
+            return f"torch.matmul({lhs}, {rhs}){unflatten}"
         subs = ",".join("".join(self.letters[x] for x in ax) for _, ax in ops)
         res = "".join(self.letters[x] for x in out)
         return f"torch.einsum(\"{subs}->{res}\", {', '.join(c for c, _ in ops)})"
