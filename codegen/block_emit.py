@@ -620,8 +620,8 @@ class BlockEmitter:
         if not self.masked:
             return None
         if self.s.sentinels is not None:
-            expr = self.s.self_masked.get(e.name)
-            return None if expr is None else self.named_mask(f"{e.name}_mask", expr, sec)
+            mask = self.named_mask(f"{e.name}_mask", self.s.self_masked.get(e.name), sec)
+            return mask if mask[0] else None  # none, or only the key bound a CPU tile always holds
         parts = [self.mask_of[f.tensor] for f in accesses(e.expr) if f.tensor in self.mask_of]
         if e.where is not None:
             parts.append(self.guard_mask(e.name, sec))
@@ -658,7 +658,7 @@ class BlockEmitter:
             if key not in self.alpha:
                 name = f"alpha_{len(self.alpha)}" if self.alpha else "alpha"
                 v = self.rescale_code(ratio, sec)
-                sec.add(f"{name} = {v.code}")
+                sec.add(self.rescale_line(name, v.code, ratio))
                 self.alpha[key] = (name, v.axes)
             name, aaxes = self.alpha[key]
             alpha = self.align(name, aaxes, self.axes_of[e.name])
@@ -676,12 +676,20 @@ class BlockEmitter:
         x, cur = self.reduce("max", x, cur, red)
         x = self.align(x, cur, axes)
         if e.name in self.s.online:
-            sec.add(f"{e.name}_new = {self.maximum(e.name, x)}")
+            sec.add(f"{e.name}_new = {self.running_max(e.name, x)}")
             if self.masked:
                 sec.add(f"{e.name}_use = {self.select(f'{e.name}_new == {self.neg_inf}', '0.0', f'{e.name}_new')}")
             self.finalize.append(f"{e.name} = {e.name}_new")
         else:
-            sec.add(f"{e.name} = {self.maximum(e.name, x)}")
+            sec.add(f"{e.name} = {self.running_max(e.name, x)}")
+
+    def running_max(self, name: str, x: str) -> str:
+        """A running max `name` taking a tile's maximum `x`."""
+        return self.maximum(name, x)
+
+    def rescale_line(self, name: str, code: str, ratio: sympy.Expr) -> str:
+        """The statement naming a tile's rescale factor `ratio` (printed as `code`)."""
+        return f"{name} = {code}"
 
     def exp2(self, v: Val, sec: Section) -> Val:
         return self.call("exp2", [v], v.axes, None, (), sec)

@@ -33,6 +33,7 @@ import math
 import re
 import string
 
+import sympy
 import torch
 
 from einsum_ir.codegen.autograd import record, wants_grad
@@ -44,7 +45,9 @@ from einsum_ir.codegen.scalar_code import GRID, PYTHON, print_int
 from einsum_ir.errors import LoweringError
 from einsum_ir.functions import FUNCTIONS
 from einsum_ir.indirect import indirect_reads, position_bounds
-from einsum_ir.ir import Access, Binary, Cascade, Einsum, Expr, Index, Name, conjuncts, index_vars, rank_of
+from einsum_ir.ir import (
+    Access, Binary, Cascade, Einsum, Expr, Index, Name, conjuncts, index_vars, product_terms, rank_of,
+)
 from einsum_ir.lowering.exprs import to_sympy
 from einsum_ir.lowering.plan import Plan, Stage
 from einsum_ir.lowering.strategy import build_plan
@@ -629,14 +632,38 @@ class StageEmitter(BlockEmitter):
         res = "".join(self.letters[x] for x in out)
         return f"torch.einsum(\"{subs}->{res}\", {', '.join(c for c, _ in ops)})"
 
+    # A query tile's accumulators start as None and take the first key tile's values as they
+    # are: no fill, no rescale of zeros (a decode step runs one key tile, where those ops were a
+    # third of its work). After the loop, those of a row range no tile visited are filled.
+    def running_max(self, name: str, x: str) -> str:
+        return f"{x} if {name} is None else {self.maximum(name, x)}"
+
+    def rescale_line(self, name: str, code: str, ratio: sympy.Expr) -> str:
+        old = sorted(s.name[2:] for s in ratio.free_symbols if s.name.startswith("G_") and not s.name.endswith("_new"))
+        return f"{name} = None if {old[0]} is None else {code}" if old else f"{name} = {code}"
+
     def update_sum(self, e: Einsum, alpha: str | None, sec: Section, red: set[str], mask) -> None:
         """Accumulators are this query tile's own tensors: updated in place."""
+        buffers = self.buffers
         terms = self.sum_terms(e, sec, red, mask)
         head = e.name if alpha is None else f"{e.name}.mul_({alpha})"
         if all(sign == "-" for sign, _ in terms):
-            sec.add(f"{head}.sub_({' + '.join(code for _, code in terms)})")
+            update = f"{head}.sub_({' + '.join(code for _, code in terms)})"
         else:
-            sec.add(f"{head}.add_({join_terms(terms)})")
+            update = f"{head}.add_({join_terms(terms)})"
+        first = join_terms(terms)
+        if not self.spans(e, red):  # a term constant along some axis: broadcast into a full one
+            first = f"{self.fill(self.axes_of[e.name], '0.0')}.add_({first})"
+        elif self.buffers > buffers:  # a product in a scratch buffer, which the next tile reuses
+            first = f"{paren(first)}.clone()"
+        sec.add(f"{e.name} = {first} if {e.name} is None else {update}")
+
+    def spans(self, e: Einsum, red: set[str]) -> bool:
+        """Whether every term of a carried sum's summand varies along all the sum's axes (so
+        its value has the accumulator's shape)."""
+        want = set(self.axes_of[e.name])
+        return all(want <= {x for _, f in factors for v in index_vars(f) for x in self.var_axes(v)} - red
+                   for _, factors in product_terms(e.expr, distribute=True))
 
     def count_presence(self, g, mask: tuple | None, sec: Section) -> None:
         if mask is None:  # a full tile: every row, no tensor needed
@@ -751,9 +778,9 @@ class StageEmitter(BlockEmitter):
         self.in_loop = False
         for e in s.of_kind("prologue"):
             self.after_loop_einsum(e, qsec)
-        for e in s.of_kind("carried"):
-            init = "-math.inf" if e.reduce == "max" else "0.0"
-            qsec.add(f"{e.name} = torch.full({self.shape(self.axes_of[e.name])}, {init}, dtype=DT)")
+        carried = s.of_kind("carried")
+        if carried:
+            qsec.add(f"{' = '.join(e.name for e in carried)} = None  # the first key tile's values")
         for name, axes in self.counter_init():
             qsec.add(f"{name} = torch.zeros({self.shape(axes)}, dtype=torch.bool)")
             qsec.add(f"{name}_full = False")
@@ -774,6 +801,11 @@ class StageEmitter(BlockEmitter):
                 self.segment_loop(seg, bodies[seg.masked], loop)
 
         post = Section(indent=2)
+        if carried:
+            post.add(f"if {carried[0].name} is None:  # no key tile: every row absent")
+            for e in carried:
+                init = "-math.inf" if e.reduce == "max" else "0.0"
+                post.add(f"    {e.name} = torch.full({self.shape(self.axes_of[e.name])}, {init}, dtype=DT)")
         self.presence_after_loop()
         for e in s.of_kind("epilogue"):
             self.after_loop_einsum(e, post)

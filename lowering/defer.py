@@ -14,13 +14,16 @@ commutes with the sum: `sum_m (SN/SD)*V = (sum_m SN*V) / SD`. The rewrite
    of normalized terms.
 
 It is exact under absent-point semantics: the numerator is absent exactly where the
-original sum is, and so is D.
+original sum is, and so is D. A sum whose terms are present at different points, or whose
+term is constant along a summed rank, is left whole (`_split_is_exact`): the lowering then
+refuses it rather than count the wrong points.
 """
 from __future__ import annotations
 
 from einsum_ir.graph import CascadeGraph, cascade_graph
 from einsum_ir.ir import Access, Cascade, Einsum, Index, chain, index_vars, product_terms, substitute
 from einsum_ir.lowering.exprs import product, replace_accesses, summation, tensors_read
+from einsum_ir.validate import PresenceAnalysis
 
 
 def _reduction_over(c: Cascade, graph: CascadeGraph, ranks: set[str]) -> set[str]:
@@ -85,6 +88,7 @@ def defer_division(c: Cascade, graph: CascadeGraph | None = None) -> Cascade:
     new: list[Einsum] = []
     taken: set[str] = set()
     changed = False
+    presence = PresenceAnalysis(c, list(graph.order))
     for e in c.einsums:
         ranks = set(e.reduced)
         if e.reduce != "sum" or not ranks or e.recurrence_var is not None:
@@ -103,6 +107,9 @@ def defer_division(c: Cascade, graph: CascadeGraph | None = None) -> Cascade:
         if not any(outer for _, outer, _ in split):
             new.append(e)
             continue
+        if not _split_is_exact(c, split, ranks, presence):
+            new.append(e)  # left whole: the plan refuses it, where a split would miscount
+            continue
         changed = True
         lhs = e.target
         parts = []
@@ -115,6 +122,16 @@ def defer_division(c: Cascade, graph: CascadeGraph | None = None) -> Cascade:
     if not changed:
         return c
     return prune(c.replace(einsums=tuple(new)))
+
+
+def _split_is_exact(c: Cascade, split: list, ranks: set[str], presence: PresenceAnalysis) -> bool:
+    """Whether each numerator sums over the original sum's points: every term's inner part
+    varies along every summed rank (a term constant along m counts its points, which
+    `Z_num = sum_m 1` would not), and with several terms, all are present at the same points
+    (the original sums where all of them are; each numerator only where its own term is)."""
+    if any(not ranks <= {v for _, f in inner for v in index_vars(f)} for _, _, inner in split):
+        return False
+    return len({presence.of(product(outer + inner)) for _, outer, inner in split}) == 1
 
 
 def prune(c: Cascade) -> Cascade:

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import einsum_ir as ei
 from einsum_ir.codegen.cpu_emit import CpuKernel, compile_cpu
 from einsum_ir.variants import formulas
-from support import NOT_FUSED, assert_outputs_close
+from support import CAUSAL_SOFTMAX_LSE, NOT_FUSED, assert_outputs_close
 
 NOT_LOWERED = NOT_FUSED  # name -> why (the linear forms lower as chunked scans)
 LOWERED = [n for n in ei.variants.names() if n not in NOT_LOWERED]
@@ -162,7 +162,11 @@ def test_source_is_readable_python():
     assert "BLOCK_Q=" in src.splitlines()[0]
     assert "S[b,h,p,m]" in src  # the cascade in the header comment
     assert "def stage0(" in src and "for k_lo_m, k_hi_m, _masked in _key_tiles(" in src
-    assert "GM_new = torch.maximum(GM" in src and "alpha = torch.exp2((GM - GM_use))" in src
+    # the first key tile's values start the accumulators: no fill, no rescale of zeros
+    assert "GM = SD = O_num = None" in src and "GM_new = S.amax(3) if GM is None else torch.maximum(GM" in src
+    assert "alpha = None if GM is None else torch.exp2((GM - GM_use))" in src
+    assert "SD = SN.sum(3) if SD is None else SD.mul_(alpha).add_(SN.sum(3))" in src
+    assert "if GM is None:  # no key tile" in src  # rows no tile visits are filled after the loop
     # a score tile takes -inf where it is absent once (a bias of the mask's shape), then becomes
     # its exponential in place, in a buffer the key tiles share
     assert ".add_(S_bias)" in src and "S.sub_(" in src and ".exp2_()" in src and "out=_scratch(" in src
@@ -371,3 +375,35 @@ def test_a_decode_step_takes_larger_key_tiles_unless_it_copies_pages():
     pages = dict(N=2048, T=16, J=256)
     assert paged.key_tile(paged.spelled.args(dict(B=8, **decode, **pages))) == 128
     assert paged.key_tile(paged.spelled.args(dict(B=1, **decode, **pages))) == DEFAULT_BLOCK_S
+
+
+# causal softmax beside VS, a sum over the keys whose full-tile term is constant along the queries
+CONSTANT_ALONG_QUERIES = CAUSAL_SOFTMAX_LSE.replace(
+    "LSE[b,h,p]  = GM[b,h,p] + log(SD[b,h,p])\noutput O, LSE fill -inf",
+    "VS[b,h,p,f] = V[b,h,m,f] where m <= p\noutput O, VS")
+
+
+@pytest.mark.parametrize("block_s", [3, 64])
+def test_the_first_key_tile_starts_each_accumulator_in_its_own_shape(block_s):
+    """The first key tile's values start the accumulators. A full tile's VS term does not vary
+    along the query rows, so its first value is broadcast into a full accumulator; the outputs
+    match the interpreter over one key tile and over many."""
+    c = ei.parse(CONSTANT_ALONG_QUERIES)
+    kern = compile_cpu(c, block_q=4, block_s=block_s)
+    src = kern.source()
+    assert "VS = torch.full((B, H, _n_p, F), 0.0, dtype=DT).add_((V_j.sum(2))[:, :, None]) if VS is None" in src
+    assert "SD = SN.sum(3) if SD is None" in src
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(3, 2, 10, 8, generator=g) for _ in range(3))
+    for got, want in zip(kern(Q=q, K=k, V=v), ei.interpret(c, Q=q, K=k, V=v)):
+        assert_outputs_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_sum_whose_terms_count_different_points_is_refused_not_miscounted():
+    """Deferring SD out of O's sum would split it into sum_m SN*V and sum_m 1 (VS's term is
+    constant along m): the second counts every key where the sum has m <= p. The division
+    stays undeferred, so the plan refuses the cascade (the interpreter still runs it)."""
+    c = ei.parse(CONSTANT_ALONG_QUERIES.replace("O[b,h,p,f]  = SN[b,h,p,m] * V[b,h,m,f] / SD[b,h,p]",
+                                                "O[b,h,p,f]  = SN[b,h,p,m] * V[b,h,m,f] / SD[b,h,p] + VS[b,h,p,f]"))
+    with pytest.raises(ei.LoweringError, match="the division could not be deferred"):
+        compile_cpu(c)
