@@ -226,10 +226,17 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
         tensors.append(mask)
     if key_start is not None:
         tensors.append(key_start.to(torch.int32))
-    pat = AttentionPattern(**pattern)
+    spec, runtime = _written(AttentionPattern(**pattern))
     scalars = {"scale": scale, "W": window, "cap": softcap, "D": offset}
-    out = attention_call(pat.spec(), tensors, [float(scalars[n]) for n in pat.runtime_params])
+    out = attention_call(spec, tensors, [float(scalars[n]) for n in runtime])
     return out.reshape(b, h, p, value.shape[-1]) if gqa else out
+
+
+@lru_cache(maxsize=None)
+def _written(pattern: AttentionPattern) -> tuple[str, tuple[str, ...]]:
+    """A pattern's spec and runtime params, written once: a decode step calls every layer's
+    attention with the same pattern."""
+    return pattern.spec(), tuple(pattern.runtime_params)
 
 
 def attention_call(spec: str, tensors: list[torch.Tensor], scalars: list[float]) -> torch.Tensor:
