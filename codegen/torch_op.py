@@ -226,7 +226,11 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
         tensors.append(mask)
     if key_start is not None:
         tensors.append(key_start.to(torch.int32))
-    spec, runtime = _written(AttentionPattern(**pattern))
+    pat = AttentionPattern(**pattern)
+    # Under torch.compile the spec is traced into a constant once; dynamo would only warn about
+    # the cache wrapper.
+    spec, runtime = ((pat.spec(), pat.runtime_params) if torch.compiler.is_compiling()
+                     else _written(pat))
     scalars = {"scale": scale, "W": window, "cap": softcap, "D": offset}
     out = attention_call(spec, tensors, [float(scalars[n]) for n in runtime])
     return out.reshape(b, h, p, value.shape[-1]) if gqa else out
